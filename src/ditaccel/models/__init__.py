@@ -1,0 +1,1 @@
+"""The bundled reference models: presets, loading, and the recipes that trained them."""

@@ -1,0 +1,75 @@
+"""Bundled assets (models shipped inside the package) and how a model name becomes a pipeline."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .data import CLASS_NAMES
+
+ASSETS = Path(__file__).parent / "assets"
+
+# name -> folder under assets/ and what the model is
+BUNDLED: dict[str, dict] = {
+    "fmnist-dit": {
+        "folder": "fmnist-dit",
+        "about": "class-conditional DiT (adaLN-Zero), 28x28x1 pixels, 196 tokens, 8 layers, "
+                 "Fashion-MNIST",
+        "class_names": CLASS_NAMES,
+    },
+}
+CLASSIFIER_STEM = ASSETS / "fmnist-classifier"
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class ModelNotFound(ValueError):
+    pass
+
+
+def resolve_model(model: str) -> Path:
+    """A bundled name or a local diffusers pipeline folder -> the folder."""
+    if model in BUNDLED:
+        path = ASSETS / BUNDLED[model]["folder"]
+        if not (path / "model_index.json").is_file():
+            raise ModelNotFound(f"bundled model {model!r} is missing from {path}; reinstall "
+                                "ditaccel or run `ditaccel train-reference`")
+        return path
+    path = Path(model)
+    if not path.exists():
+        raise ModelNotFound(f"model {model!r} is neither a bundled model ({', '.join(BUNDLED)}) "
+                            "nor an existing folder")
+    if not (path / "model_index.json").is_file():
+        raise ModelNotFound(f"{path} is not a diffusers pipeline folder (no model_index.json); "
+                            "pass the folder that save_pretrained/snapshot_download produced")
+    return path
+
+
+def load_pipeline(model: str, dtype: str = "fp32"):
+    """Load a pipeline the way a diffusers user would: our pixel DiT pipeline for folders saved
+    by it, ``DiffusionPipeline.from_pretrained`` (e.g. ``DiTPipeline``) for anything else."""
+    from diffusers import DiffusionPipeline
+    from diffusers.utils import logging as dlogging
+
+    from .pipeline import DiTPixelPipeline
+
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    path = resolve_model(model)
+    index = json.loads((path / "model_index.json").read_text())
+    cls = DiTPixelPipeline if index.get("_class_name") == DiTPixelPipeline.__name__ else DiffusionPipeline
+    dlogging.disable_progress_bar()  # a loading bar for two components is noise on the CLI
+    try:
+        pipe = cls.from_pretrained(str(path), dtype=DTYPES[dtype])
+    finally:
+        dlogging.enable_progress_bar()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def load_classifier_asset():
+    from .models.classifier import load_classifier
+
+    return load_classifier(CLASSIFIER_STEM)

@@ -1,0 +1,29 @@
+import pytest
+import torch
+from diffusers import DDIMScheduler, DiTTransformer2DModel
+
+from ditaccel.models.reference import NOISE_SCHEDULE
+from ditaccel.pipeline import DiTPixelPipeline
+
+
+def tiny_dit(out_channels: int = 1, seed: int = 0) -> DiTTransformer2DModel:
+    torch.manual_seed(seed)
+    model = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=1,
+                                  out_channels=out_channels, num_layers=2, sample_size=8,
+                                  patch_size=2, num_embeds_ada_norm=4, norm_type="ada_norm_zero")
+    # diffusers initialises the adaLN modulation randomly, so this tiny model is not the identity.
+    return model.eval()
+
+
+@pytest.fixture
+def tiny_pipe():
+    pipe = DiTPixelPipeline(transformer=tiny_dit(), scheduler=DDIMScheduler(**NOISE_SCHEDULE))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture
+def tiny_pipe_dir(tmp_path, tiny_pipe):
+    path = tmp_path / "tiny-pipe"
+    tiny_pipe.save_pretrained(path, safe_serialization=True)
+    return path

@@ -1,0 +1,71 @@
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from ditaccel.cli.main import main
+from ditaccel.viz import save_images
+
+
+def test_generate_writes_grid_and_stats(tiny_pipe_dir, tmp_path, capsys):
+    out, stats, folder = tmp_path / "grid.png", tmp_path / "s.json", tmp_path / "imgs"
+    rc = main(["generate", "--model", str(tiny_pipe_dir), "--steps", "3", "--classes", "0,2",
+               "--n", "3", "--out", str(out), "--json", str(stats), "--save-dir", str(folder),
+               "--dtype", "fp32"])
+    assert rc == 0
+    info = json.loads(stats.read_text())
+    assert info["calls"] == 3 and info["images"] == 6 and info["flops"] > 0 and info["wall_s"] > 0
+    with Image.open(out) as im:  # 2 rows x 3 columns of 8x8 with 2px padding, scaled x2
+        assert im.size == (2 * (3 * 10 + 2), 2 * (2 * 10 + 2))
+    assert sorted(p.name for p in folder.iterdir())[-1] == "00005_c2.png"
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--classes", "0,9"], "out of range"),
+    (["--classes", "a,b"], "comma-separated integers"),
+    (["--n", "0"], "--n must be >= 1"),
+    (["--steps", "0"], "--steps must be >= 1"),
+    (["--out", "grid.jpg"], ".png"),
+])
+def test_generate_bad_input_is_one_line_exit_2(tiny_pipe_dir, tmp_path, capsys, argv, needle):
+    rc = main(["generate", "--model", str(tiny_pipe_dir), "--out", str(tmp_path / "g.png"), *argv])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert needle in err and "\n" not in err and "Traceback" not in err
+    assert not (tmp_path / "g.png").exists()
+
+
+def test_generate_unknown_model(tmp_path, capsys):
+    assert main(["generate", "--model", str(tmp_path / "nope")]) == 2
+    assert "neither a bundled model" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["generate", "--model", str(tmp_path / "empty")]) == 2
+    assert "not a diffusers pipeline folder" in capsys.readouterr().err
+
+
+def test_metrics_cli(tmp_path, capsys):
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 1, 28, 28, generator=g)
+    save_images(x, [0, 1, 2, 3], tmp_path / "a")
+    save_images(x, [0, 1, 2, 3], tmp_path / "b")
+    save_images((x + 0.1).clamp(0, 1), [0, 1, 2, 3], tmp_path / "c")
+    assert main(["metrics", "--ref", str(tmp_path / "a"), "--test", str(tmp_path / "b"), "--no-fd",
+                 "--json", str(tmp_path / "m.json")]) == 0
+    same = json.loads((tmp_path / "m.json").read_text())
+    assert same["psnr"] == float("inf") and same["ssim"] == pytest.approx(1.0)
+    assert main(["metrics", "--ref", str(tmp_path / "a"), "--test", str(tmp_path / "c"),
+                 "--json", str(tmp_path / "n.json")]) == 0
+    diff = json.loads((tmp_path / "n.json").read_text())
+    assert 15 < diff["psnr"] < 25 and diff["fd"] > 0
+    assert "psnr" in capsys.readouterr().out
+    save_images(x[:3], [0, 1, 2], tmp_path / "d")
+    assert main(["metrics", "--ref", str(tmp_path / "a"), "--test", str(tmp_path / "d")]) == 2
+    assert "different file names" in capsys.readouterr().err
+
+
+def test_env_lists_versions_and_assets(capsys):
+    assert main(["env"]) == 0
+    out = capsys.readouterr().out
+    for key in ("torch", "diffusers", "torch threads", "bf16 matmul", "model fmnist-dit"):
+        assert key in out
