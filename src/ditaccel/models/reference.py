@@ -152,9 +152,10 @@ def _load_checkpoint(path: Path, model, ema, opt, cfg: TrainConfig) -> tuple[int
     return int(meta["step"]), list(meta["log"])
 
 
-def export_pipeline(transformer: DiTTransformer2DModel, out: Path) -> Path:
-    """Save a diffusers pipeline folder (model_index.json, transformer/, scheduler/); the folder
-    is assembled beside ``out`` and renamed into place so it is never half-written."""
+def export_pipeline(transformer: DiTTransformer2DModel, out: Path, training: dict | None = None) -> Path:
+    """Save a diffusers pipeline folder (model_index.json, transformer/, scheduler/, and
+    ``training.json`` with the recipe and loss log when given); the folder is assembled beside
+    ``out`` and renamed into place so it is never half-written."""
     import shutil
     import tempfile
 
@@ -166,6 +167,8 @@ def export_pipeline(transformer: DiTTransformer2DModel, out: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         pipe.save_pretrained(tmp, safe_serialization=True)
+        if training is not None:
+            io.write_json(tmp / "training.json", training)
         old = out.with_name(f".{out.name}.old")
         if out.exists():
             shutil.rmtree(old, ignore_errors=True)
@@ -223,4 +226,5 @@ def train_reference(out_dir: str | Path, cfg: TrainConfig, export_to: str | Path
             log.append({"step": step, "loss": round(running, 5), "elapsed_s": round(time.time() - t0, 1)})
             _save_checkpoint(ckpt, model, ema, opt, step, cfg, log)
     bar.close()
-    return export_pipeline(ema, Path(export_to) if export_to else out_dir / "pipeline")
+    training = {"train_config": asdict(cfg), "log": log, "command": "ditaccel train-reference"}
+    return export_pipeline(ema, Path(export_to) if export_to else out_dir / "pipeline", training)
