@@ -69,3 +69,26 @@ def test_env_lists_versions_and_assets(capsys):
     out = capsys.readouterr().out
     for key in ("torch", "diffusers", "torch threads", "bf16 matmul", "model fmnist-dit"):
         assert key in out
+
+
+def test_generate_runs_a_diffusers_dit_pipeline_folder(tmp_path):
+    """A folder saved by diffusers' DiTPipeline (latent space, VAE, 1000 ImageNet classes: the
+    layout of facebook/DiT-XL-2-256) loads and samples through the same command."""
+    from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+
+    torch.manual_seed(0)
+    tf = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4,
+                               out_channels=8, num_layers=1, sample_size=4, patch_size=2,
+                               num_embeds_ada_norm=1000, norm_type="ada_norm_zero")
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8),
+                        down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4,
+                        sample_size=8)
+    DiTPipeline(transformer=tf, vae=vae, scheduler=DDIMScheduler()).save_pretrained(tmp_path / "dit")
+    stats = tmp_path / "s.json"
+    rc = main(["generate", "--model", str(tmp_path / "dit"), "--steps", "2", "--classes", "207,999",
+               "--n", "1", "--out", str(tmp_path / "g.png"), "--json", str(stats), "--dtype", "fp32"])
+    assert rc == 0
+    assert json.loads(stats.read_text())["calls"] == 2
+    with Image.open(tmp_path / "g.png") as im:
+        assert im.mode == "RGB" and im.size == (2 * (1 * 10 + 2), 2 * (2 * 10 + 2))  # 8x8 RGB, one column
