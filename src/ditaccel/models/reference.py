@@ -41,7 +41,7 @@ NOISE_SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="linear", beta_sta
 @dataclass(frozen=True)
 class TrainConfig:
     preset: str = "fmnist-dit"
-    steps: int = 1800
+    steps: int = 2000
     batch_size: int = 128
     lr: float = 5e-4
     min_lr_ratio: float = 0.1

@@ -1,0 +1,95 @@
+"""The hooks that execute a Plan.  They decide nothing: every choice comes from the plan."""
+
+from __future__ import annotations
+
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+
+from ..plan import FULL, REUSE
+from .adapters import BlockSpec
+from .state import ModuleCache, PlanMismatch, RunState
+
+STEP_HOOK = "ditaccel.step"
+MODULE_HOOK = "ditaccel.module"
+
+
+class StepHook(ModelHook):
+    """On the transformer: tells the state which step/branch this call is."""
+
+    def __init__(self, state: RunState, timestep_arg: str = "timestep"):
+        super().__init__()
+        self.state, self.timestep_arg = state, timestep_arg
+
+    def pre_forward(self, module, *args, **kwargs):
+        t = kwargs.get(self.timestep_arg)
+        if t is None:
+            raise PlanMismatch(f"{type(module).__name__} was called without `{self.timestep_arg}`; "
+                               "ditaccel needs the timestep to know the sampling step")
+        self.state.begin_call(t)
+        return args, kwargs
+
+
+def token_scores(x: torch.Tensor, cache: ModuleCache, score: str) -> torch.Tensor:
+    """(B, N) how much each token needs fresh compute; no attention map needed."""
+    if score == "delta":  # how far the module input moved since the token was last computed
+        return (x - cache.ref).float().norm(dim=-1)
+    if score == "feature_mean":  # how far the token stands from the mean token
+        return (x - x.mean(dim=1, keepdim=True)).float().norm(dim=-1)
+    raise ValueError(f"unknown token score {score!r}")
+
+
+def _gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    return x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))
+
+
+class ModuleHook(ModelHook):
+    """On one attention / cross-attention / MLP module of one block."""
+
+    def __init__(self, state: RunState, layer: int, role: str, module_index: int, spec: BlockSpec):
+        super().__init__()
+        self.state, self.layer, self.role, self.m, self.spec = state, layer, role, module_index, spec
+
+    def new_forward(self, module, *args, **kwargs):
+        st = self.state
+        original = self.fn_ref.original_forward
+        if st.step < 0:  # called outside a transformer call (e.g. a user probing the module)
+            return original(*args, **kwargs)
+        x = args[0] if args else kwargs.pop("hidden_states")
+        rest = args[1:]
+        key = (st.branch, self.layer, self.role)
+        cache = st.caches.get(key)
+        k = st.tokens_for(self.layer, self.m)
+        record = st.records[-1].computed
+        n = x.shape[1]
+        if n != st.plan.num_tokens:
+            raise PlanMismatch(f"the plan is for {st.plan.num_tokens} image tokens but layer "
+                               f"{self.layer} sees {n}; make the plan for this image size")
+        if k == FULL or cache is None or cache.out.shape[0] != x.shape[0]:
+            out = original(x, *rest, **kwargs)
+            st.caches[key] = ModuleCache(out=out, ref=x)
+            record[(self.layer, self.role)] = n
+            return out
+        if k == REUSE:
+            record[(self.layer, self.role)] = 0
+            return cache.out
+        idx = token_scores(x, cache, st.plan.token_score).topk(k, dim=1).indices  # (B, k)
+        x_sel = _gather(x, idx)                                                   # (B, k, D)
+        if self.role == "attn":
+            # fresh queries for the selected tokens, fresh keys/values from all tokens
+            kwargs = {**kwargs, "encoder_hidden_states": x}
+        fresh = original(x_sel, *rest, **kwargs)                                  # (B, k, D')
+        out = cache.out.scatter(1, idx[..., None].expand(-1, -1, fresh.shape[-1]), fresh)
+        ref = cache.ref.scatter(1, idx[..., None].expand(-1, -1, x.shape[-1]), x_sel)
+        st.caches[key] = ModuleCache(out=out, ref=ref)
+        record[(self.layer, self.role)] = k
+        return out
+
+
+def register(module: torch.nn.Module, hook: ModelHook, name: str) -> None:
+    HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, name)
+
+
+def unregister(module: torch.nn.Module, name: str) -> None:
+    registry = getattr(module, "_diffusers_hook", None)
+    if registry is not None and registry.get_hook(name) is not None:
+        registry.remove_hook(name, recurse=False)
