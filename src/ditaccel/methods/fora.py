@@ -1,0 +1,34 @@
+"""FORA (Selvaraju et al. 2024, arXiv 2407.01425): compute every module in full every ``interval``
+steps and reuse the cached attention and MLP outputs on the steps between."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..plan import FULL, REUSE, Plan
+
+
+@dataclass(frozen=True)
+class Config:
+    interval: int = 3
+
+    def __post_init__(self):
+        if not isinstance(self.interval, int) or self.interval < 1:
+            raise ValueError(f"FORA interval must be an integer >= 1, got {self.interval!r}")
+
+    def tag(self) -> str:
+        return f"fora-n{self.interval}"
+
+
+def anchors_every(num_steps: int, interval: int) -> torch.Tensor:
+    return torch.arange(num_steps) % interval == 0
+
+
+def plan(config: Config, shape) -> Plan:
+    anchors = anchors_every(shape.num_steps, config.interval)
+    tokens = torch.full((shape.num_steps, shape.num_layers, len(shape.modules)), FULL)
+    tokens[~anchors] = REUSE
+    return Plan(num_tokens=shape.num_tokens, modules=shape.modules, anchors=anchors, tokens=tokens,
+                method="fora", meta={"config": {"interval": config.interval}})
