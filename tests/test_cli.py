@@ -92,3 +92,30 @@ def test_generate_runs_a_diffusers_dit_pipeline_folder(tmp_path):
     assert json.loads(stats.read_text())["calls"] == 2
     with Image.open(tmp_path / "g.png") as im:
         assert im.mode == "RGB" and im.size == (2 * (1 * 10 + 2), 2 * (2 * 10 + 2))  # 8x8 RGB, one column
+
+
+def test_generate_with_a_method_and_compare(tiny_pipe_dir, tmp_path, capsys):
+    stats = tmp_path / "s.json"
+    rc = main(["generate", "--model", str(tiny_pipe_dir), "--steps", "6", "--classes", "0,1",
+               "--n", "2", "--out", str(tmp_path / "g.png"), "--json", str(stats), "--dtype", "fp32",
+               "--method", "fora", "--interval", "3", "--compare", "--show-steps"])
+    assert rc == 0
+    info = json.loads(stats.read_text())
+    assert info["method"] == "fora" and 1.5 < info["speedup_flops"] < 3.0
+    assert info["flops_full"] > info["flops"] and 0 < info["ssim"] < 1 and info["psnr"] > 5
+    assert [r["anchor"] for r in info["per_step"]] == [True, False, False, True, False, False]
+    out = capsys.readouterr().out
+    assert "vs full model" in out and "anchor" in out
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--method", "fora", "--interval", "0"], "interval must be an integer >= 1"),
+    (["--method", "fora", "--ratio", "0.2"], "fora has no option ratio"),
+    (["--interval", "2"], "--interval needs --method"),
+    (["--compare"], "--compare needs --plan or --method"),
+])
+def test_generate_bad_method_options(tiny_pipe_dir, tmp_path, capsys, argv, needle):
+    rc = main(["generate", "--model", str(tiny_pipe_dir), "--out", str(tmp_path / "g.png"),
+               "--classes", "0,1", *argv])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and needle in err and "\n" not in err

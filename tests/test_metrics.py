@@ -66,3 +66,9 @@ def test_image_frechet_distance_uses_real_features():
 def test_flops_of_linear_layer():
     lin = torch.nn.Linear(16, 32, bias=False)
     assert metrics.transformer_flops(lin, torch.randn(5, 16)) == 2 * 5 * 16 * 32
+
+
+def test_ssim_on_images_smaller_than_the_window():
+    x = _images(size=8)
+    assert metrics.ssim(x, x) == pytest.approx(1.0, abs=1e-12)
+    assert metrics.ssim(x, x.flip(-1)) < 0.5

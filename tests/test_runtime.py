@@ -124,3 +124,23 @@ def test_bare_transformer_runs_beyond_plan_is_an_error(tiny_pipe):
 def test_unsupported_model_names_supported_blocks():
     with pytest.raises(UnsupportedModel, match="supported block classes: BasicTransformerBlock"):
         apply(torch.nn.Linear(2, 2), full_plan(2, 1, 4))
+
+
+def test_accounting_counts_plan_flops_per_step(tiny_pipe):
+    _, full = sample(tiny_pipe, [0, 1, 2], steps=T, progress=False)
+    apply(tiny_pipe, _plan(REUSE))
+    _, fast = sample(tiny_pipe, [0, 1, 2], steps=T, progress=False)
+    assert fast.method == "custom" and [r["anchor"] for r in fast.per_step] == [True, False, True, False]
+    anchor_flops = fast.per_step[0]["flops"]
+    # an anchor step costs what a full call costs (one image with CFG = 2 rows)
+    assert anchor_flops * 3 == full.flops_per_call
+    assert fast.per_step[1]["flops"] < 0.2 * anchor_flops  # only embeddings, norms, projections
+    assert fast.flops == 3 * sum(r["flops"] for r in fast.per_step)
+    assert fast.per_step[1]["mlp"] == 0.0 and fast.per_step[0]["attn"] == 1.0
+    apply(tiny_pipe, _plan(4))
+    _, part = sample(tiny_pipe, [0], steps=T, progress=False)
+    assert part.per_step[1]["mlp"] == pytest.approx(4 / N)
+    assert fast.flops / 3 < part.flops < full.flops / 3
+    from ditaccel.runtime.summary import format_table
+    table = format_table(part.per_step, ("attn", "mlp"))
+    assert "25%" in table and table.count("\n") == T

@@ -37,10 +37,12 @@ def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
 
 
 def ssim(ref: torch.Tensor, test: torch.Tensor) -> float:
-    """Mean SSIM (data range 1), averaged over channels and images; 'valid' windows only."""
+    """Mean SSIM (data range 1), averaged over channels and images; 'valid' windows only.
+    Images smaller than the 11x11 window use the largest odd window that fits."""
     _check_pair(ref, test)
     c = ref.shape[1]
-    w = _gaussian_window().to(ref.device).expand(c, 1, 11, 11)
+    size = min(11, ref.shape[-1] - (1 - ref.shape[-1] % 2), ref.shape[-2] - (1 - ref.shape[-2] % 2))
+    w = _gaussian_window(size).to(ref.device).expand(c, 1, size, size)
     x, y = ref.double(), test.double()
 
     def blur(z):

@@ -12,6 +12,8 @@ from tqdm.auto import tqdm
 
 from .metrics import transformer_flops
 from .pipeline import SAMPLERS, make_scheduler
+from .runtime.apply import state_of
+from .runtime.summary import per_step
 
 
 @dataclass
@@ -25,6 +27,8 @@ class RunStats:
     steps: int
     guidance_scale: float
     seed: int
+    method: str = "full"
+    per_step: list | None = None  # what an applied plan computed per step (one image's run)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -86,14 +90,29 @@ def sample(pipe, class_labels, *, sampler: str = "ddim", steps: int | None = Non
     finally:
         counter.remove()
         pipe.scheduler = original
-    per_call = 0
-    if count_flops and counter.first is not None:
+    per_call, flops, steps_info = 0, 0, None
+    state = state_of(pipe.transformer)
+    if count_flops and state is not None:
+        # A plan's calls differ in cost; count one image's run exactly (every row of a batch
+        # computes the same token counts, so FLOPs scale with the number of images).
+        state.count_flops = True
+        try:
+            pipe.scheduler = make_scheduler(sampler, original.config)
+            pipe(class_labels=labels[:1], guidance_scale=guidance_scale, generator=gens[:1],
+                 num_inference_steps=steps, output_type="np")
+        finally:
+            state.count_flops = False
+            pipe.scheduler = original
+        steps_info = per_step(state)
+        one_image = sum(r["flops"] for r in steps_info)
+        flops = one_image * len(labels)
+        per_call = one_image // max(1, sum(r["calls"] for r in steps_info))
+    elif count_flops and counter.first is not None:
         args, kwargs, rows = counter.first
         per_call = transformer_flops(pipe.transformer, *args, **kwargs)
         flops = per_call * counter.rows // rows
-    else:
-        flops = 0
     stats = RunStats(wall_s=wall, calls=counter.calls, flops=int(flops), flops_per_call=per_call,
                      images=len(labels), sampler=sampler, steps=steps,
-                     guidance_scale=guidance_scale, seed=seed)
+                     guidance_scale=guidance_scale, seed=seed,
+                     method=state.plan.method if state is not None else "full", per_step=steps_info)
     return torch.cat(out), stats

@@ -28,6 +28,19 @@ def add_arguments(p) -> None:
     p.add_argument("--out", default="grid.png", help="grid image (PNG)")
     p.add_argument("--save-dir", default=None, help="also write every image as a PNG here")
     p.add_argument("--json", default=None, help="write run statistics (wall_s, calls, flops, ...)")
+    acc = p.add_argument_group("acceleration (one of --plan / --method)")
+    acc.add_argument("--plan", default=None, help="a plan JSON (from `ditaccel plan` or Plan.save)")
+    acc.add_argument("--method", default=None, choices=["fora", "toca", "delta-dit"],
+                     help="plan with a baseline method: fora (--interval), toca (--interval, "
+                          "--ratio, --token-score), delta-dit (--interval, --cached-blocks, --boundary)")
+    acc.add_argument("--interval", type=int, default=None, help="full-compute every N steps")
+    acc.add_argument("--ratio", type=float, default=None, help="toca: fraction of tokens recomputed")
+    acc.add_argument("--token-score", default=None, choices=["delta", "feature_mean"])
+    acc.add_argument("--cached-blocks", type=float, default=None, help="delta-dit: fraction of blocks cached")
+    acc.add_argument("--boundary", type=float, default=None, help="delta-dit: early-stage fraction of steps")
+    acc.add_argument("--compare", action="store_true",
+                     help="also run the full model on the same seeds: speedups, PSNR, SSIM")
+    acc.add_argument("--show-steps", action="store_true", help="print what was computed per step")
 
 
 def parse_classes(text: str, num_classes: int) -> list[int]:
@@ -43,8 +56,34 @@ def parse_classes(text: str, num_classes: int) -> list[int]:
     return classes
 
 
+def build_plan(args, pipe):
+    """The plan asked for on the command line, or None for the full model."""
+    from ..methods import make_plan, model_shape
+    from ..pipeline import SAMPLERS
+    from ..plan import Plan
+
+    options = {k: getattr(args, k) for k in ("interval", "ratio", "token_score", "cached_blocks",
+                                             "boundary") if getattr(args, k) is not None}
+    if args.plan and args.method:
+        raise ValueError("give either --plan or --method, not both")
+    if args.compare and not (args.plan or args.method):
+        raise ValueError("--compare needs --plan or --method (there is nothing to compare)")
+    if args.plan:
+        return Plan.load(args.plan)
+    if args.method:
+        steps = args.steps or SAMPLERS[args.sampler][2]
+        return make_plan(args.method, model_shape(pipe.transformer, steps), **options)
+    if options:
+        raise ValueError(f"--{next(iter(options)).replace('_', '-')} needs --method")
+    return None
+
+
 def run(args) -> int:
     import torch
+
+    from ..metrics import psnr, ssim
+    from ..runtime import apply
+    from ..runtime.summary import format_table
 
     from .. import io
     from ..registry import load_pipeline
@@ -63,13 +102,29 @@ def run(args) -> int:
     classes = parse_classes(args.classes, num_classes)
     labels = [c for c in classes for _ in range(args.n)]
     pipe.set_progress_bar_config(disable=False, leave=False)
-    images, stats = sample(pipe, labels, sampler=args.sampler, steps=args.steps,
-                           guidance_scale=args.cfg, seed=args.seed, batch_size=args.batch_size)
+    plan = build_plan(args, pipe)
+    run = dict(sampler=args.sampler, steps=args.steps, guidance_scale=args.cfg, seed=args.seed,
+               batch_size=args.batch_size)
+    full = None
+    if plan is not None and args.compare:
+        full_images, full = sample(pipe, labels, **run)
+    if plan is not None:
+        apply(pipe, plan)
+    images, stats = sample(pipe, labels, **run)
     save_grid(images, out, nrow=args.n)
     if args.save_dir:
         save_images(images, labels, Path(args.save_dir))
     info = {"model": args.model, "dtype": args.dtype, "threads": torch.get_num_threads(),
             **stats.to_dict()}
+    if plan is not None and args.show_steps:
+        print(format_table(stats.per_step, plan.modules))
+    if full is not None:
+        info.update(flops_full=full.flops, wall_s_full=full.wall_s,
+                    speedup_flops=full.flops / max(1, stats.flops),
+                    speedup_measured=full.wall_s / stats.wall_s,
+                    psnr=psnr(full_images, images), ssim=ssim(full_images, images))
+        print(f"vs full model: {info['speedup_flops']:.2f}x fewer FLOPs, "
+              f"{info['speedup_measured']:.2f}x faster, PSNR {info['psnr']:.2f} dB, SSIM {info['ssim']:.4f}")
     if args.json:
         io.write_json(args.json, info)
     print(f"{len(labels)} images, {stats.calls} transformer calls, {stats.flops / 1e9:.1f} GFLOP, "

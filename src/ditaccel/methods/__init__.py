@@ -21,3 +21,24 @@ class ModelShape:
 
 
 METHODS = {"fora": fora, "toca": toca, "delta-dit": delta_dit}
+
+
+def model_shape(transformer, num_steps: int) -> ModelShape:
+    from ..runtime.adapters import find_blocks, image_tokens, modules_of
+
+    return ModelShape(num_steps=num_steps, num_layers=len(find_blocks(transformer)),
+                      num_tokens=image_tokens(transformer), modules=modules_of(transformer))
+
+
+def make_plan(method: str, shape: ModelShape, **options):
+    """Plan ``method`` with the given config options (unknown options are an error)."""
+    import dataclasses
+
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    mod = METHODS[method]
+    names = {f.name for f in dataclasses.fields(mod.Config)}
+    bad = sorted(set(options) - names)
+    if bad:
+        raise ValueError(f"{method} has no option {', '.join(bad)}; its options: {', '.join(sorted(names))}")
+    return mod.plan(mod.Config(**options), shape)

@@ -54,3 +54,21 @@ def block_modules(block: torch.nn.Module, spec: BlockSpec) -> dict[str, torch.nn
         if mod is not None:
             out[role] = mod
     return out
+
+
+def image_tokens(transformer: torch.nn.Module, height: int | None = None, width: int | None = None) -> int:
+    """Image tokens per sample at the model's default size (or the given size in pixels of its
+    input space): (H / patch) * (W / patch)."""
+    cfg = transformer.config
+    size = cfg.sample_size
+    h, w = (height or size), (width or size)
+    return (h // cfg.patch_size) * (w // cfg.patch_size)
+
+
+def modules_of(transformer: torch.nn.Module) -> tuple[str, ...]:
+    """The roles every block of this transformer has, in canonical order."""
+    from ..plan import MODULES
+
+    blocks = find_blocks(transformer)
+    roles = set.intersection(*(set(block_modules(b, s)) for _, b, s in blocks))
+    return tuple(m for m in MODULES if m in roles)

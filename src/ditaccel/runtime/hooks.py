@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
+
+from torch.utils.flop_counter import FlopCounterMode
 
 from ..plan import FULL, REUSE
 from .adapters import BlockSpec
@@ -14,19 +18,30 @@ MODULE_HOOK = "ditaccel.module"
 
 
 class StepHook(ModelHook):
-    """On the transformer: tells the state which step/branch this call is."""
+    """On the transformer: tells the state which step/branch this call is, and accounts for it
+    (wall time; FLOPs through FlopCounterMode when the state asks for them)."""
 
     def __init__(self, state: RunState, timestep_arg: str = "timestep"):
         super().__init__()
         self.state, self.timestep_arg = state, timestep_arg
 
-    def pre_forward(self, module, *args, **kwargs):
+    def new_forward(self, module, *args, **kwargs):
         t = kwargs.get(self.timestep_arg)
         if t is None:
             raise PlanMismatch(f"{type(module).__name__} was called without `{self.timestep_arg}`; "
                                "ditaccel needs the timestep to know the sampling step")
-        self.state.begin_call(t)
-        return args, kwargs
+        x = args[0] if args else kwargs.get("hidden_states")
+        record = self.state.begin_call(t, rows=int(x.shape[0]) if torch.is_tensor(x) else 0)
+        original = self.fn_ref.original_forward
+        t0 = time.perf_counter()
+        if self.state.count_flops:
+            with FlopCounterMode(display=False) as counter:
+                out = original(*args, **kwargs)
+            record.flops = int(counter.get_total_flops())
+        else:
+            out = original(*args, **kwargs)
+        record.wall_s = time.perf_counter() - t0
+        return out
 
 
 def token_scores(x: torch.Tensor, cache: ModuleCache, score: str) -> torch.Tensor:

@@ -28,6 +28,9 @@ class CallRecord:
     anchor: bool
     # (layer, role) -> tokens computed (N for full, 0 for reuse)
     computed: dict[tuple[int, str], int] = field(default_factory=dict)
+    rows: int = 0
+    wall_s: float = 0.0
+    flops: int | None = None  # counted only when RunState.count_flops is on
 
 
 class RunState:
@@ -39,6 +42,7 @@ class RunState:
     def __init__(self, plan: Plan, expected_steps: Callable[[], int | None] = lambda: None):
         self.plan = plan
         self.expected_steps = expected_steps
+        self.count_flops = False
         self.reset()
 
     def reset(self) -> None:
@@ -46,7 +50,7 @@ class RunState:
         self.caches: dict[tuple[int, int, str], ModuleCache] = {}
         self.records: list[CallRecord] = []
 
-    def begin_call(self, timestep) -> None:
+    def begin_call(self, timestep, rows: int) -> CallRecord:
         t = float(timestep.reshape(-1)[0]) if torch.is_tensor(timestep) else float(timestep)
         if self.last_t is None or t > self.last_t:
             self.reset()
@@ -65,7 +69,9 @@ class RunState:
         else:
             self.branch += 1
         self.last_t = t
-        self.records.append(CallRecord(self.step, self.branch, self.is_anchor))
+        record = CallRecord(self.step, self.branch, self.is_anchor, rows=rows)
+        self.records.append(record)
+        return record
 
     @property
     def is_anchor(self) -> bool:
