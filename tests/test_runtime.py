@@ -144,3 +144,24 @@ def test_accounting_counts_plan_flops_per_step(tiny_pipe):
     from ditaccel.runtime.summary import format_table
     table = format_table(part.per_step, ("attn", "mlp"))
     assert "25%" in table and table.count("\n") == T
+
+
+def test_partial_joint_attention_matches_full_attention_at_selected_tokens():
+    from diffusers import SD3Transformer2DModel
+
+    from ditaccel.runtime.hooks import _gather, partial_joint_attention
+
+    torch.manual_seed(0)
+    tf = SD3Transformer2DModel(sample_size=4, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+                               attention_head_dim=8, num_attention_heads=2, joint_attention_dim=12,
+                               caption_projection_dim=16, pooled_projection_dim=10, pos_embed_max_size=8)
+    for block in tf.transformer_blocks:  # the last block is context_pre_only
+        attn = block.attn
+        x, ctx = torch.randn(2, 9, 16), torch.randn(2, 5, 16)
+        idx = torch.tensor([[0, 4, 8], [1, 2, 7]])
+        with torch.no_grad():
+            full_img, full_txt = attn(hidden_states=x, encoder_hidden_states=ctx)
+            img, txt = partial_joint_attention(attn, x, _gather(x, idx), ctx)
+        torch.testing.assert_close(img, _gather(full_img, idx), atol=1e-5, rtol=1e-5)
+        if full_txt is not None:
+            torch.testing.assert_close(txt, full_txt, atol=1e-5, rtol=1e-5)

@@ -19,6 +19,8 @@ class BlockSpec:
     # Self-attention partial recompute: call the attention on the selected tokens as
     # ``hidden_states`` and on all tokens as ``encoder_hidden_states`` (valid for diffusers
     # ``Attention`` without ``norm_cross``: queries from the former, keys/values from the latter).
+    # "joint": MMDiT joint attention (SD3): image and text tokens attend together, the module
+    # returns (image output, text output); text tokens are never pruned.
     partial_attn: str = "kv_from_encoder_states"
 
 
@@ -27,6 +29,9 @@ BLOCKS: dict[str, BlockSpec] = {
     # PixArt only, no gate), ff -> gate -> residual.  Hooking the modules themselves caches their
     # outputs before the block applies the current step's gate.
     "BasicTransformerBlock": BlockSpec(modules={"attn": "attn1", "cross": "attn2", "mlp": "ff"}),
+    # SD3 / SD3.5 MMDiT: joint attention over [image; text], then image MLP ``ff`` (the text MLP
+    # ``ff_context`` is always computed: text tokens are few and never pruned).
+    "JointTransformerBlock": BlockSpec(modules={"attn": "attn", "mlp": "ff"}, partial_attn="joint"),
 }
 
 
