@@ -33,9 +33,11 @@ PRESETS: dict[str, dict] = {
     ),
 }
 
+# No x0 clipping: DDIM clips the predicted x0 but keeps the unclipped epsilon, which at high noise
+# turns wild x0 estimates into saturated blotches (measured: 40% -> 60% classifier agreement at
+# CFG 1.5 on a mid-training checkpoint once clipping was off).
 NOISE_SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4,
-                      beta_end=0.02, prediction_type="epsilon", clip_sample=True,
-                      clip_sample_range=1.0)
+                      beta_end=0.02, prediction_type="epsilon", clip_sample=False)
 
 
 @dataclass(frozen=True)
