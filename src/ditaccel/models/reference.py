@@ -168,6 +168,7 @@ def export_pipeline(transformer: DiTTransformer2DModel, out: Path, training: dic
     pipe = DiTPixelPipeline(transformer=transformer.eval(), scheduler=DDIMScheduler(**NOISE_SCHEDULE))
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
+        tmp.chmod(0o755)  # mkdtemp makes 0700
         pipe.save_pretrained(tmp, safe_serialization=True)
         if training is not None:
             io.write_json(tmp / "training.json", training)
