@@ -206,7 +206,8 @@ def train_reference(out_dir: str | Path, cfg: TrainConfig, export_to: str | Path
     noise_sched = DDPMScheduler(**NOISE_SCHEDULE)
     model.train()
     bar = tqdm(total=cfg.steps, initial=step, desc="train-reference", disable=not progress)
-    running, t0 = None, time.time()
+    # elapsed_s in the log is cumulative over resumed runs
+    running, t0 = None, time.time() - (log[-1].get("elapsed_s", 0.0) if log else 0.0)
     while step < cfg.steps:
         idx = _batch_indices(cfg, step, len(x_all))
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
