@@ -6,7 +6,6 @@ import time
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
-
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..plan import FULL, REUSE
