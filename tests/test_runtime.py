@@ -165,3 +165,164 @@ def test_partial_joint_attention_matches_full_attention_at_selected_tokens():
         torch.testing.assert_close(img, _gather(full_img, idx), atol=1e-5, rtol=1e-5)
         if full_txt is not None:
             torch.testing.assert_close(txt, full_txt, atol=1e-5, rtol=1e-5)
+
+
+def _direct(pipe):
+    """The unmodified pipeline call, with the pipeline's own scheduler."""
+    return torch.as_tensor(pipe(class_labels=[0, 1], guidance_scale=2.0, num_inference_steps=T,
+                                generator=torch.Generator().manual_seed(0), output_type="np").images)
+
+
+def test_step_context_follows_the_pipeline_scheduler(tiny_pipe):
+    apply(tiny_pipe, _plan(REUSE))
+    sched = tiny_pipe.scheduler
+    assert "set_timesteps" in vars(sched) and "step" in vars(sched)  # the context's wrappers
+    # A pipeline call that dies half-way leaves a half-filled cache behind; the next call starts
+    # from a fresh trajectory because its set_timesteps begins one.
+    calls = []
+    original_step = sched.step
+
+    def failing_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("interrupted")
+        return original_step(*args, **kwargs)
+
+    ref = _direct(tiny_pipe)
+    sched.step = failing_step
+    with pytest.raises(RuntimeError, match="interrupted"):
+        _direct(tiny_pipe)
+    sched.step = original_step
+    assert torch.equal(_direct(tiny_pipe), ref)
+    assert [(r.step, r.branch) for r in state_of(tiny_pipe).records] == [(0, 0), (1, 0), (2, 0), (3, 0)]
+    # Called outside a pipeline call, the transformer has no step: a clear error, not a guess.
+    state_of(tiny_pipe).reset()
+    with pytest.raises(PlanMismatch, match="outside a sampling trajectory"), torch.no_grad():
+        tiny_pipe.transformer(torch.randn(1, 1, 8, 8), timestep=torch.tensor([1]),
+                              class_labels=torch.tensor([0]))
+    # A scheduler swapped in after apply is followed; the old one is left unwrapped.
+    tiny_pipe.scheduler = type(sched).from_config(sched.config)
+    assert torch.equal(_direct(tiny_pipe), ref)
+    assert "step" not in vars(sched) and "step" in vars(tiny_pipe.scheduler)
+    remove(tiny_pipe)
+    assert "step" not in vars(tiny_pipe.scheduler) and "set_timesteps" not in vars(tiny_pipe.scheduler)
+
+
+def test_branches_of_a_step_called_one_by_one_share_the_step(tiny_pipe):
+    """Pipelines that call the transformer once per guidance branch (Wan, Flux true CFG): both
+    calls of a step are that step, each branch keeps its own cache."""
+    apply(tiny_pipe, _plan(REUSE))
+    tf, sched = tiny_pipe.transformer, tiny_pipe.scheduler
+    sched.set_timesteps(T)
+    x = torch.randn(1, 1, 8, 8)
+    outs, handle = _module_outputs(tiny_pipe)
+    with torch.no_grad():
+        for t in sched.timesteps:
+            for label in (0, 4):  # conditional, then the null class
+                eps = tf(x, timestep=t[None], class_labels=torch.tensor([label])).sample
+            sched.step(eps, t, x)
+    handle.remove()
+    recs = state_of(tiny_pipe).records
+    assert [(r.step, r.branch) for r in recs] == [(s, b) for s in range(T) for b in (0, 1)]
+    # the MLP reused at step 1 gives each branch its own step-0 output
+    assert torch.equal(outs[2], outs[0]) and torch.equal(outs[3], outs[1])
+    assert not torch.equal(outs[0], outs[1])
+
+
+def _flux_inputs():
+    from tests.archs import flux
+
+    pipe, _ = flux()
+    tf = pipe.transformer
+    torch.manual_seed(1)
+    b, txt, img, dim = 2, 6, 16, 16
+    ids = torch.cat([torch.zeros(txt, 3), torch.stack(torch.meshgrid(
+        torch.zeros(1), torch.arange(4.0), torch.arange(4.0), indexing="ij"), -1).reshape(-1, 3)])
+    with torch.no_grad():
+        rope = tf.pos_embed(ids)
+    return tf, torch.randn(b, img, dim), torch.randn(b, txt, dim), rope
+
+
+def test_partial_flux_attention_matches_full_attention_at_selected_tokens():
+    from ditaccel.runtime.hooks import _gather, partial_flux_attention
+
+    tf, x, ctx, rope = _flux_inputs()
+    idx = torch.tensor([[0, 5, 9, 15], [2, 3, 4, 11]])
+    with torch.no_grad():
+        attn = tf.transformer_blocks[0].attn  # double-stream: [text; image], image queries gathered
+        full_img, full_txt = attn(hidden_states=x, encoder_hidden_states=ctx, image_rotary_emb=rope)
+        img, txt = partial_flux_attention(attn, x, idx, ctx, rope)
+        torch.testing.assert_close(img, _gather(full_img, idx), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(txt, full_txt, atol=1e-5, rtol=1e-5)
+        attn = tf.single_transformer_blocks[0].attn  # single-stream: one [text; image] sequence
+        both = torch.cat([ctx, x], dim=1)
+        rows = torch.cat([torch.arange(6).expand(2, 6), idx + 6], dim=1)
+        full = attn(hidden_states=both, image_rotary_emb=rope)
+        part = partial_flux_attention(attn, both, rows, None, rope)
+        torch.testing.assert_close(part, _gather(full, rows), atol=1e-5, rtol=1e-5)
+        # without gathering the positions the answer is wrong: the test can fail
+        wrong = partial_flux_attention(attn, both, rows, None, (rope[0][:22].roll(3, 0), rope[1][:22].roll(3, 0)))
+        assert not torch.allclose(wrong, _gather(full, rows), atol=1e-3)
+
+
+def test_partial_wan_attention_matches_full_attention_at_selected_tokens():
+    from ditaccel.runtime.hooks import _gather, partial_wan_attention
+    from tests.archs import wan
+
+    pipe, _ = wan()
+    tf = pipe.transformer
+    torch.manual_seed(1)
+    latents = torch.randn(2, 4, 2, 4, 4)  # (B, C, frames, H, W) -> 2 x 2 x 2 = 8 tokens
+    with torch.no_grad():
+        rope = tf.rope(latents)
+        attn = tf.blocks[0].attn1
+        x = torch.randn(2, 8, 24)
+        idx = torch.tensor([[1, 2, 6], [0, 4, 7]])
+        full = attn(x, None, None, rope)
+        part = partial_wan_attention(attn, x, idx, rope)
+    torch.testing.assert_close(part, _gather(full, idx), atol=1e-5, rtol=1e-5)
+
+
+def test_routed_block_runs_on_the_chosen_tokens_and_others_skip_it(tiny_pipe):
+    """The Shiva operation on a hand-checkable case: block 1 at step 1 runs on the k tokens with
+    the highest router score; the others leave it unchanged."""
+    k = 6
+    route = torch.full((T, LAYERS), FULL)
+    route[1, 1] = k
+    plan = Plan(num_tokens=N, modules=("attn", "mlp"), anchors=[True] * T,
+                tokens=torch.full((T, LAYERS, 2), FULL), route=route)
+    with pytest.raises(PlanMismatch, match="pass the router"):
+        apply(tiny_pipe, plan)
+    seen = []
+
+    def router(x, call):
+        seen.append((call.layer, call.step, call.cfg_paired, sorted(call.block_kwargs)))
+        return x[..., 0].float()  # the first feature: easy to check
+
+    apply(tiny_pipe, plan, router=router)
+    block = tiny_pipe.transformer.transformer_blocks[1]
+    io = []
+    handle = block.register_forward_hook(lambda m, a, kw, o: io.append((kw.get("hidden_states", a[0] if a else None),
+                                                                         o)), with_kwargs=True)
+    calls = []
+    h2 = block.register_forward_pre_hook(lambda m, a, kw: calls.append((a, dict(kw))), with_kwargs=True)
+    _direct(tiny_pipe)
+    handle.remove(), h2.remove()
+    assert [s[:3] for s in seen] == [(1, 1, True)]  # batched CFG: [x; x] halves detected
+    assert "timestep" in seen[0][3] and "class_labels" in seen[0][3]
+    x, out = io[1]
+    assert out.shape == x.shape
+    score = x[..., 0]
+    half = score.shape[0] // 2
+    paired = score[:half].maximum(score[half:]).repeat(2, 1)
+    chosen = torch.zeros_like(score, dtype=torch.bool).scatter(1, paired.topk(k, dim=1).indices, True)
+    assert torch.equal(out[~chosen], x[~chosen])  # skipped tokens: the identity path
+    # chosen tokens: the block applied to the gathered chosen tokens only
+    args, kw = calls[1]
+    remove(tiny_pipe)
+    sel = x[chosen].view(x.shape[0], k, -1)
+    with torch.no_grad():
+        ref = block(sel, *args[1:], **{n: v for n, v in kw.items() if n != "hidden_states"})
+    torch.testing.assert_close(out[chosen].view_as(ref), ref, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(ref, block(x, *args[1:], **{n: v for n, v in kw.items()
+                                                          if n != "hidden_states"})[chosen].view_as(ref))

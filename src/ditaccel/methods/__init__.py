@@ -23,11 +23,14 @@ class ModelShape:
 METHODS = {"fora": fora, "toca": toca, "delta-dit": delta_dit}
 
 
-def model_shape(transformer, num_steps: int) -> ModelShape:
+def model_shape(transformer, num_steps: int, num_tokens: int | None = None) -> ModelShape:
+    """The shape of ``transformer`` sampled in ``num_steps`` steps; ``num_tokens`` (image tokens per
+    sample) defaults to the model's configured sample size where it has one."""
     from ..runtime.adapters import find_blocks, image_tokens, modules_of
 
     return ModelShape(num_steps=num_steps, num_layers=len(find_blocks(transformer)),
-                      num_tokens=image_tokens(transformer), modules=modules_of(transformer))
+                      num_tokens=image_tokens(transformer) if num_tokens is None else num_tokens,
+                      modules=modules_of(transformer))
 
 
 def make_plan(method: str, shape: ModelShape, **options):

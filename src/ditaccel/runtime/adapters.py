@@ -14,24 +14,53 @@ import torch
 
 @dataclass(frozen=True)
 class BlockSpec:
-    # role ("attn", "cross", "mlp") -> attribute of the block holding that module
+    # role ("attn", "cross", "mlp") -> attribute of the block holding that module.  Hooking the
+    # modules themselves caches their outputs before the block applies the current step's gate.
     modules: dict[str, str]
-    # Self-attention partial recompute: call the attention on the selected tokens as
-    # ``hidden_states`` and on all tokens as ``encoder_hidden_states`` (valid for diffusers
-    # ``Attention`` without ``norm_cross``: queries from the former, keys/values from the latter).
-    # "joint": MMDiT joint attention (SD3): image and text tokens attend together, the module
-    # returns (image output, text output); text tokens are never pruned.
+    # How self-attention is asked for the outputs of a subset of query tokens while keys and
+    # values come from all tokens (see hooks.PARTIAL_ATTENTION):
+    #   "kv_from_encoder_states": diffusers ``Attention`` without ``norm_cross``: the selected tokens
+    #       as ``hidden_states``, all tokens as ``encoder_hidden_states``.
+    #   "joint": SD3 joint attention over [image; text] (text tokens always computed).
+    #   "flux": Flux attention over [text; image] with RoPE gathered for the selected queries.
+    #   "wan": Wan self-attention with RoPE gathered for the selected queries.
     partial_attn: str = "kv_from_encoder_states"
+    # What the hooked modules see: "image" tokens only, or "text_prefix": [text; image] tokens
+    # (Flux single-stream blocks); text tokens are never pruned.
+    module_tokens: str = "image"
+    # The block's forward: which argument holds the image tokens, which the text tokens of a joint
+    # block, which the positions (RoPE) and in what layout ("flux": (cos, sin) of shape
+    # (text + image, head_dim), "wan": (cos, sin) of shape (1, image, 1, head_dim)), and, for blocks
+    # that return a tuple, where the image tokens are in it.
+    image_arg: str = "hidden_states"
+    text_arg: str | None = None
+    rope_arg: str | None = None
+    rope_layout: str | None = None
+    image_output: int | None = None
 
 
 BLOCKS: dict[str, BlockSpec] = {
     # DiT (ada_norm_zero) and PixArt (ada_norm_single): attn1 -> gate -> residual, attn2 (cross,
-    # PixArt only, no gate), ff -> gate -> residual.  Hooking the modules themselves caches their
-    # outputs before the block applies the current step's gate.
+    # PixArt only, no gate), ff -> gate -> residual.  Absolute positions enter before the blocks.
     "BasicTransformerBlock": BlockSpec(modules={"attn": "attn1", "cross": "attn2", "mlp": "ff"}),
     # SD3 / SD3.5 MMDiT: joint attention over [image; text], then image MLP ``ff`` (the text MLP
-    # ``ff_context`` is always computed: text tokens are few and never pruned).
-    "JointTransformerBlock": BlockSpec(modules={"attn": "attn", "mlp": "ff"}, partial_attn="joint"),
+    # ``ff_context`` is always computed: text tokens are few and never pruned).  Returns
+    # (text, image).
+    "JointTransformerBlock": BlockSpec(modules={"attn": "attn", "mlp": "ff"}, partial_attn="joint",
+                                       text_arg="encoder_hidden_states", image_output=1),
+    # Flux double-stream block: joint attention over [text; image] with RoPE, image MLP ``ff``.
+    "FluxTransformerBlock": BlockSpec(modules={"attn": "attn", "mlp": "ff"}, partial_attn="flux",
+                                      text_arg="encoder_hidden_states", rope_arg="image_rotary_emb",
+                                      rope_layout="flux", image_output=1),
+    # Flux single-stream block: concatenates [text; image] itself; attention (no output projection)
+    # and ``proj_mlp`` run in parallel on it, then ``proj_out`` (always computed on all tokens,
+    # it mixes both branches) and the gate.
+    "FluxSingleTransformerBlock": BlockSpec(modules={"attn": "attn", "mlp": "proj_mlp"}, partial_attn="flux",
+                                            module_tokens="text_prefix", text_arg="encoder_hidden_states",
+                                            rope_arg="image_rotary_emb", rope_layout="flux", image_output=1),
+    # Wan 2.x video block: self-attention with 3-d RoPE, cross-attention to text (no gate), FFN.
+    "WanTransformerBlock": BlockSpec(modules={"attn": "attn1", "cross": "attn2", "mlp": "ffn"},
+                                     partial_attn="wan", rope_arg="rotary_emb", rope_layout="wan"),
 }
 
 
@@ -62,12 +91,16 @@ def block_modules(block: torch.nn.Module, spec: BlockSpec) -> dict[str, torch.nn
 
 
 def image_tokens(transformer: torch.nn.Module, height: int | None = None, width: int | None = None) -> int:
-    """Image tokens per sample at the model's default size (or the given size in pixels of its
-    input space): (H / patch) * (W / patch)."""
+    """Image tokens per sample at the model's default size (or the given size of its input, in
+    latent pixels): (H / patch) * (W / patch)."""
     cfg = transformer.config
-    size = cfg.sample_size
+    size = getattr(cfg, "sample_size", None)
     h, w = (height or size), (width or size)
-    return (h // cfg.patch_size) * (w // cfg.patch_size)
+    patch = getattr(cfg, "patch_size", None)
+    if h is None or w is None or not isinstance(patch, int):
+        raise UnsupportedModel(f"{type(transformer).__name__} has no default image size; give the "
+                               "number of image tokens per sample (num_tokens) for the size you sample at")
+    return (h // patch) * (w // patch)
 
 
 def modules_of(transformer: torch.nn.Module) -> tuple[str, ...]:

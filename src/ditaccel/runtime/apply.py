@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..io import model_fingerprint
-from ..plan import Plan
+from ..plan import FULL, Plan
 from .adapters import block_modules, find_blocks
-from .hooks import MODULE_HOOK, STEP_HOOK, ModuleHook, StepHook, register, unregister
+from .hooks import MODULE_HOOK, ROUTE_HOOK, STEP_HOOK, ModuleHook, RouteHook, StepHook, register, unregister
 from .state import PlanMismatch, RunState
 
 _STATE_ATTR = "_ditaccel_state"
@@ -22,10 +24,20 @@ def _split(target) -> tuple[torch.nn.Module, object | None]:
     raise TypeError(f"expected a diffusers pipeline or transformer, got {type(target).__name__}")
 
 
-def apply(target, plan: Plan, check_fingerprint: bool = True):
-    """Execute ``plan`` on every call of the target's transformer.  Applying again replaces the
-    previous plan; :func:`remove` restores the original forward functions."""
+def apply(target, plan: Plan, router=None, check_fingerprint: bool = True):
+    """Execute ``plan`` on every call of the target's transformer (a diffusers pipeline or the
+    transformer itself).  Applying again replaces the previous plan; :func:`remove` restores the
+    original forward functions.
+
+    ``router``, needed by plans that route tokens through blocks (``plan.route``), is a callable
+    ``router(hidden_states, call) -> scores`` giving (batch, image tokens) scores for the block
+    input; ``call`` is a :class:`~ditaccel.runtime.hooks.RouteCall` (layer, step, the block's and
+    the transformer call's arguments)."""
     transformer, pipe = _split(target)
+    routes = plan.route is not None and bool((plan.route != FULL).any())
+    if routes and not callable(router):
+        raise PlanMismatch("this plan routes tokens through blocks (plan.route); pass the router "
+                           "that scores them: apply(pipe, plan, router=...)")
     blocks = find_blocks(transformer)
     if len(blocks) != plan.num_layers:
         raise PlanMismatch(f"the plan has {plan.num_layers} layers but {type(transformer).__name__} "
@@ -39,29 +51,78 @@ def apply(target, plan: Plan, check_fingerprint: bool = True):
     if missing:
         raise PlanMismatch(f"the plan acts on {missing} but the blocks of "
                            f"{type(transformer).__name__} have only {sorted(per_block[0])}")
-    remove(transformer)
+    remove(target)
 
-    def expected_steps():
-        sched = getattr(pipe, "scheduler", None)
-        ts = getattr(sched, "timesteps", None)
-        return len(ts) if ts is not None else None
+    scheduler = getattr(pipe, "scheduler", None) if pipe is not None else None
+    if scheduler is not None:
+        state = RunState(plan, source="scheduler")
+        state.scheduler = scheduler
+        _follow_scheduler(scheduler, state)
 
-    state = RunState(plan, expected_steps if pipe is not None else (lambda: None))
-    register(transformer, StepHook(state), STEP_HOOK)
-    for layer, ((_, _, spec), mods) in enumerate(zip(blocks, per_block)):
+        def check():
+            # A scheduler swapped in after apply (``pipe.scheduler = ...``) is followed from its
+            # first transformer call on: its set_timesteps already ran for this pipeline call.
+            if pipe.scheduler is not state.scheduler:
+                _unfollow_scheduler(state.scheduler)
+                state.scheduler = pipe.scheduler
+                _follow_scheduler(pipe.scheduler, state)
+                state.begin_trajectory(len(pipe.scheduler.timesteps))
+    else:
+        state = RunState(plan, source="timestep")
+        check = lambda: None  # noqa: E731
+    register(transformer, StepHook(state, check), STEP_HOOK)
+    for layer, ((_, block, spec), mods) in enumerate(zip(blocks, per_block)):
+        if routes:
+            register(block, RouteHook(state, layer, spec, block, router), ROUTE_HOOK)
         for role, module in mods.items():
             if role in plan.modules:
-                register(module, ModuleHook(state, layer, role, plan.module_index(role), spec), MODULE_HOOK)
+                register(module, ModuleHook(state, layer, role, plan.module_index(role), spec, module),
+                         MODULE_HOOK)
     setattr(transformer, _STATE_ATTR, state)
     return target
 
 
+def _follow_scheduler(scheduler, state: RunState) -> None:
+    """The explicit step context: every pipeline call runs ``scheduler.set_timesteps`` once before
+    its loop (a new trajectory) and ``scheduler.step`` once per sampling step.  The wrappers are
+    instance attributes over the class's methods; :func:`_unfollow_scheduler` deletes them."""
+    set_timesteps, step = scheduler.set_timesteps, scheduler.step
+
+    # functools.wraps keeps the signatures: pipelines inspect set_timesteps' parameters.
+    @functools.wraps(set_timesteps)
+    def set_timesteps_and_begin(*args, **kwargs):
+        out = set_timesteps(*args, **kwargs)
+        state.begin_trajectory(len(scheduler.timesteps))
+        return out
+
+    @functools.wraps(step)
+    def step_and_advance(*args, **kwargs):
+        out = step(*args, **kwargs)
+        state.advance()
+        return out
+
+    set_timesteps_and_begin._ditaccel = step_and_advance._ditaccel = True
+    scheduler.set_timesteps, scheduler.step = set_timesteps_and_begin, step_and_advance
+
+
+def _unfollow_scheduler(scheduler) -> None:
+    for name in ("set_timesteps", "step"):
+        if getattr(scheduler.__dict__.get(name), "_ditaccel", False):
+            del scheduler.__dict__[name]
+
+
 def remove(target):
     """Take every ditaccel hook off; the model then computes exactly as before ``apply``."""
-    transformer, _ = _split(target)
+    transformer, pipe = _split(target)
+    state = getattr(transformer, _STATE_ATTR, None)
+    if state is not None and state.scheduler is not None:
+        _unfollow_scheduler(state.scheduler)
+    if pipe is not None and getattr(pipe, "scheduler", None) is not None:
+        _unfollow_scheduler(pipe.scheduler)
     unregister(transformer, STEP_HOOK)
     for module in transformer.modules():
         unregister(module, MODULE_HOOK)
+        unregister(module, ROUTE_HOOK)
     if hasattr(transformer, _STATE_ATTR):
         delattr(transformer, _STATE_ATTR)
     return target

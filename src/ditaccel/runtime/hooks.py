@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 import time
+from dataclasses import dataclass
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
@@ -14,23 +16,26 @@ from .state import ModuleCache, PlanMismatch, RunState
 
 STEP_HOOK = "ditaccel.step"
 MODULE_HOOK = "ditaccel.module"
+ROUTE_HOOK = "ditaccel.route"
 
 
 class StepHook(ModelHook):
     """On the transformer: tells the state which step/branch this call is, and accounts for it
     (wall time; FLOPs through FlopCounterMode when the state asks for them)."""
 
-    def __init__(self, state: RunState, timestep_arg: str = "timestep"):
+    def __init__(self, state: RunState, check=lambda: None, timestep_arg: str = "timestep"):
         super().__init__()
-        self.state, self.timestep_arg = state, timestep_arg
+        self.state, self.check, self.timestep_arg = state, check, timestep_arg
 
     def new_forward(self, module, *args, **kwargs):
-        t = kwargs.get(self.timestep_arg)
-        if t is None:
-            raise PlanMismatch(f"{type(module).__name__} was called without `{self.timestep_arg}`; "
-                               "ditaccel needs the timestep to know the sampling step")
+        self.check()
         x = args[0] if args else kwargs.get("hidden_states")
-        record = self.state.begin_call(t, rows=int(x.shape[0]) if torch.is_tensor(x) else 0)
+        record = self.state.begin_call(kwargs.get(self.timestep_arg),
+                                       rows=int(x.shape[0]) if torch.is_tensor(x) else 0)
+        self.state.call_kwargs = kwargs
+        b = x.shape[0] if torch.is_tensor(x) else 0
+        self.state.cfg_paired = (self.state.plan.route is not None and b % 2 == 0 and b > 0
+                                 and torch.equal(x[: b // 2], x[b // 2:]))
         original = self.fn_ref.original_forward
         t0 = time.perf_counter()
         if self.state.count_flops:
@@ -43,10 +48,11 @@ class StepHook(ModelHook):
         return out
 
 
-def token_scores(x: torch.Tensor, cache: ModuleCache, score: str) -> torch.Tensor:
-    """(B, N) how much each token needs fresh compute; no attention map needed."""
+def token_scores(x: torch.Tensor, ref: torch.Tensor, score: str) -> torch.Tensor:
+    """(B, N) how much each token needs fresh compute; no attention map needed.  ``ref``: the
+    module input when each token was last computed."""
     if score == "delta":  # how far the module input moved since the token was last computed
-        return (x - cache.ref).float().norm(dim=-1)
+        return (x - ref).float().norm(dim=-1)
     if score == "feature_mean":  # how far the token stands from the mean token
         return (x - x.mean(dim=1, keepdim=True)).float().norm(dim=-1)
     raise ValueError(f"unknown token score {score!r}")
@@ -98,29 +104,130 @@ def partial_joint_attention(attn, x: torch.Tensor, x_sel: torch.Tensor, ctx: tor
     return img, txt
 
 
+def _heads_flux(attn, t: torch.Tensor) -> torch.Tensor:  # (B, n, H * d) -> (B, n, H, d)
+    return t.unflatten(-1, (-1, attn.head_dim))
+
+
+def _rope_flux(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """diffusers' ``apply_rotary_emb`` (real, interleaved pairs) for x (B, n, H, d) with cos/sin
+    of shape (B or 1, n, d): per-sample positions, which the diffusers function cannot take."""
+    x_real, x_imag = x.reshape(*x.shape[:-1], -1, 2).unbind(-1)
+    x_rot = torch.stack([-x_imag, x_real], dim=-1).flatten(3)
+    return (x.float() * cos[:, :, None] + x_rot.float() * sin[:, :, None]).to(x.dtype)
+
+
+def _sdpa_bnhd(q, k, v) -> torch.Tensor:  # (B, n, H, d) layout in and out, heads flattened out
+    out = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                                           v.transpose(1, 2))
+    return out.transpose(1, 2).flatten(2, 3)
+
+
+def partial_flux_attention(attn, x: torch.Tensor, rows: torch.Tensor, ctx: torch.Tensor | None, rope):
+    """Flux attention with fresh queries for the tokens ``rows`` (B, k) of ``x`` (and for all text
+    tokens ``ctx`` in double-stream blocks) against keys/values of all tokens, RoPE gathered
+    with the queries.  Mirrors ``FluxAttnProcessor`` with the module's own projections and norms."""
+    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+
+    if type(attn.processor) is not FluxAttnProcessor or getattr(attn, "fused_projections", False):
+        raise PlanMismatch(f"partial recompute of Flux attention supports FluxAttnProcessor without "
+                           f"fused projections, not {type(attn.processor).__name__}; use a plan "
+                           "without partial attention (reuse or full) for this model")
+    b = x.shape[0]
+    q = attn.norm_q(_heads_flux(attn, attn.to_q(_gather(x, rows))))
+    k = attn.norm_k(_heads_flux(attn, attn.to_k(x)))
+    v = _heads_flux(attn, attn.to_v(x))
+    tc = 0
+    if ctx is not None and attn.added_kv_proj_dim is not None:
+        tc = ctx.shape[1]
+        q = torch.cat([attn.norm_added_q(_heads_flux(attn, attn.add_q_proj(ctx))), q], dim=1)
+        k = torch.cat([attn.norm_added_k(_heads_flux(attn, attn.add_k_proj(ctx))), k], dim=1)
+        v = torch.cat([_heads_flux(attn, attn.add_v_proj(ctx)), v], dim=1)
+        rows = torch.cat([torch.arange(tc, device=rows.device).expand(b, tc), rows + tc], dim=1)
+    if rope is not None:
+        cos, sin = rope  # (text + image, d), one set of positions for the batch
+        q = _rope_flux(q, cos[rows], sin[rows])
+        k = _rope_flux(k, cos[None], sin[None])
+    out = _sdpa_bnhd(q, k, v).to(q.dtype)
+    if not tc:
+        return out
+    txt, img = out[:, :tc], out[:, tc:]
+    return attn.to_out[1](attn.to_out[0](img.contiguous())), attn.to_add_out(txt.contiguous())
+
+
+def partial_wan_attention(attn, x: torch.Tensor, rows: torch.Tensor, rope):
+    """Wan self-attention with fresh queries for the tokens ``rows`` (B, k) against keys/values of
+    all tokens, RoPE gathered with the queries.  Mirrors ``WanAttnProcessor`` (text-to-video)."""
+    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+    if (type(attn.processor) is not WanAttnProcessor or getattr(attn, "fused_projections", False)
+            or attn.add_k_proj is not None):
+        raise PlanMismatch(f"partial recompute of Wan self-attention supports WanAttnProcessor "
+                           f"(text-to-video, unfused), not {type(attn.processor).__name__}; use a plan "
+                           "without partial attention (reuse or full) for this model")
+
+    def heads(t):
+        return t.unflatten(2, (attn.heads, -1))
+
+    q = heads(attn.norm_q(attn.to_q(_gather(x, rows))))
+    k, v = heads(attn.norm_k(attn.to_k(x))), heads(attn.to_v(x))
+    if rope is not None:
+        cos, sin = rope  # (1, n, 1, d)
+        idx = rows[:, :, None, None].expand(-1, -1, 1, cos.shape[-1])
+        q = _rope_wan(q, cos.expand(x.shape[0], -1, -1, -1).gather(1, idx),
+                      sin.expand(x.shape[0], -1, -1, -1).gather(1, idx))
+        k = _rope_wan(k, cos, sin)
+    out = _sdpa_bnhd(q, k, v).type_as(q)
+    return attn.to_out[1](attn.to_out[0](out))
+
+
+def _rope_wan(x, cos, sin):
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = cos[..., 0::2], sin[..., 1::2]
+    out = torch.empty_like(x)
+    out[..., 0::2] = x1 * cos - x2 * sin
+    out[..., 1::2] = x1 * sin + x2 * cos
+    return out.type_as(x)
+
+
+def _named(signature: inspect.Signature, args: tuple, kwargs: dict) -> dict:
+    """A call's arguments by name (positional ones named from the forward's signature)."""
+    names = [p.name for p in signature.parameters.values()
+             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(args) > len(names):
+        raise PlanMismatch(f"unexpected positional arguments for {signature}")
+    return {**dict(zip(names, args)), **kwargs}
+
+
 class ModuleHook(ModelHook):
     """On one attention / cross-attention / MLP module of one block."""
 
-    def __init__(self, state: RunState, layer: int, role: str, module_index: int, spec: BlockSpec):
+    def __init__(self, state: RunState, layer: int, role: str, module_index: int, spec: BlockSpec,
+                 module: torch.nn.Module):
         super().__init__()
         self.state, self.layer, self.role, self.m, self.spec = state, layer, role, module_index, spec
+        self.signature = inspect.signature(type(module).forward)
+        self.signature = self.signature.replace(parameters=list(self.signature.parameters.values())[1:])
 
     def new_forward(self, module, *args, **kwargs):
         st = self.state
         original = self.fn_ref.original_forward
         if st.step < 0:  # called outside a transformer call (e.g. a user probing the module)
             return original(*args, **kwargs)
+        record = st.records[-1].computed
+        if st.routed_tokens is not None:  # inside a routed block: it runs on the routed tokens
+            record[(self.layer, self.role)] = st.routed_tokens
+            return original(*args, **kwargs)
         x = args[0] if args else kwargs.pop("hidden_states")
         rest = args[1:]
         key = (st.branch, self.layer, self.role)
         cache = st.caches.get(key)
         k = st.tokens_for(self.layer, self.m)
-        record = st.records[-1].computed
-        n = x.shape[1]
-        if n != st.plan.num_tokens:
-            raise PlanMismatch(f"the plan is for {st.plan.num_tokens} image tokens but layer "
-                               f"{self.layer} sees {n}; make the plan for this image size")
-        if k == FULL or cache is None or cache.ref.shape[0] != x.shape[0]:
+        n_all, n = x.shape[1], st.plan.num_tokens
+        text = n_all - n if self.spec.module_tokens == "text_prefix" else 0
+        if text < 0 or (self.spec.module_tokens == "image" and n_all != n):
+            raise PlanMismatch(f"the plan is for {n} image tokens but layer {self.layer} sees "
+                               f"{n_all - max(text, 0)}; make the plan for this image size")
+        if k == FULL or cache is None or cache.ref.shape != x.shape:
             out = original(x, *rest, **kwargs)
             st.caches[key] = ModuleCache(out=out, ref=x)
             record[(self.layer, self.role)] = n
@@ -128,22 +235,131 @@ class ModuleHook(ModelHook):
         if k == REUSE:
             record[(self.layer, self.role)] = 0
             return cache.out
-        idx = token_scores(x, cache, st.plan.token_score).topk(k, dim=1).indices  # (B, k)
+        idx = token_scores(x[:, text:], cache.ref[:, text:], st.plan.token_score).topk(k, dim=1).indices + text
+        if text:  # text tokens are always computed
+            idx = torch.cat([torch.arange(text, device=idx.device).expand(x.shape[0], text), idx], dim=1)
         x_sel = _gather(x, idx)                                                   # (B, k, D)
         text_out = None
-        if self.role == "attn" and self.spec.partial_attn == "joint":
-            fresh, text_out = partial_joint_attention(module, x, x_sel, kwargs["encoder_hidden_states"])
-        elif self.role == "attn":
+        if self.role != "attn":
+            fresh = original(x_sel, *rest, **kwargs)                              # (B, k, D')
+        elif self.spec.partial_attn == "kv_from_encoder_states":
             # fresh queries for the selected tokens, fresh keys/values from all tokens
             fresh = original(x_sel, *rest, **{**kwargs, "encoder_hidden_states": x})
         else:
-            fresh = original(x_sel, *rest, **kwargs)                              # (B, k, D')
+            named = _named(self.signature, (x, *rest), kwargs)
+            if self.spec.partial_attn == "joint":
+                fresh, text_out = partial_joint_attention(module, x, x_sel, named["encoder_hidden_states"])
+            elif self.spec.partial_attn == "flux":
+                fresh = partial_flux_attention(module, x, idx, named.get("encoder_hidden_states"),
+                                               named.get("image_rotary_emb"))
+                if isinstance(fresh, tuple):
+                    fresh, text_out = fresh
+            elif self.spec.partial_attn == "wan":
+                fresh = partial_wan_attention(module, x, idx, named.get("rotary_emb"))
+            else:
+                raise PlanMismatch(f"unknown partial attention kind {self.spec.partial_attn!r}")
         cached = cache.out[0] if isinstance(cache.out, tuple) else cache.out
         image_out = _scatter(cached, idx, fresh)
         out = (image_out, text_out) if isinstance(cache.out, tuple) else image_out
         st.caches[key] = ModuleCache(out=out, ref=_scatter(cache.ref, idx, x_sel))
         record[(self.layer, self.role)] = k
         return out
+
+
+@dataclass
+class RouteCall:
+    """What a router is told about the block call it scores tokens for."""
+    layer: int
+    step: int
+    num_steps: int
+    branch: int
+    block_kwargs: dict   # the block's arguments by name (timestep / temb, text tokens, ...)
+    call_kwargs: dict    # the transformer call's keyword arguments (timestep, class labels, ...)
+    cfg_paired: bool     # the batch is [branch A; branch B] of the same latents (batched CFG)
+
+
+class RouteHook(ModelHook):
+    """On a block: where the plan routes ``k`` tokens at this (step, layer), the block runs on the
+    ``k`` tokens the router scores highest and the others skip it unchanged (the Shiva operation).
+    With batched classifier-free guidance both halves keep the same tokens: max of their scores."""
+
+    def __init__(self, state: RunState, layer: int, spec: BlockSpec, block: torch.nn.Module, router):
+        super().__init__()
+        self.state, self.layer, self.spec, self.router = state, layer, spec, router
+        sig = inspect.signature(type(block).forward)
+        self.signature = sig.replace(parameters=list(sig.parameters.values())[1:])
+
+    def new_forward(self, block, *args, **kwargs):
+        st = self.state
+        original = self.fn_ref.original_forward
+        route = st.plan.route
+        k = FULL if route is None or st.step < 0 else int(route[st.step, self.layer])
+        if k == FULL:
+            return original(*args, **kwargs)
+        named = _named(self.signature, args, kwargs)
+        x = named[self.spec.image_arg]
+        b, n = x.shape[:2]
+        if n != st.plan.num_tokens:
+            raise PlanMismatch(f"the plan is for {st.plan.num_tokens} image tokens but layer "
+                               f"{self.layer} sees {n}; make the plan for this image size")
+        call = RouteCall(self.layer, st.step, st.plan.num_steps, st.branch, named, st.call_kwargs,
+                         st.cfg_paired)
+        scores = self.router(x, call)
+        if tuple(scores.shape) != (b, n):
+            raise PlanMismatch(f"the router returned scores of shape {tuple(scores.shape)}, "
+                               f"expected (batch, image tokens) = {(b, n)}")
+        if st.cfg_paired:
+            half = scores[: b // 2].maximum(scores[b // 2:])
+            scores = torch.cat([half, half])
+        idx = scores.topk(k, dim=1).indices.sort(dim=1).values                   # (B, k)
+        st.routed_tokens = k
+        try:
+            out = self._run(original, named, x, idx)
+        finally:
+            st.routed_tokens = None
+        return out
+
+    def _run(self, original, named, x, idx):
+        spec = self.spec
+        rope = named.get(spec.rope_arg) if spec.rope_arg else None
+        groups = [(slice(None), idx)]
+        if rope is not None and spec.rope_layout == "flux" and not bool((idx == idx[:1]).all()):
+            # Flux positions have no batch dimension: run each sample's token set on its own
+            groups = [(slice(i, i + 1), idx[i:i + 1]) for i in range(x.shape[0])]
+        outs = []
+        for rows, sel in groups:
+            args = {name: (v[rows] if torch.is_tensor(v) and v.shape[:1] == x.shape[:1] and name != spec.rope_arg
+                           else v) for name, v in named.items()}
+            args[spec.image_arg] = _gather(x[rows], sel)
+            if rope is not None:
+                args[spec.rope_arg] = self._gather_rope(rope, sel, args)
+            outs.append(original(**args))
+        out = outs[0] if len(outs) == 1 else _cat_outputs(outs)
+        image = out if spec.image_output is None else out[spec.image_output]
+        merged = _scatter(x, idx, image.to(x.dtype))
+        if spec.image_output is None:
+            return merged
+        out = list(out)
+        out[spec.image_output] = merged
+        return tuple(out)
+
+    def _gather_rope(self, rope, sel, args):
+        cos, sin = rope
+        if self.spec.rope_layout == "flux":  # (text + image, d): text rows first
+            text = args[self.spec.text_arg].shape[1]
+            rows = torch.cat([torch.arange(text, device=sel.device), sel[0] + text])
+            return cos[rows], sin[rows]
+        if self.spec.rope_layout == "wan":  # (1, image, 1, d)
+            idx = sel[:, :, None, None].expand(-1, -1, 1, cos.shape[-1])
+            return (cos.expand(sel.shape[0], -1, -1, -1).gather(1, idx),
+                    sin.expand(sel.shape[0], -1, -1, -1).gather(1, idx))
+        raise PlanMismatch(f"unknown position layout {self.spec.rope_layout!r}")
+
+
+def _cat_outputs(outs):
+    if torch.is_tensor(outs[0]):
+        return torch.cat(outs)
+    return tuple(None if o[0] is None else torch.cat(list(o)) for o in zip(*outs))
 
 
 def register(module: torch.nn.Module, hook: ModelHook, name: str) -> None:

@@ -4,8 +4,6 @@ and the record of what was computed.  Reset at the start of every new sampling t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
-
 import torch
 
 from ..plan import FULL, Plan
@@ -34,44 +32,76 @@ class CallRecord:
 
 
 class RunState:
-    """Step index and CFG branch come from the timestep the transformer is called with: sampling
-    timesteps strictly decrease along a trajectory, so a larger one starts a new trajectory (and
-    clears every cache), a smaller one is the next step, an equal one is another guidance branch
-    of the same step (pipelines that call the transformer once per branch)."""
+    """Which sampling step and guidance branch the transformer is running, the module caches, and
+    the record of what was computed.
 
-    def __init__(self, plan: Plan, expected_steps: Callable[[], int | None] = lambda: None):
+    The step index comes from an explicit context.  Applied to a pipeline, the context follows the
+    pipeline's scheduler: ``set_timesteps`` (called once at the start of every pipeline call)
+    starts a new trajectory and clears every cache, ``step`` advances to the next sampling step,
+    and the transformer calls in between are the guidance branches of that step (one call for
+    pipelines that batch both branches, two for pipelines that call once per branch).  Applied to
+    a bare transformer, there is no scheduler to follow, so the context falls back to the
+    timestep: sampling timesteps strictly decrease along a trajectory, so a larger one starts a
+    new trajectory, a smaller one is the next step, an equal one is another branch of the same
+    step.  :meth:`begin_trajectory` / :meth:`advance` drive it by hand."""
+
+    def __init__(self, plan: Plan, source: str = "timestep"):
+        if source not in ("scheduler", "timestep"):
+            raise ValueError(f"unknown step source {source!r}")
         self.plan = plan
-        self.expected_steps = expected_steps
+        self.source = source
+        self.scheduler = None  # the scheduler the context follows (source "scheduler")
+        self.call_kwargs: dict = {}  # the running transformer call's keyword arguments
+        self.cfg_paired = False  # its batch is two guidance branches of the same latents
+        self.routed_tokens: int | None = None  # set while a routed block runs
         self.count_flops = False
         self.reset()
 
     def reset(self) -> None:
-        self.step, self.branch, self.last_t = -1, 0, None
+        self.step, self.branch, self.last_t = -1, -1, None
         self.caches: dict[tuple[int, int, str], ModuleCache] = {}
         self.records: list[CallRecord] = []
 
-    def begin_call(self, timestep, rows: int) -> CallRecord:
-        t = float(timestep.reshape(-1)[0]) if torch.is_tensor(timestep) else float(timestep)
-        if self.last_t is None or t > self.last_t:
-            self.reset()
-            self.step = 0
-            expected = self.expected_steps()
-            if expected is not None and expected != self.plan.num_steps:
-                raise PlanMismatch(f"the plan is for {self.plan.num_steps} sampling steps but the "
-                                   f"scheduler runs {expected}; make the plan for {expected} steps "
-                                   f"or sample with {self.plan.num_steps}")
-        elif t < self.last_t:
+    def begin_trajectory(self, num_steps: int | None = None) -> None:
+        """A new sampling trajectory starts: clear every cache; the next call is step 0."""
+        if num_steps is not None and num_steps != self.plan.num_steps:
+            raise PlanMismatch(f"the plan is for {self.plan.num_steps} sampling steps but the "
+                               f"scheduler runs {num_steps}; make the plan for {num_steps} steps "
+                               f"or sample with {self.plan.num_steps}")
+        self.reset()
+        self.step = 0
+
+    def advance(self) -> None:
+        """The sampler finished a step: the next transformer call belongs to the next step."""
+        if self.step >= 0:
             self.step += 1
-            self.branch = 0
-            if self.step >= self.plan.num_steps:
-                raise PlanMismatch(f"the sampler ran more than the plan's {self.plan.num_steps} "
-                                   "steps; make the plan for the step count you sample with")
-        else:
-            self.branch += 1
-        self.last_t = t
+            self.branch = -1
+
+    def begin_call(self, timestep, rows: int) -> CallRecord:
+        if self.source == "timestep":
+            self._follow_timestep(timestep)
+        elif self.step < 0:
+            raise PlanMismatch("the transformer was called outside a sampling trajectory of its "
+                               "pipeline (the scheduler's set_timesteps was not called); apply "
+                               "the plan to the transformer itself to drive it by hand")
+        self.branch += 1
+        if self.step >= self.plan.num_steps:
+            raise PlanMismatch(f"the sampler ran more than the plan's {self.plan.num_steps} "
+                               "steps; make the plan for the step count you sample with")
         record = CallRecord(self.step, self.branch, self.is_anchor, rows=rows)
         self.records.append(record)
         return record
+
+    def _follow_timestep(self, timestep) -> None:
+        if timestep is None:
+            raise PlanMismatch("the transformer was called without a timestep; ditaccel needs it "
+                               "to know the sampling step when applied to a bare transformer")
+        t = float(timestep.reshape(-1)[0]) if torch.is_tensor(timestep) else float(timestep)
+        if self.last_t is None or t > self.last_t:
+            self.begin_trajectory()
+        elif t < self.last_t:
+            self.advance()
+        self.last_t = t
 
     @property
     def is_anchor(self) -> bool:
