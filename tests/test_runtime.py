@@ -326,3 +326,54 @@ def test_routed_block_runs_on_the_chosen_tokens_and_others_skip_it(tiny_pipe):
     torch.testing.assert_close(out[chosen].view_as(ref), ref, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(ref, block(x, *args[1:], **{n: v for n, v in kw.items()
                                                           if n != "hidden_states"})[chosen].view_as(ref))
+
+
+def test_norms_feeding_reused_modules_run_on_one_token(tiny_pipe):
+    apply(tiny_pipe, _plan(REUSE))
+    block = tiny_pipe.transformer.transformer_blocks[0]
+    seen = {"norm1": [], "norm3": []}
+    hooks = [block.norm1.norm.register_forward_pre_hook(lambda m, a: seen["norm1"].append(a[0].shape[1])),
+             block.norm3.register_forward_hook(lambda m, a, o: seen["norm3"].append(o.shape[1]))]
+    _direct(tiny_pipe)
+    for h in hooks:
+        h.remove()
+    assert seen == {"norm1": [N, 1, N, 1], "norm3": [N, 1, N, 1]}
+
+
+def test_a_pipeline_starting_part_way_runs_the_plans_later_steps(tiny_pipe):
+    """Image-to-image pipelines call set_begin_index after set_timesteps: the step index is the
+    position in the schedule, and the first step run computes in full (nothing is cached)."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    tiny_pipe.scheduler = DPMSolverMultistepScheduler.from_config(tiny_pipe.scheduler.config)
+    apply(tiny_pipe, _plan(REUSE, anchors=(True, True, False, False)))
+    tf, sched = tiny_pipe.transformer, tiny_pipe.scheduler
+    sched.set_timesteps(T)
+    sched.set_begin_index(2)
+    x = torch.randn(1, 1, 8, 8)
+    with torch.no_grad():
+        for t in sched.timesteps[2:]:
+            sched.step(tf(x, timestep=t[None], class_labels=torch.tensor([0])).sample, t, x)
+    recs = state_of(tiny_pipe).records
+    assert [r.step for r in recs] == [2, 3]
+    assert recs[0].computed[(0, "mlp")] == N and recs[1].computed[(0, "mlp")] == 0
+
+
+def test_flux_single_blocks_recompute_all_text_tokens_and_k_image_tokens():
+    from ditaccel.methods import make_plan, model_shape
+    from tests.archs import flux
+
+    pipe, call = flux()
+    pipe.set_progress_bar_config(disable=True)
+    plan = make_plan("toca", model_shape(pipe.transformer, 4, num_tokens=16), interval=2, ratio=0.5)
+    apply(pipe, plan)
+    outs = []
+    mlp = pipe.transformer.single_transformer_blocks[0].proj_mlp  # sees [6 text; 16 image] tokens
+    handle = mlp.register_forward_hook(lambda m, a, o: outs.append(o.detach().clone()))
+    call(pipe, 2, 0, 4)
+    handle.remove()
+    assert len(outs) == 8  # 4 steps x (cond, uncond)
+    changed = (outs[2] != outs[0]).any(-1)  # step 1 vs step 0, conditional branch
+    assert changed[:, :6].all()  # text tokens: always computed
+    assert changed[:, 6:].sum(1).tolist() == [8, 8]  # image tokens: k = 8 of 16
+    assert state_of(pipe).records[2].computed[(2, "mlp")] == 8  # layer 2 = first single block

@@ -70,3 +70,16 @@ def test_a_sample_alone_equals_it_inside_a_batch(arch, method):
     torch.testing.assert_close(alone[0], batch[1], atol=1e-5, rtol=0)
     recs = state_of(pipe).records
     assert len({r.step for r in recs}) == STEPS and all(r.branch in (0, 1) for r in recs)
+
+
+def test_skipping_the_norms_of_reused_modules_changes_nothing(arch):
+    pipe, run, shape = arch
+    plan = make_plan("toca", shape, interval=3, ratio=0.5)  # steps 1, 2: partial; then reuse:
+    tokens = plan.tokens.clone()
+    tokens[2] = 0  # step 2 reuses every module
+    plan = type(plan)(num_tokens=plan.num_tokens, modules=plan.modules, anchors=plan.anchors,
+                      tokens=tokens, token_score=plan.token_score)
+    apply(pipe, plan, skip_reused_norms=False)
+    ref = run()
+    apply(pipe, plan)
+    assert torch.equal(run(), ref)

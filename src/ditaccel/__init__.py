@@ -1,8 +1,17 @@
 """ditaccel: faster Diffusion Transformer sampling on unmodified diffusers pipelines."""
 
+from .methods import METHODS, ModelShape, make_plan, model_shape
 from .pipeline import DiTPixelPipeline, make_scheduler
+from .plan import FULL, REUSE, Plan, PlanError, full_plan
 from .registry import load_pipeline
+from .runtime import apply, remove, state_of
+from .runtime.adapters import BLOCKS, UnsupportedModel
+from .runtime.hooks import RouteCall
+from .runtime.state import PlanMismatch
 from .sampling import RunStats, sample
 
-__all__ = ["DiTPixelPipeline", "make_scheduler", "load_pipeline", "sample", "RunStats"]
+__all__ = ["DiTPixelPipeline", "make_scheduler", "load_pipeline", "sample", "RunStats",
+           "Plan", "PlanError", "full_plan", "FULL", "REUSE", "make_plan", "model_shape", "ModelShape",
+           "METHODS", "apply", "remove", "state_of", "RouteCall", "PlanMismatch", "UnsupportedModel",
+           "BLOCKS"]
 __version__ = "0.1.0"

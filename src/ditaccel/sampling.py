@@ -29,6 +29,7 @@ class RunStats:
     seed: int
     method: str = "full"
     per_step: list | None = None  # what an applied plan computed per step (one image's run)
+    cpu_s: float = 0.0  # CPU time of this process over the sampling (all threads)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -79,14 +80,14 @@ def sample(pipe, class_labels, *, sampler: str = "ddim", steps: int | None = Non
     counter = CallCounter(pipe.transformer)
     out = []
     try:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for i in tqdm(range(0, len(labels), batch_size), desc=f"{sampler} x{steps}",
                       disable=not progress or len(labels) <= batch_size):
             res = pipe(class_labels=labels[i:i + batch_size], guidance_scale=guidance_scale,
                        generator=gens[i:i + batch_size], num_inference_steps=steps,
                        output_type="np")
             out.append(torch.from_numpy(np.asarray(res.images)).permute(0, 3, 1, 2).float())
-        wall = time.perf_counter() - t0
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     finally:
         counter.remove()
         pipe.scheduler = original
@@ -111,7 +112,7 @@ def sample(pipe, class_labels, *, sampler: str = "ddim", steps: int | None = Non
         args, kwargs, rows = counter.first
         per_call = transformer_flops(pipe.transformer, *args, **kwargs)
         flops = per_call * counter.rows // rows
-    stats = RunStats(wall_s=wall, calls=counter.calls, flops=int(flops), flops_per_call=per_call,
+    stats = RunStats(wall_s=wall, cpu_s=cpu, calls=counter.calls, flops=int(flops), flops_per_call=per_call,
                      images=len(labels), sampler=sampler, steps=steps,
                      guidance_scale=guidance_scale, seed=seed,
                      method=state.plan.method if state is not None else "full", per_step=steps_info)

@@ -1,5 +1,4 @@
-"""Executes a Plan on an unmodified diffusers transformer through hooks (work in progress: not
-exported from ``ditaccel`` until every architecture of issue 3 is covered)."""
+"""Executes a Plan on an unmodified diffusers transformer through hooks."""
 
 from .apply import apply, remove, state_of
 

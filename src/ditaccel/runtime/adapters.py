@@ -7,7 +7,7 @@ and values come from all tokens.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -37,12 +37,25 @@ class BlockSpec:
     rope_arg: str | None = None
     rope_layout: str | None = None
     image_output: int | None = None
+    # The norm whose output feeds only one module, per role, keyed by the block's ``variant_attr``
+    # value (diffusers' BasicTransformerBlock wires its norms differently per ``norm_type``).  On a
+    # step that reuses the module, the norm runs on one token and its output is broadcast: the
+    # module ignores it, and the norm's elementwise work is skipped.
+    variant_attr: str | None = None
+    input_norms: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    def norms_of(self, block: torch.nn.Module) -> dict[str, str]:
+        variant = getattr(block, self.variant_attr, None) if self.variant_attr else None
+        return self.input_norms.get(variant, {})
 
 
 BLOCKS: dict[str, BlockSpec] = {
     # DiT (ada_norm_zero) and PixArt (ada_norm_single): attn1 -> gate -> residual, attn2 (cross,
     # PixArt only, no gate), ff -> gate -> residual.  Absolute positions enter before the blocks.
-    "BasicTransformerBlock": BlockSpec(modules={"attn": "attn1", "cross": "attn2", "mlp": "ff"}),
+    "BasicTransformerBlock": BlockSpec(
+        modules={"attn": "attn1", "cross": "attn2", "mlp": "ff"}, variant_attr="norm_type",
+        input_norms={"ada_norm_zero": {"attn": "norm1", "cross": "norm2", "mlp": "norm3"},
+                     "ada_norm_single": {"attn": "norm1", "mlp": "norm2"}}),
     # SD3 / SD3.5 MMDiT: joint attention over [image; text], then image MLP ``ff`` (the text MLP
     # ``ff_context`` is always computed: text tokens are few and never pruned).  Returns
     # (text, image).

@@ -7,9 +7,10 @@ import functools
 import torch
 
 from ..io import model_fingerprint
-from ..plan import FULL, Plan
+from ..plan import FULL, REUSE, Plan
 from .adapters import block_modules, find_blocks
-from .hooks import MODULE_HOOK, ROUTE_HOOK, STEP_HOOK, ModuleHook, RouteHook, StepHook, register, unregister
+from .hooks import (MODULE_HOOK, NORM_HOOK, ROUTE_HOOK, STEP_HOOK, ModuleHook, NormSkipHook, RouteHook,
+                    StepHook, register, unregister)
 from .state import PlanMismatch, RunState
 
 _STATE_ATTR = "_ditaccel_state"
@@ -24,7 +25,7 @@ def _split(target) -> tuple[torch.nn.Module, object | None]:
     raise TypeError(f"expected a diffusers pipeline or transformer, got {type(target).__name__}")
 
 
-def apply(target, plan: Plan, router=None, check_fingerprint: bool = True):
+def apply(target, plan: Plan, router=None, check_fingerprint: bool = True, skip_reused_norms: bool = True):
     """Execute ``plan`` on every call of the target's transformer (a diffusers pipeline or the
     transformer itself).  Applying again replaces the previous plan; :func:`remove` restores the
     original forward functions.
@@ -32,7 +33,11 @@ def apply(target, plan: Plan, router=None, check_fingerprint: bool = True):
     ``router``, needed by plans that route tokens through blocks (``plan.route``), is a callable
     ``router(hidden_states, call) -> scores`` giving (batch, image tokens) scores for the block
     input; ``call`` is a :class:`~ditaccel.runtime.hooks.RouteCall` (layer, step, the block's and
-    the transformer call's arguments)."""
+    the transformer call's arguments).
+
+    ``skip_reused_norms``: on steps that reuse a module, run the norm feeding it (where the
+    registry knows it feeds nothing else) on one token only.  Outputs are bit-identical either
+    way; it saves the norm's elementwise work."""
     transformer, pipe = _split(target)
     routes = plan.route is not None and bool((plan.route != FULL).any())
     if routes and not callable(router):
@@ -74,10 +79,15 @@ def apply(target, plan: Plan, router=None, check_fingerprint: bool = True):
     for layer, ((_, block, spec), mods) in enumerate(zip(blocks, per_block)):
         if routes:
             register(block, RouteHook(state, layer, spec, block, router), ROUTE_HOOK)
+        # (chunked feed-forward splits the MLP input along tokens: it needs all of them)
+        norms = spec.norms_of(block) if skip_reused_norms and getattr(block, "_chunk_size", None) is None else {}
         for role, module in mods.items():
             if role in plan.modules:
-                register(module, ModuleHook(state, layer, role, plan.module_index(role), spec, module),
-                         MODULE_HOOK)
+                m = plan.module_index(role)
+                register(module, ModuleHook(state, layer, role, m, spec, module), MODULE_HOOK)
+                norm = getattr(block, norms[role], None) if role in norms else None
+                if norm is not None and bool((plan.tokens[:, layer, m] == REUSE).any()):
+                    register(norm, NormSkipHook(state, layer, role, m), NORM_HOOK)
     setattr(transformer, _STATE_ATTR, state)
     return target
 
@@ -103,10 +113,22 @@ def _follow_scheduler(scheduler, state: RunState) -> None:
 
     set_timesteps_and_begin._ditaccel = step_and_advance._ditaccel = True
     scheduler.set_timesteps, scheduler.step = set_timesteps_and_begin, step_and_advance
+    set_begin_index = getattr(scheduler, "set_begin_index", None)
+    if set_begin_index is not None:
+        # image-to-image pipelines start part-way into the schedule: the step index is the
+        # position in the scheduler's timesteps, so the plan's later steps apply
+        @functools.wraps(set_begin_index)
+        def set_begin_index_and_skip(begin_index: int = 0):
+            out = set_begin_index(begin_index)
+            state.step = int(begin_index)
+            return out
+
+        set_begin_index_and_skip._ditaccel = True
+        scheduler.set_begin_index = set_begin_index_and_skip
 
 
 def _unfollow_scheduler(scheduler) -> None:
-    for name in ("set_timesteps", "step"):
+    for name in ("set_timesteps", "step", "set_begin_index"):
         if getattr(scheduler.__dict__.get(name), "_ditaccel", False):
             del scheduler.__dict__[name]
 
@@ -123,6 +145,7 @@ def remove(target):
     for module in transformer.modules():
         unregister(module, MODULE_HOOK)
         unregister(module, ROUTE_HOOK)
+        unregister(module, NORM_HOOK)
     if hasattr(transformer, _STATE_ATTR):
         delattr(transformer, _STATE_ATTR)
     return target

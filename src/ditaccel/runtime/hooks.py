@@ -12,11 +12,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..plan import FULL, REUSE
 from .adapters import BlockSpec
-from .state import ModuleCache, PlanMismatch, RunState
+from .state import ModuleCache, PlanMismatch, RunState, _into
 
 STEP_HOOK = "ditaccel.step"
 MODULE_HOOK = "ditaccel.module"
 ROUTE_HOOK = "ditaccel.route"
+NORM_HOOK = "ditaccel.norm"
 
 
 class StepHook(ModelHook):
@@ -205,6 +206,11 @@ class ModuleHook(ModelHook):
                  module: torch.nn.Module):
         super().__init__()
         self.state, self.layer, self.role, self.m, self.spec = state, layer, role, module_index, spec
+        # What later steps of the plan read from this module's cache (a pure function of the plan).
+        plan = state.plan
+        later = plan.tokens[~plan.anchors, layer, module_index]
+        self.keep_out = bool((later != FULL).any())
+        self.keep_ref = self.keep_out and plan.token_score == "delta" and bool((later > 0).any())
         self.signature = inspect.signature(type(module).forward)
         self.signature = self.signature.replace(parameters=list(self.signature.parameters.values())[1:])
 
@@ -217,25 +223,32 @@ class ModuleHook(ModelHook):
         if st.routed_tokens is not None:  # inside a routed block: it runs on the routed tokens
             record[(self.layer, self.role)] = st.routed_tokens
             return original(*args, **kwargs)
+        if (self.layer, self.role) in st.skipped_inputs:  # its norm ran on one token: reuse
+            st.skipped_inputs.discard((self.layer, self.role))
+            record[(self.layer, self.role)] = 0
+            return st.caches[(st.branch, self.layer, self.role)].out
         x = args[0] if args else kwargs.pop("hidden_states")
         rest = args[1:]
-        key = (st.branch, self.layer, self.role)
-        cache = st.caches.get(key)
         k = st.tokens_for(self.layer, self.m)
         n_all, n = x.shape[1], st.plan.num_tokens
         text = n_all - n if self.spec.module_tokens == "text_prefix" else 0
         if text < 0 or (self.spec.module_tokens == "image" and n_all != n):
             raise PlanMismatch(f"the plan is for {n} image tokens but layer {self.layer} sees "
                                f"{n_all - max(text, 0)}; make the plan for this image size")
-        if k == FULL or cache is None or cache.ref.shape != x.shape:
+        cache = st.caches.get((st.branch, self.layer, self.role))
+        if k == FULL or cache is None or not cache.valid(x, st.generation):
             out = original(x, *rest, **kwargs)
-            st.caches[key] = ModuleCache(out=out, ref=x)
+            if self.keep_out:  # only what a later step of the plan reads is kept
+                if cache is None:
+                    cache = st.caches[(st.branch, self.layer, self.role)] = ModuleCache()
+                cache.store(out, x, self.keep_ref, st.generation)
             record[(self.layer, self.role)] = n
             return out
         if k == REUSE:
             record[(self.layer, self.role)] = 0
             return cache.out
-        idx = token_scores(x[:, text:], cache.ref[:, text:], st.plan.token_score).topk(k, dim=1).indices + text
+        ref = cache.ref if cache.ref is not None else x
+        idx = token_scores(x[:, text:], ref[:, text:], st.plan.token_score).topk(k, dim=1).indices + text
         if text:  # text tokens are always computed
             idx = torch.cat([torch.arange(text, device=idx.device).expand(x.shape[0], text), idx], dim=1)
         x_sel = _gather(x, idx)                                                   # (B, k, D)
@@ -258,12 +271,36 @@ class ModuleHook(ModelHook):
                 fresh = partial_wan_attention(module, x, idx, named.get("rotary_emb"))
             else:
                 raise PlanMismatch(f"unknown partial attention kind {self.spec.partial_attn!r}")
-        cached = cache.out[0] if isinstance(cache.out, tuple) else cache.out
-        image_out = _scatter(cached, idx, fresh)
-        out = (image_out, text_out) if isinstance(cache.out, tuple) else image_out
-        st.caches[key] = ModuleCache(out=out, ref=_scatter(cache.ref, idx, x_sel))
+        # patch the cache in place: the fresh tokens, and where they were computed from
+        cache.image_out.scatter_(1, idx[..., None].expand(-1, -1, fresh.shape[-1]), fresh.to(cache.image_out.dtype))
+        if isinstance(cache.out, tuple) and text_out is not None:
+            cache.out = (cache.out[0], *_into(cache.out[1:2], (text_out,)), *cache.out[2:])
+        if cache.ref is not None:
+            cache.ref.scatter_(1, idx[..., None].expand(-1, -1, x_sel.shape[-1]), x_sel)
         record[(self.layer, self.role)] = k
-        return out
+        return cache.out
+
+
+class NormSkipHook(ModelHook):
+    """On the norm feeding one module: when that module will return its cache at this step, the
+    norm runs on one token only, and the module (told so through the state) returns its cache
+    without looking at its input.  The block's own elementwise work on that input (adaLN
+    modulation) then also runs on one token."""
+
+    def __init__(self, state: RunState, layer: int, role: str, module_index: int):
+        super().__init__()
+        self.state, self.layer, self.role, self.m = state, layer, role, module_index
+
+    def new_forward(self, module, *args, **kwargs):
+        st = self.state
+        original = self.fn_ref.original_forward
+        if st.step >= 0 and st.routed_tokens is None and args and st.tokens_for(self.layer, self.m) == REUSE:
+            x = args[0]
+            cache = st.caches.get((st.branch, self.layer, self.role))
+            if cache is not None and cache.valid(x, st.generation):
+                st.skipped_inputs.add((self.layer, self.role))
+                return original(x[:, :1], *args[1:], **kwargs)
+        return original(*args, **kwargs)
 
 
 @dataclass

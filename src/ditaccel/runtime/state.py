@@ -13,10 +13,42 @@ class PlanMismatch(ValueError):
     pass
 
 
-@dataclass
+def _into(buf, value):
+    """Copy ``value`` (a tensor, or a tuple of tensors / None) into ``buf`` when shapes allow,
+    else into fresh buffers.  Persistent buffers keep a trajectory's caches from pinning the
+    transient activations the allocator would otherwise reuse."""
+    if isinstance(value, tuple):
+        bufs = buf if isinstance(buf, tuple) and len(buf) == len(value) else (None,) * len(value)
+        return tuple(_into(b, v) for b, v in zip(bufs, value))
+    if value is None:
+        return None
+    if buf is None or buf.shape != value.shape or buf.dtype != value.dtype or buf.device != value.device:
+        return value.detach().clone()
+    return buf.copy_(value)
+
+
 class ModuleCache:
-    out: torch.Tensor  # (B, N, D) the module's output as last computed or patched
-    ref: torch.Tensor  # (B, N, D) the module's input when each token was last computed
+    """One module's cache for one guidance branch: its output as last computed or patched, and
+    (for the ``delta`` score) its input when each token was last computed.  The buffers live as
+    long as the plan is applied; ``generation`` says which trajectory filled them."""
+
+    def __init__(self):
+        self.out = None
+        self.ref: torch.Tensor | None = None
+        self.generation = -1
+        self.shape: tuple[int, ...] = ()
+
+    def store(self, out, x: torch.Tensor, keep_ref: bool, generation: int) -> None:
+        self.out = _into(self.out, out)
+        self.ref = _into(self.ref, x) if keep_ref else None
+        self.shape, self.generation = tuple(x.shape), generation
+
+    def valid(self, x: torch.Tensor, generation: int) -> bool:
+        return self.generation == generation and self.shape == tuple(x.shape)
+
+    @property
+    def image_out(self) -> torch.Tensor:
+        return self.out[0] if isinstance(self.out, tuple) else self.out
 
 
 @dataclass
@@ -54,12 +86,17 @@ class RunState:
         self.call_kwargs: dict = {}  # the running transformer call's keyword arguments
         self.cfg_paired = False  # its batch is two guidance branches of the same latents
         self.routed_tokens: int | None = None  # set while a routed block runs
+        self.skipped_inputs: set[tuple[int, str]] = set()  # (layer, role) whose norm was skipped
         self.count_flops = False
         self.reset()
 
     def reset(self) -> None:
+        """Forget the trajectory: every cache becomes invalid (its buffers are kept for reuse)."""
         self.step, self.branch, self.last_t = -1, -1, None
-        self.caches: dict[tuple[int, int, str], ModuleCache] = {}
+        self.skipped_inputs = set()
+        self.generation = getattr(self, "generation", -1) + 1
+        if not hasattr(self, "caches"):
+            self.caches: dict[tuple[int, int, str], ModuleCache] = {}
         self.records: list[CallRecord] = []
 
     def begin_trajectory(self, num_steps: int | None = None) -> None:
@@ -85,6 +122,7 @@ class RunState:
                                "pipeline (the scheduler's set_timesteps was not called); apply "
                                "the plan to the transformer itself to drive it by hand")
         self.branch += 1
+        self.skipped_inputs.clear()
         if self.step >= self.plan.num_steps:
             raise PlanMismatch(f"the sampler ran more than the plan's {self.plan.num_steps} "
                                "steps; make the plan for the step count you sample with")
