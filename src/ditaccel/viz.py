@@ -66,3 +66,77 @@ def load_images(folder: Path) -> tuple[list[str], torch.Tensor]:
         raise ValueError(f"{folder}: images differ in size/mode {sorted(shapes)}; use one size")
     x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255
     return [p.name for p in files], x
+
+
+def _save_figure(fig, path: Path) -> None:
+    buf = _io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    _atomic_replace(Path(path), lambda f: f.write(buf.getvalue()))
+
+
+def plot_profile(profile, folder: Path) -> list[Path]:
+    """Heatmaps of the cache error (step x layer; one per module and cache age) and of the best
+    prune error (lowest over ratios and token scores), log colour scale.  Returns the files."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import LogNorm
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    files = []
+    e_c = profile.e_cache
+    best_p = profile.e_prune.flatten(-2).nan_to_num(float("inf")).amin(-1)
+    best_p = torch.where(torch.isinf(best_p), torch.nan, best_p)
+    finite = torch.cat([e_c[torch.isfinite(e_c)], best_p[torch.isfinite(best_p)]]).clamp_min(1e-8)
+    norm = LogNorm(vmin=float(finite.min()), vmax=float(finite.max())) if finite.numel() else None
+    for name, table in (("cache_error", e_c), ("best_prune_error", best_p)):
+        mods, ages = profile.modules, profile.intervals
+        fig, axes = plt.subplots(len(mods), len(ages), figsize=(2.2 * len(ages) + 1, 2.4 * len(mods)),
+                                 squeeze=False, sharex=True, sharey=True)
+        for mi, m in enumerate(mods):
+            for ai, n in enumerate(ages):
+                ax = axes[mi][ai]
+                im = ax.imshow(table[:, :, mi, ai].T.clamp_min(1e-8).numpy(), aspect="auto",
+                               origin="lower", norm=norm, cmap="magma")
+                ax.set_title(f"{m}, cache age {n}", fontsize=8)
+                if ai == 0:
+                    ax.set_ylabel("layer")
+                if mi == len(mods) - 1:
+                    ax.set_xlabel("step")
+        fig.colorbar(im, ax=axes, shrink=0.8, label="1 - cos")
+        title = "cache error E_c" if name == "cache_error" else "best prune error min E_p (over ratios, scores)"
+        fig.suptitle(f"{title}: {profile.meta.get('model')} {profile.meta.get('sampler')}-{profile.num_steps}")
+        path = folder / f"{name}.png"
+        _save_figure(fig, path)
+        plt.close(fig)
+        files.append(path)
+    return files
+
+
+def plot_schedule(plan, path: Path) -> Path:
+    """Anchors and the fraction of tokens computed per step, one line per module (mean over
+    layers)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    frac = plan.computed_fraction()  # (T, L, M)
+    steps = torch.arange(plan.num_steps)
+    fig, ax = plt.subplots(figsize=(8, 3))
+    for mi, m in enumerate(plan.modules):
+        ax.step(steps, frac[:, :, mi].mean(1), where="mid", label=f"{m} (mean over layers)")
+    a = steps[plan.anchors]
+    ax.scatter(a, torch.ones_like(a, dtype=torch.float), marker="v", color="k", zorder=3, label="anchor")
+    ax.set_ylim(-0.03, 1.08)
+    ax.set_xlabel("sampling step")
+    ax.set_ylabel("fraction of tokens computed")
+    pred = plan.meta.get("predicted", {})
+    extra = f", predicted {pred['speedup_flops']:.2f}x FLOPs" if pred else ""
+    ax.set_title(f"{plan.method}: {int(plan.anchors.sum())} anchors of {plan.num_steps}{extra}")
+    ax.legend(fontsize=7, loc="center right")
+    _save_figure(fig, path)
+    plt.close(fig)
+    return Path(path)

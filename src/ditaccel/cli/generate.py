@@ -69,7 +69,12 @@ def build_plan(args, pipe):
     if args.compare and not (args.plan or args.method):
         raise ValueError("--compare needs --plan or --method (there is nothing to compare)")
     if args.plan:
-        return Plan.load(args.plan)
+        plan = Plan.load(args.plan)
+        made_for = plan.meta.get("sampler")
+        if made_for is not None and made_for != args.sampler:
+            raise ValueError(f"the plan was made for the {made_for} sampler; sample with --sampler "
+                             f"{made_for} or plan from a {args.sampler} profile")
+        return plan
     if args.method:
         steps = args.steps or SAMPLERS[args.sampler][2]
         return make_plan(args.method, model_shape(pipe.transformer, steps), **options)

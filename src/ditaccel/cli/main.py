@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import env, generate, metrics, train
+from . import env, generate, metrics, soda, train
 
 COMMANDS = {
     "env": env,
     "generate": generate,
     "metrics": metrics,
+    "profile": soda.Profile,
+    "plan": soda.Plan,
     "train-reference": train.Reference,
     "train-classifier": train.Classifier,
 }

@@ -1,0 +1,116 @@
+"""``ditaccel profile`` and ``ditaccel plan``: SODA's offline profile and its planner."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _floats(text: str, name: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ValueError(f"{name} must be comma-separated numbers, got {text!r}") from None
+
+
+class Profile:
+    HELP = "measure how sensitive each (step, layer, module) is to caching and token pruning"
+
+    @staticmethod
+    def add_arguments(p) -> None:
+        from ..pipeline import SAMPLERS
+        from ..profiling import DEFAULT_INTERVALS, DEFAULT_RATIOS
+        from ..registry import DTYPES
+
+        p.add_argument("--model", default="fmnist-dit", help="bundled model name or a diffusers folder")
+        p.add_argument("--sampler", default="ddim", choices=list(SAMPLERS))
+        p.add_argument("--steps", type=int, default=None, help="default: the sampler's")
+        p.add_argument("--cfg", type=float, default=3.0, help="guidance scale (default %(default)s)")
+        p.add_argument("--samples", type=int, default=32, help="trajectories (classes cycled; default %(default)s)")
+        p.add_argument("--seed", type=int, default=1000, help="first seed (default %(default)s, apart from evaluation seeds)")
+        p.add_argument("--batch-size", type=int, default=32)
+        p.add_argument("--dtype", default="bf16", choices=list(DTYPES))
+        p.add_argument("--intervals", default=",".join(map(str, DEFAULT_INTERVALS)),
+                       help="cache ages to measure (default %(default)s)")
+        p.add_argument("--ratios", default=",".join(map(str, DEFAULT_RATIOS)),
+                       help="recompute fractions to measure (default %(default)s)")
+        p.add_argument("--token-scores", default="delta,feature_mean")
+        p.add_argument("--out", required=True, help="artifact stem: writes OUT.safetensors and OUT.json")
+        p.add_argument("--plot", default=None, help="also write heatmaps (PNG) into this folder")
+
+    @staticmethod
+    def run(args) -> int:
+        from ..profiling import profile
+        from ..registry import load_pipeline
+        from ..viz import plot_profile
+
+        if args.samples < 1:
+            raise ValueError(f"--samples must be >= 1, got {args.samples}")
+        intervals = tuple(int(x) for x in _floats(args.intervals, "--intervals"))
+        ratios = _floats(args.ratios, "--ratios")
+        scores = tuple(s.strip() for s in args.token_scores.split(",") if s.strip())
+        pipe = load_pipeline(args.model, args.dtype)
+        num_classes = int(pipe.transformer.config.num_embeds_ada_norm)
+        labels = [i % num_classes for i in range(args.samples)]
+        prof = profile(pipe, class_labels=labels, sampler=args.sampler, steps=args.steps,
+                       guidance_scale=args.cfg, seed=args.seed, batch_size=args.batch_size,
+                       intervals=intervals, ratios=ratios, token_scores=scores)
+        prof.meta["model_name"] = args.model
+        prof.meta["dtype"] = args.dtype
+        prof.save(args.out)
+        var = prof.variation()
+        print(f"profiled {args.samples} samples x {prof.num_steps} steps in {prof.meta['profile_s']:.0f} s "
+              f"(+{prof.meta['cost_s']:.0f} s measuring module costs) -> {args.out}.json/.safetensors")
+        print(f"cache error across samples: coefficient of variation median {var['cv_median']:.2f}, "
+              f"90th percentile {var['cv_p90']:.2f}")
+        if args.plot:
+            for f in plot_profile(prof, Path(args.plot)):
+                print(f"plot: {f}")
+        return 0
+
+
+class Plan:
+    HELP = "plan SODA (DP anchor schedule + sensitivity-aware pruning) from a profile"
+
+    @staticmethod
+    def add_arguments(p) -> None:
+        d = __import__("ditaccel.methods.soda", fromlist=["Config"]).Config
+        p.add_argument("--profile", required=True, help="profile stem (from `ditaccel profile --out`)")
+        budget = p.add_mutually_exclusive_group(required=True)
+        budget.add_argument("--speedup", type=float, help="target FLOP speedup")
+        budget.add_argument("--latency-speedup", type=float, help="target speedup of the measured-latency model")
+        budget.add_argument("--anchors", type=int, help="number of full-compute steps")
+        p.add_argument("--no-prune", action="store_true", help="caching only (OFS+DCS)")
+        p.add_argument("--schedule", default="dp", choices=["dp", "uniform"])
+        p.add_argument("--token-score", default=None, choices=["delta", "feature_mean"])
+        p.add_argument("--lam", type=float, default=d.lam)
+        p.add_argument("--rho-max", type=float, default=d.rho_max)
+        p.add_argument("--model", default=None, help="check the profile belongs to this model")
+        p.add_argument("--out", required=True, help="plan JSON")
+        p.add_argument("--plot", default=None, help="also write the schedule plot (PNG)")
+
+    @staticmethod
+    def run(args) -> int:
+        from ..methods import soda
+        from ..profiling import Profile as P
+        from ..viz import plot_schedule
+
+        if not args.out.endswith(".json"):
+            raise ValueError(f"--out must name a .json file, got {args.out}")
+        prof = P.load(args.profile)
+        if args.model:
+            from ..io import model_fingerprint
+            from ..registry import load_pipeline
+
+            prof.check_for(fingerprint=model_fingerprint(load_pipeline(args.model).transformer))
+        cfg = soda.Config(speedup=args.speedup, latency_speedup=args.latency_speedup, anchors=args.anchors,
+                          prune=not args.no_prune, schedule=args.schedule, token_score=args.token_score,
+                          lam=args.lam, rho_max=args.rho_max)
+        plan = soda.plan(cfg, prof)
+        plan.save(args.out)
+        pred = plan.meta["predicted"]
+        print(f"{plan.method}: {int(plan.anchors.sum())} anchors of {plan.num_steps} steps; predicted "
+              f"{pred['speedup_flops']:.2f}x FLOPs, {pred['speedup_latency']:.2f}x latency, "
+              f"summed error {pred['error']:.3g} -> {args.out}")
+        if args.plot:
+            print(f"plot: {plot_schedule(plan, Path(args.plot))}")
+        return 0

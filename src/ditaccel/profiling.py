@@ -1,0 +1,427 @@
+"""SODA's offline sensitivity profile (OFS): how much error caching and partial recompute would
+cause at every (step, layer, module), measured along real full-model sampling trajectories, and
+what each module costs (FLOPs exactly, latency on this machine).
+
+For every step ``t``, layer ``l``, module ``m`` and candidate cache age ``n`` (the step the cache
+was filled at is ``t - n``):
+
+- cache error ``E_c = 1 - cos(out_t, out_{t-n})`` over each sample's flattened (tokens x channels)
+  output, averaged over samples (its standard deviation over samples is kept too);
+- prune error ``E_p(rho, score) = 1 - cos(out_t, mix)``, ``mix`` = the cached output with the
+  fraction ``rho`` of tokens ranked highest by the token score replaced by fresh ones.  No extra
+  forward pass: with per-token dot products and squared norms, every ``rho`` comes from cumulative
+  sums along the score ranking.
+
+Only a ring of the last ``max(intervals)`` outputs (and inputs, for the ``delta`` score) per
+(branch, layer, module) is kept; whole trajectories never are.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from tqdm import tqdm
+
+from . import io
+from .plan import FULL, REUSE, TOKEN_SCORES, Plan, full_plan
+
+KIND = "profile"
+DEFAULT_INTERVALS = (1, 2, 3, 4, 5)
+DEFAULT_RATIOS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75)
+
+
+class ProfileError(ValueError):
+    pass
+
+
+@dataclass(frozen=True, eq=False)
+class Profile:
+    e_cache: torch.Tensor       # (T, L, M, I) mean over samples; NaN where t - n < 0
+    e_cache_std: torch.Tensor   # (T, L, M, I) standard deviation over samples
+    e_prune: torch.Tensor       # (T, L, M, I, R, S) for ratios R and token scores S
+    module_flops: torch.Tensor  # (L, M, R + 1) FLOPs per sample row at k = ratio * N tokens; last: all
+    module_ms: torch.Tensor     # (M, R + 1) measured ms per call of one layer's module (timing batch)
+    step_flops: float           # FLOPs of a full transformer call per sample row
+    step_ms: float              # measured ms of a full transformer call (timing batch)
+    reuse_ms: float             # measured ms of a call that reuses every module (timing batch)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    # -- shape --------------------------------------------------------------------------------
+    @property
+    def modules(self) -> tuple[str, ...]:
+        return tuple(self.meta["modules"])
+
+    @property
+    def intervals(self) -> tuple[int, ...]:
+        return tuple(self.meta["intervals"])
+
+    @property
+    def ratios(self) -> tuple[float, ...]:
+        return tuple(self.meta["ratios"])
+
+    @property
+    def token_scores(self) -> tuple[str, ...]:
+        return tuple(self.meta["token_scores"])
+
+    @property
+    def num_steps(self) -> int:
+        return int(self.e_cache.shape[0])
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.e_cache.shape[1])
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.meta["num_tokens"])
+
+    def tokens_for_ratio(self, ratio: float) -> int:
+        return max(1, min(self.num_tokens - 1, round(ratio * self.num_tokens)))
+
+    # -- checks -------------------------------------------------------------------------------
+    def check_for(self, *, fingerprint: str | None = None, sampler: str | None = None,
+                  num_steps: int | None = None) -> None:
+        """Refuse to plan for another model, sampler or step count."""
+        if fingerprint is not None and self.meta.get("fingerprint") not in (None, fingerprint):
+            raise ProfileError("this profile was made for another model (fingerprint differs); "
+                               "profile this model with `ditaccel profile`")
+        if sampler is not None and self.meta.get("sampler") not in (None, sampler):
+            raise ProfileError(f"this profile was made with the {self.meta.get('sampler')} sampler, "
+                               f"not {sampler}; profile with --sampler {sampler}")
+        if num_steps is not None and num_steps != self.num_steps:
+            raise ProfileError(f"this profile is for {self.num_steps} sampling steps, not {num_steps}; "
+                               f"profile with --steps {num_steps}")
+
+    def variation(self) -> dict[str, float]:
+        """How much the cache error varies across samples: median over (t, l, m, n) of the
+        coefficient of variation std / mean, and its 90th percentile."""
+        ok = torch.isfinite(self.e_cache) & (self.e_cache > 0)
+        cv = (self.e_cache_std[ok] / self.e_cache[ok]).float()
+        if cv.numel() == 0:
+            return {"cv_median": float("nan"), "cv_p90": float("nan")}
+        return {"cv_median": float(cv.median()), "cv_p90": float(cv.quantile(0.9))}
+
+    # -- artifact -----------------------------------------------------------------------------
+    def save(self, stem: str | Path) -> None:
+        tensors = {"e_cache": self.e_cache, "e_cache_std": self.e_cache_std, "e_prune": self.e_prune,
+                   "module_flops": self.module_flops, "module_ms": self.module_ms}
+        meta = {**self.meta, "step_flops": self.step_flops, "step_ms": self.step_ms,
+                "reuse_ms": self.reuse_ms}
+        io.save_artifact(stem, KIND, tensors, meta)
+
+    @classmethod
+    def load(cls, stem: str | Path) -> "Profile":
+        stem = Path(stem)
+        if not stem.with_name(stem.name + ".json").exists():
+            raise ProfileError(f"no profile at {stem} (expected {stem}.json and {stem}.safetensors); "
+                               "make one with `ditaccel profile --out STEM`")
+        tensors, meta = io.load_artifact(stem, KIND)
+        try:
+            return cls(e_cache=tensors["e_cache"], e_cache_std=tensors["e_cache_std"],
+                       e_prune=tensors["e_prune"], module_flops=tensors["module_flops"],
+                       module_ms=tensors["module_ms"], step_flops=float(meta.pop("step_flops")),
+                       step_ms=float(meta.pop("step_ms")), reuse_ms=float(meta.pop("reuse_ms")),
+                       meta=meta)
+        except KeyError as e:
+            raise ProfileError(f"profile {stem} is missing {e.args[0]!r}; regenerate it") from None
+
+
+# ------------------------------------------------------------------------------------------------
+# Recording the errors
+
+
+def _image_part(t, text_prefix: bool, n: int) -> torch.Tensor:
+    if isinstance(t, tuple):
+        t = t[0]
+    return t[:, t.shape[1] - n:] if text_prefix else t
+
+
+class _Recorder:
+    """Forward hooks on every module; accumulates error sums per (t, l, m, n, ...)."""
+
+    def __init__(self, state, shape, intervals, ratios, scores, keep_inputs: bool):
+        self.state, self.intervals, self.scores = state, intervals, scores
+        t, l, m, i, r, s = (shape.num_steps, shape.num_layers, len(shape.modules), len(intervals),
+                            len(ratios), len(scores))
+        self.n = shape.num_tokens
+        self.ks = torch.tensor([max(1, min(self.n - 1, round(x * self.n))) for x in ratios])
+        self.sum_c = torch.zeros(t, l, m, i, dtype=torch.float64)
+        self.sq_c = torch.zeros(t, l, m, i, dtype=torch.float64)
+        self.cnt = torch.zeros(t, l, m, i, dtype=torch.float64)
+        self.sum_p = torch.zeros(t, l, m, i, r, s, dtype=torch.float64)
+        self.keep_inputs = keep_inputs
+        self.rings: dict[tuple, dict[int, tuple[torch.Tensor, torch.Tensor | None]]] = {}
+        self.handles = []
+
+    def attach(self, modules: list[tuple[int, int, torch.nn.Module, bool]]) -> None:
+        for layer, mi, module, text_prefix in modules:
+            self.handles.append(module.register_forward_hook(
+                self._hook(layer, mi, text_prefix), with_kwargs=True))
+
+    def detach(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.rings.clear()
+
+    def _hook(self, layer: int, mi: int, text_prefix: bool):
+        def hook(module, args, kwargs, output):
+            st = self.state
+            if st.step < 0:
+                return
+            x = args[0] if args else kwargs["hidden_states"]
+            out = _image_part(output, text_prefix, self.n).detach()
+            inp = _image_part(x, text_prefix, self.n).detach() if self.keep_inputs else None
+            ring = self.rings.setdefault((st.branch, layer, mi), {})
+            self._measure(st.step, layer, mi, out, inp, ring)
+            ring[st.step] = (out, inp)
+            for old in [s for s in ring if s <= st.step - max(self.intervals)]:
+                del ring[old]
+        return hook
+
+    @torch.no_grad()
+    def _measure(self, t, layer, mi, out, inp, ring) -> None:
+        fresh = out.float()
+        f = fresh.pow(2).sum(-1)                         # (B, N) |fresh_i|^2
+        f_tot = f.sum(1)
+        for ii, n in enumerate(self.intervals):
+            if t - n not in ring:
+                continue
+            old_out, old_in = ring[t - n]
+            cached = old_out.float()
+            d = (fresh * cached).sum(-1)                 # (B, N) <fresh_i, cached_i>
+            c = cached.pow(2).sum(-1)                    # (B, N) |cached_i|^2
+            d_tot, c_tot = d.sum(1), c.sum(1)
+            e_c = 1 - d_tot / (f_tot * c_tot).sqrt().clamp_min(1e-30)   # (B,)
+            self.sum_c[t, layer, mi, ii] += float(e_c.sum())
+            self.sq_c[t, layer, mi, ii] += float(e_c.pow(2).sum())
+            self.cnt[t, layer, mi, ii] += e_c.numel()
+            for si, score in enumerate(self.scores):
+                if score == "delta":
+                    s = (inp.float() - old_in.float()).norm(dim=-1)
+                else:  # feature_mean
+                    x = inp.float() if inp is not None else fresh
+                    s = (x - x.mean(dim=1, keepdim=True)).norm(dim=-1)
+                order = s.argsort(dim=1, descending=True)
+                cf = f.gather(1, order).cumsum(1)        # fresh tokens' |.|^2, highest score first
+                cd = d.gather(1, order).cumsum(1)
+                cc = c.gather(1, order).cumsum(1)
+                k = self.ks - 1
+                dot = cf[:, k] + (d_tot[:, None] - cd[:, k])          # (B, R)
+                mix = cf[:, k] + (c_tot[:, None] - cc[:, k])
+                e_p = 1 - dot / (f_tot[:, None] * mix).sqrt().clamp_min(1e-30)
+                self.sum_p[t, layer, mi, ii, :, si] += e_p.sum(0).double()
+
+    def tables(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        cnt = self.cnt
+        mean = torch.where(cnt > 0, self.sum_c / cnt.clamp_min(1), torch.nan)
+        var = torch.where(cnt > 1, (self.sq_c - cnt * mean.nan_to_num() ** 2) / (cnt - 1).clamp_min(1), torch.nan)
+        std = var.clamp_min(0).sqrt()
+        p = torch.where(cnt[..., None, None] > 0, self.sum_p / cnt[..., None, None].clamp_min(1), torch.nan)
+        return mean.float(), std.float(), p.float()
+
+
+# ------------------------------------------------------------------------------------------------
+# Measuring module costs
+
+
+def _uniform_plan(shape, steps: int, fill_role: dict[str, int]) -> Plan:
+    """A two-step plan: an anchor, then a step where each role gets its token count (FULL,
+    REUSE or k) in every layer."""
+    tokens = torch.full((steps, shape.num_layers, len(shape.modules)), FULL)
+    for mi, role in enumerate(shape.modules):
+        tokens[1:, :, mi] = fill_role.get(role, REUSE)
+    anchors = torch.zeros(steps, dtype=torch.bool)
+    anchors[0] = True
+    return Plan(num_tokens=shape.num_tokens, modules=shape.modules, anchors=anchors, tokens=tokens,
+                token_score="feature_mean")
+
+
+@torch.no_grad()
+def measure_costs(transformer, shape, ratios, call_inputs: tuple[tuple, dict], repeats: int = 5,
+                  progress: bool = True) -> dict[str, Any]:
+    """FLOPs (per module and layer, per sample row) and latency (per role, averaged over layers)
+    of partial recompute at every ratio, measured through the runtime itself on a captured
+    transformer call's inputs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from .runtime import apply, remove, state_of
+    from .runtime.adapters import block_modules, find_blocks
+
+    args, kwargs = call_inputs
+    rows = int((args[0] if args else kwargs["hidden_states"]).shape[0])
+    ks = [max(1, min(shape.num_tokens - 1, round(r * shape.num_tokens))) for r in ratios] + [FULL]
+    names = {}
+    for layer, (name, block, spec) in enumerate(find_blocks(transformer)):
+        for role, module in block_modules(block, spec).items():
+            if role in shape.modules:
+                names[(layer, role)] = module
+    fqn = {m: n for n, m in transformer.named_modules()}
+
+    def counted(plan):
+        """FLOPs of the second call of ``plan`` (the first, an anchor, fills the caches)."""
+        apply(transformer, plan, check_fingerprint=False)
+        t = kwargs.get("timestep")
+        try:
+            transformer(*args, **{**kwargs, "timestep": t})
+            with FlopCounterMode(display=False) as counter:
+                transformer(*args, **{**kwargs, "timestep": t - 1 if torch.is_tensor(t) else t})
+            return counter
+        finally:
+            remove(transformer)
+
+    flops = torch.zeros(shape.num_layers, len(shape.modules), len(ks), dtype=torch.float64)
+    for ki, k in enumerate(ks):
+        counter = counted(_uniform_plan(shape, 2, {r: k for r in shape.modules}))
+        per_module = counter.get_flop_counts()
+        for (layer, role), module in names.items():
+            key = _flop_key(per_module, fqn[module], type(transformer).__name__)
+            flops[layer, shape.modules.index(role), ki] = sum(per_module.get(key, {}).values()) / rows
+    full = FlopCounterMode(display=False)
+    with full:
+        transformer(*args, **kwargs)
+    step_flops = full.get_total_flops() / rows
+
+    # latency: per role, the extra time over a step that reuses everything.  One trajectory per
+    # repeat: an anchor, then one step per job, all reading the anchor's caches.
+    jobs = [("reuse", None, None)] + [(role, ki, k) for role in shape.modules for ki, k in enumerate(ks)]
+    tokens = torch.full((len(jobs) + 1, shape.num_layers, len(shape.modules)), REUSE)
+    tokens[0] = FULL
+    for i, (role, _, k) in enumerate(jobs, start=1):
+        if role != "reuse":
+            tokens[i, :, shape.modules.index(role)] = k
+    anchors = torch.zeros(len(jobs) + 1, dtype=torch.bool)
+    anchors[0] = True
+    timing_plan = Plan(num_tokens=shape.num_tokens, modules=shape.modules, anchors=anchors,
+                       tokens=tokens, token_score="feature_mean")
+    times: dict[tuple, list[float]] = {(role, ki): [] for role, ki, _ in jobs}
+    full_times = []
+    t = kwargs.get("timestep")
+    for _ in tqdm(range(repeats), desc="module costs", disable=not progress):
+        apply(transformer, timing_plan, check_fingerprint=False)
+        try:
+            for i in range(len(jobs) + 1):
+                transformer(*args, **{**kwargs, "timestep": t - i if torch.is_tensor(t) else t})
+            recs = state_of(transformer).records
+        finally:
+            remove(transformer)
+        for (role, ki, _), rec in zip(jobs, recs[1:]):
+            times[(role, ki)].append(rec.wall_s)
+        t0 = time.perf_counter()
+        transformer(*args, **kwargs)
+        full_times.append(time.perf_counter() - t0)
+    reuse = statistics.median(times[("reuse", None)])
+    ms = torch.zeros(len(shape.modules), len(ks), dtype=torch.float64)
+    for mi, role in enumerate(shape.modules):
+        for ki in range(len(ks)):
+            extra = statistics.median(times[(role, ki)]) - reuse
+            ms[mi, ki] = max(0.0, 1e3 * extra / shape.num_layers)
+    return {"module_flops": flops.float(), "module_ms": ms.float(), "step_flops": float(step_flops),
+            "step_ms": 1e3 * statistics.median(full_times), "reuse_ms": 1e3 * reuse, "timing_rows": rows}
+
+
+def _flop_key(per_module: dict, fqn: str, root: str) -> str:
+    """FlopCounterMode names modules by their path from the root module's class name."""
+    for key in (f"{root}.{fqn}", fqn):
+        if key in per_module:
+            return key
+    return f"{root}.{fqn}"
+
+
+# ------------------------------------------------------------------------------------------------
+# The profiler
+
+
+def profile(pipe, run: Callable[[Any], Any] | None = None, *, num_steps: int | None = None,
+            class_labels: list[int] | None = None, sampler: str = "ddim", steps: int | None = None,
+            guidance_scale: float = 3.0, seed: int = 0, batch_size: int = 32,
+            intervals: tuple[int, ...] = DEFAULT_INTERVALS, ratios: tuple[float, ...] = DEFAULT_RATIOS,
+            token_scores: tuple[str, ...] = TOKEN_SCORES, num_tokens: int | None = None,
+            timing_repeats: int = 5, progress: bool = True, description: dict | None = None) -> Profile:
+    """Profile ``pipe`` along full-model trajectories.
+
+    Class-conditional pipelines (the bundled one, ``DiTPipeline``): give ``class_labels`` (one
+    sample each, seeds ``seed + i``), ``sampler``, ``steps`` and ``guidance_scale``.  Any other
+    pipeline: give ``run(pipe)``, which calls the pipeline on the samples to profile, and
+    ``num_steps`` (its step count); ``description`` goes into the profile's metadata."""
+    from .io import model_fingerprint
+    from .methods import model_shape
+    from .pipeline import SAMPLERS
+    from .runtime import apply, remove, state_of
+    from .runtime.adapters import block_modules, find_blocks
+
+    bad = [s for s in token_scores if s not in TOKEN_SCORES]
+    if bad or not token_scores:
+        raise ProfileError(f"token scores must be among {TOKEN_SCORES}, got {token_scores}")
+    if not intervals or min(intervals) < 1 or list(intervals) != sorted(set(intervals)):
+        raise ProfileError(f"intervals must be increasing integers >= 1, got {intervals}")
+    if not ratios or not all(0 < r < 1 for r in ratios) or list(ratios) != sorted(set(ratios)):
+        raise ProfileError(f"ratios must be increasing fractions in (0, 1), got {ratios}")
+    if run is None:
+        if not class_labels:
+            raise ProfileError("give class_labels to profile (or a run function for other pipelines)")
+        if sampler not in SAMPLERS:
+            raise ProfileError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        num_steps = SAMPLERS[sampler][2] if steps is None else steps
+    elif num_steps is None:
+        raise ProfileError("with a run function, give num_steps (the pipeline's step count)")
+    transformer = pipe.transformer
+    shape = model_shape(transformer, num_steps, num_tokens)
+    t0 = time.perf_counter()
+
+    # the all-anchor plan executes exactly like no plan; its state tells the step and branch
+    apply(pipe, full_plan(num_steps, shape.num_layers, shape.num_tokens, shape.modules))
+    state = state_of(pipe)
+    mods = []
+    for layer, (_, block, spec) in enumerate(find_blocks(transformer)):
+        for role, module in block_modules(block, spec).items():
+            if role in shape.modules:
+                mods.append((layer, shape.modules.index(role), module, spec.module_tokens == "text_prefix"))
+    rec = _Recorder(state, shape, tuple(intervals), tuple(ratios), tuple(token_scores),
+                    keep_inputs=True)
+    captured: dict[str, Any] = {}
+
+    def capture(module, args, kwargs):
+        if "inputs" not in captured and state.step == num_steps // 2:
+            captured["inputs"] = (tuple(a.clone() if torch.is_tensor(a) else a for a in args),
+                                  {k: (v.clone() if torch.is_tensor(v) else v) for k, v in kwargs.items()})
+
+    handle = transformer.register_forward_pre_hook(capture, with_kwargs=True)
+    rec.attach(mods)
+    try:
+        with torch.no_grad():
+            if run is None:
+                from .sampling import sample
+
+                sample(pipe, class_labels, sampler=sampler, steps=num_steps, guidance_scale=guidance_scale,
+                       seed=seed, batch_size=batch_size, progress=progress, count_flops=False)
+            else:
+                run(pipe)
+    finally:
+        handle.remove()
+        rec.detach()
+        remove(pipe)
+    e_c, e_c_std, e_p = rec.tables()
+    profile_s = time.perf_counter() - t0
+    costs = measure_costs(transformer, shape, ratios, captured["inputs"], repeats=timing_repeats,
+                          progress=progress)
+    import diffusers
+
+    meta = {"modules": list(shape.modules), "intervals": list(intervals), "ratios": list(ratios),
+            "token_scores": list(token_scores), "num_tokens": shape.num_tokens,
+            "num_steps": num_steps, "num_layers": shape.num_layers,
+            "fingerprint": model_fingerprint(transformer), "model": type(transformer).__name__,
+            "sampler": sampler if run is None else (description or {}).get("sampler"),
+            "guidance_scale": guidance_scale if run is None else (description or {}).get("guidance_scale"),
+            "samples": len(class_labels) if run is None else (description or {}).get("samples"),
+            "class_labels": list(map(int, class_labels)) if run is None else None, "seed": seed,
+            "description": description or {}, "timing_rows": costs.pop("timing_rows"),
+            "profile_s": profile_s, "cost_s": time.perf_counter() - t0 - profile_s,
+            "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
+                         "python": platform.python_version()}}
+    return Profile(e_cache=e_c, e_cache_std=e_c_std, e_prune=e_p, meta=meta, **costs)

@@ -1,0 +1,190 @@
+"""SODA: the profile's error tables, the DP schedule, the pruning rule, budgets, refusals."""
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from ditaccel.methods import soda
+from ditaccel.plan import FULL, REUSE
+from ditaccel.profiling import Profile, ProfileError, _Recorder, profile
+from ditaccel.runtime import apply, remove, state_of
+from ditaccel.sampling import sample
+
+STEPS = 8
+
+
+# -- the DP ---------------------------------------------------------------------------------------
+
+def _brute_force(cost, k):
+    t_steps, max_len = cost.shape[0], cost.shape[1] - 1
+    best = (math.inf, None)
+    for rest in itertools.combinations(range(1, t_steps), k - 1):
+        anchors = (0, *rest)
+        bounds = [*anchors, t_steps]
+        lens = [b - a for a, b in zip(bounds, bounds[1:])]
+        if max(lens) > max_len:
+            continue
+        total = sum(float(cost[a, n]) for a, n in zip(anchors, lens))
+        best = min(best, (total, anchors), key=lambda x: x[0])
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_dp_schedule_matches_brute_force(seed):
+    g = torch.Generator().manual_seed(seed)
+    t_steps, ages = 9, 3
+    e_cache = torch.rand(t_steps, 2, 2, ages, generator=g) * torch.linspace(2, 0.1, t_steps)[:, None, None, None]
+    e_cache[0] = float("nan")  # nothing cached before step 0
+    cost = soda.segment_costs(e_cache, ages + 1)
+    for k in range(3, 7):
+        anchors, value = soda.dp_schedule(cost, k)
+        expected, best = _brute_force(cost, k)
+        assert anchors.sum() == k and anchors[0]
+        assert value == pytest.approx(expected)
+        got = tuple(torch.nonzero(anchors).flatten().tolist())
+        assert sum(float(cost[a, n]) for a, n in zip(got, [b - a for a, b in zip(got, [*got[1:], t_steps])])) \
+            == pytest.approx(expected)
+    with pytest.raises(ValueError, match="cannot cover"):
+        soda.dp_schedule(cost, 2)  # segments of at most 4 steps cannot cover 9 with 2 anchors
+
+
+def test_segment_cost_sums_cache_error_by_age():
+    e = torch.zeros(4, 1, 1, 2)
+    e[1, 0, 0, 0], e[2, 0, 0, 1], e[2, 0, 0, 0] = 1.0, 10.0, 100.0
+    cost = soda.segment_costs(e, 3)
+    assert cost[0, 1] == 0 and cost[0, 2] == 1.0 and cost[0, 3] == 11.0  # steps 1 (age 1), 2 (age 2)
+    assert cost[1, 2] == 100.0  # step 2 at age 1
+    assert math.isinf(cost[3, 2])  # runs past the last step
+
+
+# -- the recorder's cosine algebra ------------------------------------------------------------------
+
+def test_prune_error_of_the_mixed_output_matches_a_direct_computation():
+    class S:
+        step, branch = 0, 0
+
+    class Shape:
+        num_steps, num_layers, modules, num_tokens = 3, 1, ("mlp",), 10
+
+    rec = _Recorder(S, Shape, (1,), (0.2, 0.5), ("delta", "feature_mean"), keep_inputs=True)
+    g = torch.Generator().manual_seed(0)
+    old_out, old_in = torch.randn(2, 10, 4, generator=g), torch.randn(2, 10, 4, generator=g)
+    new_in = old_in.clone()
+    new_in[:, [3, 7]] += 5.0  # two tokens' inputs moved a lot
+    new_out = old_out + 0.1 * torch.randn(2, 10, 4, generator=g)
+    new_out[:, [3, 7]] += 3.0
+    rec._measure(1, 0, 0, new_out, new_in, {0: (old_out, old_in)})
+    e_c, _, e_p = rec.tables()
+    direct = 1 - torch.nn.functional.cosine_similarity(new_out.flatten(1), old_out.flatten(1)).mean()
+    assert e_c[1, 0, 0, 0] == pytest.approx(float(direct), abs=1e-6)
+    # delta score, rho 0.2 = 2 tokens: exactly the moved ones -> mix = old with tokens 3, 7 fresh
+    mix = old_out.clone()
+    mix[:, [3, 7]] = new_out[:, [3, 7]]
+    want = 1 - torch.nn.functional.cosine_similarity(new_out.flatten(1), mix.flatten(1)).mean()
+    assert e_p[1, 0, 0, 0, 0, 0] == pytest.approx(float(want), abs=1e-6)
+    assert e_p[1, 0, 0, 0, 0, 0] < e_c[1, 0, 0, 0] / 5
+    assert torch.isnan(e_c[0]).all() and torch.isnan(e_p[2]).all()  # no cache / not measured
+
+
+# -- profiling the tiny pipeline ---------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_profile():
+    from tests.conftest import tiny_dit
+    from ditaccel.models.reference import NOISE_SCHEDULE
+    from ditaccel.pipeline import DiTPixelPipeline
+    from diffusers import DDIMScheduler
+
+    pipe = DiTPixelPipeline(transformer=tiny_dit(), scheduler=DDIMScheduler(**NOISE_SCHEDULE))
+    pipe.set_progress_bar_config(disable=True)
+    prof = profile(pipe, class_labels=[0, 1, 2, 3], sampler="ddim", steps=STEPS, guidance_scale=2.0,
+                   intervals=(1, 2, 3), ratios=(0.25, 0.5), timing_repeats=2, progress=False)
+    return pipe, prof
+
+
+def test_profile_tables_have_the_documented_shape(tiny_profile):
+    pipe, prof = tiny_profile
+    assert prof.e_cache.shape == (STEPS, 2, 2, 3)
+    assert prof.e_prune.shape == (STEPS, 2, 2, 3, 2, 2)
+    assert prof.module_flops.shape == (2, 2, 3) and prof.module_ms.shape == (2, 3)
+    for i, n in enumerate((1, 2, 3)):
+        assert torch.isnan(prof.e_cache[:n, :, :, i]).all()
+        assert (prof.e_cache[n:, :, :, i] > 0).all()
+    # the error of an older cache is larger on average; more recompute repairs more
+    assert prof.e_cache[3:, ..., 2].mean() > prof.e_cache[3:, ..., 0].mean()
+    assert (prof.e_prune[3:, ..., 1, :] <= prof.e_prune[3:, ..., 0, :] + 1e-6).float().mean() > 0.9
+    # partial MLP FLOPs scale with tokens; attention keeps its all-token keys / values
+    n = prof.num_tokens
+    mlp, attn = prof.module_flops[0, 1].tolist(), prof.module_flops[0, 0].tolist()
+    assert mlp[2] > 0 and mlp[0] == pytest.approx(mlp[2] * prof.tokens_for_ratio(0.25) / n, rel=1e-6)
+    assert attn[2] * prof.tokens_for_ratio(0.25) / n < attn[0] < attn[2]
+    assert prof.step_flops > float(prof.module_flops[..., -1].sum())
+    assert set(prof.variation()) == {"cv_median", "cv_p90"}
+
+
+def test_profile_round_trips_and_refuses_other_settings(tiny_profile, tmp_path):
+    pipe, prof = tiny_profile
+    prof.save(tmp_path / "p")
+    back = Profile.load(tmp_path / "p")
+    assert torch.equal(back.e_prune.nan_to_num(-1), prof.e_prune.nan_to_num(-1))
+    assert back.meta["fingerprint"] == prof.meta["fingerprint"] and back.step_ms == prof.step_ms
+    with pytest.raises(ProfileError, match="another model"):
+        back.check_for(fingerprint="0" * 16)
+    with pytest.raises(ProfileError, match="ddim sampler, not dpm"):
+        back.check_for(sampler="dpm++")
+    with pytest.raises(ProfileError, match="for 8 sampling steps, not 50"):
+        back.check_for(num_steps=50)
+    with pytest.raises(ProfileError, match="no profile at"):
+        Profile.load(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("opts", [{"speedup": 2.0}, {"speedup": 2.0, "prune": False},
+                                  {"speedup": 1.6, "schedule": "uniform"}, {"latency_speedup": 1.8},
+                                  {"anchors": 3}])
+def test_soda_plans_meet_their_budget_and_predict_their_flops(tiny_profile, opts):
+    pipe, prof = tiny_profile
+    if "latency_speedup" in opts:  # the tiny model's timings are noise: plan with fixed ones
+        import dataclasses
+
+        prof = dataclasses.replace(prof, step_ms=10.0, reuse_ms=2.0,
+                                   module_ms=torch.tensor([[1.0, 1.5, 2.0], [0.5, 1.0, 2.0]]))
+    plan = soda.plan(soda.Config(**opts), prof)
+    pred = plan.meta["predicted"]
+    if "speedup" in opts:
+        assert pred["speedup_flops"] >= opts["speedup"] * (1 - 1e-9)
+    if "latency_speedup" in opts:
+        assert pred["speedup_latency"] >= opts["latency_speedup"] * (1 - 1e-9)
+    if "anchors" in opts:
+        assert int(plan.anchors.sum()) == 3
+    if opts.get("prune") is False:
+        assert set(plan.tokens[~plan.anchors].unique().tolist()) <= {REUSE}
+    # the prediction is the runtime's own FLOP count
+    apply(pipe, plan)
+    _, stats = sample(pipe, [0], steps=STEPS, guidance_scale=2.0, progress=False)
+    assert stats.flops / 2 == pytest.approx(pred["flops"], rel=1e-6)  # one image = 2 CFG rows
+    remove(pipe)
+
+
+def test_pruning_only_where_it_beats_reuse(tiny_profile):
+    _, prof = tiny_profile
+    plan = soda.plan(soda.Config(speedup=1.5, lam=1.0), prof)
+    tok = plan.tokens
+    assert (tok[~plan.anchors] > 0).any(), "the rule should recompute somewhere at this budget"
+    ages = soda.ages_of(plan.anchors)
+    for t, layer, m in torch.nonzero(tok > 0).tolist():
+        ri = [prof.tokens_for_ratio(r) for r in prof.ratios].index(int(tok[t, layer, m]))
+        j = int(ages[t]) - 1
+        assert prof.e_prune[t, layer, m, j, ri, 0] < prof.e_cache[t, layer, m, j]
+    more = soda.plan(soda.Config(speedup=1.3, lam=1.0), prof)
+    assert more.meta["predicted"]["error"] <= plan.meta["predicted"]["error"]
+
+
+def test_bad_budgets_are_refused():
+    with pytest.raises(ValueError, match="give a budget"):
+        soda.Config()
+    with pytest.raises(ValueError, match="> 1"):
+        soda.Config(speedup=0.5)
+    with pytest.raises(ValueError, match="at most one"):
+        soda.Config(speedup=2, latency_speedup=2)
