@@ -78,23 +78,29 @@ def main() -> None:
         results[name].update(flops=stats.flops, psnr=psnr(full_images, images), ssim=ssim(full_images, images))
     full_wall, full_cpu, full_calls = [], [], []
     timer = CallTimer(pipe.transformer)
-    for _ in tqdm(range(args.repeats), desc="repeats"):
-        # each repeat: the full model, then every plan; a plan's speedup is measured against the
-        # full run of its own repeat (the machine's speed drifts between repeats)
-        remove(pipe)
-        timer.start()
-        full = sample(pipe, labels, **{**run, "count_flops": False})[1]
-        full_calls.append(timer.stop())
+    names = ["full", *plans]
+    for rep in tqdm(range(args.repeats), desc="repeats"):
+        # each repeat runs the full model and every plan; a plan's speedup is measured against the
+        # full run of its own repeat (the machine's speed drifts between repeats), and the order
+        # rotates so that no configuration always runs first
+        measured = {}
+        for name in names[rep % len(names):] + names[:rep % len(names)]:
+            if name == "full":
+                remove(pipe)
+            else:
+                apply(pipe, plans[name])
+            timer.start()
+            measured[name] = (sample(pipe, labels, **{**run, "count_flops": False})[1], timer.stop())
+        full, calls = measured["full"]
+        full_calls.append(calls)
         full_wall.append(full.wall_s)
         full_cpu.append(full.cpu_s)
-        for name, plan in plans.items():
-            apply(pipe, plan)
-            timer.start()
-            stats = sample(pipe, labels, **{**run, "count_flops": False})[1]
-            results[name]["calls"].append(timer.stop())
+        for name in plans:
+            stats, calls = measured[name]
+            results[name]["calls"].append(calls)
             results[name]["wall"].append(stats.wall_s)
-            results[name]["ratio"].append(full_wall[-1] / stats.wall_s)
-            results[name]["cpu_ratio"].append(full_cpu[-1] / stats.cpu_s)
+            results[name]["ratio"].append(full.wall_s / stats.wall_s)
+            results[name]["cpu_ratio"].append(full.cpu_s / stats.cpu_s)
     timer.remove()
     remove(pipe)
 
@@ -140,7 +146,7 @@ def main() -> None:
     lines.append(f"DDIM-{args.steps}, CFG 1.5, {args.n} images in one batch, {args.dtype}, "
                  f"{torch.get_num_threads()} threads; measured speedup = median over {args.repeats} "
                  "repeats of (full run / planned run), each repeat running the full model and every "
-                 "plan back to back. This shared virtual machine's speed drifts by tens of percent between "
+                 "plan back to back in a rotating order. This shared virtual machine's speed drifts by tens of percent between "
                  "runs, so two more robust measures follow: CPU time (the process's, all threads), and "
                  "the transformer-call speedup: the sum over a run's calls of each call's median wall "
                  "time over the repeats (full model / plan; the pipeline's own per-step work is the same "

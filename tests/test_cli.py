@@ -119,3 +119,39 @@ def test_generate_bad_method_options(tiny_pipe_dir, tmp_path, capsys, argv, need
                "--classes", "0,1", *argv])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and needle in err and "\n" not in err
+
+
+def test_profile_plan_generate_round_trip(tiny_pipe_dir, tmp_path, capsys):
+    stem, plan, plots = tmp_path / "prof", tmp_path / "plan.json", tmp_path / "plots"
+    assert main(["profile", "--model", str(tiny_pipe_dir), "--steps", "6", "--samples", "4", "--cfg", "2",
+                 "--intervals", "1,2", "--ratios", "0.25,0.5", "--dtype", "fp32", "--out", str(stem),
+                 "--plot", str(plots)]) == 0
+    assert (tmp_path / "prof.json").exists() and (tmp_path / "prof.safetensors").exists()
+    assert sorted(p.name for p in plots.iterdir()) == ["best_prune_error.png", "cache_error.png"]
+    assert "coefficient of variation" in capsys.readouterr().out
+    assert main(["plan", "--profile", str(stem), "--speedup", "1.5", "--out", str(plan),
+                 "--plot", str(tmp_path / "s.png")]) == 0
+    assert "predicted" in capsys.readouterr().out and (tmp_path / "s.png").exists()
+    stats = tmp_path / "g.json"
+    assert main(["generate", "--model", str(tiny_pipe_dir), "--steps", "6", "--cfg", "2", "--plan", str(plan),
+                 "--compare", "--classes", "0,1", "--n", "1", "--dtype", "fp32", "--out", str(tmp_path / "g.png"),
+                 "--json", str(stats)]) == 0
+    info = json.loads(stats.read_text())
+    assert info["method"] == "soda" and info["speedup_flops"] >= 1.5 * (1 - 1e-9)
+    # a plan made for DDIM is refused for another sampler, with the reason
+    assert main(["generate", "--model", str(tiny_pipe_dir), "--sampler", "dpm++", "--steps", "6",
+                 "--classes", "0,1", "--plan", str(plan), "--out", str(tmp_path / "h.png")]) == 2
+    assert "made for the ddim sampler" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--profile", "nowhere", "--speedup", "2", "--out", "p.json"], "no profile at"),
+    (["--profile", "nowhere", "--speedup", "2", "--out", "p.txt"], ".json"),
+    (["--profile", "nowhere", "--speedup", "0.5", "--out", "p.json"], "must be > 1"),
+])
+def test_plan_bad_input_is_one_line_exit_2(tmp_path, capsys, monkeypatch, argv, needle):
+    monkeypatch.chdir(tmp_path)
+    assert main(["plan", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and "\n" not in err
+    assert not (tmp_path / "p.json").exists()

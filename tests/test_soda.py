@@ -188,3 +188,28 @@ def test_bad_budgets_are_refused():
         soda.Config(speedup=0.5)
     with pytest.raises(ValueError, match="at most one"):
         soda.Config(speedup=2, latency_speedup=2)
+
+
+@pytest.mark.parametrize("name", ["PixArtAlphaPipeline", "StableDiffusion3Pipeline", "FluxPipeline"])
+def test_soda_profile_plan_apply_on_text_to_image_pipelines(name):
+    """profile -> plan -> apply through unmodified pipelines driven by a run function; the
+    plan's predicted FLOPs are what the runtime counts."""
+    from tests.archs import ARCHS, TOKENS
+
+    pipe, call = ARCHS[name]()
+    pipe.set_progress_bar_config(disable=True)
+    steps = 6
+    prof = profile(pipe, lambda p: call(p, 2, 0, steps), num_steps=steps, num_tokens=TOKENS.get(name),
+                   intervals=(1, 2), ratios=(0.25, 0.5), timing_repeats=1, progress=False,
+                   description={"sampler": "pipeline default"})
+    assert torch.isfinite(prof.e_cache[1:, ..., 0]).all()
+    plan = soda.plan(soda.Config(speedup=1.4), prof)
+    ref = torch.as_tensor(call(pipe, 2, 0, steps))
+    apply(pipe, plan)
+    state_of(pipe).count_flops = True
+    out = torch.as_tensor(call(pipe, 2, 0, steps))
+    recs = state_of(pipe).records
+    remove(pipe)
+    assert out.shape == ref.shape and torch.isfinite(out).all() and not torch.equal(out, ref)
+    counted = sum(r.flops / r.rows for r in recs) / (len(recs) // steps)  # per row, per branch
+    assert counted == pytest.approx(plan.meta["predicted"]["flops"], rel=1e-6)

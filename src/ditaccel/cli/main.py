@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import env, generate, metrics, soda, train
+from . import demo, env, generate, metrics, soda, train
 
 COMMANDS = {
+    "demo": demo,
     "env": env,
     "generate": generate,
     "metrics": metrics,

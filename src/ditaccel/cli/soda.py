@@ -96,15 +96,15 @@ class Plan:
 
         if not args.out.endswith(".json"):
             raise ValueError(f"--out must name a .json file, got {args.out}")
+        cfg = soda.Config(speedup=args.speedup, latency_speedup=args.latency_speedup, anchors=args.anchors,
+                          prune=not args.no_prune, schedule=args.schedule, token_score=args.token_score,
+                          lam=args.lam, rho_max=args.rho_max)
         prof = P.load(args.profile)
         if args.model:
             from ..io import model_fingerprint
             from ..registry import load_pipeline
 
             prof.check_for(fingerprint=model_fingerprint(load_pipeline(args.model).transformer))
-        cfg = soda.Config(speedup=args.speedup, latency_speedup=args.latency_speedup, anchors=args.anchors,
-                          prune=not args.no_prune, schedule=args.schedule, token_score=args.token_score,
-                          lam=args.lam, rho_max=args.rho_max)
         plan = soda.plan(cfg, prof)
         plan.save(args.out)
         pred = plan.meta["predicted"]

@@ -296,3 +296,8 @@ def _solve_beta(profile, anchors, cfg: Config, score: int, target: float, make) 
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
     return lo
+
+
+def plan_soda(profile, **options) -> Plan:
+    """``plan_soda(profile, speedup=2.5)``: the SODA plan; options are :class:`Config`'s."""
+    return plan(Config(**options), profile)

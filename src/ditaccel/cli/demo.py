@@ -1,0 +1,106 @@
+"""``ditaccel demo``: SODA end to end on the bundled model, in a few minutes on a laptop CPU."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+HELP = "profile the bundled model, plan SODA for 2x and 3x, compare with the full model"
+
+
+def add_arguments(p) -> None:
+    from ..pipeline import SAMPLERS
+
+    p.add_argument("--sampler", default="ddim", choices=list(SAMPLERS))
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--cfg", type=float, default=3.0)
+    p.add_argument("--speedups", default="2,3", help="target FLOP speedups (default %(default)s)")
+    p.add_argument("--n", type=int, default=50, help="images per run (classes cycled; default %(default)s)")
+    p.add_argument("--profile-samples", type=int, default=32)
+    p.add_argument("--out", default="ditaccel-demo", help="folder for the grid, plots, plans, table")
+    p.add_argument("--cache-dir", default=None,
+                   help="where the profile is kept and reused (default $XDG_CACHE_HOME/ditaccel)")
+    p.add_argument("--reprofile", action="store_true", help="profile again even if a cached one fits")
+
+
+def _cache_dir(arg: str | None) -> Path:
+    if arg:
+        return Path(arg)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "ditaccel"
+
+
+def run(args) -> int:
+    import torch
+
+    from .. import io
+    from ..io import model_fingerprint
+    from ..methods import soda
+    from ..metrics import feature_extractor, frechet_distance, psnr, ssim
+    from ..pipeline import SAMPLERS
+    from ..profiling import Profile, ProfileError, profile
+    from ..registry import load_pipeline
+    from ..runtime import apply, remove
+    from ..sampling import sample
+    from ..viz import plot_profile, plot_schedule, save_grid
+    from .soda import _floats
+
+    speedups = _floats(args.speedups, "--speedups")
+    if not speedups or any(s <= 1 for s in speedups):
+        raise ValueError(f"--speedups must be numbers > 1, got {args.speedups}")
+    if args.n < 1 or args.profile_samples < 1:
+        raise ValueError("--n and --profile-samples must be >= 1")
+    steps = args.steps or SAMPLERS[args.sampler][2]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    pipe = load_pipeline("fmnist-dit", "bf16")
+    fp = model_fingerprint(pipe.transformer)
+    stem = _cache_dir(args.cache_dir) / f"profile-{fp}-{args.sampler}{steps}-cfg{args.cfg:g}-s{args.profile_samples}"
+    prof = None
+    if not args.reprofile and stem.with_name(stem.name + ".json").exists():
+        try:
+            prof = Profile.load(stem)
+            prof.check_for(fingerprint=fp, sampler=args.sampler, num_steps=steps)
+            print(f"using the cached profile {stem}.json")
+        except (ProfileError, io.ArtifactError) as e:
+            print(f"cached profile not usable ({e}); profiling again")
+            prof = None
+    if prof is None:
+        print(f"profiling {args.profile_samples} trajectories ({args.sampler}-{steps}, CFG {args.cfg:g}) ...")
+        prof = profile(pipe, class_labels=[i % 10 for i in range(args.profile_samples)], sampler=args.sampler,
+                       steps=steps, guidance_scale=args.cfg, seed=100_000, batch_size=args.profile_samples)
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        prof.save(stem)
+    plot_profile(prof, out / "profile")
+
+    labels = [i % 10 for i in range(args.n)]
+    run = dict(sampler=args.sampler, steps=steps, guidance_scale=args.cfg, seed=0, batch_size=64)
+    print(f"full model, {args.n} images ...")
+    full, fstats = sample(pipe, labels, **run)
+    fx = feature_extractor()
+    ffeats = fx(full)
+    rows, grids = [], [full[:10]]
+    for s in speedups:
+        plan = soda.plan(soda.Config(speedup=s), prof)
+        plan.save(out / f"soda-x{s:g}.json")
+        plot_schedule(plan, out / f"soda-x{s:g}-schedule.png")
+        apply(pipe, plan)
+        print(f"SODA {s:g}x, {args.n} images ...")
+        images, stats = sample(pipe, labels, **run)
+        remove(pipe)
+        grids.append(images[:10])
+        rows.append({"plan": f"SODA {s:g}x", "anchors": int(plan.anchors.sum()),
+                     "speedup_measured": fstats.wall_s / stats.wall_s, "speedup_flops": fstats.flops / stats.flops,
+                     "psnr": psnr(full, images), "ssim": ssim(full, images),
+                     "fd_vs_full": frechet_distance(fx(images), ffeats)})
+    save_grid(torch.cat(grids), out / "full_vs_soda.png", nrow=10)
+    head = f"{'plan':>10} {'anchors':>8} {'measured':>9} {'FLOPs':>7} {'PSNR':>8} {'SSIM':>7} {'FD vs full':>11}"
+    lines = [head] + [f"{r['plan']:>10} {r['anchors']:>8} {r['speedup_measured']:>8.2f}x {r['speedup_flops']:>6.2f}x "
+                      f"{r['psnr']:>6.2f}dB {r['ssim']:>7.4f} {r['fd_vs_full']:>11.2f}" for r in rows]
+    table = "\n".join(lines)
+    (out / "table.txt").write_text(table + "\n")
+    io.write_json(out / "results.json", {"sampler": args.sampler, "steps": steps, "cfg": args.cfg,
+                                         "n": args.n, "full_wall_s": fstats.wall_s, "rows": rows})
+    print(table)
+    print(f"full model vs SODA (rows: full, then each speedup) -> {out / 'full_vs_soda.png'}; plots and plans in {out}/")
+    return 0
