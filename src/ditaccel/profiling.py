@@ -270,7 +270,7 @@ def measure_costs(transformer, shape, ratios, call_inputs: tuple[tuple, dict], r
         try:
             transformer(*args, **{**kwargs, "timestep": t})
             with FlopCounterMode(display=False) as counter:
-                transformer(*args, **{**kwargs, "timestep": t - 1 if torch.is_tensor(t) else t})
+                transformer(*args, **{**kwargs, "timestep": t - 1})
             return counter
         finally:
             remove(transformer)
@@ -306,7 +306,7 @@ def measure_costs(transformer, shape, ratios, call_inputs: tuple[tuple, dict], r
         apply(transformer, timing_plan, check_fingerprint=False)
         try:
             for i in range(len(jobs) + 1):
-                transformer(*args, **{**kwargs, "timestep": t - i if torch.is_tensor(t) else t})
+                transformer(*args, **{**kwargs, "timestep": t - i})
             recs = state_of(transformer).records
         finally:
             remove(transformer)

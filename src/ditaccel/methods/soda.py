@@ -196,7 +196,7 @@ def _prune_tokens(profile, anchors: torch.Tensor, beta: float, cfg: Config, scor
         return tokens
     t_idx = torch.nonzero(non).flatten()
     j_idx = ages[t_idx] - 1
-    e_c = profile.e_cache[t_idx, :, :, :][torch.arange(len(t_idx)), :, :, j_idx].double()  # (n, L, M)
+    e_c = profile.e_cache[t_idx, :, :, j_idx].double()  # (n, L, M)
     tokens[t_idx] = REUSE
     if not cfg.prune:
         return tokens
@@ -205,7 +205,7 @@ def _prune_tokens(profile, anchors: torch.Tensor, beta: float, cfg: Config, scor
     ratios = torch.tensor(profile.ratios, dtype=torch.float64)
     # snap down to the profiled ratios (below the smallest one: no recompute)
     ri = torch.bucketize(rho, ratios, right=True) - 1                       # (n, L, M), -1 = none
-    e_p = profile.e_prune[t_idx][torch.arange(len(t_idx)), :, :, j_idx][..., score].double()  # (n, L, M, R)
+    e_p = profile.e_prune[t_idx, :, :, j_idx][..., score].double()  # (n, L, M, R)
     chosen = e_p.gather(-1, ri.clamp_min(0)[..., None]).squeeze(-1)
     use = (ri >= 0) & (chosen < (1 - cfg.margin) * e_c)
     ks = torch.tensor([profile.tokens_for_ratio(r) for r in profile.ratios], dtype=torch.int32)

@@ -274,7 +274,7 @@ class ModuleHook(ModelHook):
         # patch the cache in place: the fresh tokens, and where they were computed from
         cache.image_out.scatter_(1, idx[..., None].expand(-1, -1, fresh.shape[-1]), fresh.to(cache.image_out.dtype))
         if isinstance(cache.out, tuple) and text_out is not None:
-            cache.out = (cache.out[0], *_into(cache.out[1:2], (text_out,)), *cache.out[2:])
+            cache.out = (cache.out[0], _into(cache.out[1], text_out), *cache.out[2:])
         if cache.ref is not None:
             cache.ref.scatter_(1, idx[..., None].expand(-1, -1, x_sel.shape[-1]), x_sel)
         record[(self.layer, self.role)] = k
