@@ -132,6 +132,12 @@ def test_profile_plan_generate_round_trip(tiny_pipe_dir, tmp_path, capsys):
     assert main(["plan", "--profile", str(stem), "--speedup", "1.5", "--out", str(plan),
                  "--plot", str(tmp_path / "s.png")]) == 0
     assert "predicted" in capsys.readouterr().out and (tmp_path / "s.png").exists()
+    calibrated = tmp_path / "cal.json"
+    assert main(["plan", "--profile", str(stem), "--speedup", "1.5", "--calibrate", "2",
+                 "--out", str(calibrated)]) == 0
+    assert "<- kept" in capsys.readouterr().out
+    cal = json.loads(calibrated.read_text())["meta"]["calibration"]
+    assert cal["samples"] == 2 and cal["rows"][0]["method"] == "soda-cache"
     stats = tmp_path / "g.json"
     assert main(["generate", "--model", str(tiny_pipe_dir), "--steps", "6", "--cfg", "2", "--plan", str(plan),
                  "--compare", "--classes", "0,1", "--n", "1", "--dtype", "fp32", "--out", str(tmp_path / "g.png"),
@@ -148,6 +154,7 @@ def test_profile_plan_generate_round_trip(tiny_pipe_dir, tmp_path, capsys):
     (["--profile", "nowhere", "--speedup", "2", "--out", "p.json"], "no profile at"),
     (["--profile", "nowhere", "--speedup", "2", "--out", "p.txt"], ".json"),
     (["--profile", "nowhere", "--speedup", "0.5", "--out", "p.json"], "must be > 1"),
+    (["--profile", "nowhere", "--anchors", "3", "--calibrate", "4", "--out", "p.json"], "not --anchors"),
 ])
 def test_plan_bad_input_is_one_line_exit_2(tmp_path, capsys, monkeypatch, argv, needle):
     monkeypatch.chdir(tmp_path)
@@ -155,3 +162,16 @@ def test_plan_bad_input_is_one_line_exit_2(tmp_path, capsys, monkeypatch, argv, 
     err = capsys.readouterr().err.strip()
     assert needle in err and "\n" not in err
     assert not (tmp_path / "p.json").exists()
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--speedups", "2,x"], "--speedups must be comma-separated numbers"),
+    (["--speedups", "0.5"], "must be numbers > 1"),
+    (["--calibrate", "-1"], "--calibrate >= 0"),
+])
+def test_demo_bad_input_is_one_line_exit_2(tmp_path, capsys, monkeypatch, argv, needle):
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", "--out", str(tmp_path / "d"), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and "\n" not in err
+    assert not (tmp_path / "d").exists()

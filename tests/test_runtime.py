@@ -377,3 +377,32 @@ def test_flux_single_blocks_recompute_all_text_tokens_and_k_image_tokens():
     assert changed[:, :6].all()  # text tokens: always computed
     assert changed[:, 6:].sum(1).tolist() == [8, 8]  # image tokens: k = 8 of 16
     assert state_of(pipe).records[2].computed[(2, "mlp")] == 8  # layer 2 = first single block
+
+
+@pytest.mark.parametrize("fill", [REUSE, 5])
+def test_caches_survive_a_block_that_modifies_module_outputs_in_place(tiny_pipe, fill):
+    """Caches hold module outputs by reference; a consumer that changes them in place must not
+    change what later steps reuse: the runtime notices (the module recomputes that once) and
+    keeps private copies from then on, so later runs execute the plan exactly."""
+    mod = tiny_pipe.transformer.transformer_blocks[0].ff
+    apply(tiny_pipe, _plan(fill, anchors=(True, False, False, False)))
+    handle = mod.register_forward_hook(lambda m, i, o: o * 2)  # functional: the reference
+    expected = _run(tiny_pipe)
+    handle.remove()
+    handle = mod.register_forward_hook(lambda m, i, o: o.mul_(2))  # the same, in place
+    _run(tiny_pipe)
+    cache = state_of(tiny_pipe).caches[(0, 0, "mlp")]
+    assert cache.copy_out
+    got = _run(tiny_pipe)
+    handle.remove()
+    remove(tiny_pipe)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+
+
+def test_plans_run_under_inference_mode(tiny_pipe):
+    apply(tiny_pipe, _plan(5))
+    ref = _run(tiny_pipe)
+    with torch.inference_mode():
+        got = _run(tiny_pipe)
+    remove(tiny_pipe)
+    assert torch.equal(got, ref)

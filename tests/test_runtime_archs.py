@@ -51,6 +51,9 @@ def test_all_anchor_plan_and_remove_are_bit_identical(arch):
         fast = run()
         assert not torch.equal(fast, ref), method
         assert torch.equal(run(), fast), method  # nothing leaks from one call into the next
+        # caches are held by reference: no supported block may modify a module output in place
+        assert not any(c.copy_out for c in state_of(pipe).caches.values()), method
+        assert state_of(pipe).caches, method
     apply(pipe, route_plan(shape), router=norm_router)
     routed = run()
     assert not torch.equal(routed, ref) and torch.equal(run(), routed)

@@ -181,6 +181,44 @@ def test_pruning_only_where_it_beats_reuse(tiny_profile):
     assert more.meta["predicted"]["error"] <= plan.meta["predicted"]["error"]
 
 
+def test_candidates_spend_one_budget_in_different_ways(tiny_profile):
+    _, prof = tiny_profile
+    cands = soda.candidates(soda.Config(speedup=1.6, lam=1.0), prof, fewer=2)
+    assert cands[0].method == "soda-cache" and len(cands) >= 2
+    k_max = int(cands[0].anchors.sum())
+    assert all(int(c.anchors.sum()) <= k_max for c in cands)
+    for c in cands:
+        assert c.meta["predicted"]["speedup_flops"] >= 1.6 * (1 - 1e-9)
+    assert any((c.tokens[~c.anchors] > 0).any() for c in cands[1:])
+    assert len(soda.candidates(soda.Config(speedup=1.6, prune=False), prof)) == 1
+    with pytest.raises(ValueError, match="budget"):
+        soda.candidates(soda.Config(anchors=3), prof)
+
+
+def test_calibrate_keeps_the_plan_closest_to_the_full_model(tiny_profile):
+    pipe, prof = tiny_profile
+
+    def run(p):
+        return sample(p, [0, 1], steps=STEPS, guidance_scale=2.0, seed=7, progress=False)[0]
+
+    full = run(pipe)
+    cands = soda.candidates(soda.Config(speedup=1.6, lam=1.0), prof, fewer=2)
+    # an all-anchor plan costs more than the budget but is exact: calibration must pick it
+    exact = soda.plan(soda.Config(anchors=STEPS, prune=False), prof)
+    best, rows = soda.calibrate(pipe, run, [*cands, exact], progress=False)
+    assert len(rows) == len(cands) + 1 and rows[-1]["mse"] == 0 and rows[-1]["psnr"] == math.inf
+    assert torch.equal(best.anchors, exact.anchors) and best.meta["calibration"]["chosen"] == len(cands)
+    # without it, the measured-best candidate; each row's error is that plan's real error
+    best, rows = soda.calibrate(pipe, run, cands, progress=False)
+    i = best.meta["calibration"]["chosen"]
+    assert rows[i]["mse"] == min(r["mse"] for r in rows)
+    apply(pipe, cands[0])
+    got = run(pipe)
+    remove(pipe)
+    assert rows[0]["mse"] == pytest.approx(float((got.double() - full.double()).pow(2).mean()), rel=1e-9)
+    assert torch.equal(run(pipe), full), "calibration must leave the pipeline unplanned"
+
+
 def test_bad_budgets_are_refused():
     with pytest.raises(ValueError, match="give a budget"):
         soda.Config()

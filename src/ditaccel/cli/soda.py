@@ -84,7 +84,12 @@ class Plan:
         p.add_argument("--token-score", default=None, choices=["delta", "feature_mean"])
         p.add_argument("--lam", type=float, default=d.lam)
         p.add_argument("--rho-max", type=float, default=d.rho_max)
-        p.add_argument("--model", default=None, help="check the profile belongs to this model")
+        p.add_argument("--model", default=None, help="check the profile belongs to this model (and "
+                       "calibrate on it; default: the profile's model)")
+        p.add_argument("--calibrate", type=int, default=0, metavar="N",
+                       help="measure SODA's candidate plans for the budget on N samples (seeds from "
+                            "--calibrate-seed) and keep the one closest to the full model")
+        p.add_argument("--calibrate-seed", type=int, default=500_000)
         p.add_argument("--out", required=True, help="plan JSON")
         p.add_argument("--plot", default=None, help="also write the schedule plot (PNG)")
 
@@ -99,13 +104,24 @@ class Plan:
         cfg = soda.Config(speedup=args.speedup, latency_speedup=args.latency_speedup, anchors=args.anchors,
                           prune=not args.no_prune, schedule=args.schedule, token_score=args.token_score,
                           lam=args.lam, rho_max=args.rho_max)
+        if args.calibrate < 0:
+            raise ValueError(f"--calibrate must be >= 0, got {args.calibrate}")
+        if args.calibrate and args.anchors is not None:
+            raise ValueError("--calibrate chooses how to spend a speedup budget: give --speedup or "
+                             "--latency-speedup, not --anchors")
         prof = P.load(args.profile)
-        if args.model:
+        pipe = None
+        if args.model or args.calibrate:
             from ..io import model_fingerprint
             from ..registry import load_pipeline
 
-            prof.check_for(fingerprint=model_fingerprint(load_pipeline(args.model).transformer))
-        plan = soda.plan(cfg, prof)
+            model = args.model or prof.meta.get("model_name") or "fmnist-dit"
+            pipe = load_pipeline(model, prof.meta.get("dtype") or "bf16")
+            prof.check_for(fingerprint=model_fingerprint(pipe.transformer))
+        if args.calibrate:
+            plan = _calibrated(pipe, prof, cfg, args.calibrate, args.calibrate_seed)
+        else:
+            plan = soda.plan(cfg, prof)
         plan.save(args.out)
         pred = plan.meta["predicted"]
         print(f"{plan.method}: {int(plan.anchors.sum())} anchors of {plan.num_steps} steps; predicted "
@@ -114,3 +130,28 @@ class Plan:
         if args.plot:
             print(f"plot: {plot_schedule(plan, Path(args.plot))}")
         return 0
+
+
+def _calibrated(pipe, prof, cfg, n: int, seed: int):
+    """SODA's candidates for ``cfg``'s budget measured on ``n`` class-conditional samples of the
+    profile's sampler and guidance; prints the calibration table."""
+    from ..methods import soda
+    from ..sampling import sample
+
+    if prof.meta.get("class_labels") is None or not prof.meta.get("sampler"):
+        raise ValueError("this profile was made with a custom run function; calibrate it in Python "
+                         "with ditaccel.calibrate_soda(pipe, run, profile, speedup=...)")
+    classes = sorted(set(prof.meta["class_labels"]))
+    labels = [classes[i % len(classes)] for i in range(n)]
+
+    def run(p):
+        return sample(p, labels, sampler=prof.meta["sampler"], steps=prof.num_steps,
+                      guidance_scale=prof.meta["guidance_scale"], seed=seed, batch_size=n, progress=False)[0]
+
+    best, rows = soda.calibrate(pipe, run, soda.candidates(cfg, prof))
+    print(f"{'candidate':>10} {'anchors':>8} {'pruned':>7} {'predicted err':>14} {'PSNR vs full':>13}")
+    for i, r in enumerate(rows):
+        mark = " <- kept" if i == best.meta["calibration"]["chosen"] else ""
+        print(f"{i:>10} {r['anchors']:>8} {r['pruned_modules']:>7} {r['predicted_error']:>14.4g} "
+              f"{r['psnr']:>11.2f}dB{mark}")
+    return best

@@ -301,3 +301,99 @@ def _solve_beta(profile, anchors, cfg: Config, score: int, target: float, make) 
 def plan_soda(profile, **options) -> Plan:
     """``plan_soda(profile, speedup=2.5)``: the SODA plan; options are :class:`Config`'s."""
     return plan(Config(**options), profile)
+
+
+# ------------------------------------------------------------------------------------------------
+# Candidates and measured selection
+#
+# The planner's error model adds per-(layer, module) cosine errors measured on the full model's
+# trajectory.  It ranks anchor schedules well, but on the bundled model it over-values token
+# pruning against extra anchors: modules of a block interact (a fresh MLP on top of a cached
+# attention output is worse than caching both), which a per-module table cannot see.  So the
+# trade-off between "more anchors" and "fewer anchors + pruning" is decided by measurement:
+# :func:`candidates` lists the plans that spend the same budget differently (pure), and
+# :func:`calibrate` runs them on a few samples and keeps the one closest to the full model.
+
+
+def candidates(config: Config, profile, fewer: int = 3) -> list[Plan]:
+    """Plans meeting ``config``'s budget that spend it differently: caching only (OFS+DCS) with
+    the most anchors the budget affords, then SODA with that many anchors and with up to ``fewer``
+    fewer, pruning paying for the rest.  Duplicates (pruning that finds nothing worth it) are
+    dropped.  Needs a speedup or latency budget."""
+    if config.speedup is None and config.latency_speedup is None:
+        raise ValueError("candidates need a speedup or latency_speedup budget")
+    if fewer < 0:
+        raise ValueError(f"fewer must be >= 0, got {fewer}")
+    budget = dict(speedup=config.speedup, latency_speedup=config.latency_speedup)
+    cache_only = plan(Config(**{**asdict(config), "prune": False, "anchors": None}), profile)
+    out = [cache_only]
+    if config.prune:
+        k_max = int(cache_only.anchors.sum())
+        for k in range(k_max, max(0, k_max - fewer - 1), -1):
+            try:
+                p = plan(Config(**{**asdict(config), **budget, "anchors": k}), profile)
+            except ValueError:
+                continue
+            if not any(torch.equal(p.anchors, q.anchors) and torch.equal(p.tokens, q.tokens) for q in out):
+                out.append(p)
+    return out
+
+
+def _as_images(output) -> torch.Tensor:
+    """A pipeline run's images as a float tensor: a tensor, or an object with ``.images`` (tensor,
+    numpy array or list of PIL images)."""
+    import numpy as np
+
+    images = getattr(output, "images", output)
+    if isinstance(images, (tuple, list)) and images and not torch.is_tensor(images[0]):
+        images = np.stack([np.asarray(im, dtype=np.float32) / 255.0 for im in images])
+    if isinstance(images, np.ndarray):
+        images = torch.from_numpy(np.asarray(images, dtype=np.float32))
+    if not torch.is_tensor(images):
+        raise TypeError("run(pipe) must return images: a tensor, or an output with .images")
+    return images.detach().float().cpu()
+
+
+def calibrate(pipe, run, plans: list[Plan], progress: bool = True) -> tuple[Plan, list[dict]]:
+    """Run the full model and each plan through ``run(pipe)`` (same seeds every time; images in
+    [0, 1]) and return the plan with the smallest mean squared error to the full model, with one
+    row per plan (anchors, how many modules prune, predicted error, measured MSE and PSNR).  Ties
+    go to the earlier plan.  The chosen plan's metadata records the calibration."""
+    import math as _m
+
+    from tqdm.auto import tqdm
+
+    from ..runtime import apply, remove
+
+    if not plans:
+        raise ValueError("give at least one plan to calibrate")
+    with torch.no_grad():
+        reference = _as_images(run(pipe))
+        rows = []
+        for p in tqdm(plans, desc="calibrating", disable=not progress):
+            apply(pipe, p)
+            try:
+                images = _as_images(run(pipe))
+            finally:
+                remove(pipe)
+            if images.shape != reference.shape:
+                raise ValueError("run(pipe) returned images of another shape under a plan; it must "
+                                 "sample the same seeds every call")
+            mse = float((images.double() - reference.double()).pow(2).mean())
+            pruned = int(((p.tokens > 0) & (p.tokens < p.num_tokens))[~p.anchors].sum())
+            rows.append({"anchors": int(p.anchors.sum()), "pruned_modules": pruned, "method": p.method,
+                         "predicted_error": p.meta.get("predicted", {}).get("error"),
+                         "speedup_flops": p.meta.get("predicted", {}).get("speedup_flops"),
+                         "mse": mse, "psnr": 10 * _m.log10(1 / mse) if mse > 0 else _m.inf})
+    best = min(range(len(plans)), key=lambda i: (rows[i]["mse"], i))
+    chosen = plans[best]
+    meta = {**chosen.meta, "calibration": {"rows": rows, "chosen": best, "samples": int(reference.shape[0])}}
+    return Plan(num_tokens=chosen.num_tokens, modules=chosen.modules, anchors=chosen.anchors,
+                tokens=chosen.tokens, token_score=chosen.token_score, method=chosen.method, meta=meta), rows
+
+
+def calibrate_soda(pipe, run, profile, fewer: int = 3, progress: bool = True, **options) -> Plan:
+    """``calibrate_soda(pipe, run, profile, speedup=2.5)``: SODA's candidates for the budget
+    (:func:`candidates`), measured on ``run(pipe)`` (a few samples on seeds other than those you
+    evaluate on; images in [0, 1]); the one closest to the full model."""
+    return calibrate(pipe, run, candidates(Config(**options), profile, fewer), progress)[0]

@@ -226,7 +226,7 @@ class ModuleHook(ModelHook):
         if (self.layer, self.role) in st.skipped_inputs:  # its norm ran on one token: reuse
             st.skipped_inputs.discard((self.layer, self.role))
             record[(self.layer, self.role)] = 0
-            return st.caches[(st.branch, self.layer, self.role)].out
+            return st.caches[(st.branch, self.layer, self.role)].give()
         x = args[0] if args else kwargs.pop("hidden_states")
         rest = args[1:]
         k = st.tokens_for(self.layer, self.m)
@@ -246,7 +246,7 @@ class ModuleHook(ModelHook):
             return out
         if k == REUSE:
             record[(self.layer, self.role)] = 0
-            return cache.out
+            return cache.give()
         ref = cache.ref if cache.ref is not None else x
         idx = token_scores(x[:, text:], ref[:, text:], st.plan.token_score).topk(k, dim=1).indices + text
         if text:  # text tokens are always computed
@@ -275,10 +275,11 @@ class ModuleHook(ModelHook):
         cache.image_out.scatter_(1, idx[..., None].expand(-1, -1, fresh.shape[-1]), fresh.to(cache.image_out.dtype))
         if isinstance(cache.out, tuple) and text_out is not None:
             cache.out = (cache.out[0], _into(cache.out[1], text_out), *cache.out[2:])
+        cache.touched()
         if cache.ref is not None:
             cache.ref.scatter_(1, idx[..., None].expand(-1, -1, x_sel.shape[-1]), x_sel)
         record[(self.layer, self.role)] = k
-        return cache.out
+        return cache.give()
 
 
 class NormSkipHook(ModelHook):

@@ -27,24 +27,78 @@ def _into(buf, value):
     return buf.copy_(value)
 
 
+def _versions(value):
+    """In-place modification counters of a cached value (None where torch keeps none, e.g.
+    inference-mode tensors)."""
+    if isinstance(value, tuple):
+        return tuple(_versions(v) for v in value)
+    if value is None:
+        return None
+    try:
+        return value._version
+    except RuntimeError:  # inference tensors track no version
+        return None
+
+
+def _detached(value):
+    if isinstance(value, tuple):
+        return tuple(_detached(v) for v in value)
+    return None if value is None else value.detach()
+
+
+def _has_none(versions, value) -> bool:
+    if isinstance(versions, tuple):
+        return any(_has_none(v, x) for v, x in zip(versions, value))
+    return versions is None and value is not None
+
+
 class ModuleCache:
     """One module's cache for one guidance branch: its output as last computed or patched, and
-    (for the ``delta`` score) its input when each token was last computed.  The buffers live as
-    long as the plan is applied; ``generation`` says which trajectory filled them."""
+    (for the ``delta`` score) its input when each token was last computed.  ``generation`` says
+    which trajectory filled them.
+
+    The output is kept by reference, not copied (a copy of every cached output costs several
+    percent of an anchor step on a CPU), and its in-place version counters are remembered: if
+    anything but the runtime modifies it in place afterwards, :meth:`valid` says so, the module
+    recomputes, and from then on this cache copies.  Inputs kept for the ``delta`` score are
+    always copied: two modules may share one input tensor (e.g. Flux's single blocks), and the
+    runtime patches inputs in place."""
 
     def __init__(self):
         self.out = None
         self.ref: torch.Tensor | None = None
         self.generation = -1
         self.shape: tuple[int, ...] = ()
+        self.copy_out = False
+        self._versions = None
 
     def store(self, out, x: torch.Tensor, keep_ref: bool, generation: int) -> None:
-        self.out = _into(self.out, out)
+        self.out = _into(self.out, out) if self.copy_out else _detached(out)
         self.ref = _into(self.ref, x) if keep_ref else None
         self.shape, self.generation = tuple(x.shape), generation
+        self.touched()
+        if not self.copy_out and _has_none(self._versions, self.out):
+            self.copy_out = True  # cannot watch it: keep a private copy instead
+            self.out = _into(None, out)
+            self.touched()
+
+    def give(self):
+        """The cached output for the block to use: the cache itself (watched), or in copy mode a
+        copy the block may modify."""
+        return _into(None, self.out) if self.copy_out else self.out
+
+    def touched(self) -> None:
+        """The runtime itself patched the output in place."""
+        self._versions = _versions(self.out)
 
     def valid(self, x: torch.Tensor, generation: int) -> bool:
-        return self.generation == generation and self.shape == tuple(x.shape)
+        if self.generation != generation or self.shape != tuple(x.shape):
+            return False
+        if not self.copy_out and _versions(self.out) != self._versions:
+            # modified behind our back: recompute, and keep private copies from now on
+            self.copy_out, self.generation, self.out = True, -1, None
+            return False
+        return True
 
     @property
     def image_out(self) -> torch.Tensor:

@@ -1,0 +1,216 @@
+"""Peer caching methods, applied to a pipeline the way a user of those libraries would, with the
+plumbing they need on DiT-family models that do not provide it themselves.
+
+- diffusers' own hooks (``diffusers.hooks.apply_*``): first-block cache, pyramid attention
+  broadcast, FasterCache, TaylorSeer, MagCache (calibrated as its docs say: one run with
+  ``calibrate=True``, whose printed ratios configure the cache);
+- cache-dit (PyPI ``cache-dit``): DBCache, with and without its TaylorSeer calibrator.
+
+What the plumbing adds (``DiTTransformer2DModel`` has no ``CacheMixin``; DiT pipelines set no cache
+context and expose no current timestep): a cache context around every transformer call (one name:
+classifier-free guidance runs both branches in one batched call), the current timestep read from
+the call, and a reset of the hooks' state at the start of every trajectory (the timestep goes up,
+or the batch changes).  How each was worked out, with the failures of the defaults, is in
+``notes/peers/REPORT.md``.
+
+    handle = attach_peer(pipe, "fbc", 0.2, num_steps=50)
+    images = pipe(...)
+    handle.remove()
+
+Each peer has one swept knob (``PEERS[name].knob``) and a default sweep from light to aggressive.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import io
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+
+class PeerUnavailable(RuntimeError):
+    """The library a peer needs is not installed."""
+
+
+@dataclass(frozen=True)
+class Peer:
+    name: str
+    library: str
+    knob: str
+    sweep: tuple[float, ...]
+    needs_calibration: bool = False
+    note: str = ""
+
+
+PEERS: dict[str, Peer] = {p.name: p for p in (
+    Peer("fbc", "diffusers", "threshold", (0.05, 0.1, 0.2, 0.3, 0.5, 0.8)),
+    Peer("pab", "diffusers", "spatial_attention_block_skip_range", (2, 3, 4, 6, 8),
+         note="self-attention only, timesteps 100-800 (diffusers' default range)"),
+    Peer("fastercache", "diffusers", "spatial_attention_block_skip_range", (2, 3, 4, 6),
+         note="diffusers assumes [uncond, cond] batches; DiT pipelines batch [cond, uncond], so it "
+              "computes the unconditional half and approximates the conditional one"),
+    Peer("taylorseer", "diffusers", "cache_interval", (2, 3, 4, 5, 6),
+         note="blocks hooked through cache_identifiers (the default patterns hook nothing on DiT)"),
+    Peer("magcache", "diffusers", "threshold", (0.02, 0.04, 0.08, 0.16, 0.32), needs_calibration=True),
+    Peer("dbcache", "cache-dit", "residual_diff_threshold", (0.05, 0.1, 0.2, 0.3, 0.5, 0.8),
+         note="F1B0, 4 warm-up steps (the default config computes every block of an 8-layer model)"),
+    Peer("dbcache-taylorseer", "cache-dit", "residual_diff_threshold", (0.05, 0.1, 0.2, 0.3, 0.5, 0.8),
+         note="DBCache F1B0 + TaylorSeer calibrator of order 1"),
+)}
+
+
+class _Plumbing:
+    """Forward pre/post hooks on the transformer: the current timestep, a cache context around
+    every call, and a reset of diffusers' hook state when a new trajectory starts."""
+
+    def __init__(self, transformer, context: bool, reset: Callable[[], None] | None):
+        self.transformer, self.context, self.reset = transformer, context, reset
+        self.timestep: float = 1000.0
+        self._last: tuple[float, int] | None = None
+        self._cm = None
+        self._handles = [transformer.register_forward_pre_hook(self._pre, with_kwargs=True),
+                         transformer.register_forward_hook(self._post, always_call=True)]
+
+    def _pre(self, module, args, kwargs):
+        t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+        t = float(torch.as_tensor(t).flatten()[0]) if t is not None else self.timestep
+        x = kwargs.get("hidden_states", args[0] if args else None)
+        rows = int(x.shape[0]) if torch.is_tensor(x) else -1
+        if self.reset is not None and (self._last is None or t >= self._last[0] or rows != self._last[1]):
+            self.reset()
+        self._last, self.timestep = (t, rows), t
+        if self.context:
+            from diffusers.models.cache_utils import CacheMixin
+
+            self._cm = CacheMixin.cache_context(module, "cfg")
+            self._cm.__enter__()
+
+    def _post(self, module, args, output):
+        if self._cm is not None:
+            cm, self._cm = self._cm, None
+            cm.__exit__(None, None, None)
+
+    def current_timestep(self) -> float:
+        return self.timestep
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+class PeerHandle:
+    """An attached peer; :meth:`remove` takes it off again."""
+
+    def __init__(self, name: str, remove: Callable[[], None], info: dict | None = None):
+        self.name, self._remove, self.info = name, remove, info or {}
+
+    def remove(self) -> None:
+        self._remove()
+
+
+def _registry(transformer):
+    from diffusers.hooks import HookRegistry
+
+    return HookRegistry.check_if_exists_or_initialize(transformer)
+
+
+def _diffusers_hook_names(name: str) -> list[str]:
+    from diffusers.hooks import faster_cache, first_block_cache, mag_cache, pyramid_attention_broadcast, taylorseer_cache
+
+    return {"fbc": [first_block_cache._FBC_LEADER_BLOCK_HOOK, first_block_cache._FBC_BLOCK_HOOK],
+            "pab": [pyramid_attention_broadcast._PYRAMID_ATTENTION_BROADCAST_HOOK],
+            "fastercache": [faster_cache._FASTER_CACHE_DENOISER_HOOK, faster_cache._FASTER_CACHE_BLOCK_HOOK],
+            "taylorseer": [taylorseer_cache._TAYLORSEER_CACHE_HOOK],
+            "magcache": [mag_cache._MAG_CACHE_LEADER_BLOCK_HOOK, mag_cache._MAG_CACHE_BLOCK_HOOK]}[name]
+
+
+def calibrate_magcache(pipe, run: Callable[[Any], Any], num_steps: int) -> list[float]:
+    """MagCache's calibration, as its docs describe it: one run with ``calibrate=True`` (nothing is
+    skipped); the per-step magnitude ratios it prints configure the cache."""
+    from diffusers.hooks import MagCacheConfig, apply_mag_cache
+
+    tf = pipe.transformer
+    apply_mag_cache(tf, MagCacheConfig(calibrate=True, num_inference_steps=num_steps))
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buf):
+            run(pipe)
+    finally:
+        reg = _registry(tf)
+        for n in _diffusers_hook_names("magcache"):
+            reg.remove_hook(n, recurse=True)
+    lines = [ln for ln in buf.getvalue().strip().splitlines() if ln.strip().startswith("[")]
+    if not lines:
+        raise RuntimeError("MagCache's calibration printed no ratios; does run(pipe) call the pipeline "
+                           f"with num_inference_steps={num_steps}?")
+    return [float(v) for v in ast.literal_eval(lines[-1])]
+
+
+def attach_peer(pipe, name: str, value: float, num_steps: int, mag_ratios: list[float] | None = None) -> PeerHandle:
+    """Attach peer ``name`` with its knob at ``value`` to ``pipe.transformer`` (sampled in
+    ``num_steps`` steps).  MagCache needs ``mag_ratios`` from :func:`calibrate_magcache`."""
+    if name not in PEERS:
+        raise ValueError(f"unknown peer {name!r}; choose one of {', '.join(PEERS)}")
+    tf = pipe.transformer
+    if PEERS[name].library == "cache-dit":
+        return _attach_cache_dit(pipe, name, value, num_steps)
+    import diffusers.hooks as dh
+
+    reg = _registry(tf)
+    plumbing = _Plumbing(tf, context=name in ("fbc", "taylorseer"), reset=reg.reset_stateful_hooks)
+    try:
+        if name == "fbc":
+            dh.apply_first_block_cache(tf, dh.FirstBlockCacheConfig(threshold=float(value)))
+        elif name == "pab":
+            dh.apply_pyramid_attention_broadcast(tf, dh.PyramidAttentionBroadcastConfig(
+                spatial_attention_block_skip_range=int(value), spatial_attention_timestep_skip_range=(100, 800),
+                current_timestep_callback=plumbing.current_timestep))
+        elif name == "fastercache":
+            dh.apply_faster_cache(tf, dh.FasterCacheConfig(
+                tensor_format="BCHW", current_timestep_callback=plumbing.current_timestep,
+                spatial_attention_block_skip_range=int(value), spatial_attention_timestep_skip_range=(-1, 681),
+                unconditional_batch_skip_range=5, unconditional_batch_timestep_skip_range=(-1, 641),
+                attention_weight_callback=lambda _: 0.5,
+                _unconditional_conditional_input_kwargs_identifiers=["hidden_states", "timestep", "class_labels"]))
+        elif name == "taylorseer":
+            dh.apply_taylorseer_cache(tf, dh.TaylorSeerCacheConfig(
+                cache_identifiers=[r"transformer_blocks\.\d+"], cache_interval=int(value),
+                disable_cache_before_step=3, max_order=1, taylor_factors_dtype=torch.float32))
+        elif name == "magcache":
+            if mag_ratios is None:
+                raise ValueError("magcache needs mag_ratios: run calibrate_magcache(pipe, run, num_steps) first")
+            dh.apply_mag_cache(tf, dh.MagCacheConfig(mag_ratios=list(mag_ratios), num_inference_steps=num_steps,
+                                                     threshold=float(value), max_skip_steps=3, retention_ratio=0.2))
+        reg.invalidate_child_registries_cache()  # the context must reach the hooks just added
+    except Exception:
+        plumbing.remove()
+        raise
+
+    def remove():
+        plumbing.remove()
+        for n in _diffusers_hook_names(name):
+            reg.remove_hook(n, recurse=True)
+
+    return PeerHandle(name, remove, {"knob": PEERS[name].knob, "value": value})
+
+
+def _attach_cache_dit(pipe, name: str, value: float, num_steps: int) -> PeerHandle:
+    try:
+        import cache_dit
+        from cache_dit import DBCacheConfig, TaylorSeerCalibratorConfig
+    except ImportError as e:
+        raise PeerUnavailable(f"{name} needs cache-dit: pip install cache-dit ({e})") from None
+    calib = TaylorSeerCalibratorConfig(taylorseer_order=1) if name == "dbcache-taylorseer" else None
+    cfg = DBCacheConfig(Fn_compute_blocks=1, Bn_compute_blocks=0, max_warmup_steps=4,
+                        residual_diff_threshold=float(value), num_inference_steps=num_steps)
+    with contextlib.redirect_stdout(io.StringIO()):
+        cache_dit.enable_cache(pipe, cache_config=cfg, calibrator_config=calib)
+
+    def remove():
+        with contextlib.redirect_stdout(io.StringIO()):
+            cache_dit.disable_cache(pipe)
+
+    return PeerHandle(name, remove, {"knob": PEERS[name].knob, "value": value})

@@ -1,0 +1,84 @@
+"""Peer caching methods attached with their plumbing: they skip work, change the output, reset
+between runs, survive a batch change, and come off cleanly."""
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, DiTTransformer2DModel
+
+from ditaccel.models.reference import NOISE_SCHEDULE
+from ditaccel.peers import PEERS, attach_peer, calibrate_magcache
+from ditaccel.pipeline import DiTPixelPipeline
+from ditaccel.sampling import sample
+
+STEPS = 20
+AGGRESSIVE = {"fbc": 0.5, "pab": 3, "fastercache": 2, "taylorseer": 3, "magcache": 0.24, "dbcache": 0.5,
+              "dbcache-taylorseer": 0.5}
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    torch.manual_seed(0)
+    tf = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=1, out_channels=1,
+                               num_layers=4, sample_size=8, patch_size=2, num_embeds_ada_norm=4,
+                               norm_type="ada_norm_zero").eval()
+    with torch.no_grad():  # diffusers zero-initialises the gates: make the blocks do something
+        for p in tf.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    p = DiTPixelPipeline(transformer=tf, scheduler=DDIMScheduler(**NOISE_SCHEDULE))
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+def _run(pipe, labels=(0, 1), seed=0):
+    return sample(pipe, list(labels), steps=STEPS, guidance_scale=2.0, seed=seed, progress=False,
+                  count_flops=False)[0]
+
+
+def _attn_calls(pipe):
+    calls = []
+    handles = [b.attn1.to_q.register_forward_hook(lambda *a: calls.append(1)) for b in pipe.transformer.transformer_blocks]
+    return calls, handles
+
+
+def test_every_peer_has_a_knob_and_a_sweep():
+    for peer in PEERS.values():
+        assert peer.library in ("diffusers", "cache-dit") and peer.knob and len(peer.sweep) >= 4
+        assert list(peer.sweep) == sorted(peer.sweep)
+
+
+@pytest.mark.parametrize("name", sorted(PEERS))
+def test_peer_skips_work_resets_between_runs_and_comes_off(pipe, name):
+    if PEERS[name].library == "cache-dit":
+        pytest.importorskip("cache_dit")
+    full = _run(pipe)
+    calls, handles = _attn_calls(pipe)
+    _run(pipe)
+    full_calls = len(calls)
+    ratios = None
+    if PEERS[name].needs_calibration:
+        ratios = calibrate_magcache(pipe, lambda p: _run(p, labels=(2, 3), seed=9), STEPS)
+        assert len(ratios) == STEPS and ratios[0] == 1.0
+        torch.testing.assert_close(_run(pipe), full, atol=0, rtol=0)  # calibration leaves nothing behind
+    handle = attach_peer(pipe, name, AGGRESSIVE[name], STEPS, mag_ratios=ratios)
+    try:
+        calls.clear()
+        first = _run(pipe)
+        assert len(calls) < full_calls, f"{name} skipped no attention call"
+        assert not torch.equal(first, full)
+        assert torch.equal(_run(pipe), first), f"{name} leaks state from one run into the next"
+        _run(pipe, labels=(0, 1, 2))  # another batch size starts clean
+        assert torch.equal(_run(pipe), first)
+    finally:
+        handle.remove()
+        for h in handles:
+            h.remove()
+    assert torch.equal(_run(pipe), full)
+
+
+def test_unknown_peer_and_missing_ratios_are_refused(pipe):
+    with pytest.raises(ValueError, match="unknown peer"):
+        attach_peer(pipe, "nope", 1, STEPS)
+    with pytest.raises(ValueError, match="calibrate_magcache"):
+        attach_peer(pipe, "magcache", 0.1, STEPS)
+    full = _run(pipe)
+    assert torch.equal(_run(pipe), full)  # a refused attach leaves nothing behind
