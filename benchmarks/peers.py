@@ -46,14 +46,14 @@ from ditaccel.runtime import apply, remove
 from ditaccel.sampling import sample
 
 OURS = {  # name -> (knob, sweep, quick sweep)
-    "fora": ("interval", (2, 3, 4, 5, 6), (2, 4)),
+    "fora": ("interval", (2, 3, 4, 5, 6), (2,)),
     "toca": ("interval", (2, 3, 4, 5, 6), (3,)),
     "delta-dit": ("interval", (2, 3, 4, 6), (3,)),
-    "soda": ("speedup", (1.5, 2.0, 2.5, 3.0, 3.5, 4.0), (2.0, 3.0)),
+    "soda": ("speedup", (1.5, 2.0, 2.5, 3.0, 3.5, 4.0), (2.0,)),
     "soda-latency": ("latency_speedup", (1.5, 2.0, 2.5, 3.0, 3.5, 4.0), (2.0,)),
 }
-QUICK_PEERS = {"fbc": (0.2,), "pab": (3,), "fastercache": (2,), "taylorseer": (3,), "magcache": (0.08,),
-               "dbcache": (0.2,), "dbcache-taylorseer": (0.2,)}
+QUICK_PEERS = {"fbc": (0.06,), "pab": (3,), "fastercache": (2,), "taylorseer": (3,), "magcache": (0.04,),
+               "dbcache": (0.06,), "dbcache-taylorseer": (0.06,)}
 
 
 @dataclass
@@ -121,7 +121,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--only", default=None, help="comma-separated methods to run (default: all)")
     args = ap.parse_args()
-    args.n = args.n or (24 if args.quick else 250)
+    args.n = args.n or (16 if args.quick else 250)
     args.batch = args.batch or (8 if args.quick else 16)
     t0 = time.time()
     from soda import get_profile  # the benchmark's own cached SODA profiles
