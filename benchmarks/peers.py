@@ -120,7 +120,14 @@ def main() -> None:
     ap.add_argument("--cfg", type=float, default=3.0)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--only", default=None, help="comma-separated methods to run (default: all)")
+    ap.add_argument("--replot", action="store_true", help="redraw the table and plot from the saved JSON")
     args = ap.parse_args()
+    if args.replot:
+        stem = f"peers-{args.sampler}" + ("-quick" if args.quick else "")
+        out = json.loads((RESULTS / f"{stem}.json").read_text())
+        (RESULTS / f"{stem}.md").write_text(report(out) + "\n")
+        plot(out, RESULTS / f"{stem}.png")
+        return
     args.n = args.n or (16 if args.quick else 250)
     args.batch = args.batch or (8 if args.quick else 16)
     t0 = time.time()
@@ -247,9 +254,12 @@ def plot(out: dict, path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     methods = sorted({r["method"] for r in out["rows"]} - {"full"})
-    for m in methods:
+    markers = {"ours": "o", "diffusers": "s", "cache-dit": "^"}
+    colors = plt.cm.tab20(range(20))
+    for i, m in enumerate(methods):
         pts = sorted((r for r in out["rows"] if r["method"] == m), key=lambda r: r["speedup_measured"])
-        style = dict(marker="o", lw=2.5 if m.startswith("soda") else 1.2, ms=4)
+        style = dict(marker=markers.get(pts[0]["family"], "o"), color=colors[i % 20],
+                     lw=2.5 if m.startswith("soda") else 1.2, ms=6 if m.startswith("soda") else 4)
         for ax, key in zip(axes, ("psnr", "fd_vs_full")):
             ax.plot([r["speedup_measured"] for r in pts], [r[key] for r in pts], label=m, **style)
     axes[0].set_ylabel("PSNR vs full model (dB)")
@@ -258,7 +268,7 @@ def plot(out: dict, path) -> None:
     for ax in axes:
         ax.set_xlabel("measured wall-clock speedup")
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=7, ncol=2)
+    axes[1].legend(fontsize=7, ncol=2, title="o ours, ■ diffusers, ▲ cache-dit", title_fontsize=7)
     fig.suptitle(f"{out['sampler'].upper()}-{out['steps']} on fmnist-dit ({out['n']} images)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
