@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
+
+
+def save_json(name: str, data: dict) -> None:
+    """Write ``results/<name>.json``."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=2) + "\n")
 
 
 def replace_block(name: str, text: str, readme: Path = ROOT / "README.md") -> None:

@@ -35,7 +35,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from common import RESULTS, replace_block
+from common import RESULTS, replace_block, save_json
 from ditaccel.methods import make_plan, model_shape, soda
 from ditaccel.metrics import feature_extractor, frechet_distance, psnr, ssim
 from ditaccel.models.classifier import predict
@@ -195,9 +195,8 @@ def main() -> None:
     out = {"sampler": args.sampler, "steps": steps, "n": args.n, "batch": args.batch, "repeats": args.repeats,
            "cfg": args.cfg, "quick": args.quick, "threads": torch.get_num_threads(),
            "total_s": time.time() - t0, "rows": rows}
-    RESULTS.mkdir(parents=True, exist_ok=True)
     stem = f"peers-{args.sampler}" + ("-quick" if args.quick else "")
-    (RESULTS / f"{stem}.json").write_text(json.dumps(out, indent=2) + "\n")
+    save_json(stem, out)
     table = report(out)
     (RESULTS / f"{stem}.md").write_text(table + "\n")
     plot(out, RESULTS / f"{stem}.png")

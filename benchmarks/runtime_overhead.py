@@ -11,14 +11,13 @@ repeats is used, so that machine noise affects all alike.  Rewrites README's run
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
 import torch
 from tqdm import tqdm
 
-from common import RESULTS, replace_block
+from common import RESULTS, replace_block, save_json
 from ditaccel.methods import make_plan, model_shape
 from ditaccel.plan import full_plan
 from ditaccel.metrics import psnr, ssim
@@ -129,8 +128,7 @@ def main() -> None:
     out = {"n": args.n, "steps": args.steps, "dtype": args.dtype, "repeats": args.repeats,
            "threads": torch.get_num_threads(), "full_wall_s": full_wall, "full_cpu_s": full_cpu,
            "rows": rows}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "runtime_overhead.json").write_text(json.dumps(out, indent=2) + "\n")
+    save_json("runtime_overhead", out)
     lines = ["| plan | FLOP speedup (ideal) | measured wall-clock speedup | wall / ideal | "
              "CPU-time speedup | CPU / ideal | transformer-call speedup | calls / ideal | "
              "anchor call | reusing call | PSNR vs full | SSIM vs full |",

@@ -28,11 +28,10 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
 import torch
 
-from common import RESULTS, ROOT, replace_block
+from common import RESULTS, ROOT, replace_block, save_json
 from ditaccel.data import load_fashion_mnist
 from ditaccel.methods import soda
 from ditaccel.metrics import feature_extractor, frechet_distance, psnr, ssim
@@ -81,6 +80,8 @@ def variants(prof: Profile, speedup: float, names: list[str], pipe=None, cal_run
 def score_plans(prof: Profile, speedup: float) -> dict:
     """The fixed schedule, reuse in between, attention recomputed on a fraction of the tokens that
     each token score picks: the scores compared on equal terms."""
+    from dataclasses import replace
+
     from ditaccel.plan import FULL, REUSE, Plan
 
     k = max(1, round(prof.num_steps / speedup))
@@ -93,9 +94,7 @@ def score_plans(prof: Profile, speedup: float) -> dict:
         for score in prof.token_scores:
             p = Plan(num_tokens=prof.num_tokens, modules=prof.modules, anchors=anchors, tokens=tokens,
                      token_score=score, method="fixed+attn")
-            out[f"attention {frac:.0%} by {score}"] = Plan(
-                num_tokens=p.num_tokens, modules=p.modules, anchors=anchors, tokens=tokens, token_score=score,
-                method=p.method, meta={"predicted": soda.predict(p, prof)})
+            out[f"attention {frac:.0%} by {score}"] = replace(p, meta={"predicted": soda.predict(p, prof)})
     return out
 
 
@@ -179,7 +178,7 @@ def main() -> None:
         for row, plan in zip(rows[1:], plans.values()):
             if "calibration" in plan.meta:
                 row["calibration"] = plan.meta["calibration"]
-                row["pruned_modules"] = int(((plan.tokens > 0) & (plan.tokens < plan.num_tokens))[~plan.anchors].sum())
+                row["pruned_modules"] = plan.pruned_modules()
         results.append({"sampler": sampler, "steps": steps, "n": n, "profile_variation": prof.variation(),
                         "profile_s": prof.meta.get("profile_s"), "cost_s": prof.meta.get("cost_s"),
                         "rows": rows})
@@ -187,8 +186,7 @@ def main() -> None:
     results = sorted(kept + results, key=lambda r: order.get(r["sampler"], 9))
     out = {"cfg": args.cfg, "speedup": args.speedup, "profile_samples": args.profile_samples,
            "threads": torch.get_num_threads(), "total_s": time.time() - t0, "results": results}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "soda.json").write_text(json.dumps(out, indent=2) + "\n")
+    save_json("soda", out)
     lines = ["| setting | variant | anchors | FLOP speedup | wall-clock speedup | CPU-time speedup | "
              "PSNR vs full | SSIM vs full | FD vs full | FD vs real test | classifier agreement |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -16,7 +16,7 @@ import json
 
 import torch
 
-from common import RESULTS, ROOT, replace_block
+from common import ROOT, replace_block, save_json
 from ditaccel.methods import soda
 from ditaccel.metrics import psnr, ssim
 from ditaccel.plan import FULL, REUSE, Plan
@@ -61,9 +61,7 @@ def main() -> None:
         rows.append({"choice": name, "speedup_flops": pred["speedup_flops"], "predicted_error": pred["error"],
                      "psnr": psnr(full, images), "ssim": ssim(full, images)})
         print(json.dumps(rows[-1]), flush=True)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "soda_interaction.json").write_text(json.dumps({"n": args.n, "anchors": args.anchors,
-                                                               "rows": rows}, indent=2) + "\n")
+    save_json("soda_interaction", {"n": args.n, "anchors": args.anchors, "rows": rows})
     lines = ["| non-anchor steps compute | FLOP speedup | predicted summed error | PSNR vs full | SSIM vs full |",
              "|---|---|---|---|---|"]
     lines += [f"| {r['choice']} | {r['speedup_flops']:.2f}x | {r['predicted_error']:.3f} | {r['psnr']:.2f} | "

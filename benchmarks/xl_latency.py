@@ -21,7 +21,7 @@ import torch
 from diffusers import DDIMScheduler, DiTTransformer2DModel
 from torch.utils.flop_counter import FlopCounterMode
 
-from common import RESULTS, replace_block
+from common import replace_block, save_json
 from ditaccel.methods import make_plan, model_shape
 from ditaccel.plan import full_plan
 from ditaccel.runtime import apply, remove
@@ -94,8 +94,7 @@ def main() -> None:
         print(json.dumps(row), flush=True)
     out = {"steps": args.steps, "repeats": args.repeats, "threads": torch.get_num_threads(),
            "full_gflops_per_trajectory": full_flops / 1e9, "rows": rows}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "xl_latency.json").write_text(json.dumps(out, indent=2) + "\n")
+    save_json("xl_latency", out)
     lines = ["| plan | FLOP speedup | measured speedup | efficiency |", "|---|---|---|---|"]
     lines += [f"| {r['plan']} | {r['speedup_flops']:.2f}x | {r['speedup_measured']:.2f}x | "
               f"{100 * r['efficiency']:.0f}% |" for r in rows]

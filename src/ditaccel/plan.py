@@ -115,6 +115,10 @@ class Plan:
             frac = frac * rf[..., None]
         return frac
 
+    def pruned_modules(self) -> int:
+        """How many (step, layer, module) entries recompute a subset of the tokens."""
+        return int(((self.tokens > 0) & (self.tokens < self.num_tokens)).sum())
+
     def tag(self) -> str:
         """Short name for files and logs, e.g. ``fora-T50-a17``."""
         return f"{self.method}-T{self.num_steps}-a{int(self.anchors.sum())}"

@@ -14,7 +14,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -244,11 +244,9 @@ def plan(config: Config, profile) -> Plan:
     def make(anchors, tokens, extra) -> Plan:
         p = Plan(num_tokens=profile.num_tokens, modules=profile.modules, anchors=anchors, tokens=tokens,
                  token_score=score_name, method="soda" if cfg.prune else "soda-cache")
-        pred = predict(p, profile)
-        meta = {"config": asdict(cfg), "predicted": pred, "fingerprint": profile.meta.get("fingerprint"),
-                "sampler": profile.meta.get("sampler"), **extra}
-        return Plan(num_tokens=p.num_tokens, modules=p.modules, anchors=p.anchors, tokens=p.tokens,
-                    token_score=p.token_score, method=p.method, meta=meta)
+        meta = {"config": asdict(cfg), "predicted": predict(p, profile),
+                "fingerprint": profile.meta.get("fingerprint"), "sampler": profile.meta.get("sampler"), **extra}
+        return replace(p, meta=meta)
 
     min_k = math.ceil(t_steps / max_len)
     candidates = [cfg.anchors] if cfg.anchors is not None else range(max(1, min_k), t_steps + 1)
@@ -324,14 +322,13 @@ def candidates(config: Config, profile, fewer: int = 3) -> list[Plan]:
         raise ValueError("candidates need a speedup or latency_speedup budget")
     if fewer < 0:
         raise ValueError(f"fewer must be >= 0, got {fewer}")
-    budget = dict(speedup=config.speedup, latency_speedup=config.latency_speedup)
     cache_only = plan(Config(**{**asdict(config), "prune": False, "anchors": None}), profile)
     out = [cache_only]
     if config.prune:
         k_max = int(cache_only.anchors.sum())
         for k in range(k_max, max(0, k_max - fewer - 1), -1):
             try:
-                p = plan(Config(**{**asdict(config), **budget, "anchors": k}), profile)
+                p = plan(Config(**{**asdict(config), "anchors": k}), profile)
             except ValueError:
                 continue
             if not any(torch.equal(p.anchors, q.anchors) and torch.equal(p.tokens, q.tokens) for q in out):
@@ -359,8 +356,6 @@ def calibrate(pipe, run, plans: list[Plan], progress: bool = True) -> tuple[Plan
     [0, 1]) and return the plan with the smallest mean squared error to the full model, with one
     row per plan (anchors, how many modules prune, predicted error, measured MSE and PSNR).  Ties
     go to the earlier plan.  The chosen plan's metadata records the calibration."""
-    import math as _m
-
     from tqdm.auto import tqdm
 
     from ..runtime import apply, remove
@@ -380,16 +375,13 @@ def calibrate(pipe, run, plans: list[Plan], progress: bool = True) -> tuple[Plan
                 raise ValueError("run(pipe) returned images of another shape under a plan; it must "
                                  "sample the same seeds every call")
             mse = float((images.double() - reference.double()).pow(2).mean())
-            pruned = int(((p.tokens > 0) & (p.tokens < p.num_tokens))[~p.anchors].sum())
-            rows.append({"anchors": int(p.anchors.sum()), "pruned_modules": pruned, "method": p.method,
+            rows.append({"anchors": int(p.anchors.sum()), "pruned_modules": p.pruned_modules(), "method": p.method,
                          "predicted_error": p.meta.get("predicted", {}).get("error"),
                          "speedup_flops": p.meta.get("predicted", {}).get("speedup_flops"),
-                         "mse": mse, "psnr": 10 * _m.log10(1 / mse) if mse > 0 else _m.inf})
+                         "mse": mse, "psnr": 10 * math.log10(1 / mse) if mse > 0 else math.inf})
     best = min(range(len(plans)), key=lambda i: (rows[i]["mse"], i))
-    chosen = plans[best]
-    meta = {**chosen.meta, "calibration": {"rows": rows, "chosen": best, "samples": int(reference.shape[0])}}
-    return Plan(num_tokens=chosen.num_tokens, modules=chosen.modules, anchors=chosen.anchors,
-                tokens=chosen.tokens, token_score=chosen.token_score, method=chosen.method, meta=meta), rows
+    calibration = {"rows": rows, "chosen": best, "samples": int(reference.shape[0])}
+    return replace(plans[best], meta={**plans[best].meta, "calibration": calibration}), rows
 
 
 def calibrate_soda(pipe, run, profile, fewer: int = 3, progress: bool = True, **options) -> Plan:
