@@ -7,9 +7,9 @@ Variants, all at the same FLOP budget (that of K evenly spaced anchors, K = roun
 - OFS+DCS: K anchors chosen by the DP on the profiled cache error, reuse in between;
 - OFS+UAS: the fixed schedule's kind (evenly spaced anchors) + sensitivity-aware pruning;
 - SODA: DP schedule + sensitivity-aware pruning (both token scores: delta, feature_mean);
-- SODA (calibrated): SODA's candidate plans for the budget (caching only with the most anchors,
-  and pruning with 0-3 fewer anchors) measured on 8 samples of other seeds; the closest to the
-  full model is kept (``ditaccel.calibrate_soda``).
+- SODA (calibrated): SODA's choices measured on 8 samples of other seeds (``ditaccel.calibrate_soda``):
+  the anchor schedule (DP free or held to 2, 1.5, 1 x the even gap), then 0-3 fewer anchors with
+  pruning; the closest to the full model is kept.
 
 Token scores compared directly: the fixed schedule, reuse in between, attention recomputed on 20%
 or 50% of the tokens chosen by each score.

@@ -219,6 +219,59 @@ def test_calibrate_keeps_the_plan_closest_to_the_full_model(tiny_profile):
     assert torch.equal(run(pipe), full), "calibration must leave the pipeline unplanned"
 
 
+def _synthetic_profile(e_cache: torch.Tensor) -> Profile:
+    """A profile with given cache errors (pruning never pays, unit costs): for schedule tests."""
+    t, layers, mods, ages = e_cache.shape
+    return Profile(e_cache=e_cache, e_cache_std=torch.zeros_like(e_cache),
+                   e_prune=(e_cache * 2)[..., None, None], module_flops=torch.ones(layers, mods, 2),
+                   module_ms=torch.ones(mods, 2), step_flops=float(layers * mods) + 1, step_ms=float(layers * mods) + 1,
+                   reuse_ms=1.0, meta={"modules": ["attn", "mlp"][:mods], "intervals": list(range(1, ages + 1)),
+                                       "ratios": [0.5], "token_scores": ["delta"], "num_tokens": 16})
+
+
+def test_spread_holds_the_dp_schedule_near_even_gaps():
+    g = torch.Generator().manual_seed(3)
+    t_steps = 12
+    # cheap early steps: the free DP leaves a long gap there
+    e = torch.rand(t_steps, 2, 2, 6, generator=g) * torch.linspace(0.01, 3, t_steps)[:, None, None, None]
+    e[0] = float("nan")
+    prof = _synthetic_profile(e)
+    free = soda.plan(soda.Config(anchors=4, prune=False), prof)
+    even = soda.plan(soda.Config(anchors=4, prune=False, spread=1.0), prof)
+    wide = soda.plan(soda.Config(anchors=4, prune=False, spread=1.5), prof)
+    assert int(soda.ages_of(free.anchors).max()) + 1 > 3 * 1.5  # the free DP does go long
+    assert int(soda.ages_of(even.anchors).max()) + 1 <= 3
+    assert int(soda.ages_of(wide.anchors).max()) + 1 <= math.ceil(1.5 * 3)
+    assert even.meta["predicted"]["error"] >= free.meta["predicted"]["error"]
+    with pytest.raises(ValueError, match="spread"):
+        soda.Config(speedup=2, spread=0.5)
+
+
+def test_schedules_and_two_round_calibration(tiny_profile):
+    pipe, prof = tiny_profile
+
+    def run(p):
+        return sample(p, [0, 1], steps=STEPS, guidance_scale=2.0, seed=7, progress=False)[0]
+
+    scheds = soda.schedules(soda.Config(speedup=1.6), prof)
+    assert scheds and all(p.pruned_modules() == 0 for p in scheds)
+    assert len({tuple(p.anchors.tolist()) for p in scheds}) == len(scheds)
+    assert all(p.meta["predicted"]["speedup_flops"] >= 1.6 * (1 - 1e-9) for p in scheds)
+    best = soda.calibrate_soda(pipe, run, prof, speedup=1.6, lam=1.0, fewer=2, progress=False)
+    cal = best.meta["calibration"]
+    rows = cal["rows"]
+    assert len(rows) >= len(scheds) and rows[cal["chosen"]]["mse"] == min(r["mse"] for r in rows)
+    assert rows[cal["chosen"]]["anchors"] == int(best.anchors.sum())
+    # the second round prunes on the spread the first round kept
+    first_best = min(rows[:len(scheds)], key=lambda r: r["mse"])
+    assert all(r["spread"] == first_best["spread"] for r in rows[len(scheds):])
+    apply(pipe, best)
+    got = run(pipe)
+    remove(pipe)
+    full = run(pipe)
+    assert rows[cal["chosen"]]["mse"] == pytest.approx(float((got.double() - full.double()).pow(2).mean()), rel=1e-9)
+
+
 def test_bad_budgets_are_refused():
     with pytest.raises(ValueError, match="give a budget"):
         soda.Config()

@@ -56,6 +56,11 @@ def write_json(path: str | Path, obj: Any) -> None:
     _atomic_replace(Path(path), lambda f: f.write(data))
 
 
+def write_text(path: str | Path, text: str) -> None:
+    data = text.encode()
+    _atomic_replace(Path(path), lambda f: f.write(data))
+
+
 def read_json(path: str | Path) -> Any:
     path = Path(path)
     if not path.is_file():

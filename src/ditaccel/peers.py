@@ -48,18 +48,18 @@ class Peer:
 
 
 PEERS: dict[str, Peer] = {p.name: p for p in (
-    Peer("fbc", "diffusers", "threshold", (0.02, 0.04, 0.06, 0.08, 0.12, 0.2)),
-    Peer("pab", "diffusers", "spatial_attention_block_skip_range", (2, 3, 4, 6, 8),
+    Peer("fbc", "diffusers", "threshold", (0.02, 0.04, 0.08)),
+    Peer("pab", "diffusers", "spatial_attention_block_skip_range", (2, 3, 6),
          note="self-attention only, timesteps 100-800 (diffusers' default range)"),
-    Peer("fastercache", "diffusers", "spatial_attention_block_skip_range", (2, 3, 4, 6),
+    Peer("fastercache", "diffusers", "spatial_attention_block_skip_range", (2, 3, 6),
          note="diffusers assumes [uncond, cond] batches; DiT pipelines batch [cond, uncond], so it "
               "computes the unconditional half and approximates the conditional one"),
-    Peer("taylorseer", "diffusers", "cache_interval", (2, 3, 4, 5, 6),
+    Peer("taylorseer", "diffusers", "cache_interval", (2, 3, 4, 6),
          note="blocks hooked through cache_identifiers (the default patterns hook nothing on DiT)"),
-    Peer("magcache", "diffusers", "threshold", (0.01, 0.02, 0.04, 0.08, 0.16), needs_calibration=True),
-    Peer("dbcache", "cache-dit", "residual_diff_threshold", (0.02, 0.04, 0.06, 0.08, 0.12, 0.2),
+    Peer("magcache", "diffusers", "threshold", (0.01, 0.02, 0.04, 0.08), needs_calibration=True),
+    Peer("dbcache", "cache-dit", "residual_diff_threshold", (0.02, 0.04, 0.08),
          note="F1B0, 4 warm-up steps (the default config computes every block of an 8-layer model)"),
-    Peer("dbcache-taylorseer", "cache-dit", "residual_diff_threshold", (0.02, 0.04, 0.06, 0.08, 0.12, 0.2),
+    Peer("dbcache-taylorseer", "cache-dit", "residual_diff_threshold", (0.02, 0.04, 0.08),
          note="DBCache F1B0 + TaylorSeer calibrator of order 1"),
 )}
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 HELP = "profile the bundled model, plan SODA for 2x and 3x, compare with the full model"
@@ -26,26 +25,18 @@ def add_arguments(p) -> None:
     p.add_argument("--reprofile", action="store_true", help="profile again even if a cached one fits")
 
 
-def _cache_dir(arg: str | None) -> Path:
-    if arg:
-        return Path(arg)
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "ditaccel"
-
-
 def run(args) -> int:
     import torch
 
     from .. import io
-    from ..io import model_fingerprint
     from ..methods import soda
     from ..metrics import feature_extractor, frechet_distance, psnr, ssim
     from ..pipeline import SAMPLERS
-    from ..profiling import Profile, ProfileError, profile
     from ..registry import load_pipeline
     from ..runtime import apply, remove
     from ..sampling import sample
     from ..viz import plot_profile, plot_schedule, save_grid
+    from .common import cache_dir, cached_profile
     from .soda import _floats
 
     speedups = _floats(args.speedups, "--speedups")
@@ -57,23 +48,8 @@ def run(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     pipe = load_pipeline("fmnist-dit", "bf16")
-    fp = model_fingerprint(pipe.transformer)
-    stem = _cache_dir(args.cache_dir) / f"profile-{fp}-{args.sampler}{steps}-cfg{args.cfg:g}-s{args.profile_samples}"
-    prof = None
-    if not args.reprofile and stem.with_name(stem.name + ".json").exists():
-        try:
-            prof = Profile.load(stem)
-            prof.check_for(fingerprint=fp, sampler=args.sampler, num_steps=steps)
-            print(f"using the cached profile {stem}.json")
-        except (ProfileError, io.ArtifactError) as e:
-            print(f"cached profile not usable ({e}); profiling again")
-            prof = None
-    if prof is None:
-        print(f"profiling {args.profile_samples} trajectories ({args.sampler}-{steps}, CFG {args.cfg:g}) ...")
-        prof = profile(pipe, class_labels=[i % 10 for i in range(args.profile_samples)], sampler=args.sampler,
-                       steps=steps, guidance_scale=args.cfg, seed=100_000, batch_size=args.profile_samples)
-        stem.parent.mkdir(parents=True, exist_ok=True)
-        prof.save(stem)
+    prof = cached_profile(pipe, sampler=args.sampler, steps=steps, cfg=args.cfg, samples=args.profile_samples,
+                          folder=cache_dir(args.cache_dir), reprofile=args.reprofile)
     plot_profile(prof, out / "profile")
 
     labels = [i % 10 for i in range(args.n)]

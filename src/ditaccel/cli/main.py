@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import demo, env, generate, metrics, soda, train
+from . import bench, demo, env, generate, metrics, soda, train
 
 COMMANDS = {
+    "bench": bench,
     "demo": demo,
     "env": env,
     "generate": generate,

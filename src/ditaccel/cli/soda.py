@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 
@@ -81,6 +82,9 @@ class Plan:
         budget.add_argument("--anchors", type=int, help="number of full-compute steps")
         p.add_argument("--no-prune", action="store_true", help="caching only (OFS+DCS)")
         p.add_argument("--schedule", default="dp", choices=["dp", "uniform"])
+        p.add_argument("--spread", type=float, default=None,
+                       help="dp: keep anchors at most SPREAD x the even gap apart (>= 1; --calibrate "
+                            "measures free, 2, 1.5 and 1 unless given)")
         p.add_argument("--token-score", default=None, choices=["delta", "feature_mean"])
         p.add_argument("--lam", type=float, default=d.lam)
         p.add_argument("--rho-max", type=float, default=d.rho_max)
@@ -102,7 +106,7 @@ class Plan:
         if not args.out.endswith(".json"):
             raise ValueError(f"--out must name a .json file, got {args.out}")
         cfg = soda.Config(speedup=args.speedup, latency_speedup=args.latency_speedup, anchors=args.anchors,
-                          prune=not args.no_prune, schedule=args.schedule, token_score=args.token_score,
+                          prune=not args.no_prune, schedule=args.schedule, spread=args.spread, token_score=args.token_score,
                           lam=args.lam, rho_max=args.rho_max)
         if args.calibrate < 0:
             raise ValueError(f"--calibrate must be >= 0, got {args.calibrate}")
@@ -148,10 +152,12 @@ def _calibrated(pipe, prof, cfg, n: int, seed: int):
         return sample(p, labels, sampler=prof.meta["sampler"], steps=prof.num_steps,
                       guidance_scale=prof.meta["guidance_scale"], seed=seed, batch_size=n, progress=False)[0]
 
-    best, rows = soda.calibrate(pipe, run, soda.candidates(cfg, prof))
-    print(f"{'candidate':>10} {'anchors':>8} {'pruned':>7} {'predicted err':>14} {'PSNR vs full':>13}")
-    for i, r in enumerate(rows):
-        mark = " <- kept" if i == best.meta["calibration"]["chosen"] else ""
-        print(f"{i:>10} {r['anchors']:>8} {r['pruned_modules']:>7} {r['predicted_error']:>14.4g} "
+    best = soda.calibrate_soda(pipe, run, prof, **asdict(cfg))
+    cal = best.meta["calibration"]
+    print(f"{'candidate':>10} {'anchors':>8} {'spread':>7} {'pruned':>7} {'predicted err':>14} {'PSNR vs full':>13}")
+    for i, r in enumerate(cal["rows"]):
+        mark = " <- kept" if i == cal["chosen"] else ""
+        spread = "free" if r["spread"] is None else f"{r['spread']:g}"
+        print(f"{i:>10} {r['anchors']:>8} {spread:>7} {r['pruned_modules']:>7} {r['predicted_error']:>14.4g} "
               f"{r['psnr']:>11.2f}dB{mark}")
     return best

@@ -28,6 +28,7 @@ class Config:
     anchors: int | None = None            # a fixed number of anchor steps
     prune: bool = True                    # UAS; False: caching only (OFS+DCS)
     schedule: str = "dp"                  # "dp" (DCS) or "uniform" (evenly spaced anchors)
+    spread: float | None = None           # dp: anchors at most ceil(spread * steps / anchors) apart
     token_score: str | None = None        # default: the profile's first token score
     lam: float = 0.5                      # slope of rho in E_c / mean(E_c)
     rho_max: float = 0.5
@@ -45,6 +46,8 @@ class Config:
             raise ValueError(f"anchors must be >= 1, got {self.anchors}")
         if self.schedule not in ("dp", "uniform"):
             raise ValueError(f"schedule must be 'dp' or 'uniform', got {self.schedule!r}")
+        if self.spread is not None and not self.spread >= 1.0:
+            raise ValueError(f"spread must be >= 1 (1 = as even as possible), got {self.spread}")
         if self.token_score is not None and self.token_score not in TOKEN_SCORES:
             raise ValueError(f"unknown token score {self.token_score!r}; choose one of {TOKEN_SCORES}")
         if not 0 < self.rho_max < 1 or self.lam < 0 or not 0 <= self.margin < 1:
@@ -53,7 +56,8 @@ class Config:
     def tag(self) -> str:
         target = (f"x{self.speedup:g}" if self.speedup else f"lat{self.latency_speedup:g}"
                   if self.latency_speedup else f"a{self.anchors}")
-        parts = ["soda" if self.prune else "soda-cache", self.schedule if self.schedule != "dp" else None, target]
+        parts = ["soda" if self.prune else "soda-cache", self.schedule if self.schedule != "dp" else None,
+                 f"s{self.spread:g}" if self.spread and self.schedule == "dp" else None, target]
         return "-".join(p for p in parts if p)
 
 
@@ -239,6 +243,8 @@ def plan(config: Config, profile) -> Plan:
     def schedule(k: int) -> torch.Tensor:
         if cfg.schedule == "uniform":
             return uniform_schedule(t_steps, k)
+        if cfg.spread is not None:  # no gap longer than spread x the even one
+            return dp_schedule(cost[:, :max(math.ceil(cfg.spread * t_steps / k), math.ceil(t_steps / k)) + 1], k)[0]
         return dp_schedule(cost, k)[0]
 
     def make(anchors, tokens, extra) -> Plan:
@@ -351,11 +357,13 @@ def _as_images(output) -> torch.Tensor:
     return images.detach().float().cpu()
 
 
-def calibrate(pipe, run, plans: list[Plan], progress: bool = True) -> tuple[Plan, list[dict]]:
+def calibrate(pipe, run, plans: list[Plan], progress: bool = True,
+              reference: torch.Tensor | None = None) -> tuple[Plan, list[dict]]:
     """Run the full model and each plan through ``run(pipe)`` (same seeds every time; images in
     [0, 1]) and return the plan with the smallest mean squared error to the full model, with one
     row per plan (anchors, how many modules prune, predicted error, measured MSE and PSNR).  Ties
-    go to the earlier plan.  The chosen plan's metadata records the calibration."""
+    go to the earlier plan.  The chosen plan's metadata records the calibration.  ``reference``:
+    the full model's images from an earlier call (skips that run)."""
     from tqdm.auto import tqdm
 
     from ..runtime import apply, remove
@@ -363,7 +371,7 @@ def calibrate(pipe, run, plans: list[Plan], progress: bool = True) -> tuple[Plan
     if not plans:
         raise ValueError("give at least one plan to calibrate")
     with torch.no_grad():
-        reference = _as_images(run(pipe))
+        reference = _as_images(run(pipe)) if reference is None else reference
         rows = []
         for p in tqdm(plans, desc="calibrating", disable=not progress):
             apply(pipe, p)
@@ -375,8 +383,9 @@ def calibrate(pipe, run, plans: list[Plan], progress: bool = True) -> tuple[Plan
                 raise ValueError("run(pipe) returned images of another shape under a plan; it must "
                                  "sample the same seeds every call")
             mse = float((images.double() - reference.double()).pow(2).mean())
+            spread = p.meta.get("config", {}).get("spread")
             rows.append({"anchors": int(p.anchors.sum()), "pruned_modules": p.pruned_modules(), "method": p.method,
-                         "predicted_error": p.meta.get("predicted", {}).get("error"),
+                         "spread": spread, "predicted_error": p.meta.get("predicted", {}).get("error"),
                          "speedup_flops": p.meta.get("predicted", {}).get("speedup_flops"),
                          "mse": mse, "psnr": 10 * math.log10(1 / mse) if mse > 0 else math.inf})
     best = min(range(len(plans)), key=lambda i: (rows[i]["mse"], i))
@@ -384,8 +393,52 @@ def calibrate(pipe, run, plans: list[Plan], progress: bool = True) -> tuple[Plan
     return replace(plans[best], meta={**plans[best].meta, "calibration": calibration}), rows
 
 
-def calibrate_soda(pipe, run, profile, fewer: int = 3, progress: bool = True, **options) -> Plan:
-    """``calibrate_soda(pipe, run, profile, speedup=2.5)``: SODA's candidates for the budget
-    (:func:`candidates`), measured on ``run(pipe)`` (a few samples on seeds other than those you
-    evaluate on; images in [0, 1]); the one closest to the full model."""
-    return calibrate(pipe, run, candidates(Config(**options), profile, fewer), progress)[0]
+SPREADS = (None, 2.0, 1.5, 1.0)
+
+
+def schedules(config: Config, profile, spreads=SPREADS) -> list[Plan]:
+    """Caching-only plans for ``config``'s budget, one per anchor ``spread`` (duplicates dropped):
+    the DP schedule free, then held ever closer to evenly spaced anchors."""
+    out = []
+    for sp in spreads:
+        try:
+            p = plan(Config(**{**asdict(config), "prune": False, "anchors": None, "spread": sp}), profile)
+        except ValueError:
+            continue
+        if not any(torch.equal(p.anchors, q.anchors) for q in out):
+            out.append(p)
+    return out
+
+
+def calibrate_soda(pipe, run, profile, fewer: int = 3, spreads=SPREADS, progress: bool = True,
+                   **options) -> Plan:
+    """``calibrate_soda(pipe, run, profile, speedup=2.5)``: SODA with its choices measured on
+    ``run(pipe)`` (a few samples on seeds other than those you evaluate on; images in [0, 1]).
+
+    Two rounds, each keeping the plan closest to the full model: the anchor schedule (caching-only
+    plans with the DP's schedule free or held to a ``spread``; :func:`schedules`), then, on the
+    kept schedule's spread, whether fewer anchors plus token pruning beat it (:func:`candidates`).
+    The kept plan's metadata lists every measured candidate."""
+    config = Config(**options)
+    if config.speedup is None and config.latency_speedup is None:
+        raise ValueError("calibration needs a speedup or latency_speedup budget")
+    if config.spread is not None:
+        spreads = (config.spread,)
+    with torch.no_grad():
+        reference = _as_images(run(pipe))
+    first = schedules(config, profile, spreads)
+    if not first:
+        raise ValueError("no plan meets this budget with the profiled cache ages; profile longer "
+                         "intervals or ask for a smaller speedup")
+    best, rows = calibrate(pipe, run, first, progress, reference)
+    chosen = best.meta["calibration"]["chosen"]
+    if config.prune:
+        more = candidates(replace(config, spread=best.meta["config"]["spread"]), profile, fewer)[1:]
+        if more:
+            second, more_rows = calibrate(pipe, run, more, progress, reference)
+            j = second.meta["calibration"]["chosen"]
+            if more_rows[j]["mse"] < rows[chosen]["mse"]:
+                best, chosen = second, len(rows) + j
+            rows = rows + more_rows
+    calibration = {"rows": rows, "chosen": chosen, "samples": int(reference.shape[0])}
+    return replace(best, meta={**best.meta, "calibration": calibration})

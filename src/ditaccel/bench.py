@@ -1,0 +1,320 @@
+"""Speed/quality benchmark of acceleration methods on one pipeline (``ditaccel bench``).
+
+Every method is swept over its knob; per configuration:
+
+- fidelity: ``run(pipe)`` (the scored samples; images in [0, 1]) under torch's FlopCounterMode, so
+  every method's FLOPs are counted the same way on the very run that is scored: PSNR, SSIM and
+  Fréchet distance (EfficientNet-lite0 features) vs the full model's images, plus whatever
+  ``extra(images)`` adds (the benchmark script adds FD vs real data and classifier agreement);
+- speed: ``timed(pipe)`` (one batch), the full model and the configuration back to back, ``repeats``
+  times with the order alternating, after a warm-up; measured speedup = median of the per-pair
+  ratios; execution efficiency = measured / FLOP speedup.
+
+Methods: ours (FORA, ToCa-style, Δ-DiT-style, SODA calibrated under a FLOP budget and under a
+latency budget) and the peers of :mod:`ditaccel.peers` (diffusers' cache hooks, cache-dit).
+
+    entries = method_entries(pipe, num_steps=50, profile=prof, calibration_run=cal)
+    out = measure(pipe, run, timed, entries)
+    print(report(out)); plot(out, "bench.png")
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from .methods import make_plan, model_shape, soda
+from .metrics import frechet_distance, psnr, ssim
+from .peers import PEERS, PeerUnavailable, attach_peer, calibrate_magcache
+from .runtime import apply, remove
+
+OURS: dict[str, tuple[str, tuple[float, ...], tuple[float, ...]]] = {  # name -> (knob, sweep, quick sweep)
+    "fora": ("interval", (2, 3, 4, 6), (2,)),
+    "toca": ("interval", (2, 3, 4, 6), (3,)),
+    "delta-dit": ("interval", (2, 3, 6), (3,)),
+    "soda": ("speedup", (1.5, 2.0, 2.5, 3.0, 4.0), (2.0,)),
+    "soda-latency": ("latency_speedup", (1.5, 2.0, 2.5, 3.0, 4.0), (2.0,)),
+}
+QUICK_PEERS = {"fbc": (0.06,), "pab": (3,), "fastercache": (2,), "taylorseer": (3,), "magcache": (0.04,),
+               "dbcache": (0.06,), "dbcache-taylorseer": (0.06,)}
+METHOD_NAMES = (*OURS, *PEERS)
+TOCA_RATIO = 0.1  # ToCa-style: fraction of tokens recomputed on cached steps
+
+
+@dataclass
+class Entry:
+    """One configuration: ``prepare(pipe)`` does any calibration and returns ``attach``, where
+    ``attach(pipe)`` switches the method on and returns the function that switches it off."""
+    method: str
+    family: str  # "ours" or the peer's library
+    knob: str
+    value: float
+    prepare: Callable[[Any], Callable[[Any], Callable[[], None]]]
+
+
+def parse_sweeps(items: list[str] | None) -> dict[str, tuple[float, ...]]:
+    """``["soda=2,3", "fora=2"]`` -> ``{"soda": (2.0, 3.0), "fora": (2.0,)}``, checked."""
+    out = {}
+    for item in items or []:
+        name, sep, values = item.partition("=")
+        if not sep or name not in METHOD_NAMES:
+            raise ValueError(f"--sweep takes METHOD=V1,V2,... with METHOD one of {', '.join(METHOD_NAMES)}; "
+                             f"got {item!r}")
+        try:
+            out[name] = tuple(float(v) for v in values.split(",") if v.strip())
+        except ValueError:
+            raise ValueError(f"--sweep {item!r}: the values must be numbers") from None
+        if not out[name]:
+            raise ValueError(f"--sweep {item!r} lists no values")
+    return out
+
+
+def method_entries(pipe, num_steps: int, *, methods: list[str] | None = None, quick: bool = False,
+                   sweeps: dict[str, tuple[float, ...]] | None = None, profile=None,
+                   calibration_run: Callable | None = None) -> list[Entry]:
+    """The configurations to measure: each method (default: all) at each value of its sweep.
+    SODA needs ``profile`` (for this pipeline, sampler and step count) and ``calibration_run``
+    (a few samples on other seeds; also MagCache's calibration run)."""
+    methods = list(METHOD_NAMES) if methods is None else methods
+    unknown = [m for m in methods if m not in METHOD_NAMES]
+    if unknown:
+        raise ValueError(f"unknown method {', '.join(unknown)}; choose from {', '.join(METHOD_NAMES)}")
+    sweeps = sweeps or {}
+    if any(m.startswith("soda") for m in methods) and (profile is None or calibration_run is None):
+        raise ValueError("SODA needs a profile of this pipeline and a calibration run")
+    shape = model_shape(pipe.transformer, num_steps)
+    out = []
+
+    def planned(plan):
+        def attach(p):
+            apply(p, plan)
+            return lambda: remove(p)
+        return attach
+
+    for method, (knob, sweep, quick_sweep) in OURS.items():
+        if method not in methods:
+            continue
+        for v in sweeps.get(method, quick_sweep if quick else sweep):
+            def prepare(p, method=method, knob=knob, v=v):
+                if method.startswith("soda"):
+                    return planned(soda.calibrate_soda(p, calibration_run, profile, progress=False, **{knob: v}))
+                extra = {"ratio": TOCA_RATIO} if method == "toca" else {}
+                return planned(make_plan(method, shape, interval=int(v), **extra))
+            out.append(Entry(method, "ours", knob, v, prepare))
+    ratios: dict[str, list[float]] = {}
+    for name, peer in PEERS.items():
+        if name not in methods:
+            continue
+        for v in sweeps.get(name, QUICK_PEERS[name] if quick else peer.sweep):
+            def prepare(p, name=name, peer=peer, v=v):
+                if peer.needs_calibration and "ratios" not in ratios:
+                    if calibration_run is None:
+                        raise ValueError(f"{name} needs a calibration run")
+                    ratios["ratios"] = calibrate_magcache(p, calibration_run, num_steps)
+                attach_peer(p, name, v, num_steps, mag_ratios=ratios.get("ratios")).remove()  # fails early
+                return lambda q: attach_peer(q, name, v, num_steps, mag_ratios=ratios.get("ratios")).remove
+            out.append(Entry(name, peer.library, peer.knob, v, prepare))
+    return out
+
+
+def _counted(run, pipe) -> tuple[torch.Tensor, int]:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        images = soda._as_images(run(pipe))
+    return images, int(counter.get_total_flops())
+
+
+def measure(pipe, run: Callable, timed: Callable, entries: list[Entry], *, repeats: int = 3,
+            extra: Callable[[torch.Tensor], dict] | None = None, feature_extractor=None,
+            progress: bool = True, on_row: Callable[[dict], None] | None = None) -> dict:
+    """Measure the full model and every entry (see the module docstring); returns ``{"rows": [...],
+    "skipped": [...]}``, the first row the full model's."""
+    from tqdm.auto import tqdm
+
+    from .metrics import feature_extractor as default_fx
+
+    if repeats < 0:
+        raise ValueError(f"repeats must be >= 0 (0: fidelity only), got {repeats}")
+    fx = feature_extractor or default_fx()
+    with torch.no_grad():
+        if repeats:
+            timed(pipe)  # warm-up
+        full, full_flops = _counted(run, pipe)
+    if full.shape[0] < 2:
+        raise ValueError("the scored run must give at least 2 images (Fréchet distance needs them)")
+    full_feats = fx(full)
+
+    def quality(images) -> dict:
+        q = {"psnr": psnr(full, images), "ssim": ssim(full, images),
+             "fd_vs_full": frechet_distance(fx(images), full_feats)}
+        return {**q, **(extra(images) if extra else {})}
+
+    rows = [{"method": "full", "family": "-", "knob": "-", "value": None, "flops": full_flops,
+             "speedup_flops": 1.0, "speedup_measured": 1.0, **quality(full)}]
+    skipped = []
+    for e in tqdm(entries, desc="methods", disable=not progress):
+        try:
+            attach = e.prepare(pipe)
+            detach = attach(pipe)
+        except PeerUnavailable as err:
+            skipped.append(f"{e.method}: {err}")
+            continue
+        try:
+            with torch.no_grad():
+                images, flops = _counted(run, pipe)
+                ratios = []
+                for r in range(repeats):  # the full model and the method back to back, order alternating
+                    walls = {}
+                    for which in (("full", "method") if r % 2 == 0 else ("method", "full")):
+                        if which == "full":
+                            detach()
+                        t = time.perf_counter()
+                        timed(pipe)
+                        walls[which] = time.perf_counter() - t
+                        if which == "full":
+                            detach = attach(pipe)
+                    ratios.append(walls["full"] / walls["method"])
+        finally:
+            detach()
+        measured = statistics.median(ratios) if ratios else None
+        row = {"method": e.method, "family": e.family, "knob": e.knob, "value": e.value, "flops": flops,
+               "speedup_flops": full_flops / flops, "speedup_measured": measured, "ratios": ratios,
+               "efficiency": measured * flops / full_flops if measured else None, **quality(images)}
+        rows.append(row)
+        if on_row:
+            on_row(row)
+    return {"rows": rows, "skipped": skipped}
+
+
+def goal_check(rows: list[dict], lo: float = 1.5, hi: float = 3.0, tol: float = 0.05) -> list[str]:
+    """Where SODA is not the best: at each SODA point in [lo, hi] measured speedup, the methods
+    within ``tol`` of its speedup that beat it on PSNR or FD vs the full model."""
+    lines = []
+    rows = [r for r in rows if r["speedup_measured"] is not None]
+    for s in (r for r in rows if r["method"] == "soda" and lo * (1 - tol) <= r["speedup_measured"] <= hi * (1 + tol)):
+        near = [r for r in rows if r["method"] not in ("soda", "full")
+                and abs(r["speedup_measured"] / s["speedup_measured"] - 1) <= tol]
+        for r in near:
+            worse = [f"PSNR {s['psnr']:.2f} < {r['psnr']:.2f}" if r["psnr"] > s["psnr"] else None,
+                     f"FD {s['fd_vs_full']:.2f} > {r['fd_vs_full']:.2f}" if r["fd_vs_full"] < s["fd_vs_full"] else None]
+            worse = [w for w in worse if w]
+            if worse:
+                lines.append(f"SODA at {s['speedup_measured']:.2f}x vs {r['method']} ({r['knob']}={r['value']:g}) at "
+                             f"{r['speedup_measured']:.2f}x: " + ", ".join(worse))
+    return lines
+
+
+def curve_check(rows: list[dict], lo: float = 1.5, hi: float = 3.0, tol: float = 0.05) -> list[str]:
+    """Where SODA is below another method's speed/quality curve: at each SODA point in [lo, hi]
+    measured speedup, each other method's PSNR and FD interpolated linearly between its two
+    measured points that bracket SODA's speedup (methods that do not reach it are left out)."""
+    timed = [r for r in rows if r["speedup_measured"] is not None and r["method"] != "full"]
+    lines = []
+    for s in (r for r in timed if r["method"] == "soda" and lo * (1 - tol) <= r["speedup_measured"] <= hi * (1 + tol)):
+        x = s["speedup_measured"]
+        for m in sorted({r["method"] for r in timed} - {"soda"}):
+            pts = sorted((r for r in timed if r["method"] == m), key=lambda r: r["speedup_measured"])
+            pair = next(((a, b) for a, b in zip(pts, pts[1:])
+                         if a["speedup_measured"] <= x <= b["speedup_measured"]), None)
+            if pair is None:
+                continue
+            a, b = pair
+            w = (x - a["speedup_measured"]) / max(b["speedup_measured"] - a["speedup_measured"], 1e-12)
+            at = {k: a[k] + w * (b[k] - a[k]) for k in ("psnr", "fd_vs_full")}
+            worse = [f"PSNR {s['psnr']:.2f} < {at['psnr']:.2f}" if at["psnr"] > s["psnr"] else None,
+                     f"FD {s['fd_vs_full']:.2f} > {at['fd_vs_full']:.2f}" if at["fd_vs_full"] < s["fd_vs_full"] else None]
+            worse = [v for v in worse if v]
+            if worse:
+                lines.append(f"SODA (speedup={s['value']:g}) at {x:.2f}x vs {m}'s curve there: " + ", ".join(worse))
+    return lines
+
+
+def fd_rise(rows: list[dict], at: float = 2.5, key: str = "fd_vs_test") -> str | None:
+    """How much SODA's FD vs real data at about ``at`` x measured speedup exceeds the full model's
+    (goal: at most 10%); None without that column or without a timed SODA row."""
+    full = next((r for r in rows if r["method"] == "full"), None)
+    soda_rows = [r for r in rows if r["method"] == "soda" and r["speedup_measured"] is not None]
+    if full is None or key not in full or not soda_rows:
+        return None
+    s = min(soda_rows, key=lambda r: abs(r["speedup_measured"] - at))
+    change = s[key] / full[key] - 1
+    return (f"SODA's FD vs real data at {at:g}x (its point nearest {at:g}x: speedup={s['value']:g}, "
+            f"{s['speedup_measured']:.2f}x measured): {s[key]:.2f} vs the full model's {full[key]:.2f}, "
+            f"{100 * change:+.1f}% (goal: at most +10%).")
+
+
+EXTRA_COLUMNS = {"fd_vs_test": ("FD vs real test", "{:.2f}"), "class_agreement": ("classifier agreement", "{:.1%}")}
+
+
+def report(out: dict) -> str:
+    """Markdown table of ``measure``'s rows (sorted by method, then speed), the goal check and
+    ``out["description"]`` / ``out["command"]`` if present."""
+    rows = out["rows"]
+    extras = [k for k in EXTRA_COLUMNS if k in rows[0]]
+    head = ["method", "knob", "measured speedup", "FLOP speedup", "efficiency", "PSNR vs full", "SSIM vs full",
+            "FD vs full", *(EXTRA_COLUMNS[k][0] for k in extras)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in sorted(rows, key=lambda r: (r["method"] != "full", r["method"], r["speedup_measured"] or r["speedup_flops"])):
+        ext = [EXTRA_COLUMNS[k][1].format(r[k]) for k in extras]
+        if r["method"] == "full":
+            cells = ["full", "-", "1.00x", "1.00x", "-", "-", "-", "-"]
+        else:
+            timed = r["speedup_measured"] is not None
+            cells = [f"{r['method']} ({r['family']})", f"{r['knob']}={r['value']:g}",
+                     f"{r['speedup_measured']:.2f}x" if timed else "-", f"{r['speedup_flops']:.2f}x",
+                     f"{100 * r['efficiency']:.0f}%" if timed else "-", f"{r['psnr']:.2f}",
+                     f"{r['ssim']:.4f}", f"{r['fd_vs_full']:.2f}"]
+        lines.append("| " + " | ".join(cells + ext) + " |")
+    misses = goal_check(rows)
+    lines += ["", (out.get("description", "") + " ").lstrip()
+              + "Goal check (SODA best in PSNR and FD vs full at every matched measured speedup 1.5-3x, ±5%): "
+              + ("met." if not misses else f"{len(misses)} misses:"), ""]
+    lines += [f"- {m}" for m in misses]
+    below = curve_check(rows)
+    lines += ["", "Against each method's curve at SODA's measured speedups 1.5-3x (linear interpolation between "
+              "the method's two measured points around it): " + ("SODA is on or above every curve." if not below
+                                                                 else f"{len(below)} places below:"), ""]
+    lines += [f"- {m}" for m in below]
+    rise = fd_rise(rows)
+    if rise:
+        lines += ["", rise]
+    lines += [f"- skipped {s}" for s in out.get("skipped", [])]
+    if out.get("command"):
+        lines += ["", f"Generated by `{out['command']}`."]
+    return "\n".join(lines)
+
+
+def plot(out: dict, path, title: str = "") -> None:
+    """Pareto plots: PSNR and FD vs the full model against measured speedup, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    methods = sorted({r["method"] for r in out["rows"]} - {"full"})
+    markers = {"ours": "o", "diffusers": "s", "cache-dit": "^"}
+    colors = plt.cm.tab20(range(20))
+    for i, m in enumerate(methods):
+        pts = sorted((r for r in out["rows"] if r["method"] == m), key=lambda r: r["speedup_measured"])
+        style = dict(marker=markers.get(pts[0]["family"], "o"), color=colors[i % 20],
+                     lw=2.5 if m.startswith("soda") else 1.2, ms=6 if m.startswith("soda") else 4)
+        for ax, key in zip(axes, ("psnr", "fd_vs_full")):
+            ax.plot([r["speedup_measured"] for r in pts], [r[key] for r in pts], label=m, **style)
+    axes[0].set_ylabel("PSNR vs full model (dB)")
+    axes[1].set_ylabel("Fréchet distance vs full model")
+    axes[1].set_yscale("log")
+    for ax in axes:
+        ax.set_xlabel("measured wall-clock speedup")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, ncol=2, title="o ours, ■ diffusers, ▲ cache-dit", title_fontsize=7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
