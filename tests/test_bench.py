@@ -127,3 +127,5 @@ def test_curve_check_interpolates_between_the_points_around_soda():
     assert bench.curve_check(rows) == ["SODA (speedup=1) at 2.00x vs fora's curve there: PSNR 38.00 < 39.00"]
     rows[3]["psnr"] = 33.0  # now 37.5 dB at 2.0x
     assert bench.curve_check(rows) == []
+    far = [{**_row("full", 1.0, math.inf, 0), "fd_vs_test": 100.0}, {**_row("soda", 1.9, 38.0, 4.0), "fd_vs_test": 150.0}]
+    assert bench.fd_rise(far) is None, "a SODA point far from 2.5x says nothing about 2.5x"
