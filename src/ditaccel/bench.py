@@ -31,6 +31,7 @@ from .methods import make_plan, model_shape, soda
 from .metrics import frechet_distance, psnr, ssim
 from .peers import PEERS, PeerUnavailable, attach_peer, calibrate_magcache
 from .runtime import apply, remove
+from .sampling import as_images
 
 OURS: dict[str, tuple[str, tuple[float, ...], tuple[float, ...]]] = {  # name -> (knob, sweep, quick sweep)
     "fora": ("interval", (2, 3, 4, 6), (2,)),
@@ -125,7 +126,7 @@ def _counted(run, pipe) -> tuple[torch.Tensor, int]:
     from torch.utils.flop_counter import FlopCounterMode
 
     with FlopCounterMode(display=False) as counter:
-        images = soda._as_images(run(pipe))
+        images = as_images(run(pipe))
     return images, int(counter.get_total_flops())
 
 

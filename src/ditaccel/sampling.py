@@ -117,3 +117,16 @@ def sample(pipe, class_labels, *, sampler: str = "ddim", steps: int | None = Non
                      guidance_scale=guidance_scale, seed=seed,
                      method=state.plan.method if state is not None else "full", per_step=steps_info)
     return torch.cat(out), stats
+
+
+def as_images(output) -> torch.Tensor:
+    """A pipeline run's images as a float tensor: a tensor, or an object with ``.images`` (tensor,
+    numpy array or list of PIL images)."""
+    images = getattr(output, "images", output)
+    if isinstance(images, (tuple, list)) and images and not torch.is_tensor(images[0]):
+        images = np.stack([np.asarray(im, dtype=np.float32) / 255.0 for im in images])
+    if isinstance(images, np.ndarray):
+        images = torch.from_numpy(np.asarray(images, dtype=np.float32))
+    if not torch.is_tensor(images):
+        raise TypeError("run(pipe) must return images: a tensor, or an output with .images")
+    return images.detach().float().cpu()

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 
 from ..plan import FULL, REUSE, TOKEN_SCORES, Plan
+from ..sampling import as_images
 
 
 @dataclass(frozen=True)
@@ -342,21 +343,6 @@ def candidates(config: Config, profile, fewer: int = 3) -> list[Plan]:
     return out
 
 
-def _as_images(output) -> torch.Tensor:
-    """A pipeline run's images as a float tensor: a tensor, or an object with ``.images`` (tensor,
-    numpy array or list of PIL images)."""
-    import numpy as np
-
-    images = getattr(output, "images", output)
-    if isinstance(images, (tuple, list)) and images and not torch.is_tensor(images[0]):
-        images = np.stack([np.asarray(im, dtype=np.float32) / 255.0 for im in images])
-    if isinstance(images, np.ndarray):
-        images = torch.from_numpy(np.asarray(images, dtype=np.float32))
-    if not torch.is_tensor(images):
-        raise TypeError("run(pipe) must return images: a tensor, or an output with .images")
-    return images.detach().float().cpu()
-
-
 def calibrate(pipe, run, plans: list[Plan], progress: bool = True,
               reference: torch.Tensor | None = None) -> tuple[Plan, list[dict]]:
     """Run the full model and each plan through ``run(pipe)`` (same seeds every time; images in
@@ -371,12 +357,12 @@ def calibrate(pipe, run, plans: list[Plan], progress: bool = True,
     if not plans:
         raise ValueError("give at least one plan to calibrate")
     with torch.no_grad():
-        reference = _as_images(run(pipe)) if reference is None else reference
+        reference = as_images(run(pipe)) if reference is None else reference
         rows = []
         for p in tqdm(plans, desc="calibrating", disable=not progress):
             apply(pipe, p)
             try:
-                images = _as_images(run(pipe))
+                images = as_images(run(pipe))
             finally:
                 remove(pipe)
             if images.shape != reference.shape:
@@ -425,7 +411,7 @@ def calibrate_soda(pipe, run, profile, fewer: int = 3, spreads=SPREADS, progress
     if config.spread is not None:
         spreads = (config.spread,)
     with torch.no_grad():
-        reference = _as_images(run(pipe))
+        reference = as_images(run(pipe))
     first = schedules(config, profile, spreads)
     if not first:
         raise ValueError("no plan meets this budget with the profiled cache ages; profile longer "
