@@ -74,16 +74,22 @@ def parse_sweeps(items: list[str] | None) -> dict[str, tuple[float, ...]]:
     return out
 
 
+def check_methods(methods: list[str]) -> list[str]:
+    """``methods`` if every name is a known method (and there is one), else a one-line error."""
+    unknown = [m for m in methods if m not in METHOD_NAMES]
+    if unknown or not methods:
+        raise ValueError(f"unknown method {', '.join(unknown) or '(none given)'}; choose from "
+                         f"{', '.join(METHOD_NAMES)}")
+    return methods
+
+
 def method_entries(pipe, num_steps: int, *, methods: list[str] | None = None, quick: bool = False,
                    sweeps: dict[str, tuple[float, ...]] | None = None, profile=None,
                    calibration_run: Callable | None = None) -> list[Entry]:
     """The configurations to measure: each method (default: all) at each value of its sweep.
     SODA needs ``profile`` (for this pipeline, sampler and step count) and ``calibration_run``
     (a few samples on other seeds; also MagCache's calibration run)."""
-    methods = list(METHOD_NAMES) if methods is None else methods
-    unknown = [m for m in methods if m not in METHOD_NAMES]
-    if unknown:
-        raise ValueError(f"unknown method {', '.join(unknown)}; choose from {', '.join(METHOD_NAMES)}")
+    methods = check_methods(list(METHOD_NAMES) if methods is None else methods)
     sweeps = sweeps or {}
     if any(m.startswith("soda") for m in methods) and (profile is None or calibration_run is None):
         raise ValueError("SODA needs a profile of this pipeline and a calibration run")

@@ -51,11 +51,8 @@ def run(args) -> int:
         raise ValueError("--batch-size, --timed-batch and --calibrate must be >= 1, --repeats >= 0")
     if args.profile_samples < 1:
         raise ValueError(f"--profile-samples must be >= 1, got {args.profile_samples}")
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else list(bench.METHOD_NAMES)
-    unknown = [m for m in methods if m not in bench.METHOD_NAMES]
-    if unknown or not methods:
-        raise ValueError(f"unknown method {', '.join(unknown) or '(none given)'}; choose from "
-                         f"{', '.join(bench.METHOD_NAMES)}")
+    methods = bench.check_methods([m.strip() for m in args.methods.split(",") if m.strip()]
+                                  if args.methods else list(bench.METHOD_NAMES))
     sweeps = bench.parse_sweeps(args.sweep)
     stray = sorted(set(sweeps) - set(methods))
     if stray:
