@@ -24,6 +24,7 @@ Writes results/peers-<sampler>[-quick].{json,md,png} and README's ``peers-<sampl
     python benchmarks/peers.py --sampler ddpm         # DDPM-250
     python benchmarks/peers.py --quick                # one point per method, under 10 minutes
     python benchmarks/peers.py --seed 10000 --repeats 0   # fidelity only on other seeds (FD ranking check)
+    python benchmarks/peers.py --only soda,soda-latency --merge   # re-measure some methods, keep the rest
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ import time
 
 import torch
 
-from common import RESULTS, replace_block, save_json
-from ditaccel.bench import measure, method_entries, plot, report
+from common import RESULTS, ROOT, replace_block, save_json
+from ditaccel.bench import measure, merge, method_entries, plot, report
 from ditaccel.metrics import feature_extractor, frechet_distance
 from ditaccel.models.classifier import predict
 from ditaccel.pipeline import SAMPLERS
@@ -65,7 +66,10 @@ def describe(out: dict) -> str:
     return (f"{out['sampler'].upper()}-{out['steps']}, CFG {out['cfg']:g}, bf16, {out['n']} images (seeds "
             f"{out.get('seed', 0)}..{out.get('seed', 0) + out['n'] - 1}, classes cycled) in batches of {out['batch']}; "
             f"measured speedup: median of {out['repeats']} back-to-back pairs (full model, method) on one batch of "
-            f"{out.get('timed_batch', out['batch'])}; FLOPs counted by torch's FlopCounterMode on the scored run.")
+            f"{out.get('timed_batch', out['batch'])}; FLOPs counted by torch's FlopCounterMode on the scored run."
+            + "".join(f" Rows of {', '.join(m['methods'])} re-measured in a later run (`--only "
+                      f"{','.join(m['methods'])} --merge`), timed against the full model in that run."
+                      for m in out.get("merged", [])))
 
 
 def main() -> None:
@@ -79,9 +83,13 @@ def main() -> None:
     ap.add_argument("--cfg", type=float, default=3.0)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--only", default=None, help="comma-separated methods to run (default: all)")
+    ap.add_argument("--merge", action="store_true",
+                    help="with --only: replace those methods' rows in the saved results, keep the rest")
     ap.add_argument("--replot", action="store_true", help="redraw the table and plot from the saved JSON")
     args = ap.parse_args()
     stem = stem_of(args)
+    if args.merge and not args.only:
+        ap.error("--merge needs --only METHODS (the methods to re-measure)")
     if args.replot:
         out = json.loads((RESULTS / f"{stem}.json").read_text())
         finish(out, stem, args)
@@ -113,7 +121,11 @@ def main() -> None:
                 "class_agreement": float((predict(classifier, images * 2 - 1) == torch.tensor(labels)).float().mean())}
 
     methods = args.only.split(",") if args.only else None
-    entries = method_entries(pipe, steps, methods=methods, quick=args.quick, profile=prof, calibration_run=cal_run)
+    # SODA's calibrated plans depend on the profile and the calibration samples only: kept for the
+    # other seed sets and for re-runs (delete runs/plans/ after changing SODA)
+    plan_dir = ROOT / "runs" / "plans" / f"peers-{args.sampler}"
+    entries = method_entries(pipe, steps, methods=methods, quick=args.quick, profile=prof, calibration_run=cal_run,
+                             plan_dir=plan_dir)
 
     def show(row):
         print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
@@ -122,6 +134,8 @@ def main() -> None:
     out = {"sampler": args.sampler, "steps": steps, "n": args.n, "seed": args.seed, "batch": args.batch,
            "timed_batch": args.timed_batch, "repeats": args.repeats, "cfg": args.cfg, "quick": args.quick,
            "threads": torch.get_num_threads(), "total_s": time.time() - t0, **res}
+    if args.merge:
+        out = merge(json.loads((RESULTS / f"{stem}.json").read_text()), out)
     save_json(stem, out)
     finish(out, stem, args)
 

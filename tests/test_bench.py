@@ -69,6 +69,19 @@ def test_goal_check_lists_only_nearby_methods_that_beat_soda():
     assert bench.goal_check(rows) == []
 
 
+def test_merge_replaces_only_the_re_measured_methods():
+    old = {"n": 96, "rows": [_row("full", 1.0, math.inf, 0), _row("soda", 2.0, 38.0, 4.0),
+                             _row("fora", 2.05, 39.0, 5.0), _row("soda", 3.0, 33.0, 9.0)],
+           "skipped": ["pab: no", "soda: old failure"]}
+    new = {"total_s": 5.0, "rows": [_row("full", 1.0, math.inf, 0), _row("soda", 2.1, 41.0, 2.0)],
+           "skipped": ["fastercache: missing"]}
+    out = bench.merge(old, new)
+    assert [(r["method"], r["psnr"]) for r in out["rows"]] == [("full", math.inf), ("fora", 39.0), ("soda", 41.0)]
+    assert out["skipped"] == ["pab: no", "fastercache: missing"] and out["n"] == 96
+    assert out["merged"] == [{"methods": ["fastercache", "soda"], "total_s": 5.0}]
+    assert len(old["rows"]) == 4  # the inputs are left alone
+
+
 def test_parse_sweeps_and_unknown_methods(tiny_pipe):
     assert bench.parse_sweeps(["soda=2,3", "fbc=0.1"]) == {"soda": (2.0, 3.0), "fbc": (0.1,)}
     for bad in ("soda", "nope=1", "fora=a", "fora="):

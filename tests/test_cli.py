@@ -106,6 +106,13 @@ def test_generate_with_a_method_and_compare(tiny_pipe_dir, tmp_path, capsys):
     assert [r["anchor"] for r in info["per_step"]] == [True, False, False, True, False, False]
     out = capsys.readouterr().out
     assert "vs full model" in out and "anchor" in out
+    # the same plan with first-order forecasts: same FLOPs, other images
+    assert main(["generate", "--model", str(tiny_pipe_dir), "--steps", "6", "--classes", "0,1", "--n", "2",
+                 "--out", str(tmp_path / "f.png"), "--json", str(tmp_path / "f.json"), "--dtype", "fp32",
+                 "--method", "fora", "--interval", "3", "--forecast", "1", "--compare"]) == 0
+    forecast = json.loads((tmp_path / "f.json").read_text())
+    assert forecast["flops"] == info["flops"] and (forecast["forecast"], info["forecast"]) == (1, 0)
+    assert forecast["plan"] == "fora-T6-a2-f1"
 
 
 @pytest.mark.parametrize("argv,needle", [
@@ -138,6 +145,12 @@ def test_profile_plan_generate_round_trip(tiny_pipe_dir, tmp_path, capsys):
     assert "<- kept" in capsys.readouterr().out
     cal = json.loads(calibrated.read_text())["meta"]["calibration"]
     assert cal["samples"] == 2 and cal["rows"][0]["method"] == "soda-cache"
+    assert {r["forecast"] for r in cal["rows"]} == {0, 1}  # both orders measured unless one is given
+    fixed = tmp_path / "f1.json"
+    assert main(["plan", "--profile", str(stem), "--speedup", "1.5", "--calibrate", "2", "--forecast", "1",
+                 "--out", str(fixed)]) == 0
+    doc = json.loads(fixed.read_text())
+    assert doc["forecast"] == 1 and {r["forecast"] for r in doc["meta"]["calibration"]["rows"]} == {1}
     stats = tmp_path / "g.json"
     assert main(["generate", "--model", str(tiny_pipe_dir), "--steps", "6", "--cfg", "2", "--plan", str(plan),
                  "--compare", "--classes", "0,1", "--n", "1", "--dtype", "fp32", "--out", str(tmp_path / "g.png"),

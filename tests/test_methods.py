@@ -11,6 +11,9 @@ def test_fora_anchors_every_interval_and_reuses_between():
     assert p.anchors.nonzero().flatten().tolist() == [0, 3, 6, 9]
     assert (p.tokens[~p.anchors] == REUSE).all() and (p.tokens[p.anchors] == FULL).all()
     assert fora.plan(fora.Config(interval=1), SHAPE).anchors.all()
+    assert p.forecast == 0
+    f = fora.plan(fora.Config(interval=3, forecast=1), SHAPE)
+    assert f.forecast == 1 and f.meta["config"]["forecast"] == 1 and f.tag() != p.tag()
 
 
 def test_toca_recomputes_a_fixed_fraction():
@@ -34,6 +37,8 @@ def test_delta_dit_caches_front_blocks_early_and_rear_blocks_late():
     (lambda: toca.Config(ratio=1.0), r"in \[0, 1\)"),
     (lambda: toca.Config(token_score="attn"), "unknown token score"),
     (lambda: delta_dit.Config(cached_blocks=0), r"in \(0, 1\]"),
+    (lambda: fora.Config(forecast=2), "forecast must be one of"),
+    (lambda: toca.Config(forecast=-1), "forecast must be one of"),
 ])
 def test_bad_configs(make, msg):
     with pytest.raises(ValueError, match=msg):

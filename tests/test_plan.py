@@ -26,6 +26,11 @@ def test_round_trip_through_json(tmp_path):
     r = _plan(route=torch.tensor([[FULL] * 3, [FULL] * 3, [FULL] * 3, [FULL, 8, FULL]]),
               tokens=torch.where(torch.arange(4)[:, None, None] == 3, FULL, _plan().tokens))
     assert Plan.from_dict(r.to_dict()) == r and r != p
+    f = _plan(forecast=1)
+    assert Plan.from_dict(json.loads(f.to_json())) == f and f != p and f.tag().endswith("-f1")
+    old = p.to_dict()
+    del old["forecast"]  # plans written before forecasting existed load as plain reuse
+    assert Plan.from_dict(old) == p
 
 
 def test_computed_fraction():
@@ -44,6 +49,8 @@ def test_computed_fraction():
     (dict(num_tokens=1), "num_tokens must be"),
     (dict(anchors=[True, False, True, True]), "anchor steps compute every module"),
     (dict(route=torch.full((4, 2), FULL)), "route must have shape"),
+    (dict(forecast=2), "forecast must be one of"),
+    (dict(forecast=True), "forecast must be one of"),
     (dict(route=torch.full((4, 3), 0)), "routed token counts"),
     (dict(route=torch.tensor([[FULL] * 3, [FULL] * 3, [FULL] * 3, [4] * 3])), "both routes tokens"),
 ])

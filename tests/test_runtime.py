@@ -406,3 +406,63 @@ def test_plans_run_under_inference_mode(tiny_pipe):
         got = _run(tiny_pipe)
     remove(tiny_pipe)
     assert torch.equal(got, ref)
+
+
+def _forecast_plan(fill, anchors=(True, True, False, False)):
+    import dataclasses
+
+    return dataclasses.replace(_plan(fill, anchors), forecast=1)
+
+
+def test_forecast_extrapolates_the_last_two_full_outputs(tiny_pipe):
+    apply(tiny_pipe, _forecast_plan(REUSE))
+    outs, handle = _module_outputs(tiny_pipe)
+    _run(tiny_pipe)
+    handle.remove()
+    y0, y1 = outs[0].float(), outs[1].float()
+    torch.testing.assert_close(outs[2].float(), y1 + (y1 - y0), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(outs[3].float(), y1 + 2 * (y1 - y0), atol=1e-5, rtol=1e-5)
+    # uneven gaps are measured in steps; with one full output so far it is plain reuse
+    apply(tiny_pipe, _forecast_plan(REUSE, anchors=(True, False, True, False)))
+    outs, handle = _module_outputs(tiny_pipe)
+    _run(tiny_pipe)
+    handle.remove()
+    assert torch.equal(outs[1], outs[0])
+    torch.testing.assert_close(outs[3], outs[2] + 0.5 * (outs[2] - outs[0]), atol=1e-5, rtol=1e-5)
+    remove(tiny_pipe)
+
+
+def test_forecast_with_partial_recompute_puts_fresh_tokens_over_the_forecast(tiny_pipe):
+    k = 5
+    apply(tiny_pipe, _forecast_plan(k))
+    outs, handle = _module_outputs(tiny_pipe)
+    inputs = []
+    mod = tiny_pipe.transformer.transformer_blocks[0].ff
+    h2 = mod.register_forward_pre_hook(lambda m, a: inputs.append(a[0].detach().clone()))
+    _run(tiny_pipe)
+    handle.remove(), h2.remove()
+    remove(tiny_pipe)
+    forecast = outs[1] + (outs[1] - outs[0])
+    fresh = ~torch.isclose(outs[2], forecast, atol=1e-5, rtol=1e-5).all(-1)  # (B, N)
+    assert fresh.sum(1).tolist() == [k] * fresh.shape[0]
+    with torch.no_grad():
+        full = mod(inputs[2])
+    torch.testing.assert_close(outs[2][fresh], full[fresh], atol=1e-5, rtol=1e-5)
+    # the cache keeps full outputs only: step 3 forecasts from steps 0 and 1 again
+    forecast3 = outs[1] + 2 * (outs[1] - outs[0])
+    stale = torch.isclose(outs[3], forecast3, atol=1e-5, rtol=1e-5).all(-1)
+    assert stale.sum(1).tolist() == [N - k] * stale.shape[0]
+
+
+@pytest.mark.parametrize("fill", [REUSE, 5])
+def test_forecast_is_the_same_with_private_copies(tiny_pipe, fill):
+    """Under inference mode (and after a consumer modified a cached output in place) caches keep
+    private copies and recycle their buffers; the forecast must not read a recycled buffer."""
+    apply(tiny_pipe, _forecast_plan(fill, anchors=(True, True, True, False)))
+    ref = _run(tiny_pipe)
+    with torch.inference_mode():
+        got = _run(tiny_pipe)
+        assert state_of(tiny_pipe).caches[(0, 0, "mlp")].copy_out
+        again = _run(tiny_pipe)
+    remove(tiny_pipe)
+    assert torch.equal(got, ref) and torch.equal(again, ref)

@@ -1,6 +1,7 @@
 """SODA: the profile's error tables, the DP schedule, the pruning rule, budgets, refusals."""
 
 import itertools
+import json
 import math
 
 import pytest
@@ -255,7 +256,10 @@ def test_schedules_and_two_round_calibration(tiny_profile):
 
     scheds = soda.schedules(soda.Config(speedup=1.6), prof)
     assert scheds and all(p.pruned_modules() == 0 for p in scheds)
-    assert len({tuple(p.anchors.tolist()) for p in scheds}) == len(scheds)
+    # each distinct schedule once per forecast order
+    assert len({(tuple(p.anchors.tolist()), p.forecast) for p in scheds}) == len(scheds)
+    assert sorted(p.forecast for p in scheds) == sorted([0, 1] * (len(scheds) // 2))
+    assert [p.forecast for p in soda.schedules(soda.Config(speedup=1.6, forecast=1), prof)] == [1] * (len(scheds) // 2)
     assert all(p.meta["predicted"]["speedup_flops"] >= 1.6 * (1 - 1e-9) for p in scheds)
     best = soda.calibrate_soda(pipe, run, prof, speedup=1.6, lam=1.0, fewer=2, progress=False)
     cal = best.meta["calibration"]
@@ -264,7 +268,9 @@ def test_schedules_and_two_round_calibration(tiny_profile):
     assert rows[cal["chosen"]]["anchors"] == int(best.anchors.sum())
     # the second round prunes on the spread the first round kept
     first_best = min(rows[:len(scheds)], key=lambda r: r["mse"])
-    assert all(r["spread"] == first_best["spread"] for r in rows[len(scheds):])
+    assert all(r["spread"] == first_best["spread"] and r["forecast"] == first_best["forecast"]
+               for r in rows[len(scheds):])
+    assert best.forecast == rows[cal["chosen"]]["forecast"]
     apply(pipe, best)
     got = run(pipe)
     remove(pipe)
@@ -304,3 +310,31 @@ def test_soda_profile_plan_apply_on_text_to_image_pipelines(name):
     assert out.shape == ref.shape and torch.isfinite(out).all() and not torch.equal(out, ref)
     counted = sum(r.flops / r.rows for r in recs) / (len(recs) // steps)  # per row, per branch
     assert counted == pytest.approx(plan.meta["predicted"]["flops"], rel=1e-6)
+
+
+def test_bench_keeps_calibrated_soda_plans_for_later_runs(tiny_profile, tmp_path):
+    from ditaccel import bench
+    from ditaccel.plan import Plan
+
+    pipe, prof = tiny_profile
+    calls = []
+
+    def run(p):
+        calls.append(1)
+        return sample(p, [0, 1], steps=STEPS, guidance_scale=2.0, seed=7, progress=False)[0]
+
+    def entry():
+        (e,) = bench.method_entries(pipe, STEPS, methods=["soda"], sweeps={"soda": (1.6,)}, profile=prof,
+                                    calibration_run=run, plan_dir=tmp_path)
+        e.prepare(pipe)(pipe)()  # calibrate (or load), attach, detach
+    entry()
+    n = len(calls)
+    path = tmp_path / "soda-speedup1.6.json"
+    assert n > 2 and path.exists() and Plan.load(path).meta["calibration"]["samples"] == 2
+    entry()
+    assert len(calls) == n  # loaded, not calibrated again
+    doc = json.loads(path.read_text())
+    doc["meta"]["fingerprint"] = "another model"
+    path.write_text(json.dumps(doc))
+    entry()
+    assert len(calls) > n  # a plan for another model is not taken

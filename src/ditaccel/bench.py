@@ -10,8 +10,8 @@ Every method is swept over its knob; per configuration:
   times with the order alternating, after a warm-up; measured speedup = median of the per-pair
   ratios; execution efficiency = measured / FLOP speedup.
 
-Methods: ours (FORA, ToCa-style, Δ-DiT-style, SODA calibrated under a FLOP budget and under a
-latency budget) and the peers of :mod:`ditaccel.peers` (diffusers' cache hooks, cache-dit).
+Methods: ours (FORA, FORA with first-order forecasts, ToCa-style, Δ-DiT-style, SODA calibrated
+under a FLOP budget and under a latency budget) and the peers of :mod:`ditaccel.peers` (diffusers' cache hooks, cache-dit).
 
     entries = method_entries(pipe, num_steps=50, profile=prof, calibration_run=cal)
     out = measure(pipe, run, timed, entries)
@@ -35,6 +35,7 @@ from .sampling import as_images
 
 OURS: dict[str, tuple[str, tuple[float, ...], tuple[float, ...]]] = {  # name -> (knob, sweep, quick sweep)
     "fora": ("interval", (2, 3, 4, 6), (2,)),
+    "fora-forecast": ("interval", (2, 3, 4, 6), (3,)),
     "toca": ("interval", (2, 3, 4, 6), (3,)),
     "delta-dit": ("interval", (2, 3, 6), (3,)),
     "soda": ("speedup", (1.5, 2.0, 2.5, 3.0, 4.0), (2.0,)),
@@ -85,10 +86,12 @@ def check_methods(methods: list[str]) -> list[str]:
 
 def method_entries(pipe, num_steps: int, *, methods: list[str] | None = None, quick: bool = False,
                    sweeps: dict[str, tuple[float, ...]] | None = None, profile=None,
-                   calibration_run: Callable | None = None) -> list[Entry]:
+                   calibration_run: Callable | None = None, plan_dir=None) -> list[Entry]:
     """The configurations to measure: each method (default: all) at each value of its sweep.
     SODA needs ``profile`` (for this pipeline, sampler and step count) and ``calibration_run``
-    (a few samples on other seeds; also MagCache's calibration run)."""
+    (a few samples on other seeds; also MagCache's calibration run).  ``plan_dir``: keep SODA's
+    calibrated plans there and reuse them on later runs with the same profile and calibration run
+    (delete the folder when either changes)."""
     methods = check_methods(list(METHOD_NAMES) if methods is None else methods)
     sweeps = sweeps or {}
     if any(m.startswith("soda") for m in methods) and (profile is None or calibration_run is None):
@@ -108,8 +111,10 @@ def method_entries(pipe, num_steps: int, *, methods: list[str] | None = None, qu
         for v in sweeps.get(method, quick_sweep if quick else sweep):
             def prepare(p, method=method, knob=knob, v=v):
                 if method.startswith("soda"):
-                    return planned(soda.calibrate_soda(p, calibration_run, profile, progress=False, **{knob: v}))
+                    return planned(_calibrated(p, calibration_run, profile, plan_dir, method, knob, v))
                 extra = {"ratio": TOCA_RATIO} if method == "toca" else {}
+                if method == "fora-forecast":  # FORA with first-order forecasts (TaylorSeer-like)
+                    return planned(make_plan("fora", shape, interval=int(v), forecast=1))
                 return planned(make_plan(method, shape, interval=int(v), **extra))
             out.append(Entry(method, "ours", knob, v, prepare))
     ratios: dict[str, list[float]] = {}
@@ -134,6 +139,24 @@ def _counted(run, pipe) -> tuple[torch.Tensor, int]:
     with FlopCounterMode(display=False) as counter:
         images = as_images(run(pipe))
     return images, int(counter.get_total_flops())
+
+
+def _calibrated(pipe, calibration_run, profile, plan_dir, method: str, knob: str, value: float):
+    from pathlib import Path
+
+    from .io import write_json
+    from .plan import Plan
+
+    path = None if plan_dir is None else Path(plan_dir) / f"{method}-{knob}{value:g}.json"
+    if path is not None and path.exists():
+        plan = Plan.load(path)
+        if (plan.meta.get("fingerprint") == profile.meta.get("fingerprint") and plan.num_steps == profile.num_steps
+                and plan.meta.get("config", {}).get(knob) == value):
+            return plan
+    plan = soda.calibrate_soda(pipe, calibration_run, profile, progress=False, **{knob: value})
+    if path is not None:
+        write_json(path, plan.to_dict())
+    return plan
 
 
 def measure(pipe, run: Callable, timed: Callable, entries: list[Entry], *, repeats: int = 3,
@@ -196,6 +219,18 @@ def measure(pipe, run: Callable, timed: Callable, entries: list[Entry], *, repea
         if on_row:
             on_row(row)
     return {"rows": rows, "skipped": skipped}
+
+
+def merge(old: dict, new: dict) -> dict:
+    """``old`` with the rows (and skips) of every method measured in ``new`` replaced by ``new``'s:
+    re-measure some methods without re-running the rest.  Rows keep when they were measured."""
+    redone = {r["method"] for r in new["rows"]} - {"full"}
+    redone |= {s.split(":", 1)[0] for s in new.get("skipped", [])}
+    rows = [r for r in old["rows"] if r["method"] == "full" or r["method"] not in redone]
+    rows += [r for r in new["rows"] if r["method"] != "full"]
+    skipped = [s for s in old.get("skipped", []) if s.split(":", 1)[0] not in redone] + list(new.get("skipped", []))
+    return {**old, "rows": rows, "skipped": skipped,
+            "merged": [*old.get("merged", []), {"methods": sorted(redone), "total_s": new.get("total_s")}]}
 
 
 def goal_check(rows: list[dict], lo: float = 1.5, hi: float = 3.0, tol: float = 0.05) -> list[str]:

@@ -10,6 +10,10 @@ one; the runtime hooks only execute it.  For ``T`` steps, ``L`` transformer bloc
   highest ``token_score`` and takes the others from the cache.
 - ``route[t, l]`` (optional, the Shiva operation): ``FULL`` or ``k`` in ``1..N-1``: the whole block
   runs on exactly ``k`` routed tokens and the others skip it on the identity path.
+- ``forecast``: what a token that is not recomputed gets.  0: the module's output as last
+  computed (plain reuse).  1: the first-order extrapolation of the module's last two full outputs
+  in the step index, ``y_a + (t - a) / (a - b) * (y_a - y_b)`` for full computes at steps
+  ``b < a < t`` (as TaylorSeer does; plain reuse until a module has two).
 
 Token counts are fixed per (step, layer, module), so every tensor shape is known ahead of time.
 """
@@ -27,12 +31,21 @@ from . import io
 
 MODULES = ("attn", "cross", "mlp")
 TOKEN_SCORES = ("delta", "feature_mean")
+FORECAST_ORDERS = (0, 1)
 FULL, REUSE = -1, 0
 KIND = "plan"
 
 
 class PlanError(ValueError):
     pass
+
+
+def check_forecast(value) -> int:
+    """``value`` if it is a forecast order (0 reuse, 1 first-order), else a one-line ValueError."""
+    if type(value) is not int or value not in FORECAST_ORDERS:
+        raise ValueError(f"forecast must be one of {FORECAST_ORDERS} (0: reuse the last output, 1: "
+                         f"first-order forecast from the last two), got {value!r}")
+    return value
 
 
 @dataclass(frozen=True, eq=False)
@@ -45,6 +58,7 @@ class Plan:
     token_score: str = "delta"
     method: str = "custom"
     meta: dict[str, Any] = field(default_factory=dict)
+    forecast: int = 0                # 0: reuse the last output; 1: extrapolate the last two
 
     def __post_init__(self):
         object.__setattr__(self, "modules", tuple(self.modules))
@@ -70,6 +84,10 @@ class Plan:
         bad = [m for m in self.modules if m not in MODULES]
         if bad or not self.modules or len(set(self.modules)) != len(self.modules):
             raise PlanError(f"modules must be distinct names from {MODULES}, got {self.modules}")
+        try:
+            check_forecast(self.forecast)
+        except ValueError as e:
+            raise PlanError(str(e)) from None
         if self.token_score not in TOKEN_SCORES:
             raise PlanError(f"unknown token_score {self.token_score!r}; choose one of {TOKEN_SCORES}")
         if self.anchors.ndim != 1 or self.anchors.numel() == 0:
@@ -121,7 +139,7 @@ class Plan:
 
     def tag(self) -> str:
         """Short name for files and logs, e.g. ``fora-T50-a17``."""
-        return f"{self.method}-T{self.num_steps}-a{int(self.anchors.sum())}"
+        return f"{self.method}-T{self.num_steps}-a{int(self.anchors.sum())}" + ("-f1" if self.forecast else "")
 
     def __eq__(self, other) -> bool:
         if not isinstance(other, Plan):
@@ -130,7 +148,7 @@ class Plan:
             self.route is not None and other.route is not None and torch.equal(self.route, other.route))
         return (self.num_tokens == other.num_tokens and self.modules == other.modules
                 and torch.equal(self.anchors, other.anchors) and torch.equal(self.tokens, other.tokens)
-                and same_route and self.token_score == other.token_score
+                and same_route and self.token_score == other.token_score and self.forecast == other.forecast
                 and self.method == other.method and self.meta == other.meta)
 
     # -- JSON ----------------------------------------------------------------------------------
@@ -139,7 +157,8 @@ class Plan:
                 "num_tokens": self.num_tokens, "modules": list(self.modules),
                 "token_score": self.token_score, "anchors": self.anchors.tolist(),
                 "tokens": self.tokens.tolist(),
-                "route": None if self.route is None else self.route.tolist(), "meta": self.meta}
+                "route": None if self.route is None else self.route.tolist(), "forecast": self.forecast,
+                "meta": self.meta}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Plan":
@@ -153,7 +172,7 @@ class Plan:
             return cls(num_tokens=d["num_tokens"], modules=tuple(d["modules"]),
                        anchors=d["anchors"], tokens=d["tokens"], route=d.get("route"),
                        token_score=d.get("token_score", "delta"), method=d.get("method", "custom"),
-                       meta=dict(d.get("meta") or {}))
+                       meta=dict(d.get("meta") or {}), forecast=d.get("forecast", 0))
         except PlanError:
             raise
         except KeyError as e:

@@ -38,6 +38,9 @@ def add_arguments(p) -> None:
     acc.add_argument("--token-score", default=None, choices=["delta", "feature_mean"])
     acc.add_argument("--cached-blocks", type=float, default=None, help="delta-dit: fraction of blocks cached")
     acc.add_argument("--boundary", type=float, default=None, help="delta-dit: early-stage fraction of steps")
+    acc.add_argument("--forecast", type=int, default=None, choices=[0, 1],
+                     help="steps that reuse a module get its last output (0, default) or the first-order "
+                          "forecast from its last two full outputs (1)")
     acc.add_argument("--compare", action="store_true",
                      help="also run the full model on the same seeds: speedups, PSNR, SSIM")
     acc.add_argument("--show-steps", action="store_true", help="print what was computed per step")
@@ -63,7 +66,7 @@ def build_plan(args, pipe):
     from ..plan import Plan
 
     options = {k: getattr(args, k) for k in ("interval", "ratio", "token_score", "cached_blocks",
-                                             "boundary") if getattr(args, k) is not None}
+                                             "boundary", "forecast") if getattr(args, k) is not None}
     if args.plan and args.method:
         raise ValueError("give either --plan or --method, not both")
     if args.compare and not (args.plan or args.method):
@@ -120,7 +123,7 @@ def run(args) -> int:
     if args.save_dir:
         save_images(images, labels, Path(args.save_dir))
     info = {"model": args.model, "dtype": args.dtype, "threads": torch.get_num_threads(),
-            **stats.to_dict()}
+            **stats.to_dict(), **({"plan": plan.tag(), "forecast": plan.forecast} if plan is not None else {})}
     if plan is not None and args.show_steps:
         print(format_table(stats.per_step, plan.modules))
     if full is not None:

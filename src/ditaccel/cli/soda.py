@@ -85,6 +85,10 @@ class Plan:
         p.add_argument("--spread", type=float, default=None,
                        help="dp: keep anchors at most SPREAD x the even gap apart (>= 1; --calibrate "
                             "measures free, 2, 1.5 and 1 unless given)")
+        p.add_argument("--forecast", type=int, default=None, choices=[0, 1],
+                       help="what steps that do not recompute a module get: 0 its last output, 1 the "
+                            "first-order forecast from its last two full outputs (default 0; "
+                            "--calibrate measures both unless given)")
         p.add_argument("--token-score", default=None, choices=["delta", "feature_mean"])
         p.add_argument("--lam", type=float, default=d.lam)
         p.add_argument("--rho-max", type=float, default=d.rho_max)
@@ -107,7 +111,7 @@ class Plan:
             raise ValueError(f"--out must name a .json file, got {args.out}")
         cfg = soda.Config(speedup=args.speedup, latency_speedup=args.latency_speedup, anchors=args.anchors,
                           prune=not args.no_prune, schedule=args.schedule, spread=args.spread, token_score=args.token_score,
-                          lam=args.lam, rho_max=args.rho_max)
+                          lam=args.lam, rho_max=args.rho_max, forecast=args.forecast)
         if args.calibrate < 0:
             raise ValueError(f"--calibrate must be >= 0, got {args.calibrate}")
         if args.calibrate and args.anchors is not None:
@@ -154,10 +158,11 @@ def _calibrated(pipe, prof, cfg, n: int, seed: int):
 
     best = soda.calibrate_soda(pipe, run, prof, **asdict(cfg))
     cal = best.meta["calibration"]
-    print(f"{'candidate':>10} {'anchors':>8} {'spread':>7} {'pruned':>7} {'predicted err':>14} {'PSNR vs full':>13}")
+    print(f"{'candidate':>10} {'anchors':>8} {'spread':>7} {'forecast':>9} {'pruned':>7} {'predicted err':>14} "
+          f"{'PSNR vs full':>13}")
     for i, r in enumerate(cal["rows"]):
         mark = " <- kept" if i == cal["chosen"] else ""
         spread = "free" if r["spread"] is None else f"{r['spread']:g}"
-        print(f"{i:>10} {r['anchors']:>8} {spread:>7} {r['pruned_modules']:>7} {r['predicted_error']:>14.4g} "
+        print(f"{i:>10} {r['anchors']:>8} {spread:>7} {r['forecast']:>9} {r['pruned_modules']:>7} {r['predicted_error']:>14.4g} "
               f"{r['psnr']:>11.2f}dB{mark}")
     return best

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..plan import FULL, REUSE, Plan
+from ..plan import FULL, REUSE, Plan, check_forecast
 from .fora import anchors_every
 
 
@@ -20,8 +20,10 @@ class Config:
     interval: int = 2
     cached_blocks: float = 0.5   # fraction of blocks reused between anchors
     boundary: float = 0.5        # fraction of the steps that count as the early stage
+    forecast: int = 0            # Plan.forecast: 0 reuse, 1 first-order forecast
 
     def __post_init__(self):
+        check_forecast(self.forecast)
         if not isinstance(self.interval, int) or self.interval < 1:
             raise ValueError(f"Δ-DiT interval must be an integer >= 1, got {self.interval!r}")
         if not 0 < self.cached_blocks <= 1:
@@ -30,7 +32,7 @@ class Config:
             raise ValueError(f"boundary is a fraction of the steps in [0, 1], got {self.boundary}")
 
     def tag(self) -> str:
-        return f"delta-dit-n{self.interval}-c{self.cached_blocks:g}-b{self.boundary:g}"
+        return ("f1-" if self.forecast else "") + f"delta-dit-n{self.interval}-c{self.cached_blocks:g}-b{self.boundary:g}"
 
 
 def plan(config: Config, shape) -> Plan:
@@ -45,6 +47,7 @@ def plan(config: Config, shape) -> Plan:
         layers = range(n_cached) if early[t] else range(l_n - n_cached, l_n)
         tokens[t, list(layers)] = REUSE
     return Plan(num_tokens=shape.num_tokens, modules=shape.modules, anchors=anchors, tokens=tokens,
+                forecast=config.forecast,
                 method="delta-dit",
-                meta={"config": {"interval": config.interval, "cached_blocks": config.cached_blocks,
+                meta={"config": {"forecast": config.forecast, "interval": config.interval, "cached_blocks": config.cached_blocks,
                                  "boundary": config.boundary}})

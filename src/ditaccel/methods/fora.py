@@ -7,19 +7,21 @@ from dataclasses import dataclass
 
 import torch
 
-from ..plan import FULL, REUSE, Plan
+from ..plan import FULL, REUSE, Plan, check_forecast
 
 
 @dataclass(frozen=True)
 class Config:
     interval: int = 3
+    forecast: int = 0            # Plan.forecast: 0 reuse, 1 first-order forecast
 
     def __post_init__(self):
+        check_forecast(self.forecast)
         if not isinstance(self.interval, int) or self.interval < 1:
             raise ValueError(f"FORA interval must be an integer >= 1, got {self.interval!r}")
 
     def tag(self) -> str:
-        return f"fora-n{self.interval}"
+        return ("f1-" if self.forecast else "") + f"fora-n{self.interval}"
 
 
 def anchors_every(num_steps: int, interval: int) -> torch.Tensor:
@@ -31,4 +33,5 @@ def plan(config: Config, shape) -> Plan:
     tokens = torch.full((shape.num_steps, shape.num_layers, len(shape.modules)), FULL)
     tokens[~anchors] = REUSE
     return Plan(num_tokens=shape.num_tokens, modules=shape.modules, anchors=anchors, tokens=tokens,
-                method="fora", meta={"config": {"interval": config.interval}})
+                forecast=config.forecast,
+                method="fora", meta={"config": {"forecast": config.forecast, "interval": config.interval}})

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from ..plan import FULL, REUSE, TOKEN_SCORES, Plan
+from ..plan import FORECAST_ORDERS, FULL, REUSE, TOKEN_SCORES, Plan, check_forecast
 from ..sampling import as_images
 
 
@@ -34,6 +34,8 @@ class Config:
     lam: float = 0.5                      # slope of rho in E_c / mean(E_c)
     rho_max: float = 0.5
     margin: float = 0.0
+    forecast: int | None = None           # 0 reuse, 1 first-order forecast (Plan.forecast); None:
+                                          # 0 for plan(), measured by calibrate_soda
 
     def __post_init__(self):
         budgets = [b for b in (self.speedup, self.latency_speedup) if b is not None]
@@ -51,6 +53,8 @@ class Config:
             raise ValueError(f"spread must be >= 1 (1 = as even as possible), got {self.spread}")
         if self.token_score is not None and self.token_score not in TOKEN_SCORES:
             raise ValueError(f"unknown token score {self.token_score!r}; choose one of {TOKEN_SCORES}")
+        if self.forecast is not None:
+            check_forecast(self.forecast)
         if not 0 < self.rho_max < 1 or self.lam < 0 or not 0 <= self.margin < 1:
             raise ValueError("need 0 < rho_max < 1, lam >= 0 and 0 <= margin < 1")
 
@@ -58,7 +62,8 @@ class Config:
         target = (f"x{self.speedup:g}" if self.speedup else f"lat{self.latency_speedup:g}"
                   if self.latency_speedup else f"a{self.anchors}")
         parts = ["soda" if self.prune else "soda-cache", self.schedule if self.schedule != "dp" else None,
-                 f"s{self.spread:g}" if self.spread and self.schedule == "dp" else None, target]
+                 f"s{self.spread:g}" if self.spread and self.schedule == "dp" else None,
+                 f"f{self.forecast}" if self.forecast else None, target]
         return "-".join(p for p in parts if p)
 
 
@@ -250,7 +255,7 @@ def plan(config: Config, profile) -> Plan:
 
     def make(anchors, tokens, extra) -> Plan:
         p = Plan(num_tokens=profile.num_tokens, modules=profile.modules, anchors=anchors, tokens=tokens,
-                 token_score=score_name, method="soda" if cfg.prune else "soda-cache")
+                 token_score=score_name, method="soda" if cfg.prune else "soda-cache", forecast=cfg.forecast or 0)
         meta = {"config": asdict(cfg), "predicted": predict(p, profile),
                 "fingerprint": profile.meta.get("fingerprint"), "sampler": profile.meta.get("sampler"), **extra}
         return replace(p, meta=meta)
@@ -371,7 +376,7 @@ def calibrate(pipe, run, plans: list[Plan], progress: bool = True,
             mse = float((images.double() - reference.double()).pow(2).mean())
             spread = p.meta.get("config", {}).get("spread")
             rows.append({"anchors": int(p.anchors.sum()), "pruned_modules": p.pruned_modules(), "method": p.method,
-                         "spread": spread, "predicted_error": p.meta.get("predicted", {}).get("error"),
+                         "spread": spread, "forecast": p.forecast, "predicted_error": p.meta.get("predicted", {}).get("error"),
                          "speedup_flops": p.meta.get("predicted", {}).get("speedup_flops"),
                          "mse": mse, "psnr": 10 * math.log10(1 / mse) if mse > 0 else math.inf})
     best = min(range(len(plans)), key=lambda i: (rows[i]["mse"], i))
@@ -382,28 +387,35 @@ def calibrate(pipe, run, plans: list[Plan], progress: bool = True,
 SPREADS = (None, 2.0, 1.5, 1.0)
 
 
-def schedules(config: Config, profile, spreads=SPREADS) -> list[Plan]:
+def schedules(config: Config, profile, spreads=SPREADS, forecasts=FORECAST_ORDERS) -> list[Plan]:
     """Caching-only plans for ``config``'s budget, one per anchor ``spread`` (duplicates dropped):
-    the DP schedule free, then held ever closer to evenly spaced anchors."""
+    the DP schedule free, then held ever closer to evenly spaced anchors; each with every order
+    in ``forecasts`` (``config.forecast`` when set) for what non-anchor steps get."""
     out = []
+    orders = forecasts if config.forecast is None else (config.forecast,)
     for sp in spreads:
         try:
-            p = plan(Config(**{**asdict(config), "prune": False, "anchors": None, "spread": sp}), profile)
+            p = plan(Config(**{**asdict(config), "prune": False, "anchors": None, "spread": sp, "forecast": None}),
+                     profile)
         except ValueError:
             continue
-        if not any(torch.equal(p.anchors, q.anchors) for q in out):
-            out.append(p)
+        if any(torch.equal(p.anchors, q.anchors) for q in out):
+            continue
+        for f in orders:
+            meta = {**p.meta, "config": {**p.meta["config"], "forecast": f}}
+            out.append(replace(p, forecast=f, meta=meta))
     return out
 
 
-def calibrate_soda(pipe, run, profile, fewer: int = 3, spreads=SPREADS, progress: bool = True,
-                   **options) -> Plan:
+def calibrate_soda(pipe, run, profile, fewer: int = 3, spreads=SPREADS, forecasts=FORECAST_ORDERS,
+                   progress: bool = True, **options) -> Plan:
     """``calibrate_soda(pipe, run, profile, speedup=2.5)``: SODA with its choices measured on
     ``run(pipe)`` (a few samples on seeds other than those you evaluate on; images in [0, 1]).
 
-    Two rounds, each keeping the plan closest to the full model: the anchor schedule (caching-only
-    plans with the DP's schedule free or held to a ``spread``; :func:`schedules`), then, on the
-    kept schedule's spread, whether fewer anchors plus token pruning beat it (:func:`candidates`).
+    Two rounds, each keeping the plan closest to the full model: the anchor schedule and what the
+    other steps get (caching-only plans with the DP's schedule free or held to a ``spread``, each
+    reusing or forecasting module outputs; :func:`schedules`), then, on the kept schedule's spread
+    and forecast order, whether fewer anchors plus token pruning beat it (:func:`candidates`).
     The kept plan's metadata lists every measured candidate."""
     config = Config(**options)
     if config.speedup is None and config.latency_speedup is None:
@@ -412,14 +424,15 @@ def calibrate_soda(pipe, run, profile, fewer: int = 3, spreads=SPREADS, progress
         spreads = (config.spread,)
     with torch.no_grad():
         reference = as_images(run(pipe))
-    first = schedules(config, profile, spreads)
+    first = schedules(config, profile, spreads, forecasts)
     if not first:
         raise ValueError("no plan meets this budget with the profiled cache ages; profile longer "
                          "intervals or ask for a smaller speedup")
     best, rows = calibrate(pipe, run, first, progress, reference)
     chosen = best.meta["calibration"]["chosen"]
     if config.prune:
-        more = candidates(replace(config, spread=best.meta["config"]["spread"]), profile, fewer)[1:]
+        kept = replace(config, spread=best.meta["config"]["spread"], forecast=best.forecast)
+        more = candidates(kept, profile, fewer)[1:]
         if more:
             second, more_rows = calibrate(pipe, run, more, progress, reference)
             j = second.meta["calibration"]["chosen"]

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..plan import FULL, TOKEN_SCORES, Plan
+from ..plan import FULL, TOKEN_SCORES, Plan, check_forecast
 from .fora import anchors_every
 
 
@@ -20,8 +20,10 @@ class Config:
     interval: int = 3
     ratio: float = 0.1
     token_score: str = "delta"
+    forecast: int = 0            # Plan.forecast: 0 reuse, 1 first-order forecast
 
     def __post_init__(self):
+        check_forecast(self.forecast)
         if not isinstance(self.interval, int) or self.interval < 1:
             raise ValueError(f"ToCa interval must be an integer >= 1, got {self.interval!r}")
         if not 0 <= self.ratio < 1:
@@ -30,7 +32,7 @@ class Config:
             raise ValueError(f"unknown token score {self.token_score!r}; choose one of {TOKEN_SCORES}")
 
     def tag(self) -> str:
-        return f"toca-n{self.interval}-r{self.ratio:g}-{self.token_score}"
+        return ("f1-" if self.forecast else "") + f"toca-n{self.interval}-r{self.ratio:g}-{self.token_score}"
 
 
 def plan(config: Config, shape) -> Plan:
@@ -40,6 +42,7 @@ def plan(config: Config, shape) -> Plan:
     tokens = torch.full((shape.num_steps, shape.num_layers, len(shape.modules)), FULL)
     tokens[~anchors] = k
     return Plan(num_tokens=shape.num_tokens, modules=shape.modules, anchors=anchors, tokens=tokens,
+                forecast=config.forecast,
                 token_score=config.token_score, method="toca",
-                meta={"config": {"interval": config.interval, "ratio": config.ratio,
+                meta={"config": {"forecast": config.forecast, "interval": config.interval, "ratio": config.ratio,
                                  "token_score": config.token_score}})

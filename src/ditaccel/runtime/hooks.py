@@ -211,6 +211,7 @@ class ModuleHook(ModelHook):
         later = plan.tokens[~plan.anchors, layer, module_index]
         self.keep_out = bool((later != FULL).any())
         self.keep_ref = self.keep_out and plan.token_score == "delta" and bool((later > 0).any())
+        self.forecast = self.keep_out and plan.forecast > 0  # keep the last two full outputs
         self.signature = inspect.signature(type(module).forward)
         self.signature = self.signature.replace(parameters=list(self.signature.parameters.values())[1:])
 
@@ -226,7 +227,7 @@ class ModuleHook(ModelHook):
         if (self.layer, self.role) in st.skipped_inputs:  # its norm ran on one token: reuse
             st.skipped_inputs.discard((self.layer, self.role))
             record[(self.layer, self.role)] = 0
-            return st.caches[(st.branch, self.layer, self.role)].give()
+            return self._reused(st.caches[(st.branch, self.layer, self.role)])
         x = args[0] if args else kwargs.pop("hidden_states")
         rest = args[1:]
         k = st.tokens_for(self.layer, self.m)
@@ -241,12 +242,12 @@ class ModuleHook(ModelHook):
             if self.keep_out:  # only what a later step of the plan reads is kept
                 if cache is None:
                     cache = st.caches[(st.branch, self.layer, self.role)] = ModuleCache()
-                cache.store(out, x, self.keep_ref, st.generation)
+                cache.store(out, x, self.keep_ref, st.generation, st.step, self.forecast)
             record[(self.layer, self.role)] = n
             return out
         if k == REUSE:
             record[(self.layer, self.role)] = 0
-            return cache.give()
+            return self._reused(cache)
         ref = cache.ref if cache.ref is not None else x
         idx = token_scores(x[:, text:], ref[:, text:], st.plan.token_score).topk(k, dim=1).indices + text
         if text:  # text tokens are always computed
@@ -271,15 +272,25 @@ class ModuleHook(ModelHook):
                 fresh = partial_wan_attention(module, x, idx, named.get("rotary_emb"))
             else:
                 raise PlanMismatch(f"unknown partial attention kind {self.spec.partial_attn!r}")
-        # patch the cache in place: the fresh tokens, and where they were computed from
+        if cache.ref is not None:  # where the fresh tokens were computed from
+            cache.ref.scatter_(1, idx[..., None].expand(-1, -1, x_sel.shape[-1]), x_sel)
+        record[(self.layer, self.role)] = k
+        if self.forecast:  # the fresh tokens over this step's forecast; the cache keeps full outputs
+            out = cache.forecast(st.step)
+            image = out[0] if isinstance(out, tuple) else out
+            image.scatter_(1, idx[..., None].expand(-1, -1, fresh.shape[-1]), fresh.to(image.dtype))
+            if isinstance(out, tuple) and text_out is not None:
+                out = (out[0], text_out, *out[2:])
+            return out
+        # patch the cache in place: the fresh tokens
         cache.image_out.scatter_(1, idx[..., None].expand(-1, -1, fresh.shape[-1]), fresh.to(cache.image_out.dtype))
         if isinstance(cache.out, tuple) and text_out is not None:
             cache.out = (cache.out[0], _into(cache.out[1], text_out), *cache.out[2:])
         cache.touched()
-        if cache.ref is not None:
-            cache.ref.scatter_(1, idx[..., None].expand(-1, -1, x_sel.shape[-1]), x_sel)
-        record[(self.layer, self.role)] = k
         return cache.give()
+
+    def _reused(self, cache: ModuleCache):
+        return cache.forecast(self.state.step) if self.forecast else cache.give()
 
 
 class NormSkipHook(ModelHook):

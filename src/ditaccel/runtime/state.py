@@ -27,6 +27,19 @@ def _into(buf, value):
     return buf.copy_(value)
 
 
+def _lerp(a, b, w: float):
+    """``a + w * (b - a)`` over a tensor or a tuple of tensors / None (w > 1 extrapolates)."""
+    if isinstance(b, tuple):
+        return tuple(_lerp(x, y, w) for x, y in zip(a, b))
+    return None if b is None else torch.lerp(a, b, w)
+
+
+def _shapes(value):
+    if isinstance(value, tuple):
+        return tuple(_shapes(v) for v in value)
+    return None if value is None else (tuple(value.shape), value.dtype)
+
+
 def _versions(value):
     """In-place modification counters of a cached value (None where torch keeps none, e.g.
     inference-mode tensors)."""
@@ -71,8 +84,27 @@ class ModuleCache:
         self.shape: tuple[int, ...] = ()
         self.copy_out = False
         self._versions = None
+        # forecasting: the full output before ``out`` and the steps both were computed at
+        self.prev = None
+        self.prev_step: int | None = None
+        self.out_step: int | None = None
 
-    def store(self, out, x: torch.Tensor, keep_ref: bool, generation: int) -> None:
+    def store(self, out, x: torch.Tensor, keep_ref: bool, generation: int, step: int | None = None,
+              history: bool = False) -> None:
+        """Keep a full output computed at ``step``; with ``history`` the one it replaces is kept
+        too (as ``prev``) for :meth:`forecast`, when it belongs to this trajectory and is intact."""
+        spare = None
+        if history:
+            intact = (self.generation == generation and self.out is not None and _shapes(self.out) == _shapes(out)
+                      and (self.copy_out or _versions(self.out) == self._versions))
+            spare = self.prev if self.copy_out else None
+            if intact:
+                self.prev, self.prev_step = self.out, self.out_step
+                if self.copy_out:
+                    self.out = spare  # recycle the older buffer, never the one now in prev
+            else:
+                self.prev, self.prev_step = None, None
+            self.out_step = step
         self.out = _into(self.out, out) if self.copy_out else _detached(out)
         self.ref = _into(self.ref, x) if keep_ref else None
         self.shape, self.generation = tuple(x.shape), generation
@@ -86,6 +118,15 @@ class ModuleCache:
         """The cached output for the block to use: the cache itself (watched), or in copy mode a
         copy the block may modify."""
         return _into(None, self.out) if self.copy_out else self.out
+
+    def forecast(self, step: int):
+        """The output extrapolated to ``step`` from the last two full outputs (first order, in the
+        step index): ``out + (step - a) / (a - b) * (out - prev)``; the cached output itself until
+        there are two.  Always a new tensor."""
+        if self.prev is None or self.out_step is None or self.prev_step is None or self.out_step <= self.prev_step:
+            return _into(None, self.out)
+        w = (step - self.prev_step) / (self.out_step - self.prev_step)
+        return _lerp(self.prev, self.out, w)
 
     def touched(self) -> None:
         """The runtime itself patched the output in place."""
