@@ -1,0 +1,4 @@
+"""Shiva (learned static-budget token routing): under construction, not exported yet.
+
+Built so far: :mod:`.topk`, the residual-based differentiable top-k.
+"""
