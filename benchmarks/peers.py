@@ -21,7 +21,7 @@ quality vs real data (FD vs the Fashion-MNIST test set, classifier agreement) an
 Writes results/peers-<sampler>[-quick].{json,md,png} and README's ``peers-<sampler>`` block.
 
     python benchmarks/peers.py                        # DDIM-50, the full sweep
-    python benchmarks/peers.py --sampler ddpm         # DDPM-250
+    python benchmarks/peers.py --sampler ddpm --n 32 --timed-batch 4   # DDPM-250 (as in README)
     python benchmarks/peers.py --quick                # one point per method, under 10 minutes
     python benchmarks/peers.py --seed 10000 --repeats 0   # fidelity only on other seeds (FD ranking check)
     python benchmarks/peers.py --only soda,soda-latency --merge   # re-measure some methods, keep the rest
@@ -57,6 +57,12 @@ def command_of(args) -> str:
         parts.append("--quick")
     if args.seed:
         parts.append(f"--seed {args.seed}")
+    if args.n not in (None, 16 if args.quick else 96):
+        parts.append(f"--n {args.n}")
+    if args.batch not in (None, 8 if args.quick else 16):
+        parts.append(f"--batch {args.batch}")
+    if args.timed_batch != 8:
+        parts.append(f"--timed-batch {args.timed_batch}")
     if args.repeats != 3:
         parts.append(f"--repeats {args.repeats}")
     return " ".join(parts)
@@ -92,6 +98,7 @@ def main() -> None:
         ap.error("--merge needs --only METHODS (the methods to re-measure)")
     if args.replot:
         out = json.loads((RESULTS / f"{stem}.json").read_text())
+        args.n, args.batch, args.timed_batch = out["n"], out["batch"], out.get("timed_batch", 8)
         finish(out, stem, args)
         return
     args.n = args.n or (16 if args.quick else 96)

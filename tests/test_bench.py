@@ -64,9 +64,19 @@ def test_goal_check_lists_only_nearby_methods_that_beat_soda():
     rows = [_row("full", 1.0, math.inf, 0), _row("soda", 2.0, 38.0, 4.0), _row("fora", 2.05, 39.0, 5.0),
             _row("toca", 2.5, 45.0, 1.0), _row("fbc", 1.98, 20.0, 80.0), _row("soda", 3.5, 20.0, 90.0)]
     misses = bench.goal_check(rows)
-    assert misses == ["SODA at 2.00x vs fora (k=1) at 2.05x: PSNR 38.00 < 39.00"]
+    assert misses == ["soda (k=1) at 2.00x vs fora (k=1) at 2.05x: PSNR 38.00 < 39.00"]
     rows[2]["psnr"] = 37.0
     assert bench.goal_check(rows) == []
+
+
+def test_goal_check_takes_soda_under_both_budgets_and_never_against_itself():
+    rows = [_row("full", 1.0, math.inf, 0), _row("soda", 2.0, 38.0, 4.0), _row("soda-latency", 2.02, 41.0, 2.0),
+            _row("fora", 2.05, 39.0, 3.0)]
+    assert bench.goal_check(rows) == ["soda (k=1) at 2.00x vs fora (k=1) at 2.05x: PSNR 38.00 < 39.00, FD 4.00 > 3.00"]
+    rows[3]["speedup_measured"] = 2.5  # now near neither; the latency-budget point is checked on its own
+    rows.append(_row("taylorseer", 2.0, 42.0, 5.0))
+    assert bench.goal_check(rows) == ["soda (k=1) at 2.00x vs taylorseer (k=1) at 2.00x: PSNR 38.00 < 42.00",
+                                      "soda-latency (k=1) at 2.02x vs taylorseer (k=1) at 2.00x: PSNR 41.00 < 42.00"]
 
 
 def test_merge_replaces_only_the_re_measured_methods():
@@ -128,17 +138,20 @@ def test_fd_rise_takes_the_soda_point_nearest_the_target_speed():
     rows = [{**_row("full", 1.0, math.inf, 0), "fd_vs_test": 100.0},
             {**_row("soda", 2.0, 38.0, 4.0), "fd_vs_test": 150.0},
             {**_row("soda", 2.45, 35.0, 6.0), "fd_vs_test": 104.0}]
-    text = bench.fd_rise(rows)
-    assert "2.45x measured" in text and "+4.0%" in text
-    assert bench.fd_rise([_row("full", 1.0, math.inf, 0), _row("soda", 2.0, 38.0, 4.0)]) is None
+    [text] = bench.fd_rise(rows)
+    assert text.startswith("soda's") and "2.45x measured" in text and "+4.0%" in text
+    assert bench.fd_rise([_row("full", 1.0, math.inf, 0), _row("soda", 2.0, 38.0, 4.0)]) == []
+    rows.append({**_row("soda-latency", 2.6, 36.0, 5.0), "fd_vs_test": 111.0})
+    assert [t.split("'")[0] for t in bench.fd_rise(rows)] == ["soda", "soda-latency"]
+    assert "+11.0%" in bench.fd_rise(rows)[1]
 
 
 def test_curve_check_interpolates_between_the_points_around_soda():
     rows = [_row("full", 1.0, math.inf, 0), _row("soda", 2.0, 38.0, 4.0),
             _row("fora", 1.5, 42.0, 2.0), _row("fora", 2.5, 36.0, 8.0),  # at 2.0x: 39.0 dB, FD 5.0
             _row("fbc", 2.2, 45.0, 1.0), _row("fbc", 3.0, 40.0, 2.0)]    # does not reach 2.0x: left out
-    assert bench.curve_check(rows) == ["SODA (speedup=1) at 2.00x vs fora's curve there: PSNR 38.00 < 39.00"]
+    assert bench.curve_check(rows) == ["soda (k=1) at 2.00x vs fora's curve there: PSNR 38.00 < 39.00"]
     rows[3]["psnr"] = 33.0  # now 37.5 dB at 2.0x
     assert bench.curve_check(rows) == []
     far = [{**_row("full", 1.0, math.inf, 0), "fd_vs_test": 100.0}, {**_row("soda", 1.9, 38.0, 4.0), "fd_vs_test": 150.0}]
-    assert bench.fd_rise(far) is None, "a SODA point far from 2.5x says nothing about 2.5x"
+    assert bench.fd_rise(far) == [], "a SODA point far from 2.5x says nothing about 2.5x"

@@ -151,6 +151,14 @@ def test_profile_plan_generate_round_trip(tiny_pipe_dir, tmp_path, capsys):
                  "--out", str(fixed)]) == 0
     doc = json.loads(fixed.read_text())
     assert doc["forecast"] == 1 and {r["forecast"] for r in doc["meta"]["calibration"]["rows"]} == {1}
+    capsys.readouterr()
+    # a wall-clock budget with --calibrate is measured: the kept candidate was timed
+    timed = tmp_path / "lat.json"
+    assert main(["plan", "--profile", str(stem), "--latency-speedup", "1.05", "--calibrate", "2",
+                 "--out", str(timed)]) == 0
+    assert "measured speedup" in capsys.readouterr().out
+    cal = json.loads(timed.read_text())["meta"]["calibration"]
+    assert cal["timed"]["target"] == 1.05 and "speedup_measured" in cal["rows"][cal["chosen"]]
     stats = tmp_path / "g.json"
     assert main(["generate", "--model", str(tiny_pipe_dir), "--steps", "6", "--cfg", "2", "--plan", str(plan),
                  "--compare", "--classes", "0,1", "--n", "1", "--dtype", "fp32", "--out", str(tmp_path / "g.png"),

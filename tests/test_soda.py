@@ -278,6 +278,50 @@ def test_schedules_and_two_round_calibration(tiny_profile):
     assert rows[cal["chosen"]]["mse"] == pytest.approx(float((got.double() - full.double()).pow(2).mean()), rel=1e-9)
 
 
+def test_timed_calibration_keeps_the_closest_plan_that_is_fast_enough(tiny_profile):
+    """A wall-clock budget: candidates are timed from the lowest MSE up and the first that reaches
+    the target speed is kept.  The timed run here sleeps in proportion to the applied plan's anchor
+    count plus one, so its measured speedup is about STEPS / (anchors + 1) whatever the machine's
+    load: 6 anchors fall short of the target, 5 reach it."""
+    import time
+
+    pipe, prof = tiny_profile
+
+    def run(p):
+        return sample(p, [0, 1], steps=STEPS, guidance_scale=2.0, seed=7, progress=False)[0]
+
+    def timed(p):
+        state = state_of(p)
+        time.sleep(0.02 * (int(state.plan.anchors.sum()) + 1 if state is not None else STEPS))
+
+    best = soda.calibrate_soda(pipe, run, prof, latency_speedup=1.2, lam=1.0, fewer=1, more=2, timed=timed,
+                               repeats=1, progress=False)
+    cal = best.meta["calibration"]
+    rows = cal["rows"]
+    assert cal["timed"] == {"target": 1.2, "tolerance": 0.03, "repeats": 1}
+    chosen = rows[cal["chosen"]]
+    assert chosen["anchors"] == int(best.anchors.sum()) and chosen["speedup_measured"] >= 1.2 * 0.97
+    assert STEPS / (chosen["anchors"] + 1) == pytest.approx(chosen["speedup_measured"], rel=0.25)
+    # every candidate closer to the full model was timed and found too slow
+    timed_rows = [r for r in rows if "speedup_measured" in r]
+    assert all(r["speedup_measured"] < 1.2 * 0.97 for r in timed_rows if r["mse"] < chosen["mse"])
+    assert max(r["anchors"] for r in rows) == rows[0]["anchors"] + 2, "more anchors than the model affords offered"
+    # a target the latency model affords but no plan reaches in this timed run (each plan costs
+    # more than the full model): the fastest measured plan
+    def slow(p):
+        state = state_of(p)
+        time.sleep(0.02 * (int(state.plan.anchors.sum()) + 6 if state is not None else STEPS))
+
+    far = soda.calibrate_soda(pipe, run, prof, latency_speedup=1.2, lam=1.0, fewer=1, more=1, timed=slow,
+                              repeats=1, progress=False)
+    frows = far.meta["calibration"]["rows"]
+    fastest = max((r for r in frows if "speedup_measured" in r), key=lambda r: r["speedup_measured"])
+    assert frows[far.meta["calibration"]["chosen"]] is fastest
+    with pytest.raises(ValueError, match="latency_speedup"):
+        soda.calibrate_soda(pipe, run, prof, speedup=1.2, timed=timed, progress=False)
+    assert state_of(pipe) is None, "calibration must leave the pipeline unplanned"
+
+
 def test_bad_budgets_are_refused():
     with pytest.raises(ValueError, match="give a budget"):
         soda.Config()

@@ -119,6 +119,27 @@ def sample(pipe, class_labels, *, sampler: str = "ddim", steps: int | None = Non
     return torch.cat(out), stats
 
 
+def speedup_pairs(pipe, timed, attach, repeats: int = 3) -> list[float]:
+    """Wall-clock ratios (full model / method) of ``timed(pipe)``: the full model and the method
+    back to back, ``repeats`` times with the order alternating (take the median).  ``attach(pipe)``
+    switches the method on and returns the function that switches it off; the method is off
+    between and after the pairs.  Warm the pipeline up before the first call."""
+    ratios = []
+    for r in range(repeats):
+        walls = {}
+        for which in (("full", "method") if r % 2 == 0 else ("method", "full")):
+            detach = attach(pipe) if which == "method" else None
+            try:
+                t = time.perf_counter()
+                timed(pipe)
+                walls[which] = time.perf_counter() - t
+            finally:
+                if detach is not None:
+                    detach()
+        ratios.append(walls["full"] / walls["method"])
+    return ratios
+
+
 def as_images(output) -> torch.Tensor:
     """A pipeline run's images as a float tensor: a tensor, or an object with ``.images`` (tensor,
     numpy array or list of PIL images)."""

@@ -78,7 +78,9 @@ class Plan:
         p.add_argument("--profile", required=True, help="profile stem (from `ditaccel profile --out`)")
         budget = p.add_mutually_exclusive_group(required=True)
         budget.add_argument("--speedup", type=float, help="target FLOP speedup")
-        budget.add_argument("--latency-speedup", type=float, help="target speedup of the measured-latency model")
+        budget.add_argument("--latency-speedup", type=float,
+                            help="target wall-clock speedup: with --calibrate, measured on the calibration "
+                                 "samples; without, predicted by the profile's latency model")
         budget.add_argument("--anchors", type=int, help="number of full-compute steps")
         p.add_argument("--no-prune", action="store_true", help="caching only (OFS+DCS)")
         p.add_argument("--schedule", default="dp", choices=["dp", "uniform"])
@@ -96,7 +98,8 @@ class Plan:
                        "calibrate on it; default: the profile's model)")
         p.add_argument("--calibrate", type=int, default=0, metavar="N",
                        help="measure SODA's candidate plans for the budget on N samples (seeds from "
-                            "--calibrate-seed) and keep the one closest to the full model")
+                            "--calibrate-seed) and keep the one closest to the full model (with "
+                            "--latency-speedup: the closest one that reaches the target speed)")
         p.add_argument("--calibrate-seed", type=int, default=500_000)
         p.add_argument("--out", required=True, help="plan JSON")
         p.add_argument("--plot", default=None, help="also write the schedule plot (PNG)")
@@ -156,13 +159,16 @@ def _calibrated(pipe, prof, cfg, n: int, seed: int):
         return sample(p, labels, sampler=prof.meta["sampler"], steps=prof.num_steps,
                       guidance_scale=prof.meta["guidance_scale"], seed=seed, batch_size=n, progress=False)[0]
 
-    best = soda.calibrate_soda(pipe, run, prof, **asdict(cfg))
+    # a wall-clock budget is measured on the calibration samples themselves
+    best = soda.calibrate_soda(pipe, run, prof, timed=run if cfg.latency_speedup else None, **asdict(cfg))
     cal = best.meta["calibration"]
-    print(f"{'candidate':>10} {'anchors':>8} {'spread':>7} {'forecast':>9} {'pruned':>7} {'predicted err':>14} "
-          f"{'PSNR vs full':>13}")
+    print(f"{'candidate':>10} {'anchors':>8} {'schedule':>9} {'forecast':>9} {'pruned':>7} {'predicted err':>14} "
+          f"{'PSNR vs full':>13}" + (f" {'measured speedup':>17}" if "timed" in cal else ""))
     for i, r in enumerate(cal["rows"]):
         mark = " <- kept" if i == cal["chosen"] else ""
-        spread = "free" if r["spread"] is None else f"{r['spread']:g}"
-        print(f"{i:>10} {r['anchors']:>8} {spread:>7} {r['forecast']:>9} {r['pruned_modules']:>7} {r['predicted_error']:>14.4g} "
-              f"{r['psnr']:>11.2f}dB{mark}")
+        sched = r.get("schedule", "dp")
+        sched = sched if sched != "dp" else "free" if r["spread"] is None else f"{r['spread']:g}"
+        speed = (f" {r['speedup_measured']:>16.2f}x" if "speedup_measured" in r else f" {'-':>17}") if "timed" in cal else ""
+        print(f"{i:>10} {r['anchors']:>8} {sched:>9} {r['forecast']:>9} {r['pruned_modules']:>7} "
+              f"{r['predicted_error']:>14.4g} {r['psnr']:>11.2f}dB{speed}{mark}")
     return best

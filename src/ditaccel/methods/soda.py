@@ -25,7 +25,8 @@ from ..sampling import as_images
 @dataclass(frozen=True)
 class Config:
     speedup: float | None = None          # target FLOP speedup
-    latency_speedup: float | None = None  # target speedup of the latency model (measured costs)
+    latency_speedup: float | None = None  # target wall-clock speedup: of the latency model (measured
+                                          # module costs), or measured by calibrate_soda(timed=...)
     anchors: int | None = None            # a fixed number of anchor steps
     prune: bool = True                    # UAS; False: caching only (OFS+DCS)
     schedule: str = "dp"                  # "dp" (DCS) or "uniform" (evenly spaced anchors)
@@ -374,9 +375,9 @@ def calibrate(pipe, run, plans: list[Plan], progress: bool = True,
                 raise ValueError("run(pipe) returned images of another shape under a plan; it must "
                                  "sample the same seeds every call")
             mse = float((images.double() - reference.double()).pow(2).mean())
-            spread = p.meta.get("config", {}).get("spread")
+            config = p.meta.get("config", {})
             rows.append({"anchors": int(p.anchors.sum()), "pruned_modules": p.pruned_modules(), "method": p.method,
-                         "spread": spread, "forecast": p.forecast, "predicted_error": p.meta.get("predicted", {}).get("error"),
+                         "schedule": config.get("schedule", "dp"), "spread": config.get("spread"), "forecast": p.forecast, "predicted_error": p.meta.get("predicted", {}).get("error"),
                          "speedup_flops": p.meta.get("predicted", {}).get("speedup_flops"),
                          "mse": mse, "psnr": 10 * math.log10(1 / mse) if mse > 0 else math.inf})
     best = min(range(len(plans)), key=lambda i: (rows[i]["mse"], i))
@@ -387,16 +388,21 @@ def calibrate(pipe, run, plans: list[Plan], progress: bool = True,
 SPREADS = (None, 2.0, 1.5, 1.0)
 
 
-def schedules(config: Config, profile, spreads=SPREADS, forecasts=FORECAST_ORDERS) -> list[Plan]:
-    """Caching-only plans for ``config``'s budget, one per anchor ``spread`` (duplicates dropped):
-    the DP schedule free, then held ever closer to evenly spaced anchors; each with every order
-    in ``forecasts`` (``config.forecast`` when set) for what non-anchor steps get."""
+def schedules(config: Config, profile, spreads=SPREADS, forecasts=FORECAST_ORDERS,
+              uniform: bool = True) -> list[Plan]:
+    """Caching-only plans for ``config``'s budget, one per anchor schedule (duplicates dropped):
+    the DP schedule free, then held ever closer to evenly spaced anchors (``spreads``), then
+    (``uniform``) evenly spaced anchors (only those when ``config.schedule`` is "uniform"); each
+    with every order in ``forecasts``
+    (``config.forecast`` when set) for what non-anchor steps get."""
     out = []
     orders = forecasts if config.forecast is None else (config.forecast,)
-    for sp in spreads:
+    kinds = ([("dp", sp) for sp in spreads] if config.schedule == "dp" else []) + (
+        [("uniform", None)] if uniform or config.schedule == "uniform" else [])
+    for kind, sp in kinds:
         try:
-            p = plan(Config(**{**asdict(config), "prune": False, "anchors": None, "spread": sp, "forecast": None}),
-                     profile)
+            p = plan(Config(**{**asdict(config), "prune": False, "anchors": None, "schedule": kind, "spread": sp,
+                               "forecast": None}), profile)
         except ValueError:
             continue
         if any(torch.equal(p.anchors, q.anchors) for q in out):
@@ -408,36 +414,88 @@ def schedules(config: Config, profile, spreads=SPREADS, forecasts=FORECAST_ORDER
 
 
 def calibrate_soda(pipe, run, profile, fewer: int = 3, spreads=SPREADS, forecasts=FORECAST_ORDERS,
-                   progress: bool = True, **options) -> Plan:
+                   progress: bool = True, timed=None, repeats: int = 3, tolerance: float = 0.03,
+                   more: int = 2, **options) -> Plan:
     """``calibrate_soda(pipe, run, profile, speedup=2.5)``: SODA with its choices measured on
     ``run(pipe)`` (a few samples on seeds other than those you evaluate on; images in [0, 1]).
 
     Two rounds, each keeping the plan closest to the full model: the anchor schedule and what the
-    other steps get (caching-only plans with the DP's schedule free or held to a ``spread``, each
-    reusing or forecasting module outputs; :func:`schedules`), then, on the kept schedule's spread
-    and forecast order, whether fewer anchors plus token pruning beat it (:func:`candidates`).
-    The kept plan's metadata lists every measured candidate."""
+    other steps get (caching-only plans with the DP's schedule free, held to a ``spread`` or evenly
+    spaced, each reusing or forecasting module outputs; :func:`schedules`), then, on the kept
+    schedule and forecast order, whether fewer anchors plus token pruning beat it
+    (:func:`candidates`).  The kept plan's metadata lists every measured candidate.
+
+    ``timed`` (with ``latency_speedup``): budget by measured wall-clock time instead of the
+    latency model.  The second round also offers caching-only plans with up to ``more`` anchors
+    more or fewer than the model's budget affords; from the closest to the full model on, each
+    candidate's speedup is measured on ``timed(pipe)`` (median of ``repeats`` back-to-back pairs
+    with the full model) until one reaches ``latency_speedup`` within ``tolerance``; if none
+    does, the fastest is kept."""
     config = Config(**options)
     if config.speedup is None and config.latency_speedup is None:
         raise ValueError("calibration needs a speedup or latency_speedup budget")
+    if timed is not None and config.latency_speedup is None:
+        raise ValueError("a timed calibration budgets by measured wall-clock time: give latency_speedup, "
+                         "not speedup")
     if config.spread is not None:
         spreads = (config.spread,)
     with torch.no_grad():
         reference = as_images(run(pipe))
-    first = schedules(config, profile, spreads, forecasts)
+    first = schedules(config, profile, spreads, forecasts, uniform=config.spread is None)
     if not first:
         raise ValueError("no plan meets this budget with the profiled cache ages; profile longer "
                          "intervals or ask for a smaller speedup")
     best, rows = calibrate(pipe, run, first, progress, reference)
     chosen = best.meta["calibration"]["chosen"]
-    if config.prune:
-        kept = replace(config, spread=best.meta["config"]["spread"], forecast=best.forecast)
-        more = candidates(kept, profile, fewer)[1:]
-        if more:
-            second, more_rows = calibrate(pipe, run, more, progress, reference)
-            j = second.meta["calibration"]["chosen"]
-            if more_rows[j]["mse"] < rows[chosen]["mse"]:
-                best, chosen = second, len(rows) + j
-            rows = rows + more_rows
-    calibration = {"rows": rows, "chosen": chosen, "samples": int(reference.shape[0])}
+    kept = replace(config, spread=best.meta["config"]["spread"], schedule=best.meta["config"]["schedule"],
+                   forecast=best.forecast)
+    more_plans = candidates(kept, profile, fewer)[1:] if config.prune else []
+    if timed is not None:
+        k0 = int(best.anchors.sum())
+        fixed = {**asdict(kept), "latency_speedup": None, "prune": False}
+        for k in [k for k in range(k0 - more, k0 + more + 1) if k != k0 and 1 <= k <= profile.num_steps]:
+            try:
+                more_plans.append(plan(Config(**{**fixed, "anchors": k}), profile))
+            except ValueError:
+                continue
+    if more_plans:
+        second, more_rows = calibrate(pipe, run, more_plans, progress, reference)
+        j = second.meta["calibration"]["chosen"]
+        if timed is None and more_rows[j]["mse"] < rows[chosen]["mse"]:
+            best, chosen = second, len(rows) + j
+        rows = rows + more_rows
+    if timed is not None:
+        pool = [(chosen, best)] + [(len(rows) - len(more_plans) + i, p) for i, p in enumerate(more_plans)]
+        best, chosen = _fastest_enough(pipe, timed, pool, rows, config.latency_speedup * (1 - tolerance),
+                                       repeats, progress)
+    calibration = {"rows": rows, "chosen": chosen, "samples": int(reference.shape[0]),
+                   **({"timed": {"target": config.latency_speedup, "tolerance": tolerance, "repeats": repeats}}
+                      if timed is not None else {})}
     return replace(best, meta={**best.meta, "calibration": calibration})
+
+
+def _fastest_enough(pipe, timed, pool: list[tuple[int, Plan]], rows: list[dict], floor: float, repeats: int,
+                    progress: bool) -> tuple[Plan, int]:
+    """From the lowest measured MSE up, the first plan of ``pool`` (row index, plan) whose measured
+    speedup reaches ``floor`` (recorded in its row as ``speedup_measured``); the fastest if none."""
+    import statistics
+
+    from tqdm.auto import tqdm
+
+    from ..runtime import apply, remove
+    from ..sampling import speedup_pairs
+
+    def attach(p):
+        def on(q):
+            apply(q, p)
+            return lambda: remove(q)
+        return on
+
+    with torch.no_grad():
+        timed(pipe)  # warm-up
+        for i, p in tqdm(sorted(pool, key=lambda ip: (rows[ip[0]]["mse"], ip[0])), desc="timing", disable=not progress):
+            rows[i]["speedup_measured"] = statistics.median(speedup_pairs(pipe, timed, attach(p), repeats))
+            if rows[i]["speedup_measured"] >= floor:
+                return p, i
+    i, p = max(pool, key=lambda ip: rows[ip[0]]["speedup_measured"])
+    return p, i
