@@ -61,3 +61,16 @@ def test_fingerprint_tracks_weights_and_config():
         b.proj_out_2.weight.add_(1.0)
     assert io.model_fingerprint(a) != io.model_fingerprint(b)
     assert io.model_fingerprint(a) != io.model_fingerprint(tiny_dit(out_channels=2))
+
+
+def test_fingerprint_is_the_same_wherever_the_model_was_saved_or_loaded_from(tmp_path):
+    from diffusers import DiTTransformer2DModel
+
+    from tests.conftest import tiny_dit
+
+    a = tiny_dit()
+    for name in ("one", "two"):
+        a.save_pretrained(tmp_path / name)
+    one = DiTTransformer2DModel.from_pretrained(tmp_path / "one")
+    two = DiTTransformer2DModel.from_pretrained(tmp_path / "two")
+    assert io.model_fingerprint(one) == io.model_fingerprint(two) == io.model_fingerprint(a)

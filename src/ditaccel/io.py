@@ -133,13 +133,35 @@ def tensors_digest(tensors: Mapping[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def optimizer_tensors(opt: torch.optim.Optimizer, prefix: str = "opt.") -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """An optimizer's state as named tensors (``prefix`` + ``<param index>.<name>``) and its
+    param groups (JSON-able): what a safetensors checkpoint holds of it."""
+    state = opt.state_dict()
+    tensors = {f"{prefix}{i}.{name}": (v if torch.is_tensor(v) else torch.tensor(v))
+               for i, s in state["state"].items() for name, v in s.items()}
+    return tensors, [dict(g) for g in state["param_groups"]]
+
+
+def load_optimizer(opt: torch.optim.Optimizer, tensors: Mapping[str, torch.Tensor], groups: list[dict],
+                   prefix: str = "opt.") -> None:
+    """Inverse of :func:`optimizer_tensors`."""
+    state: dict = {}
+    for k, v in tensors.items():
+        if k.startswith(prefix):
+            i, name = k[len(prefix):].split(".", 1)
+            state.setdefault(int(i), {})[name] = v
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
 def model_fingerprint(model: torch.nn.Module) -> str:
     """A short digest of a model's class, config and weights: artifacts carry it to refuse a
     profile or plan made for another model."""
     h = hashlib.sha256(type(model).__name__.encode())
     config = getattr(model, "config", None)
     if config is not None:
-        h.update(json.dumps(dict(config), sort_keys=True, default=str).encode())
+        # private keys (_name_or_path, _diffusers_version, ...) say where and how it was saved, not what it is
+        public = {k: v for k, v in dict(config).items() if not k.startswith("_")}
+        h.update(json.dumps(public, sort_keys=True, default=str).encode())
     for name, p in sorted(model.state_dict().items()):
         h.update(name.encode())
         h.update(str(tuple(p.shape)).encode())

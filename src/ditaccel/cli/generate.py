@@ -28,7 +28,9 @@ def add_arguments(p) -> None:
     p.add_argument("--out", default="grid.png", help="grid image (PNG)")
     p.add_argument("--save-dir", default=None, help="also write every image as a PNG here")
     p.add_argument("--json", default=None, help="write run statistics (wall_s, calls, flops, ...)")
-    acc = p.add_argument_group("acceleration (one of --plan / --method)")
+    acc = p.add_argument_group("acceleration (one of --plan / --method / --shiva)")
+    acc.add_argument("--shiva", default=None, metavar="ARTIFACT",
+                     help="a trained Shiva artifact (the stem written by `ditaccel train-shiva`)")
     acc.add_argument("--plan", default=None, help="a plan JSON (from `ditaccel plan` or Plan.save)")
     acc.add_argument("--method", default=None, choices=["fora", "toca", "delta-dit"],
                      help="plan with a baseline method: fora (--interval), toca (--interval, "
@@ -67,10 +69,10 @@ def build_plan(args, pipe):
 
     options = {k: getattr(args, k) for k in ("interval", "ratio", "token_score", "cached_blocks",
                                              "boundary", "forecast") if getattr(args, k) is not None}
-    if args.plan and args.method:
-        raise ValueError("give either --plan or --method, not both")
-    if args.compare and not (args.plan or args.method):
-        raise ValueError("--compare needs --plan or --method (there is nothing to compare)")
+    if sum(bool(a) for a in (args.plan, args.method, args.shiva)) > 1:
+        raise ValueError("give one of --plan, --method or --shiva, not several")
+    if args.compare and not (args.plan or args.method or args.shiva):
+        raise ValueError("--compare needs --plan, --method or --shiva (there is nothing to compare)")
     if args.plan:
         plan = Plan.load(args.plan)
         made_for = plan.meta.get("sampler")
@@ -83,6 +85,10 @@ def build_plan(args, pipe):
         return make_plan(args.method, model_shape(pipe.transformer, steps), **options)
     if options:
         raise ValueError(f"--{next(iter(options)).replace('_', '-')} needs --method")
+    if args.shiva:
+        from ..methods.shiva.inference import load_shiva
+
+        return load_shiva(args.shiva, pipe.transformer)  # checked here, applied once the run is set
     return None
 
 
@@ -94,6 +100,7 @@ def run(args) -> int:
     from ..runtime.summary import format_table
 
     from .. import io
+    from ..pipeline import SAMPLERS
     from ..registry import load_pipeline
     from ..sampling import sample
     from ..viz import save_grid, save_images
@@ -111,13 +118,23 @@ def run(args) -> int:
     labels = [c for c in classes for _ in range(args.n)]
     pipe.set_progress_bar_config(disable=False, leave=False)
     plan = build_plan(args, pipe)
+    shiva = None
+    if args.shiva:
+        shiva, plan = plan, None
     run = dict(sampler=args.sampler, steps=args.steps, guidance_scale=args.cfg, seed=args.seed,
                batch_size=args.batch_size)
     full = None
-    if plan is not None and args.compare:
+    if (plan is not None or shiva is not None) and args.compare:
         full_images, full = sample(pipe, labels, **run)
     if plan is not None:
         apply(pipe, plan)
+    if shiva is not None:
+        from ..methods.shiva.inference import apply_shiva
+
+        from ..pipeline import make_scheduler
+
+        plan = apply_shiva(pipe, shiva, args.steps or SAMPLERS[args.sampler][2],
+                           scheduler=make_scheduler(args.sampler, pipe.scheduler.config))
     images, stats = sample(pipe, labels, **run)
     save_grid(images, out, nrow=args.n)
     if args.save_dir:

@@ -17,6 +17,7 @@ COMMANDS = {
     "plan": soda.Plan,
     "train-reference": train.Reference,
     "train-classifier": train.Classifier,
+    "train-shiva": train.Shiva,
 }
 
 

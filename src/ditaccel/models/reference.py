@@ -126,11 +126,8 @@ def diffusion_loss(model, x0, labels, cfg: TrainConfig, noise_sched: DDPMSchedul
 def _save_checkpoint(path: Path, model, ema, opt, step: int, cfg: TrainConfig, log: list) -> None:
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
-    state = opt.state_dict()
-    for i, s in state["state"].items():
-        for name, v in s.items():
-            tensors[f"opt.{i}.{name}"] = v if torch.is_tensor(v) else torch.tensor(v)
-    groups = [{k: v for k, v in g.items()} for g in state["param_groups"]]
+    opt_tensors, groups = io.optimizer_tensors(opt)
+    tensors.update(opt_tensors)
     io.save_artifact(path, "reference-checkpoint", tensors,
                      {"step": step, "train_config": asdict(cfg), "param_groups": groups,
                       "log": log})
@@ -145,12 +142,7 @@ def _load_checkpoint(path: Path, model, ema, opt, cfg: TrainConfig) -> tuple[int
                              f"{getattr(cfg, key)!r}; pass the same value or a new --out")
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
-    opt_state: dict = {}
-    for k, v in tensors.items():
-        if k.startswith("opt."):
-            _, i, name = k.split(".", 2)
-            opt_state.setdefault(int(i), {})[name] = v
-    opt.load_state_dict({"state": opt_state, "param_groups": meta["param_groups"]})
+    io.load_optimizer(opt, tensors, meta["param_groups"])
     return int(meta["step"]), list(meta["log"])
 
 

@@ -78,11 +78,17 @@ def compile_plan(policy: RatioPolicy, timesteps: torch.Tensor, num_tokens: int, 
     """The inference plan: every step computes, each block routes the policy's token count at
     that step's timestep (``timesteps``: the scheduler's, in order)."""
     ratios = policy(torch.as_tensor(timesteps, dtype=torch.float32))
+    return plan_from_ratios(ratios, num_tokens, modules, multiple, {"target": policy.target, **(meta or {})})
+
+
+def plan_from_ratios(ratios: torch.Tensor, num_tokens: int, modules=("attn", "mlp"), multiple: int = 8,
+                     meta: dict | None = None) -> Plan:
+    """A routing plan from keep ratios (steps, layers): every step computes, each block routes
+    ``keep_counts`` tokens (layer 0 never)."""
     route = keep_counts(ratios, num_tokens, multiple)
-    base = full_plan(len(timesteps), policy.num_layers, num_tokens, tuple(modules))
+    base = full_plan(ratios.shape[0], ratios.shape[1], num_tokens, tuple(modules))
     kept = torch.where(route == FULL, torch.ones_like(ratios), route.double() / num_tokens)
-    info = {"target": policy.target, "multiple": multiple, "mean_keep": float(kept.mean()),
-            "ratios": ratios.tolist(), **(meta or {})}
+    info = {"multiple": multiple, "mean_keep": float(kept[:, 1:].mean()), "ratios": ratios.tolist(), **(meta or {})}
     return Plan(num_tokens=num_tokens, modules=base.modules, anchors=base.anchors, tokens=base.tokens,
                 route=route, method="shiva", meta=info)
 

@@ -53,6 +53,8 @@ class _BlockHook(ModelHook):
     def new_forward(self, block, *args, **kwargs):
         rt, spec = self.routing, self.spec
         original = self.fn_ref.original_forward
+        if not rt.enabled:
+            return original(*args, **kwargs)
         if rt.ratios is None:
             raise RuntimeError("set TrainRouting.ratios (the policy's (batch, layers) keep ratios) before the forward")
         named = _named(self.signature, args, kwargs)
@@ -93,13 +95,15 @@ class _BlockHook(ModelHook):
 class TrainRouting:
     """Context manager: Shiva's differentiable routing on every block but the first of
     ``transformer`` (module docstring).  Attributes set per batch: ``ratios`` (B, L) from the
-    policy, ``noise_std`` (exploration noise on the scores), ``tau_rank`` / ``tau_sel``."""
+    policy, ``noise_std`` (exploration noise on the scores), ``tau_rank`` / ``tau_sel``;
+    ``enabled`` False runs every block in full (the frozen teacher's pass)."""
 
     def __init__(self, transformer: torch.nn.Module, router, multiple: int = 8, tau_rank: float = 0.2,
                  tau_sel: float = 0.1, noise_std: float = 0.0, estimator: str = "residual"):
         self.transformer, self.router, self.multiple = transformer, router, multiple
         self.tau_rank, self.tau_sel, self.noise_std, self.estimator = tau_rank, tau_sel, noise_std, estimator
         self.ratios: torch.Tensor | None = None
+        self.enabled = True
         self.call_kwargs: dict = {}
         self.blocks = find_blocks(transformer)
         bad = sorted({type(b).__name__ for _, b, spec in self.blocks if spec.rope_arg})
