@@ -10,6 +10,20 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 
 
+def machine() -> str:
+    """The CPU model and whether it has native bf16 (timings from machines differ several fold)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        import platform
+
+        return platform.processor() or platform.machine()
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    native = [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
+    return f"{name} ({'bf16: ' + ', '.join(native) if native else 'no native bf16'})"
+
+
 def save_json(name: str, data: dict) -> None:
     """Write ``results/<name>.json``."""
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -35,7 +35,7 @@ import time
 
 import torch
 
-from common import RESULTS, ROOT, replace_block, save_json
+from common import RESULTS, ROOT, machine, replace_block, save_json
 from ditaccel.bench import measure, merge, method_entries, plot, report
 from ditaccel.metrics import feature_extractor, frechet_distance
 from ditaccel.models.classifier import predict
@@ -140,7 +140,7 @@ def main() -> None:
     res = measure(pipe, run, timed, entries, repeats=args.repeats, extra=extra, feature_extractor=fx, on_row=show)
     out = {"sampler": args.sampler, "steps": steps, "n": args.n, "seed": args.seed, "batch": args.batch,
            "timed_batch": args.timed_batch, "repeats": args.repeats, "cfg": args.cfg, "quick": args.quick,
-           "threads": torch.get_num_threads(), "total_s": time.time() - t0, **res}
+           "threads": torch.get_num_threads(), "cpu": machine(), "total_s": time.time() - t0, **res}
     if args.merge:
         out = merge(json.loads((RESULTS / f"{stem}.json").read_text()), out)
     save_json(stem, out)

@@ -127,14 +127,14 @@ def test_merged_adapters_and_table_equal_the_trained_model(trained):
     fresh = tiny_dit()
     art = load_shiva(stem, fresh)
     ts = torch.tensor([900.0, 400.0])
-    plan = shiva_plan(art, ts, 16)
+    plan = shiva_plan(art, ts, 16, exact_budget=False)
     expect = tr.policy(ts).detach()
     from ditaccel.methods.shiva.policy import keep_counts
 
     assert torch.equal(plan.route, keep_counts(expect, 16, CFG.multiple)), "table lookup = the policy"
     x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     kw = {"timestep": torch.tensor([900.0, 900.0]), "class_labels": torch.tensor([1, 2])}
-    one = shiva_plan(art, ts[:1], 16)
+    one = shiva_plan(art, ts[:1], 16, exact_budget=False)
     with torch.no_grad():
         set_adapters(tr.transformer, True)
         tr.transformer.eval()
@@ -186,3 +186,21 @@ def test_cli_generate_with_shiva_and_train_refusal(trained, tiny_pipe_dir, tmp_p
     assert "28x28x1" in capsys.readouterr().err
     assert main(["train-shiva", "--out", str(tmp_path / "t"), "--stage-steps", "1,2"]) == 2
     assert "three integers" in capsys.readouterr().err
+
+
+def test_exact_budget_shift_meets_the_mean_and_keeps_the_learned_shape(trained):
+    from ditaccel.methods.shiva.inference import budget_shift
+
+    r = torch.tensor([[1.0, 0.9, 0.2], [1.0, 0.7, 0.5], [1.0, 0.3, 0.8]])
+    for keep in (0.3, 0.6, 0.95):
+        out = budget_shift(r, keep)
+        assert float(out[:, 1:].mean()) == pytest.approx(keep, abs=1e-9) and (out[:, 0] == 1).all()
+        assert torch.equal(out[:, 1:].flatten().argsort(), r[:, 1:].flatten().argsort()), "order kept"
+    stem, _ = trained
+    art = load_shiva(stem, tiny_dit())
+    ts = torch.linspace(999, 0, 10)
+    plan = shiva_plan(art, ts, 16)
+    assert plan.meta["keep"] == CFG.keep and 0 < plan.meta["policy_mean_keep"] < 1
+    assert float(torch.tensor(plan.meta["ratios"])[:, 1:].mean()) == pytest.approx(CFG.keep, abs=1e-6)
+    with pytest.raises(ValueError, match="keep"):
+        budget_shift(r, 0.0)

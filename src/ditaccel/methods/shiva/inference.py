@@ -8,7 +8,9 @@ of the model it was trained on.  Applying it:
 2. merges the adapters into the linears they tuned (peft; the original weights are kept so that
    :func:`remove_shiva` restores the model bit for bit);
 3. looks the scheduler's timesteps up in the table: one token count per (step, layer), rounded to
-   the artifact's multiple, so shapes are static and the same for every prompt;
+   the artifact's multiple, so shapes are static and the same for every prompt; by default one
+   logit shift first makes the mean keep ratio over those steps exactly the trained target (the
+   EMA budget only holds it approximately, and a sampler visits the timesteps unevenly);
 4. hands that plan and the router to the runtime (:func:`ditaccel.runtime.apply`).
 """
 
@@ -65,14 +67,41 @@ def load_shiva(stem, transformer) -> ShivaArtifact:
     return ShivaArtifact(router.eval(), table, adapters, meta)
 
 
-def shiva_plan(artifact: ShivaArtifact, timesteps, num_tokens: int, modules=("attn", "mlp")) -> Plan:
-    """The routing plan for a sampler's ``timesteps`` (in [0, T_train), in sampling order): a pure
-    lookup in the artifact's table."""
+def budget_shift(ratios: torch.Tensor, keep: float, iters: int = 60) -> torch.Tensor:
+    """Keep ratios (steps, layers) with one logit shift for all routed layers (column 0 stays 1)
+    so that their mean is exactly ``keep``: the global budget enforced on the learned shape."""
+    if not 0 < keep <= 1:
+        raise ValueError(f"keep must be in (0, 1], got {keep}")
+    r = ratios.double().clamp(1e-6, 1 - 1e-6)
+    z = torch.log(r[:, 1:] / (1 - r[:, 1:]))
+    lo, hi = -30.0, 30.0
+    for _ in range(iters):  # the mean is increasing in the shift
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if float(torch.sigmoid(z + mid).mean()) < keep else (lo, mid)
+    out = ratios.double().clone()
+    out[:, 1:] = torch.sigmoid(z + (lo + hi) / 2)
+    out[:, 0] = 1.0
+    return out
+
+
+def shiva_plan(artifact: ShivaArtifact, timesteps, num_tokens: int, modules=("attn", "mlp"),
+               keep: float | None = None, exact_budget: bool = True) -> Plan:
+    """The routing plan for a sampler's ``timesteps`` (in [0, T_train), in sampling order): a
+    lookup in the artifact's table.  With ``exact_budget`` the looked-up ratios get one logit
+    shift so that their mean over these steps and the routed layers is ``keep`` (default: the
+    target the artifact was trained for) before the counts are rounded; the policy's own mean is
+    kept in the plan's metadata as ``policy_mean_keep``."""
     t = torch.as_tensor(timesteps, dtype=torch.float64).reshape(-1)
     table = artifact.ratio_table
     idx = t.round().long().clamp(0, table.shape[0] - 1)
-    return plan_from_ratios(table[idx].double(), num_tokens, modules, int(artifact.meta["multiple"]),
-                            {"keep": artifact.meta["keep"], "fingerprint": artifact.fingerprint})
+    ratios = table[idx].double()
+    target = float(artifact.meta["keep"] if keep is None else keep)
+    learned = float(ratios[:, 1:].mean())
+    if exact_budget:
+        ratios = budget_shift(ratios, target)
+    return plan_from_ratios(ratios, num_tokens, modules, int(artifact.meta["multiple"]),
+                            {"keep": target, "policy_mean_keep": learned, "exact_budget": exact_budget,
+                             "fingerprint": artifact.fingerprint})
 
 
 def _merge_adapters(transformer, artifact: ShivaArtifact) -> None:
@@ -116,7 +145,7 @@ def _unmerge_adapters(transformer) -> None:
 
 
 def apply_shiva(pipe, artifact, num_inference_steps: int, num_tokens: int | None = None,
-                scheduler=None) -> Plan:
+                scheduler=None, keep: float | None = None, exact_budget: bool = True) -> Plan:
     """Run ``pipe`` (a diffusers pipeline) with a Shiva artifact (a stem or a loaded
     :class:`ShivaArtifact`) for ``num_inference_steps`` steps of ``scheduler`` (default: the
     pipeline's; pass the one you will sample with if you swap it); returns the plan.
@@ -132,7 +161,7 @@ def apply_shiva(pipe, artifact, num_inference_steps: int, num_tokens: int | None
         raise io.ArtifactError("this Shiva artifact was trained for another model (fingerprint differs)")
     sched = copy.deepcopy(scheduler if scheduler is not None else pipe.scheduler)
     sched.set_timesteps(num_inference_steps)
-    plan = shiva_plan(art, sched.timesteps, num_tokens or image_tokens(tf), modules_of(tf))
+    plan = shiva_plan(art, sched.timesteps, num_tokens or image_tokens(tf), modules_of(tf), keep, exact_budget)
     art.router.to(device=tf.device, dtype=tf.dtype)
     if art.adapters:
         _merge_adapters(tf, art)

@@ -1,0 +1,184 @@
+"""Shiva on the bundled model (issue 6): trained artifacts against non-learned token routing.
+
+Methods (every block but the first routes exactly k tokens per (step, layer); the rest skip it):
+- shiva-<keep>: a trained artifact (``scripts/train_shiva_fmnist.sh``: router, adaptive keep-ratio
+  policy compiled to a table, DoRA adapters), and shiva-<keep>-fixed: the same training with the
+  ratio held at the target everywhere (the paper's fixed-vs-adaptive ablation);
+- topk-<keep>: the same static budget at a uniform ratio, tokens picked by a non-learned score
+  (distance of the token from the mean token), no training.
+
+Per method, ``ditaccel.bench.measure``: the scored run under FlopCounterMode (PSNR, SSIM, FD vs the
+full model on the same noise), FD vs the Fashion-MNIST test set and classifier agreement, and the
+measured speedup (median of alternating back-to-back pairs with the full model).  Also the
+learned keep-ratio map (step x layer) as a plot.  Writes results/shiva.{json,md} and
+results/shiva_keep_map.png.
+
+    bash scripts/train_shiva_fmnist.sh          # the artifacts (resumable)
+    python benchmarks/shiva.py                  # 64 images, DDIM-50, CFG 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from common import RESULTS, ROOT, machine, save_json
+from ditaccel.bench import Entry, measure
+from ditaccel.metrics import feature_extractor, frechet_distance
+from ditaccel.methods.shiva.inference import apply_shiva, load_shiva, remove_shiva, shiva_plan
+from ditaccel.methods.shiva.policy import plan_from_ratios
+from ditaccel.models.classifier import predict
+from ditaccel.pipeline import SAMPLERS, make_scheduler
+from ditaccel.registry import load_classifier_asset, load_pipeline
+from ditaccel.runtime import apply, remove
+from ditaccel.runtime.adapters import find_blocks, image_tokens, modules_of
+from ditaccel.sampling import sample
+
+
+def distance_from_mean(x: torch.Tensor, call) -> torch.Tensor:
+    """A non-learned token score: how far each token is from its sample's mean token."""
+    return (x.float() - x.float().mean(1, keepdim=True)).norm(dim=-1)
+
+
+def shiva_entry(name: str, stem: Path, sampler: str, steps: int, keep: float) -> Entry:
+    def prepare(pipe):
+        art = load_shiva(stem, pipe.transformer)
+
+        def attach(p):
+            apply_shiva(p, art, steps, scheduler=make_scheduler(sampler, p.scheduler.config))
+            return lambda: remove_shiva(p)
+        return attach
+    return Entry(name, "shiva", "keep", keep, prepare)
+
+
+def topk_entry(keep: float, steps: int) -> Entry:
+    def prepare(pipe):
+        tf = pipe.transformer
+        layers = len(find_blocks(tf))
+        ratios = torch.full((steps, layers), keep, dtype=torch.float64)
+        ratios[:, 0] = 1.0
+        plan = plan_from_ratios(ratios, image_tokens(tf), modules_of(tf), 8)
+
+        def attach(p):
+            apply(p, plan, router=distance_from_mean)
+            return lambda: remove(p)
+        return attach
+    return Entry(f"topk-{keep:g}", "non-learned", "keep", keep, prepare)
+
+
+def keep_map(stems: dict[str, Path], pipe, sampler: str, steps: int, path: Path) -> dict:
+    """Plot each artifact's keep ratio per (step, layer) for this sampler, as run (the exact
+    budget applied); returns the maps and each policy's own mean keep over these steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sched = make_scheduler(sampler, pipe.scheduler.config)
+    sched.set_timesteps(steps)
+    tf = pipe.transformer
+    maps, learned = {}, {}
+    for name, stem in stems.items():
+        plan = shiva_plan(load_shiva(stem, tf), sched.timesteps, image_tokens(tf), modules_of(tf))
+        maps[name] = torch.tensor(plan.meta["ratios"]).tolist()
+        learned[name] = plan.meta["policy_mean_keep"]
+    fig, axes = plt.subplots(1, len(maps), figsize=(4.2 * len(maps), 3.6), squeeze=False)
+    for ax, (name, m) in zip(axes[0], maps.items()):
+        im = ax.imshow(torch.tensor(m).T, aspect="auto", origin="lower", vmin=0, vmax=1, cmap="viridis")
+        ax.set_title(name)
+        ax.set_xlabel(f"{sampler.upper()} step (0 = noisiest)")
+        ax.set_ylabel("layer")
+    fig.colorbar(im, ax=axes[0].tolist(), label="keep ratio")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return maps, learned
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--artifacts", default=str(ROOT / "runs" / "shiva"), help="folder of keep*/shiva artifacts")
+    ap.add_argument("--n", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--timed-batch", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--cfg", type=float, default=3.0)
+    ap.add_argument("--sampler", default="ddim", choices=list(SAMPLERS))
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
+                    help="fp32 by default: CPUs without native bf16 (no AMX / AVX512-BF16) run bf16 slower")
+    ap.add_argument("--only", default=None, help="comma-separated method names")
+    ap.add_argument("--real", type=int, default=2000, help="Fashion-MNIST test images for FD vs real data")
+    args = ap.parse_args()
+    t0 = time.time()
+    steps = SAMPLERS[args.sampler][2]
+    pipe = load_pipeline("fmnist-dit", args.dtype)
+    folder = Path(args.artifacts)
+    stems = {p.parent.name.replace("keep", "shiva-"): p.with_suffix("")
+             for p in sorted(folder.glob("keep*/shiva.json"))}
+    if not stems:
+        raise SystemExit(f"no Shiva artifacts under {folder}; run scripts/train_shiva_fmnist.sh first")
+    entries = []
+    for name, stem in stems.items():
+        keep = float(json.loads(stem.with_suffix(".json").read_text())["keep"])
+        entries.append(shiva_entry(name, stem, args.sampler, steps, keep))
+    for keep in sorted({e.value for e in entries}):
+        entries.append(topk_entry(keep, steps))
+    if args.only:
+        entries = [e for e in entries if e.method in args.only.split(",")]
+    labels = [i % 10 for i in range(args.n)]
+    opts = dict(sampler=args.sampler, steps=steps, guidance_scale=args.cfg, progress=False, count_flops=False)
+    run = lambda p: sample(p, labels, seed=0, batch_size=args.batch, **opts)[0]  # noqa: E731
+    timed = lambda p: sample(p, labels[:args.timed_batch], seed=0, batch_size=args.timed_batch, **opts)  # noqa: E731
+    classifier = load_classifier_asset()
+    fx = feature_extractor()
+    from ditaccel.data import load_fashion_mnist
+
+    x_test, _ = load_fashion_mnist("test")
+    real = fx((x_test[:args.real] + 1) / 2)
+
+    def extra(images) -> dict:
+        return {"fd_vs_test": frechet_distance(fx(images), real),
+                "class_agreement": float((predict(classifier, images * 2 - 1) == torch.tensor(labels)).float().mean())}
+
+    def show(row):
+        print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()
+                          if k != "ratios"}), flush=True)
+
+    res = measure(pipe, run, timed, entries, repeats=args.repeats, extra=extra, feature_extractor=fx, on_row=show)
+    maps, learned = keep_map(stems, pipe, args.sampler, steps, RESULTS / "shiva_keep_map.png")
+    for r in res["rows"]:
+        if r["method"] in maps:
+            m = torch.tensor(maps[r["method"]])
+            r["mean_keep"], r["policy_mean_keep"] = float(m[:, 1:].mean()), learned[r["method"]]
+        elif r["method"].startswith("topk"):
+            r["mean_keep"] = r["value"]
+    out = {"sampler": args.sampler, "steps": steps, "n": args.n, "batch": args.batch, "timed_batch": args.timed_batch,
+           "repeats": args.repeats, "cfg": args.cfg, "dtype": args.dtype, "threads": torch.get_num_threads(),
+           "cpu": machine(), "total_s": time.time() - t0, "maps": maps,
+           "artifacts": {k: json.loads(v.with_suffix(".json").read_text())["config"] for k, v in stems.items()}, **res}
+    save_json("shiva", out)
+    head = ["method", "mean keep (routed blocks)", "policy's own mean keep", "measured speedup", "FLOP speedup", "PSNR vs full", "SSIM vs full",
+            "FD vs full", "FD vs real test", "classifier agreement"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in res["rows"]:
+        if r["method"] == "full":
+            lines.append(f"| full | 1.00 | - | 1.00x | 1.00x | - | - | - | {r['fd_vs_test']:.2f} | {r['class_agreement']:.1%} |")
+            continue
+        sp = f"{r['speedup_measured']:.2f}x" if r["speedup_measured"] else "-"
+        own = f"{r['policy_mean_keep']:.3f}" if "policy_mean_keep" in r else "-"
+        lines.append(f"| {r['method']} | {r['mean_keep']:.3f} | {own} | {sp} | {r['speedup_flops']:.2f}x | {r['psnr']:.2f} | "
+                     f"{r['ssim']:.4f} | {r['fd_vs_full']:.2f} | {r['fd_vs_test']:.2f} | {r['class_agreement']:.1%} |")
+    lines += ["", f"{args.sampler.upper()}-{steps}, CFG {args.cfg:g}, {args.dtype}, {args.n} images (seeds 0..{args.n - 1}, "
+              f"classes cycled); FD vs real: the first {args.real} test images; measured speedup: median of {args.repeats} back-to-back pairs on {args.timed_batch} "
+              f"images, {torch.get_num_threads()} threads, {machine()}. Shiva's ratios get one logit shift so that their mean "
+              f"over these steps is the trained target exactly (the policy's own mean is shown beside it); token "
+              f"counts are rounded to multiples of 8. Generated by `python benchmarks/shiva.py`."]
+    (RESULTS / "shiva.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
