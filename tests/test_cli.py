@@ -119,7 +119,7 @@ def test_generate_with_a_method_and_compare(tiny_pipe_dir, tmp_path, capsys):
     (["--method", "fora", "--interval", "0"], "interval must be an integer >= 1"),
     (["--method", "fora", "--ratio", "0.2"], "fora has no option ratio"),
     (["--interval", "2"], "--interval needs --method"),
-    (["--compare"], "--compare needs --plan or --method"),
+    (["--compare"], "--compare needs --plan, --method or --shiva"),
 ])
 def test_generate_bad_method_options(tiny_pipe_dir, tmp_path, capsys, argv, needle):
     rc = main(["generate", "--model", str(tiny_pipe_dir), "--out", str(tmp_path / "g.png"),

@@ -80,3 +80,14 @@ def test_bf16_transformer_keeps_float32_sample(tiny_pipe):
     low, _ = sample(tiny_pipe, [0, 1], steps=3, progress=False)
     assert low.dtype == torch.float32
     assert (ref - low).abs().max() < 0.1
+
+
+def test_auto_dtype_is_bf16_only_where_bf16_is_native(monkeypatch):
+    from ditaccel import registry
+
+    monkeypatch.setattr(registry, "native_bf16", lambda: False)
+    assert registry.resolve_dtype("auto") == "fp32" and registry.resolve_dtype("bf16") == "bf16"
+    monkeypatch.setattr(registry, "native_bf16", lambda: True)
+    assert registry.resolve_dtype("auto") == "bf16" and registry.resolve_dtype("fp32") == "fp32"
+    with pytest.raises(ValueError, match="unknown dtype"):
+        registry.resolve_dtype("int8")

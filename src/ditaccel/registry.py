@@ -22,7 +22,28 @@ BUNDLED: dict[str, dict] = {
 }
 CLASSIFIER_STEM = ASSETS / "fmnist-classifier"
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def native_bf16() -> bool:
+    """Whether bf16 matrix work is fast here: a CUDA device, or a CPU with AMX tiles or
+    AVX512-BF16 (elsewhere the CPU emulates bf16, several times slower than fp32)."""
+    if torch.cuda.is_available():
+        return True
+    if getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)():
+        return True
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and "avx512_bf16" in line.split() for line in f)
+    except OSError:
+        return False
+
+
+def resolve_dtype(name: str) -> str:
+    """``auto`` -> ``bf16`` where :func:`native_bf16`, else ``fp32``; other names unchanged."""
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
+    return ("bf16" if native_bf16() else "fp32") if name == "auto" else name
 
 
 class ModelNotFound(ValueError):
@@ -55,8 +76,7 @@ def load_pipeline(model: str, dtype: str = "fp32"):
 
     from .pipeline import DiTPixelPipeline
 
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    dtype = resolve_dtype(dtype)
     path = resolve_model(model)
     index = json.loads((path / "model_index.json").read_text())
     cls = DiTPixelPipeline if index.get("_class_name") == DiTPixelPipeline.__name__ else DiffusionPipeline

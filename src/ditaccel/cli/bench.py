@@ -33,7 +33,8 @@ def add_arguments(p) -> None:
     p.add_argument("--profile-samples", type=int, default=32)
     p.add_argument("--calibrate", type=int, default=8, metavar="N",
                    help="samples (other seeds) SODA's and MagCache's calibration runs on")
-    p.add_argument("--dtype", default="bf16", choices=list(DTYPES))
+    p.add_argument("--dtype", default="auto", choices=list(DTYPES),
+                       help="transformer dtype; auto: bf16 where it is native (CUDA, AMX, AVX512-BF16), else fp32")
     p.add_argument("--out", default="ditaccel-bench", help="folder for bench.json, bench.md, bench.png")
     p.add_argument("--cache-dir", default=None, help="where a profile is kept (default $XDG_CACHE_HOME/ditaccel)")
 
@@ -41,7 +42,7 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     from .. import bench, io
     from ..pipeline import SAMPLERS
-    from ..registry import load_pipeline
+    from ..registry import load_pipeline, resolve_dtype
     from ..sampling import sample
     from .common import cache_dir, cached_profile
 
@@ -60,6 +61,7 @@ def run(args) -> int:
     steps = args.steps or SAMPLERS[args.sampler][2]
     if steps < 2:
         raise ValueError(f"--steps must be >= 2, got {steps}")
+    args.dtype = resolve_dtype(args.dtype)  # what ran is recorded, not 'auto'
     pipe = load_pipeline(args.model, args.dtype)
     num_classes = int(getattr(pipe.transformer.config, "num_embeds_ada_norm", 0) or 0)
     if not num_classes:

@@ -23,8 +23,9 @@ def add_arguments(p) -> None:
     p.add_argument("--n", type=int, default=8, help="images per class (default %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--dtype", default="bf16", choices=list(DTYPES),
-                   help="transformer dtype; the sample itself stays float32 (default %(default)s)")
+    p.add_argument("--dtype", default="auto", choices=list(DTYPES),
+                   help="transformer dtype; auto: bf16 where it is native (CUDA, AMX, AVX512-BF16), else "
+                        "fp32; the sample itself stays float32 (default %(default)s)")
     p.add_argument("--out", default="grid.png", help="grid image (PNG)")
     p.add_argument("--save-dir", default=None, help="also write every image as a PNG here")
     p.add_argument("--json", default=None, help="write run statistics (wall_s, calls, flops, ...)")
@@ -101,7 +102,7 @@ def run(args) -> int:
 
     from .. import io
     from ..pipeline import SAMPLERS
-    from ..registry import load_pipeline
+    from ..registry import load_pipeline, resolve_dtype
     from ..sampling import sample
     from ..viz import save_grid, save_images
 
@@ -112,6 +113,7 @@ def run(args) -> int:
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise ValueError(f"--out must name a .png file, got {args.out}")
+    args.dtype = resolve_dtype(args.dtype)  # what ran is recorded, not 'auto'
     pipe = load_pipeline(args.model, args.dtype)
     num_classes = int(pipe.transformer.config.num_embeds_ada_norm)
     classes = parse_classes(args.classes, num_classes)

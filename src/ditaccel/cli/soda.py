@@ -29,7 +29,8 @@ class Profile:
         p.add_argument("--samples", type=int, default=32, help="trajectories (classes cycled; default %(default)s)")
         p.add_argument("--seed", type=int, default=1000, help="first seed (default %(default)s, apart from evaluation seeds)")
         p.add_argument("--batch-size", type=int, default=32)
-        p.add_argument("--dtype", default="bf16", choices=list(DTYPES))
+        p.add_argument("--dtype", default="auto", choices=list(DTYPES),
+                       help="transformer dtype; auto: bf16 where it is native (CUDA, AMX, AVX512-BF16), else fp32")
         p.add_argument("--intervals", default=",".join(map(str, DEFAULT_INTERVALS)),
                        help="cache ages to measure (default %(default)s)")
         p.add_argument("--ratios", default=",".join(map(str, DEFAULT_RATIOS)),
@@ -41,7 +42,7 @@ class Profile:
     @staticmethod
     def run(args) -> int:
         from ..profiling import profile
-        from ..registry import load_pipeline
+        from ..registry import load_pipeline, resolve_dtype
         from ..viz import plot_profile
 
         if args.samples < 1:
@@ -49,6 +50,7 @@ class Profile:
         intervals = tuple(int(x) for x in _floats(args.intervals, "--intervals"))
         ratios = _floats(args.ratios, "--ratios")
         scores = tuple(s.strip() for s in args.token_scores.split(",") if s.strip())
+        args.dtype = resolve_dtype(args.dtype)  # what ran is recorded, not 'auto'
         pipe = load_pipeline(args.model, args.dtype)
         num_classes = int(pipe.transformer.config.num_embeds_ada_norm)
         labels = [i % num_classes for i in range(args.samples)]
