@@ -156,9 +156,12 @@ def apply_shiva(pipe, artifact, num_inference_steps: int, num_tokens: int | None
     tf = pipe.transformer
     if getattr(tf, _ORIGINALS, None) is not None:
         remove_shiva(pipe)
-    art = artifact if isinstance(artifact, ShivaArtifact) else load_shiva(artifact, tf)
-    if art.meta.get("fingerprint") != io.model_fingerprint(tf):
-        raise io.ArtifactError("this Shiva artifact was trained for another model (fingerprint differs)")
+    if isinstance(artifact, ShivaArtifact):  # load_shiva checks a stem's fingerprint itself
+        art = artifact
+        if art.meta.get("fingerprint") != io.model_fingerprint(tf):
+            raise io.ArtifactError("this Shiva artifact was trained for another model (fingerprint differs)")
+    else:
+        art = load_shiva(artifact, tf)
     sched = copy.deepcopy(scheduler if scheduler is not None else pipe.scheduler)
     sched.set_timesteps(num_inference_steps)
     plan = shiva_plan(art, sched.timesteps, num_tokens or image_tokens(tf), modules_of(tf), keep, exact_budget)

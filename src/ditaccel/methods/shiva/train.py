@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ... import io
+from ...models.reference import _batch_indices
 from ...runtime.adapters import block_modules, find_blocks
 from .policy import Budget, RatioPolicy
 from .router import ShivaRouter
@@ -224,10 +225,7 @@ class ShivaTrainer:
         stage = cfg.stage(step)
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         torch.manual_seed(cfg.seed * 7_919 + step)  # the score noise inside the top-k
-        per_epoch = self.x.shape[0] // cfg.batch_size
-        epoch, i = divmod(step, per_epoch)
-        perm = torch.randperm(self.x.shape[0], generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
-        idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+        idx = _batch_indices(cfg, step, self.x.shape[0])  # the reference recipe's replayable order
         x0, labels = self.x[idx], self.y[idx]
         b = x0.shape[0]
         t = stratified_timesteps(b, self.noise_sched.config.num_train_timesteps, gen)
