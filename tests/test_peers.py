@@ -82,3 +82,49 @@ def test_unknown_peer_and_missing_ratios_are_refused(pipe):
         attach_peer(pipe, "magcache", 0.1, STEPS)
     full = _run(pipe)
     assert torch.equal(_run(pipe), full)  # a refused attach leaves nothing behind
+
+
+def test_tome_merges_tokens_reproducibly_and_comes_off():
+    from ditaccel.peers import attach_tome
+
+    ref = _run(pipe_ := _fresh_pipe())
+    seen = []
+    hooks = [b.attn1.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[1]))
+             for b in pipe_.transformer.transformer_blocks]
+    h = attach_tome(pipe_, 0.0)
+    assert torch.equal(_run(pipe_), ref), "ratio 0 merges nothing"
+    h.remove()
+    seen.clear()
+    h = attach_tome(pipe_, 0.5, seed=3)
+    merged = _run(pipe_)
+    assert set(seen) == {16 - 8}, "each block's attention runs on the 8 tokens left after merging half of 16"
+    assert not torch.allclose(merged, ref) and torch.isfinite(merged).all()
+    assert torch.equal(_run(pipe_), merged), "the random destinations are re-seeded every trajectory"
+    h.remove()
+    assert torch.equal(_run(pipe_), ref), "removing ToMe restores the model"
+    for hk in hooks:
+        hk.remove()
+    with pytest.raises(ValueError, match=r"\[0, 0.75\)"):
+        attach_tome(pipe_, 0.8)
+
+
+def test_tome_refuses_joint_blocks():
+    from ditaccel.peers import attach_tome
+    from tests.archs import ARCHS
+
+    sd3, _ = ARCHS["StableDiffusion3Pipeline"]()
+    with pytest.raises(ValueError, match="BasicTransformerBlock"):
+        attach_tome(sd3, 0.3)
+
+
+def _fresh_pipe():
+    torch.manual_seed(0)
+    tf = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=1, out_channels=1,
+                               num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=4,
+                               norm_type="ada_norm_zero").eval()
+    with torch.no_grad():
+        for p in tf.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    p = DiTPixelPipeline(transformer=tf, scheduler=DDIMScheduler(**NOISE_SCHEDULE))
+    p.set_progress_bar_config(disable=True)
+    return p

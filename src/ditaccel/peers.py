@@ -216,3 +216,58 @@ def _attach_cache_dit(pipe, name: str, value: float, num_steps: int) -> PeerHand
             cache_dit.disable_cache(pipe)
 
     return PeerHandle(name, remove, {"knob": PEERS[name].knob, "value": value})
+
+
+def attach_tome(pipe, ratio: float, merge_mlp: bool = True, use_rand: bool = True, seed: int = 0) -> PeerHandle:
+    """ToMe-style token merging (tomesd, PyPI ``tomesd``) on ``pipe.transformer``'s blocks: before
+    self-attention (and, with ``merge_mlp``, the MLP) each block merges the fraction ``ratio`` of
+    its tokens into their most similar neighbours by bipartite soft matching (one destination
+    token per 2x2 patch of the token grid), runs the module on the rest and copies the results
+    back to the merged tokens.
+
+    tomesd patches diffusers' ``BasicTransformerBlock`` (DiT, PixArt), which is all it supports.
+    What this adds for DiT: ToMe on the patch grid (tomesd's ``max_downsample`` set to the patch
+    size: it counts the grid from the latent size), the grid read from the call (tomesd's own
+    hook reads a positional input only), and the random destination choice re-seeded with
+    ``seed`` at the start of every trajectory (tomesd forks the global RNG once), so that runs
+    are reproducible.  tomesd's default leaves the MLP alone; here ``merge_mlp`` defaults to True,
+    since on a DiT the MLP holds most of a block's FLOPs and merging attention alone barely
+    speeds it up."""
+    try:
+        import tomesd
+    except ImportError as e:
+        raise PeerUnavailable(f"ToMe needs tomesd: pip install tomesd ({e})") from None
+    from .runtime.adapters import find_blocks
+
+    tf = pipe.transformer
+    kinds = sorted({type(b).__name__ for _, b, _ in find_blocks(tf)})
+    if kinds != ["BasicTransformerBlock"]:
+        raise ValueError(f"ToMe (tomesd) patches diffusers' BasicTransformerBlock (DiT, PixArt); "
+                         f"{type(tf).__name__} has {', '.join(kinds)}")
+    if not 0 <= ratio < 0.75:
+        raise ValueError(f"ToMe merges a fraction of the tokens in [0, 0.75) with 2x2 strides, got {ratio}")
+    patch = int(tf.config.patch_size)
+    tomesd.apply_patch(tf, ratio=float(ratio), max_downsample=patch, sx=2, sy=2, use_rand=use_rand,
+                       merge_attn=True, merge_crossattn=False, merge_mlp=merge_mlp)
+    info = tf._tome_info
+    for h in info["hooks"]:  # replaced by a hook that also reads keyword inputs
+        h.remove()
+    info["hooks"].clear()
+
+    def size(module, args, kwargs):
+        x = kwargs.get("hidden_states", args[0] if args else None)
+        info["size"] = (int(x.shape[-2]), int(x.shape[-1]))
+
+    def reseed():
+        info["args"]["generator"] = torch.Generator(device=tf.device).manual_seed(seed)
+
+    handle = tf.register_forward_pre_hook(size, with_kwargs=True)
+    plumbing = _Plumbing(tf, context=False, reset=reseed)
+
+    def remove():
+        plumbing.remove()
+        handle.remove()
+        tomesd.remove_patch(tf)
+        del tf._tome_info
+
+    return PeerHandle("tome", remove, {"knob": "ratio", "value": ratio, "merge_mlp": merge_mlp})

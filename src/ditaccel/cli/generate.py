@@ -32,6 +32,9 @@ def add_arguments(p) -> None:
     acc = p.add_argument_group("acceleration (one of --plan / --method / --shiva)")
     acc.add_argument("--shiva", default=None, metavar="ARTIFACT",
                      help="a trained Shiva artifact (the stem written by `ditaccel train-shiva`)")
+    acc.add_argument("--compile", action="store_true",
+                     help="with --shiva: run the blocks through torch.compile (one graph per distinct "
+                          "token count of the plan, compiled on the first run)")
     acc.add_argument("--plan", default=None, help="a plan JSON (from `ditaccel plan` or Plan.save)")
     acc.add_argument("--method", default=None, choices=["fora", "toca", "delta-dit"],
                      help="plan with a baseline method: fora (--interval), toca (--interval, "
@@ -72,6 +75,8 @@ def build_plan(args, pipe):
                                              "boundary", "forecast") if getattr(args, k) is not None}
     if sum(bool(a) for a in (args.plan, args.method, args.shiva)) > 1:
         raise ValueError("give one of --plan, --method or --shiva, not several")
+    if args.compile and not args.shiva:
+        raise ValueError("--compile needs --shiva (caching plans change shapes from step to step)")
     if args.compare and not (args.plan or args.method or args.shiva):
         raise ValueError("--compare needs --plan, --method or --shiva (there is nothing to compare)")
     if args.plan:
@@ -136,7 +141,7 @@ def run(args) -> int:
         from ..pipeline import make_scheduler
 
         plan = apply_shiva(pipe, shiva, args.steps or SAMPLERS[args.sampler][2],
-                           scheduler=make_scheduler(args.sampler, pipe.scheduler.config))
+                           scheduler=make_scheduler(args.sampler, pipe.scheduler.config), compile=args.compile)
     images, stats = sample(pipe, labels, **run)
     save_grid(images, out, nrow=args.n)
     if args.save_dir:

@@ -25,7 +25,8 @@ def _split(target) -> tuple[torch.nn.Module, object | None]:
     raise TypeError(f"expected a diffusers pipeline or transformer, got {type(target).__name__}")
 
 
-def apply(target, plan: Plan, router=None, check_fingerprint: bool = True, skip_reused_norms: bool = True):
+def apply(target, plan: Plan, router=None, check_fingerprint: bool = True, skip_reused_norms: bool = True,
+          compile: bool | dict = False):
     """Execute ``plan`` on every call of the target's transformer (a diffusers pipeline or the
     transformer itself).  Applying again replaces the previous plan; :func:`remove` restores the
     original forward functions.
@@ -37,12 +38,29 @@ def apply(target, plan: Plan, router=None, check_fingerprint: bool = True, skip_
 
     ``skip_reused_norms``: on steps that reuse a module, run the norm feeding it (where the
     registry knows it feeds nothing else) on one token only.  Outputs are bit-identical either
-    way; it saves the norm's elementwise work."""
+    way; it saves the norm's elementwise work.
+
+    ``compile``: for plans that only route tokens through blocks (Shiva), run every block through
+    ``torch.compile`` (True, or a dict of its options; default ``dynamic=False``) while the hooks
+    stay eager: regional compilation, one compiled graph per distinct block input shape, which
+    all blocks share.  A route plan's shapes are static per (step, layer), so a generation
+    compiles once per distinct token count (:func:`compile_count`) and never again; dynamo's
+    recompile limit is raised to that count if it is lower."""
     transformer, pipe = _split(target)
     routes = plan.route is not None and bool((plan.route != FULL).any())
     if routes and not callable(router):
         raise PlanMismatch("this plan routes tokens through blocks (plan.route); pass the router "
                            "that scores them: apply(pipe, plan, router=...)")
+    compile_options = None
+    if compile:
+        if not routes or bool((plan.tokens != FULL).any()):
+            raise PlanMismatch("compile= supports plans that only route tokens through blocks (Shiva): "
+                               "caching plans change what a block computes from step to step; apply "
+                               "this plan without compile")
+        compile_options = {"dynamic": False, **(compile if isinstance(compile, dict) else {})}
+        limit = compile_count(plan) + 1
+        if torch._dynamo.config.recompile_limit < limit:
+            torch._dynamo.config.recompile_limit = limit
     blocks = find_blocks(transformer)
     if len(blocks) != plan.num_layers:
         raise PlanMismatch(f"the plan has {plan.num_layers} layers but {type(transformer).__name__} "
@@ -78,11 +96,13 @@ def apply(target, plan: Plan, router=None, check_fingerprint: bool = True, skip_
     register(transformer, StepHook(state, check), STEP_HOOK)
     for layer, ((_, block, spec), mods) in enumerate(zip(blocks, per_block)):
         if routes:
-            register(block, RouteHook(state, layer, spec, block, router), ROUTE_HOOK)
+            register(block, RouteHook(state, layer, spec, block, router, compile_options), ROUTE_HOOK)
         # (chunked feed-forward splits the MLP input along tokens: it needs all of them)
         norms = spec.norms_of(block) if skip_reused_norms and getattr(block, "_chunk_size", None) is None else {}
         for role, module in mods.items():
-            if role in plan.modules:
+            # in a route plan, a module computed in full at every step needs no hook (the route
+            # hook records it); elsewhere the module hook also checks the plan's token count
+            if role in plan.modules and not (routes and bool((plan.tokens[:, layer, plan.module_index(role)] == FULL).all())):
                 m = plan.module_index(role)
                 register(module, ModuleHook(state, layer, role, m, spec, module), MODULE_HOOK)
                 norm = getattr(block, norms[role], None) if role in norms else None
@@ -90,6 +110,14 @@ def apply(target, plan: Plan, router=None, check_fingerprint: bool = True, skip_
                     register(norm, NormSkipHook(state, layer, role, m), NORM_HOOK)
     setattr(transformer, _STATE_ATTR, state)
     return target
+
+
+def compile_count(plan: Plan) -> int:
+    """How many block graphs ``apply(..., compile=True)`` compiles for ``plan``: one per distinct
+    token count a block runs on (the full count included), shared by all blocks."""
+    route = plan.route if plan.route is not None else torch.full((1, 1), FULL)
+    counts = {plan.num_tokens if int(k) == FULL else int(k) for k in route.unique()}
+    return len(counts)
 
 
 def _follow_scheduler(scheduler, state: RunState) -> None:

@@ -332,18 +332,40 @@ class RouteHook(ModelHook):
     ``k`` tokens the router scores highest and the others skip it unchanged (the Shiva operation).
     With batched classifier-free guidance both halves keep the same tokens: max of their scores."""
 
-    def __init__(self, state: RunState, layer: int, spec: BlockSpec, block: torch.nn.Module, router):
+    def __init__(self, state: RunState, layer: int, spec: BlockSpec, block: torch.nn.Module, router,
+                 compile_options: dict | None = None):
         super().__init__()
         self.state, self.layer, self.spec, self.router = state, layer, spec, router
         sig = inspect.signature(type(block).forward)
         self.signature = sig.replace(parameters=list(sig.parameters.values())[1:])
+        self.compile_options, self._compiled = compile_options, None
+        # modules of this block the plan names but that carry no module hook (see apply): recorded here
+        self.roles = tuple(m for i, m in enumerate(state.plan.modules)
+                           if bool((state.plan.tokens[:, layer, i] == FULL).all()))
+
+    def _forward(self):
+        """The block's own forward, through torch.compile when asked (the hooks stay eager)."""
+        original = self.fn_ref.original_forward
+        if self.compile_options is None or self.state.count_flops:  # FLOPs are counted eagerly
+            return original
+        if self._compiled is None:
+            self._compiled = torch.compile(original, **self.compile_options)
+        return self._compiled
 
     def new_forward(self, block, *args, **kwargs):
         st = self.state
-        original = self.fn_ref.original_forward
+        original = self._forward()
         route = st.plan.route
         k = FULL if route is None or st.step < 0 else int(route[st.step, self.layer])
         if k == FULL:
+            if st.step >= 0:
+                st.records[-1].computed.update({(self.layer, r): st.plan.num_tokens for r in self.roles})
+            if original is not self.fn_ref.original_forward:
+                # compiled: the first block's input comes strided from the patch embedding; one
+                # layout for every block keeps it to one graph per shape
+                named = _named(self.signature, args, kwargs)
+                named[self.spec.image_arg] = named[self.spec.image_arg].contiguous()
+                return original(**named)
             return original(*args, **kwargs)
         named = _named(self.signature, args, kwargs)
         x = named[self.spec.image_arg]
@@ -361,6 +383,7 @@ class RouteHook(ModelHook):
             half = scores[: b // 2].maximum(scores[b // 2:])
             scores = torch.cat([half, half])
         idx = scores.topk(k, dim=1).indices.sort(dim=1).values                   # (B, k)
+        st.records[-1].computed.update({(self.layer, r): k for r in self.roles})
         st.routed_tokens = k
         try:
             out = self._run(original, named, x, idx)

@@ -20,8 +20,10 @@ def per_step(state: RunState) -> list[dict]:
         row["wall_s"] += rec.wall_s
         if rec.flops is not None and row["flops"] is not None:
             row["flops"] += rec.flops
-        for (_, role), k in rec.computed.items():
-            fracs[rec.step][role].append(k / n)
+        # a (layer, module) without a record ran in full (no hook was needed to execute it)
+        for layer in range(state.plan.num_layers):
+            for role in state.plan.modules:
+                fracs[rec.step][role].append(rec.computed.get((layer, role), n) / n)
     for step, row in rows.items():
         for role in state.plan.modules:
             vals = fracs[step].get(role, [])

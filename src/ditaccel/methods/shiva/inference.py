@@ -145,11 +145,13 @@ def _unmerge_adapters(transformer) -> None:
 
 
 def apply_shiva(pipe, artifact, num_inference_steps: int, num_tokens: int | None = None,
-                scheduler=None, keep: float | None = None, exact_budget: bool = True) -> Plan:
+                scheduler=None, keep: float | None = None, exact_budget: bool = True,
+                compile: bool | dict = False) -> Plan:
     """Run ``pipe`` (a diffusers pipeline) with a Shiva artifact (a stem or a loaded
     :class:`ShivaArtifact`) for ``num_inference_steps`` steps of ``scheduler`` (default: the
     pipeline's; pass the one you will sample with if you swap it); returns the plan.
-    :func:`remove_shiva` undoes it."""
+    :func:`remove_shiva` undoes it.  ``compile``: run the blocks through ``torch.compile``
+    (see :func:`ditaccel.runtime.apply`): one graph per distinct token count of the plan."""
     from ...runtime import apply
     from ...runtime.adapters import image_tokens, modules_of
 
@@ -169,7 +171,7 @@ def apply_shiva(pipe, artifact, num_inference_steps: int, num_tokens: int | None
     if art.adapters:
         _merge_adapters(tf, art)
     try:
-        apply(pipe, plan, router=art.router, check_fingerprint=False)
+        apply(pipe, plan, router=art.router, check_fingerprint=False, compile=compile)
     except BaseException:
         _unmerge_adapters(tf)
         raise
