@@ -5,7 +5,10 @@ Methods (every block but the first routes exactly k tokens per (step, layer); th
   policy compiled to a table, DoRA adapters), and shiva-<keep>-fixed: the same training with the
   ratio held at the target everywhere (the paper's fixed-vs-adaptive ablation);
 - topk-<keep>: the same static budget at a uniform ratio, tokens picked by a non-learned score
-  (distance of the token from the mean token), no training.
+  (distance of the token from the mean token), no training;
+- tome~<shiva method>: ToMe-style token merging (tomesd, attention and MLP, every block) with its
+  merge ratio calibrated to the measured speedup of that Shiva row: bisection on the ratio,
+  one timed pair per probe, the probe closest to the target kept (``--tome-probes``).
 
 Per method, ``ditaccel.bench.measure``: the scored run under FlopCounterMode (PSNR, SSIM, FD vs the
 full model on the same noise), FD vs the Fashion-MNIST test set and classifier agreement, and the
@@ -26,17 +29,19 @@ from pathlib import Path
 
 import torch
 
-from common import RESULTS, ROOT, machine, save_json
+from common import RESULTS, ROOT, machine, replace_block, save_json
 from ditaccel.bench import Entry, measure
 from ditaccel.metrics import feature_extractor, frechet_distance
 from ditaccel.methods.shiva.inference import apply_shiva, load_shiva, remove_shiva, shiva_plan
 from ditaccel.methods.shiva.policy import plan_from_ratios
 from ditaccel.models.classifier import predict
+from ditaccel.peers import attach_tome
 from ditaccel.pipeline import SAMPLERS, make_scheduler
 from ditaccel.registry import load_classifier_asset, load_pipeline
 from ditaccel.runtime import apply, remove
+from ditaccel.runtime.apply import compile_count
 from ditaccel.runtime.adapters import find_blocks, image_tokens, modules_of
-from ditaccel.sampling import sample
+from ditaccel.sampling import sample, speedup_pairs
 
 
 def distance_from_mean(x: torch.Tensor, call) -> torch.Tensor:
@@ -72,6 +77,31 @@ def topk_entry(keep: float, steps: int) -> Entry:
     return Entry(f"topk-{keep:g}", "non-learned", "keep", keep, prepare)
 
 
+def tome_entry(match: str, targets: dict, timed, probes: int, chosen: dict) -> Entry:
+    """ToMe at the merge ratio whose measured speedup is closest to ``targets[match]`` (filled in
+    when that Shiva row was measured, earlier in the same run)."""
+    def at(ratio):
+        def attach(p):
+            handle = attach_tome(p, ratio)
+            return handle.remove
+        return attach
+
+    def prepare(pipe):
+        goal = targets[match]
+        lo, hi, trace = 0.0, 0.74, []
+        with torch.no_grad():
+            for _ in range(probes):  # the speedup grows with the ratio
+                r = round((lo + hi) / 2, 4)
+                s = speedup_pairs(pipe, timed, at(r), 1)[0]
+                trace.append((r, s))
+                lo, hi = (r, hi) if s < goal else (lo, r)
+        ratio = min(trace, key=lambda rs: abs(rs[1] - goal))[0]
+        chosen[f"tome~{match}"] = {"ratio": ratio, "target_speedup": goal, "probes": trace}
+        print(f"tome~{match}: ratio {ratio} (target {goal:.2f}x; probes {trace})", flush=True)
+        return at(ratio)
+    return Entry(f"tome~{match}", "tomesd", "ratio", float("nan"), prepare)
+
+
 def keep_map(stems: dict[str, Path], pipe, sampler: str, steps: int, path: Path) -> dict:
     """Plot each artifact's keep ratio per (step, layer) for this sampler, as run (the exact
     budget applied); returns the maps and each policy's own mean keep over these steps."""
@@ -83,11 +113,17 @@ def keep_map(stems: dict[str, Path], pipe, sampler: str, steps: int, path: Path)
     sched = make_scheduler(sampler, pipe.scheduler.config)
     sched.set_timesteps(steps)
     tf = pipe.transformer
-    maps, learned = {}, {}
+    maps, learned, graphs = {}, {}, {}
     for name, stem in stems.items():
-        plan = shiva_plan(load_shiva(stem, tf), sched.timesteps, image_tokens(tf), modules_of(tf))
+        art = load_shiva(stem, tf)
+        plan = shiva_plan(art, sched.timesteps, image_tokens(tf), modules_of(tf))
         maps[name] = torch.tensor(plan.meta["ratios"]).tolist()
         learned[name] = plan.meta["policy_mean_keep"]
+        # what rounding the counts to multiples of 8 buys (compiled graphs) and costs (budget error)
+        art.meta["multiple"] = 1
+        exact = shiva_plan(art, sched.timesteps, image_tokens(tf), modules_of(tf))
+        graphs[name] = {"multiple_8": {"graphs": compile_count(plan), "mean_keep": plan.meta["mean_keep"]},
+                        "multiple_1": {"graphs": compile_count(exact), "mean_keep": exact.meta["mean_keep"]}}
     fig, axes = plt.subplots(1, len(maps), figsize=(4.2 * len(maps), 3.6), squeeze=False)
     for ax, (name, m) in zip(axes[0], maps.items()):
         im = ax.imshow(torch.tensor(m).T, aspect="auto", origin="lower", vmin=0, vmax=1, cmap="viridis")
@@ -97,7 +133,7 @@ def keep_map(stems: dict[str, Path], pipe, sampler: str, steps: int, path: Path)
     fig.colorbar(im, ax=axes[0].tolist(), label="keep ratio")
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return maps, learned
+    return maps, learned, graphs
 
 
 def main() -> None:
@@ -113,6 +149,7 @@ def main() -> None:
                     help="fp32 by default: CPUs without native bf16 (no AMX / AVX512-BF16) run bf16 slower")
     ap.add_argument("--only", default=None, help="comma-separated method names")
     ap.add_argument("--real", type=int, default=1000, help="Fashion-MNIST test images for FD vs real data")
+    ap.add_argument("--tome-probes", type=int, default=4, help="timed probes of ToMe's ratio per Shiva row")
     ap.add_argument("--keeps", default="", help="also run every artifact (and top-k) at these mean keeps, "
                     "e.g. 0.8,0.9: the learned ratios shifted to that budget")
     args = ap.parse_args()
@@ -124,6 +161,10 @@ def main() -> None:
              for p in sorted(folder.glob("keep*/shiva.json"))}
     if not stems:
         raise SystemExit(f"no Shiva artifacts under {folder}; run scripts/train_shiva_fmnist.sh first")
+    labels = [i % 10 for i in range(args.n)]
+    opts = dict(sampler=args.sampler, steps=steps, guidance_scale=args.cfg, progress=False, count_flops=False)
+    run = lambda p: sample(p, labels, seed=0, batch_size=args.batch, **opts)[0]  # noqa: E731
+    timed = lambda p: sample(p, labels[:args.timed_batch], seed=0, batch_size=args.timed_batch, **opts)  # noqa: E731
     entries = []
     for name, stem in stems.items():
         keep = float(json.loads(stem.with_suffix(".json").read_text())["keep"])
@@ -133,12 +174,13 @@ def main() -> None:
                 entries.append(shiva_entry(f"{name}@{other:g}", stem, args.sampler, steps, other))
     for keep in sorted({e.value for e in entries}):
         entries.append(topk_entry(keep, steps))
+    targets, chosen = {}, {}
+    if args.repeats:  # ToMe is matched on measured speed
+        entries += [tome_entry(e.method, targets, timed, args.tome_probes, chosen)
+                    for e in entries if e.family == "shiva" and "@" not in e.method and "fixed" not in e.method]
     if args.only:
-        entries = [e for e in entries if e.method in args.only.split(",")]
-    labels = [i % 10 for i in range(args.n)]
-    opts = dict(sampler=args.sampler, steps=steps, guidance_scale=args.cfg, progress=False, count_flops=False)
-    run = lambda p: sample(p, labels, seed=0, batch_size=args.batch, **opts)[0]  # noqa: E731
-    timed = lambda p: sample(p, labels[:args.timed_batch], seed=0, batch_size=args.timed_batch, **opts)  # noqa: E731
+        entries = [e for e in entries if e.method in args.only.split(",")
+                   or (e.method.startswith("tome~") and e.method[5:] in args.only.split(","))]
     classifier = load_classifier_asset()
     fx = feature_extractor()
     from ditaccel.data import load_fashion_mnist
@@ -151,11 +193,13 @@ def main() -> None:
                 "class_agreement": float((predict(classifier, images * 2 - 1) == torch.tensor(labels)).float().mean())}
 
     def show(row):
+        if row["method"] in {e.method for e in entries if e.family == "shiva"} and row.get("speedup_measured"):
+            targets[row["method"]] = row["speedup_measured"]
         print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()
                           if k != "ratios"}), flush=True)
 
     res = measure(pipe, run, timed, entries, repeats=args.repeats, extra=extra, feature_extractor=fx, on_row=show)
-    maps, learned = keep_map(stems, pipe, args.sampler, steps, RESULTS / "shiva_keep_map.png")
+    maps, learned, graphs = keep_map(stems, pipe, args.sampler, steps, RESULTS / "shiva_keep_map.png")
     for r in res["rows"]:
         base = r["method"].split("@")[0]
         if base in maps:
@@ -163,13 +207,16 @@ def main() -> None:
                 (float(torch.tensor(maps[base])[:, 1:].mean()), learned[base])
         elif r["method"].startswith("topk"):
             r["mean_keep"] = r["value"]
+        elif r["method"] in chosen:
+            r["value"] = chosen[r["method"]]["ratio"]
+            r["tome"] = chosen[r["method"]]
     out = {"sampler": args.sampler, "steps": steps, "n": args.n, "batch": args.batch, "timed_batch": args.timed_batch,
            "repeats": args.repeats, "cfg": args.cfg, "dtype": args.dtype, "threads": torch.get_num_threads(),
-           "cpu": machine(), "total_s": time.time() - t0, "maps": maps,
+           "cpu": machine(), "total_s": time.time() - t0, "maps": maps, "compiled_graphs": graphs,
            "artifacts": {k: json.loads(v.with_suffix(".json").read_text())["config"] for k, v in stems.items()}, **res}
     stem = "shiva" + ("-notime" if not args.repeats else "")
     save_json(stem, out)
-    head = ["method", "mean keep (routed blocks)", "policy's own mean keep", "measured speedup", "FLOP speedup", "PSNR vs full", "SSIM vs full",
+    head = ["method", "mean keep (routed blocks) / ToMe merge ratio", "policy's own mean keep", "measured speedup", "FLOP speedup", "PSNR vs full", "SSIM vs full",
             "FD vs full", "FD vs real test", "classifier agreement"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in res["rows"]:
@@ -178,14 +225,22 @@ def main() -> None:
             continue
         sp = f"{r['speedup_measured']:.2f}x" if r.get("speedup_measured") else "-"
         own = f"{r['policy_mean_keep']:.3f}" if "policy_mean_keep" in r else "-"
-        lines.append(f"| {r['method']} | {r['mean_keep']:.3f} | {own} | {sp} | {r['speedup_flops']:.2f}x | {r['psnr']:.2f} | "
+        keep = f"merge {r['value']:.3f}" if "tome" in r else f"{r['mean_keep']:.3f}"
+        lines.append(f"| {r['method']} | {keep} | {own} | {sp} | {r['speedup_flops']:.2f}x | {r['psnr']:.2f} | "
                      f"{r['ssim']:.4f} | {r['fd_vs_full']:.2f} | {r['fd_vs_test']:.2f} | {r['class_agreement']:.1%} |")
     lines += ["", f"{args.sampler.upper()}-{steps}, CFG {args.cfg:g}, {args.dtype}, {args.n} images (seeds 0..{args.n - 1}, "
               f"classes cycled); FD vs real: the first {args.real} test images; measured speedup: median of {args.repeats} back-to-back pairs on {args.timed_batch} "
               f"images, {torch.get_num_threads()} threads, {machine()}. Shiva's ratios get one logit shift so that their mean "
               f"over these steps is the trained target exactly (the policy's own mean is shown beside it); token "
-              f"counts are rounded to multiples of 8. Generated by `python benchmarks/shiva.py`."]
+              f"counts are rounded to multiples of 8. tome~X: ToMe (tomesd; attention and MLP merged in every block) at "
+              f"the merge ratio whose measured speedup came closest to X's ({args.tome_probes} timed probes). "
+              f"Generated by `python benchmarks/shiva.py`."]
+    lines += ["", "Rounding the counts to multiples of 8, per artifact: block graphs a compiled generation needs "
+              "(distinct token counts, the full one included) and the mean keep as run, against exact counts: "
+              + "; ".join(f"{k}: {v['multiple_8']['graphs']} graphs at {v['multiple_8']['mean_keep']:.3f} vs "
+                          f"{v['multiple_1']['graphs']} at {v['multiple_1']['mean_keep']:.3f}" for k, v in graphs.items()) + "."]
     (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    replace_block(stem, "\n".join(lines))
     print("\n".join(lines))
 
 

@@ -94,6 +94,16 @@ def test_tome_merges_tokens_reproducibly_and_comes_off():
     h = attach_tome(pipe_, 0.0)
     assert torch.equal(_run(pipe_), ref), "ratio 0 merges nothing"
     h.remove()
+    # a block-level hook of ours on and off first: tomesd's class patch must still take effect
+    from ditaccel.methods import model_shape
+    from ditaccel.methods.shiva.policy import plan_from_ratios
+    from ditaccel.runtime import apply, remove
+
+    shape = model_shape(pipe_.transformer, STEPS)
+    apply(pipe_, plan_from_ratios(torch.full((STEPS, 2), 0.5, dtype=torch.float64), 16, shape.modules, 4),
+          router=lambda x, call: x.norm(dim=-1))
+    _run(pipe_)
+    remove(pipe_)
     seen.clear()
     h = attach_tome(pipe_, 0.5, seed=3)
     merged = _run(pipe_)

@@ -439,6 +439,14 @@ def register(module: torch.nn.Module, hook: ModelHook, name: str) -> None:
 
 
 def unregister(module: torch.nn.Module, name: str) -> None:
+    """Remove hook ``name``; once a module has no hooks left, it is left as it was before any
+    (diffusers' registry leaves the bound original ``forward`` as an instance attribute, which
+    would hide a later change of the module's class, such as tomesd's patch)."""
     registry = getattr(module, "_diffusers_hook", None)
     if registry is not None and registry.get_hook(name) is not None:
         registry.remove_hook(name, recurse=False)
+        if not registry.hooks:
+            fwd = module.__dict__.get("forward")
+            if fwd is not None and getattr(fwd, "__func__", None) is type(module).forward \
+                    and getattr(fwd, "__self__", None) is module:
+                del module.__dict__["forward"]
