@@ -1,4 +1,4 @@
-"""Shiva's context-aware router and keep-ratio policy (not exported yet): what a bug would break."""
+"""Shiva's context-aware router and keep-ratio policy: what a bug would break."""
 
 import numpy as np
 import pytest

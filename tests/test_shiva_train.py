@@ -1,4 +1,4 @@
-"""Shiva training, its artifact and inference (not exported yet): what a bug would break."""
+"""Shiva training, its artifact and inference: what a bug would break."""
 
 import json
 

@@ -1,6 +1,7 @@
 """ditaccel: faster Diffusion Transformer sampling on unmodified diffusers pipelines."""
 
 from .methods import METHODS, ModelShape, make_plan, model_shape
+from .methods.shiva import ShivaTrainConfig, apply_shiva, load_shiva, remove_shiva, train_shiva
 from .methods.soda import calibrate_soda, plan_soda
 from .pipeline import DiTPixelPipeline, make_scheduler
 from .plan import FULL, REUSE, Plan, PlanError, full_plan
@@ -15,5 +16,6 @@ from .sampling import RunStats, sample
 __all__ = ["DiTPixelPipeline", "make_scheduler", "load_pipeline", "sample", "RunStats",
            "Plan", "PlanError", "full_plan", "FULL", "REUSE", "make_plan", "model_shape", "ModelShape",
            "METHODS", "apply", "remove", "state_of", "RouteCall", "PlanMismatch", "UnsupportedModel",
-           "BLOCKS", "Profile", "ProfileError", "profile", "plan_soda", "calibrate_soda"]
+           "BLOCKS", "Profile", "ProfileError", "profile", "plan_soda", "calibrate_soda",
+           "apply_shiva", "remove_shiva", "load_shiva", "train_shiva", "ShivaTrainConfig"]
 __version__ = "0.1.0"

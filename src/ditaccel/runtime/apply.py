@@ -44,8 +44,9 @@ def apply(target, plan: Plan, router=None, check_fingerprint: bool = True, skip_
     ``torch.compile`` (True, or a dict of its options; default ``dynamic=False``) while the hooks
     stay eager: regional compilation, one compiled graph per distinct block input shape, which
     all blocks share.  A route plan's shapes are static per (step, layer), so a generation
-    compiles once per distinct token count (:func:`compile_count`) and never again; dynamo's
-    recompile limit is raised to that count if it is lower."""
+    compiles once per distinct token count (:func:`compile_count`) and batch size, and never
+    again; dynamo's recompile limit is raised to four times that count if it is lower (raise
+    ``torch._dynamo.config.recompile_limit`` yourself to sample at more batch sizes)."""
     transformer, pipe = _split(target)
     routes = plan.route is not None and bool((plan.route != FULL).any())
     if routes and not callable(router):
@@ -58,7 +59,7 @@ def apply(target, plan: Plan, router=None, check_fingerprint: bool = True, skip_
                                "caching plans change what a block computes from step to step; apply "
                                "this plan without compile")
         compile_options = {"dynamic": False, **(compile if isinstance(compile, dict) else {})}
-        limit = compile_count(plan) + 1
+        limit = 4 * compile_count(plan) + 1  # room for a few batch sizes (each is its own shape)
         if torch._dynamo.config.recompile_limit < limit:
             torch._dynamo.config.recompile_limit = limit
     blocks = find_blocks(transformer)

@@ -1,8 +1,14 @@
-"""Shiva (learned static-budget token routing): under construction, not exported yet.
+"""Shiva: learned static-budget token routing (``shared/papers/SHIVA-DIT.md``).
 
-Built so far: :mod:`.topk` (the residual-based differentiable top-k), :mod:`.router` (the
-context-aware router), :mod:`.policy` (the adaptive keep-ratio policy), :mod:`.routing` (routing
+:mod:`.topk` (the residual-based differentiable top-k), :mod:`.router` (the context-aware
+router), :mod:`.policy` (the adaptive keep-ratio policy and budget), :mod:`.routing` (routing
 during training), :mod:`.train` (the three-stage training, checkpoints, the artifact) and
 :mod:`.inference` (running an artifact on a pipeline).  ``ditaccel train-shiva`` and
 ``ditaccel generate --shiva`` drive them.
 """
+
+from .inference import ShivaArtifact, apply_shiva, load_shiva, remove_shiva, shiva_plan
+from .train import ShivaTrainConfig, train_shiva
+
+__all__ = ["ShivaArtifact", "apply_shiva", "load_shiva", "remove_shiva", "shiva_plan", "ShivaTrainConfig",
+           "train_shiva"]
