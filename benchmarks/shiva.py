@@ -6,9 +6,9 @@ Methods (every block but the first routes exactly k tokens per (step, layer); th
   ratio held at the target everywhere (the paper's fixed-vs-adaptive ablation);
 - topk-<keep>: the same static budget at a uniform ratio, tokens picked by a non-learned score
   (distance of the token from the mean token), no training;
-- tome~<shiva method>: ToMe-style token merging (tomesd, attention and MLP, every block) with its
-  merge ratio calibrated to the measured speedup of that Shiva row: bisection on the ratio,
-  one timed pair per probe, the probe closest to the target kept (``--tome-probes``).
+- tome~<shiva method>: ToMe-style token merging (tomesd, attention and MLP, every block) at the
+  merge ratio that runs as fast as that Shiva artifact: bisection on the ratio, each probe one
+  back-to-back timed pair of ToMe against the Shiva run (``--tome-probes``).
 
 Per method, ``ditaccel.bench.measure``: the scored run under FlopCounterMode (PSNR, SSIM, FD vs the
 full model on the same noise), FD vs the Fashion-MNIST test set and classifier agreement, and the
@@ -77,9 +77,26 @@ def topk_entry(keep: float, steps: int) -> Entry:
     return Entry(f"topk-{keep:g}", "non-learned", "keep", keep, prepare)
 
 
-def tome_entry(match: str, targets: dict, timed, probes: int, chosen: dict) -> Entry:
-    """ToMe at the merge ratio whose measured speedup is closest to ``targets[match]`` (filled in
-    when that Shiva row was measured, earlier in the same run)."""
+def head_to_head(pipe, timed, attach_a, attach_b) -> float:
+    """Wall-clock ratio time(a) / time(b) of ``timed`` with method a and method b back to back
+    (one pair): > 1 when b is faster."""
+    walls = {}
+    for name, attach in (("a", attach_a), ("b", attach_b)):
+        detach = attach(pipe)
+        try:
+            t = time.perf_counter()
+            timed(pipe)
+            walls[name] = time.perf_counter() - t
+        finally:
+            detach()
+    return walls["a"] / walls["b"]
+
+
+def tome_entry(match: Entry, timed, probes: int, chosen: dict) -> Entry:
+    """ToMe at the merge ratio that runs as fast as the Shiva entry ``match``: bisection on the
+    ratio, each probe one back-to-back pair of ToMe against that Shiva run (the order
+    alternating), so the match does not depend on the machine's drift; the probe whose time
+    ratio came closest to 1 is kept."""
     def at(ratio):
         def attach(p):
             handle = attach_tome(p, ratio)
@@ -87,19 +104,21 @@ def tome_entry(match: str, targets: dict, timed, probes: int, chosen: dict) -> E
         return attach
 
     def prepare(pipe):
-        goal = targets[match]
+        shiva = match.prepare(pipe)
         lo, hi, trace = 0.0, 0.74, []
         with torch.no_grad():
-            for _ in range(probes):  # the speedup grows with the ratio
+            for i in range(probes):  # ToMe gets faster as the ratio grows
                 r = round((lo + hi) / 2, 4)
-                s = speedup_pairs(pipe, timed, at(r), 1)[0]
-                trace.append((r, s))
-                lo, hi = (r, hi) if s < goal else (lo, r)
-        ratio = min(trace, key=lambda rs: abs(rs[1] - goal))[0]
-        chosen[f"tome~{match}"] = {"ratio": ratio, "target_speedup": goal, "probes": trace}
-        print(f"tome~{match}: ratio {ratio} (target {goal:.2f}x; probes {trace})", flush=True)
+                rel = (head_to_head(pipe, timed, shiva, at(r)) if i % 2 == 0
+                       else 1 / head_to_head(pipe, timed, at(r), shiva))   # time(shiva) / time(tome)
+                trace.append((r, rel))
+                lo, hi = (r, hi) if rel < 1 else (lo, r)
+        ratio = min(trace, key=lambda rs: abs(rs[1] - 1))[0]
+        chosen[f"tome~{match.method}"] = {"ratio": ratio, "probes": trace,
+                                          "shiva_over_tome_time": dict(trace)[ratio]}
+        print(f"tome~{match.method}: ratio {ratio} (probes: ratio, time(shiva) / time(tome): {trace})", flush=True)
         return at(ratio)
-    return Entry(f"tome~{match}", "tomesd", "ratio", float("nan"), prepare)
+    return Entry(f"tome~{match.method}", "tomesd", "ratio", float("nan"), prepare)
 
 
 def keep_map(stems: dict[str, Path], pipe, sampler: str, steps: int, path: Path) -> dict:
@@ -150,6 +169,8 @@ def main() -> None:
     ap.add_argument("--only", default=None, help="comma-separated method names")
     ap.add_argument("--real", type=int, default=1000, help="Fashion-MNIST test images for FD vs real data")
     ap.add_argument("--tome-probes", type=int, default=4, help="timed probes of ToMe's ratio per Shiva row")
+    ap.add_argument("--merge", action="store_true", help="merge these rows into the existing results "
+                    "(re-measure some methods with --only without re-running the rest)")
     ap.add_argument("--keeps", default="", help="also run every artifact (and top-k) at these mean keeps, "
                     "e.g. 0.8,0.9: the learned ratios shifted to that budget")
     args = ap.parse_args()
@@ -174,9 +195,9 @@ def main() -> None:
                 entries.append(shiva_entry(f"{name}@{other:g}", stem, args.sampler, steps, other))
     for keep in sorted({e.value for e in entries}):
         entries.append(topk_entry(keep, steps))
-    targets, chosen = {}, {}
+    chosen = {}
     if args.repeats:  # ToMe is matched on measured speed
-        entries += [tome_entry(e.method, targets, timed, args.tome_probes, chosen)
+        entries += [tome_entry(e, timed, args.tome_probes, chosen)
                     for e in entries if e.family == "shiva" and "@" not in e.method and "fixed" not in e.method]
     if args.only:
         entries = [e for e in entries if e.method in args.only.split(",")
@@ -193,8 +214,6 @@ def main() -> None:
                 "class_agreement": float((predict(classifier, images * 2 - 1) == torch.tensor(labels)).float().mean())}
 
     def show(row):
-        if row["method"] in {e.method for e in entries if e.family == "shiva"} and row.get("speedup_measured"):
-            targets[row["method"]] = row["speedup_measured"]
         print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()
                           if k != "ratios"}), flush=True)
 
@@ -215,6 +234,14 @@ def main() -> None:
            "cpu": machine(), "total_s": time.time() - t0, "maps": maps, "compiled_graphs": graphs,
            "artifacts": {k: json.loads(v.with_suffix(".json").read_text())["config"] for k, v in stems.items()}, **res}
     stem = "shiva" + ("-notime" if not args.repeats else "")
+    if args.merge and (RESULTS / f"{stem}.json").exists():
+        from ditaccel.bench import merge
+
+        old = json.loads((RESULTS / f"{stem}.json").read_text())
+        res = merge(old, res)
+        out = {**old, **{k: v for k, v in out.items() if k not in ("rows", "skipped", "total_s")}, **res,
+               "total_s": old.get("total_s", 0) + out["total_s"]}
+    chosen = {r["method"]: r["tome"] for r in res["rows"] if "tome" in r}
     save_json(stem, out)
     head = ["method", "mean keep (routed blocks) / ToMe merge ratio", "policy's own mean keep", "measured speedup", "FLOP speedup", "PSNR vs full", "SSIM vs full",
             "FD vs full", "FD vs real test", "classifier agreement"]
@@ -233,7 +260,10 @@ def main() -> None:
               f"images, {torch.get_num_threads()} threads, {machine()}. Shiva's ratios get one logit shift so that their mean "
               f"over these steps is the trained target exactly (the policy's own mean is shown beside it); token "
               f"counts are rounded to multiples of 8. tome~X: ToMe (tomesd; attention and MLP merged in every block) at "
-              f"the merge ratio whose measured speedup came closest to X's ({args.tome_probes} timed probes). "
+              f"the merge ratio whose speed came closest to X's in back-to-back pairs ({args.tome_probes} probes, merge "
+              f"ratio at most 0.74; "
+              + ", ".join(f"{k}: merge {v['ratio']:g}, time(Shiva) / time(ToMe) {v['shiva_over_tome_time']:.2f}"
+                          for k, v in chosen.items()) + "). "
               f"Generated by `python benchmarks/shiva.py`."]
     lines += ["", "Rounding the counts to multiples of 8, per artifact: block graphs a compiled generation needs "
               "(distinct token counts, the full one included) and the mean keep as run, against exact counts: "

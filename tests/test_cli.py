@@ -27,7 +27,7 @@ def test_generate_writes_grid_and_stats(tiny_pipe_dir, tmp_path, capsys):
     (["--n", "0"], "--n must be >= 1"),
     (["--steps", "0"], "--steps must be >= 1"),
     (["--out", "grid.jpg"], ".png"),
-    (["--compile"], "--compile needs --shiva"),
+    (["--compile", "--classes", "0"], "--compile needs --shiva"),
 ])
 def test_generate_bad_input_is_one_line_exit_2(tiny_pipe_dir, tmp_path, capsys, argv, needle):
     rc = main(["generate", "--model", str(tiny_pipe_dir), "--out", str(tmp_path / "g.png"), *argv])
