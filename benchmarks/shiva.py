@@ -41,7 +41,7 @@ from ditaccel.registry import load_classifier_asset, load_pipeline
 from ditaccel.runtime import apply, remove
 from ditaccel.runtime.apply import compile_count
 from ditaccel.runtime.adapters import find_blocks, image_tokens, modules_of
-from ditaccel.sampling import sample, speedup_pairs
+from ditaccel.sampling import sample
 
 
 def distance_from_mean(x: torch.Tensor, call) -> torch.Tensor:

@@ -32,7 +32,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from common import machine, replace_block, save_json
-from xl_latency import build
+from xl_latency import build, trajectory
 from ditaccel.methods.shiva.policy import plan_from_ratios
 from ditaccel.methods.shiva.router import ShivaRouter
 from ditaccel.registry import resolve_dtype
@@ -40,22 +40,6 @@ from ditaccel.runtime import apply, remove
 from ditaccel.runtime.hooks import _gather, _scatter
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-
-
-def trajectory(tf, steps: int, dtype) -> torch.Tensor:
-    from diffusers import DDIMScheduler
-
-    sched = DDIMScheduler(num_train_timesteps=1000)
-    sched.set_timesteps(steps)
-    x = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(0))
-    labels = torch.tensor([207, 1000])
-    with torch.no_grad():
-        for t in sched.timesteps:
-            inp = torch.cat([x, x]).to(dtype)
-            out = tf(inp, timestep=t.repeat(2), class_labels=labels).sample.float()
-            cond, uncond = out[:, :4].chunk(2)
-            x = sched.step(uncond + 4.0 * (cond - uncond), t, x).prev_sample
-    return x
 
 
 class TimedRouter:

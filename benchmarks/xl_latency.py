@@ -35,7 +35,7 @@ def build() -> DiTTransformer2DModel:
     return tf.to(torch.bfloat16).eval()
 
 
-def trajectory(tf, steps: int) -> torch.Tensor:
+def trajectory(tf, steps: int, dtype=torch.bfloat16) -> torch.Tensor:
     sched = DDIMScheduler(num_train_timesteps=1000)
     sched.set_timesteps(steps)
     g = torch.Generator().manual_seed(0)
@@ -43,7 +43,7 @@ def trajectory(tf, steps: int) -> torch.Tensor:
     labels = torch.tensor([207, 1000])
     with torch.no_grad():
         for t in sched.timesteps:
-            inp = torch.cat([x, x]).to(torch.bfloat16)
+            inp = torch.cat([x, x]).to(dtype)
             out = tf(inp, timestep=t.repeat(2), class_labels=labels).sample.float()
             cond, uncond = out[:, :4].chunk(2)
             x = sched.step(uncond + 4.0 * (cond - uncond), t, x).prev_sample

@@ -96,14 +96,16 @@ def apply(target, plan: Plan, router=None, check_fingerprint: bool = True, skip_
         check = lambda: None  # noqa: E731
     register(transformer, StepHook(state, check), STEP_HOOK)
     for layer, ((_, block, spec), mods) in enumerate(zip(blocks, per_block)):
+        # in a route plan, a module computed in full at every step needs no module hook (the route
+        # hook records what it ran on); elsewhere the module hook also checks the token count
+        unhooked = tuple(r for i, r in enumerate(plan.modules)
+                         if routes and bool((plan.tokens[:, layer, i] == FULL).all()))
         if routes:
-            register(block, RouteHook(state, layer, spec, block, router, compile_options), ROUTE_HOOK)
+            register(block, RouteHook(state, layer, spec, block, router, compile_options, unhooked), ROUTE_HOOK)
         # (chunked feed-forward splits the MLP input along tokens: it needs all of them)
         norms = spec.norms_of(block) if skip_reused_norms and getattr(block, "_chunk_size", None) is None else {}
         for role, module in mods.items():
-            # in a route plan, a module computed in full at every step needs no hook (the route
-            # hook records it); elsewhere the module hook also checks the plan's token count
-            if role in plan.modules and not (routes and bool((plan.tokens[:, layer, plan.module_index(role)] == FULL).all())):
+            if role in plan.modules and role not in unhooked:
                 m = plan.module_index(role)
                 register(module, ModuleHook(state, layer, role, m, spec, module), MODULE_HOOK)
                 norm = getattr(block, norms[role], None) if role in norms else None

@@ -333,15 +333,13 @@ class RouteHook(ModelHook):
     With batched classifier-free guidance both halves keep the same tokens: max of their scores."""
 
     def __init__(self, state: RunState, layer: int, spec: BlockSpec, block: torch.nn.Module, router,
-                 compile_options: dict | None = None):
+                 compile_options: dict | None = None, roles: tuple[str, ...] = ()):
         super().__init__()
         self.state, self.layer, self.spec, self.router = state, layer, spec, router
         sig = inspect.signature(type(block).forward)
         self.signature = sig.replace(parameters=list(sig.parameters.values())[1:])
         self.compile_options, self._compiled = compile_options, None
-        # modules of this block the plan names but that carry no module hook (see apply): recorded here
-        self.roles = tuple(m for i, m in enumerate(state.plan.modules)
-                           if bool((state.plan.tokens[:, layer, i] == FULL).all()))
+        self.roles = roles  # this block's modules that carry no module hook (see apply): recorded here
 
     def _forward(self):
         """The block's own forward, through torch.compile when asked (the hooks stay eager)."""
@@ -357,9 +355,7 @@ class RouteHook(ModelHook):
         original = self._forward()
         route = st.plan.route
         k = FULL if route is None or st.step < 0 else int(route[st.step, self.layer])
-        if k == FULL:
-            if st.step >= 0:
-                st.records[-1].computed.update({(self.layer, r): st.plan.num_tokens for r in self.roles})
+        if k == FULL:  # (no record needed: a module without one ran in full)
             if original is not self.fn_ref.original_forward:
                 # compiled: the first block's input comes strided from the patch embedding; one
                 # layout for every block keeps it to one graph per shape
