@@ -1,4 +1,5 @@
-"""SODA against every peer at matched measured speedups (issue 5), on the bundled model.
+"""SODA against every peer at matched measured speedups (issue 5), on a bundled model
+(``--model``: the class-conditional fmnist-dit, default, or the text-conditioned fmnist-pixart).
 
 Methods, each swept over its knob from light to aggressive:
 - ours: FORA (interval), ToCa-style (interval, 10% of tokens recomputed), Δ-DiT-style (interval),
@@ -25,6 +26,7 @@ Writes results/peers-<sampler>[-quick].{json,md,png} and README's ``peers-<sampl
     python benchmarks/peers.py --quick                # one point per method, under 10 minutes
     python benchmarks/peers.py --seed 10000 --repeats 0   # fidelity only on other seeds (FD ranking check)
     python benchmarks/peers.py --only soda,soda-latency --merge   # re-measure some methods, keep the rest
+    python benchmarks/peers.py --model fmnist-pixart --n 64   # the PixArt-style text model (issue 7)
 """
 
 from __future__ import annotations
@@ -45,12 +47,15 @@ from ditaccel.sampling import sample
 
 
 def stem_of(args) -> str:
-    return (f"peers-{args.sampler}" + ("-quick" if args.quick else "")
+    return (f"peers-{args.sampler}" + (f"-{args.model}" if args.model != "fmnist-dit" else "")
+            + ("-quick" if args.quick else "")
             + (f"-seed{args.seed}" if args.seed else "") + ("-notime" if not args.repeats else ""))
 
 
 def command_of(args) -> str:
     parts = ["python benchmarks/peers.py"]
+    if args.model != "fmnist-dit":
+        parts.append(f"--model {args.model}")
     if args.sampler != "ddim":
         parts.append(f"--sampler {args.sampler}")
     if args.quick:
@@ -69,8 +74,11 @@ def command_of(args) -> str:
 
 
 def describe(out: dict) -> str:
-    return (f"{out['sampler'].upper()}-{out['steps']}, CFG {out['cfg']:g}, bf16, {out['n']} images (seeds "
-            f"{out.get('seed', 0)}..{out.get('seed', 0) + out['n'] - 1}, classes cycled) in batches of {out['batch']}; "
+    model = out.get("model", "fmnist-dit")
+    conds = "classes cycled" if model == "fmnist-dit" else "prompts \"a photo of a <class name>\", classes cycled"
+    return (f"{model}, {out['sampler'].upper()}-{out['steps']}, CFG {out['cfg']:g}, {out.get('dtype', 'bf16')}, "
+            f"{out['n']} images (seeds {out.get('seed', 0)}..{out.get('seed', 0) + out['n'] - 1}, {conds}) "
+            f"in batches of {out['batch']}; "
             f"measured speedup: median of {out['repeats']} back-to-back pairs (full model, method) on one batch of "
             f"{out.get('timed_batch', out['batch'])}; FLOPs counted by torch's FlopCounterMode on the scored run."
             + "".join(f" Rows of {', '.join(m['methods'])} re-measured in a later run (`--only "
@@ -80,6 +88,8 @@ def describe(out: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="fmnist-dit", choices=["fmnist-dit", "fmnist-pixart"])
+    ap.add_argument("--dtype", default="auto", help="auto: bf16 where native, else fp32")
     ap.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"])
     ap.add_argument("--n", type=int, default=None, help="fidelity samples (default 96, quick 16)")
     ap.add_argument("--batch", type=int, default=None, help="images per scored batch (16, quick 8)")
@@ -106,9 +116,12 @@ def main() -> None:
     t0 = time.time()
     from soda import get_profile  # the benchmark's own cached SODA profiles
 
-    pipe = load_pipeline("fmnist-dit", "bf16")
+    from ditaccel.registry import resolve_dtype
+
+    args.dtype = resolve_dtype(args.dtype)
+    pipe = load_pipeline(args.model, args.dtype)
     steps = SAMPLERS[args.sampler][2]
-    prof = get_profile(pipe, args.sampler, steps, args.cfg, 32, False)
+    prof = get_profile(pipe, args.sampler, steps, args.cfg, 32, False, model=args.model)
     cal_labels = [i % 10 for i in range(8)]
     opts = dict(sampler=args.sampler, steps=steps, guidance_scale=args.cfg, progress=False, count_flops=False)
     cal_run = lambda p: sample(p, cal_labels, seed=500_000, batch_size=8, **opts)[0]  # noqa: E731
@@ -130,7 +143,7 @@ def main() -> None:
     methods = args.only.split(",") if args.only else None
     # SODA's calibrated plans depend on the profile and the calibration samples only: kept for the
     # other seed sets and for re-runs (delete runs/plans/ after changing SODA)
-    plan_dir = ROOT / "runs" / "plans" / f"peers-{args.sampler}"
+    plan_dir = ROOT / "runs" / "plans" / (f"peers-{args.sampler}" + (f"-{args.model}" if args.model != "fmnist-dit" else ""))
     entries = method_entries(pipe, steps, methods=methods, quick=args.quick, profile=prof, calibration_run=cal_run,
                              plan_dir=plan_dir)
 
@@ -138,7 +151,7 @@ def main() -> None:
         print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
 
     res = measure(pipe, run, timed, entries, repeats=args.repeats, extra=extra, feature_extractor=fx, on_row=show)
-    out = {"sampler": args.sampler, "steps": steps, "n": args.n, "seed": args.seed, "batch": args.batch,
+    out = {"model": args.model, "dtype": args.dtype, "sampler": args.sampler, "steps": steps, "n": args.n, "seed": args.seed, "batch": args.batch,
            "timed_batch": args.timed_batch, "repeats": args.repeats, "cfg": args.cfg, "quick": args.quick,
            "threads": torch.get_num_threads(), "cpu": machine(), "total_s": time.time() - t0, **res}
     if args.merge:
@@ -154,9 +167,11 @@ def finish(out: dict, stem: str, args) -> None:
     print(table)
     if not out["repeats"]:
         return  # fidelity only: no speed axis to plot
-    plot(out, RESULTS / f"{stem}.png", f"{out['sampler'].upper()}-{out['steps']} on fmnist-dit ({out['n']} images)")
+    model = out.get("model", "fmnist-dit")
+    plot(out, RESULTS / f"{stem}.png", f"{out['sampler'].upper()}-{out['steps']} on {model} ({out['n']} images)")
     if not args.quick and not args.seed:
-        replace_block(f"peers-{args.sampler}", table + f"\n\n![Pareto](benchmarks/results/{stem}.png)")
+        block = f"peers-{args.sampler}" + (f"-{model}" if model != "fmnist-dit" else "")
+        replace_block(block, table + f"\n\n![Pareto](benchmarks/results/{stem}.png)")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Shiva on the bundled model (issue 6): trained artifacts against non-learned token routing.
+"""Shiva on a bundled model (issue 6; ``--model fmnist-mmdit``, the SD3-style text model: issue 7):
+trained artifacts against non-learned token routing.
 
 Methods (every block but the first routes exactly k tokens per (step, layer); the rest skip it):
 - shiva-<keep>: a trained artifact (``scripts/train_shiva_fmnist.sh``: router, adaptive keep-ratio
@@ -18,6 +19,11 @@ results/shiva_keep_map.png.
 
     bash scripts/train_shiva_fmnist.sh          # the artifacts (resumable)
     python benchmarks/shiva.py                  # 64 images, DDIM-50, CFG 3
+    MODEL=fmnist-mmdit bash scripts/train_shiva_fmnist.sh
+    python benchmarks/shiva.py --model fmnist-mmdit   # euler-28; ToMe does not apply (see below)
+
+ToMe (tomesd) patches diffusers' BasicTransformerBlock only (DiT, PixArt); SD3's joint blocks get
+no ToMe row.
 """
 
 from __future__ import annotations
@@ -157,13 +163,15 @@ def keep_map(stems: dict[str, Path], pipe, sampler: str, steps: int, path: Path)
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--artifacts", default=str(ROOT / "runs" / "shiva"), help="folder of keep*/shiva artifacts")
+    ap.add_argument("--model", default="fmnist-dit", choices=["fmnist-dit", "fmnist-pixart", "fmnist-mmdit"])
+    ap.add_argument("--artifacts", default=None,
+                    help="folder of keep*/shiva artifacts (default runs/shiva, runs/shiva-<model> for the others)")
     ap.add_argument("--n", type=int, default=64)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--timed-batch", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--cfg", type=float, default=3.0)
-    ap.add_argument("--sampler", default="ddim", choices=list(SAMPLERS))
+    ap.add_argument("--sampler", default=None, choices=list(SAMPLERS), help="default: the model's own")
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
                     help="fp32 by default: CPUs without native bf16 (no AMX / AVX512-BF16) run bf16 slower")
     ap.add_argument("--only", default=None, help="comma-separated method names")
@@ -175,13 +183,18 @@ def main() -> None:
                     "e.g. 0.8,0.9: the learned ratios shifted to that budget")
     args = ap.parse_args()
     t0 = time.time()
+    pipe = load_pipeline(args.model, args.dtype)
+    from ditaccel.pipeline import default_sampler
+
+    args.sampler = args.sampler or default_sampler(pipe.scheduler)
     steps = SAMPLERS[args.sampler][2]
-    pipe = load_pipeline("fmnist-dit", args.dtype)
-    folder = Path(args.artifacts)
+    tag = "" if args.model == "fmnist-dit" else f"-{args.model}"
+    folder = Path(args.artifacts or ROOT / "runs" / ("shiva" + tag.replace("-fmnist", "")))
+    tomesd_ok = all(type(b).__name__ == "BasicTransformerBlock" for _, b, _ in find_blocks(pipe.transformer))
     stems = {p.parent.name.replace("keep", "shiva-"): p.with_suffix("")
              for p in sorted(folder.glob("keep*/shiva.json"))}
     if not stems:
-        raise SystemExit(f"no Shiva artifacts under {folder}; run scripts/train_shiva_fmnist.sh first")
+        raise SystemExit(f"no Shiva artifacts under {folder}; run MODEL={args.model} scripts/train_shiva_fmnist.sh first")
     labels = [i % 10 for i in range(args.n)]
     opts = dict(sampler=args.sampler, steps=steps, guidance_scale=args.cfg, progress=False, count_flops=False)
     run = lambda p: sample(p, labels, seed=0, batch_size=args.batch, **opts)[0]  # noqa: E731
@@ -196,7 +209,7 @@ def main() -> None:
     for keep in sorted({e.value for e in entries}):
         entries.append(topk_entry(keep, steps))
     chosen = {}
-    if args.repeats:  # ToMe is matched on measured speed
+    if args.repeats and tomesd_ok:  # ToMe is matched on measured speed
         entries += [tome_entry(e, timed, args.tome_probes, chosen)
                     for e in entries if e.family == "shiva" and "@" not in e.method and "fixed" not in e.method]
     if args.only:
@@ -218,7 +231,7 @@ def main() -> None:
                           if k != "ratios"}), flush=True)
 
     res = measure(pipe, run, timed, entries, repeats=args.repeats, extra=extra, feature_extractor=fx, on_row=show)
-    maps, learned, graphs = keep_map(stems, pipe, args.sampler, steps, RESULTS / "shiva_keep_map.png")
+    maps, learned, graphs = keep_map(stems, pipe, args.sampler, steps, RESULTS / f"shiva_keep_map{tag}.png")
     for r in res["rows"]:
         base = r["method"].split("@")[0]
         if base in maps:
@@ -229,11 +242,11 @@ def main() -> None:
         elif r["method"] in chosen:
             r["value"] = chosen[r["method"]]["ratio"]
             r["tome"] = chosen[r["method"]]
-    out = {"sampler": args.sampler, "steps": steps, "n": args.n, "batch": args.batch, "timed_batch": args.timed_batch,
+    out = {"model": args.model, "sampler": args.sampler, "steps": steps, "n": args.n, "batch": args.batch, "timed_batch": args.timed_batch,
            "repeats": args.repeats, "cfg": args.cfg, "dtype": args.dtype, "threads": torch.get_num_threads(),
            "cpu": machine(), "total_s": time.time() - t0, "maps": maps, "compiled_graphs": graphs,
            "artifacts": {k: json.loads(v.with_suffix(".json").read_text())["config"] for k, v in stems.items()}, **res}
-    stem = "shiva" + ("-notime" if not args.repeats else "")
+    stem = "shiva" + tag + ("-notime" if not args.repeats else "")
     if args.merge and (RESULTS / f"{stem}.json").exists():
         from ditaccel.bench import merge
 
@@ -255,16 +268,19 @@ def main() -> None:
         keep = f"merge {r['value']:.3f}" if "tome" in r else f"{r['mean_keep']:.3f}"
         lines.append(f"| {r['method']} | {keep} | {own} | {sp} | {r['speedup_flops']:.2f}x | {r['psnr']:.2f} | "
                      f"{r['ssim']:.4f} | {r['fd_vs_full']:.2f} | {r['fd_vs_test']:.2f} | {r['class_agreement']:.1%} |")
-    lines += ["", f"{args.sampler.upper()}-{steps}, CFG {args.cfg:g}, {args.dtype}, {args.n} images (seeds 0..{args.n - 1}, "
-              f"classes cycled); FD vs real: the first {args.real} test images; measured speedup: median of {args.repeats} back-to-back pairs on {args.timed_batch} "
+    conds = "classes cycled" if args.model == "fmnist-dit" else "prompts \"a photo of a <class name>\", classes cycled"
+    lines += ["", f"{args.model}, {args.sampler.upper()}-{steps}, CFG {args.cfg:g}, {args.dtype}, {args.n} images (seeds 0..{args.n - 1}, "
+              f"{conds}); FD vs real: the first {args.real} test images; measured speedup: median of {args.repeats} back-to-back pairs on {args.timed_batch} "
               f"images, {torch.get_num_threads()} threads, {machine()}. Shiva's ratios get one logit shift so that their mean "
               f"over these steps is the trained target exactly (the policy's own mean is shown beside it); token "
-              f"counts are rounded to multiples of 8. tome~X: ToMe (tomesd; attention and MLP merged in every block) at "
-              f"the merge ratio whose speed came closest to X's in back-to-back pairs ({args.tome_probes} probes, merge "
-              f"ratio at most 0.74; "
-              + ", ".join(f"{k}: merge {v['ratio']:g}, time(Shiva) / time(ToMe) {v['shiva_over_tome_time']:.2f}"
-                          for k, v in chosen.items()) + "). "
-              f"Generated by `python benchmarks/shiva.py`."]
+              f"counts are rounded to multiples of 8. "
+              + (f"tome~X: ToMe (tomesd; attention and MLP merged in every block) at "
+                 f"the merge ratio whose speed came closest to X's in back-to-back pairs ({args.tome_probes} probes, merge "
+                 f"ratio at most 0.74; "
+                 + ", ".join(f"{k}: merge {v['ratio']:g}, time(Shiva) / time(ToMe) {v['shiva_over_tome_time']:.2f}"
+                             for k, v in chosen.items()) + "). " if tomesd_ok else
+                 "No ToMe row: tomesd patches diffusers' BasicTransformerBlock only, not SD3's joint blocks. ")
+              + f"Generated by `python benchmarks/shiva.py{' --model ' + args.model if tag else ''}`."]
     lines += ["", "Rounding the counts to multiples of 8, per artifact: block graphs a compiled generation needs "
               "(distinct token counts, the full one included) and the mean keep as run, against exact counts: "
               + "; ".join(f"{k}: {v['multiple_8']['graphs']} graphs at {v['multiple_8']['mean_keep']:.3f} vs "

@@ -46,8 +46,10 @@ from ditaccel.viz import plot_profile, plot_schedule, save_grid
 PROFILES = ROOT / "runs" / "profiles"
 
 
-def get_profile(pipe, sampler: str, steps: int, cfg: float, samples: int, reprofile: bool) -> Profile:
-    stem = PROFILES / f"fmnist-{sampler}{steps}-cfg{cfg:g}-s{samples}"
+def get_profile(pipe, sampler: str, steps: int, cfg: float, samples: int, reprofile: bool,
+                model: str = "fmnist-dit") -> Profile:
+    tag = "fmnist" if model == "fmnist-dit" else model  # the DiT's profiles keep their old names
+    stem = PROFILES / f"{tag}-{sampler}{steps}-cfg{cfg:g}-s{samples}"
     if stem.with_suffix(".json").exists() and not reprofile:
         prof = Profile.load(stem)
         from ditaccel.io import model_fingerprint

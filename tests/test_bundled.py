@@ -40,3 +40,24 @@ def test_bundled_generate_is_deterministic_and_class_faithful(pipe):
 def test_bundled_classifier_is_accurate():
     x, y = load_fashion_mnist("test")
     assert accuracy(load_classifier_asset(), x[:2000], y[:2000]) >= 0.88
+
+
+@pytest.mark.parametrize("name,cls,sampler", [("fmnist-pixart", "PixArtTransformer2DModel", "ddim"),
+                                              ("fmnist-mmdit", "SD3Transformer2DModel", "euler")])
+def test_bundled_text_models_draw_what_the_prompt_names(name, cls, sampler):
+    from ditaccel import TextPixelPipeline
+
+    pipe = load_pipeline(name, "fp32")
+    assert isinstance(pipe, TextPixelPipeline) and type(pipe.transformer).__name__ == cls
+    cfg = pipe.transformer.config
+    assert (cfg.sample_size // cfg.patch_size) ** 2 >= 196 and cfg.num_layers >= 8
+    size = sum(p.stat().st_size for p in (ASSETS / name).rglob("*") if p.is_file())
+    assert size <= 50 * 2**20
+    prompts = [f"a photo of a {n}" for n in ("T-shirt", "pair of trousers", "pullover", "dress", "coat",
+                                            "sandal", "shirt", "sneaker", "bag", "ankle boot")] * 2
+    a, stats = sample(pipe, prompts, steps=15, guidance_scale=3.0, seed=0, progress=False)
+    assert stats.sampler == sampler and stats.calls == 15
+    b, _ = sample(pipe, prompts[:2], steps=15, guidance_scale=3.0, seed=0, progress=False)
+    assert torch.equal(a[:2], b)
+    # untrained text conditioning would score ~10%: the prompt decides the class
+    assert classifier_agreement(a, torch.tensor(list(range(10)) * 2)) >= 0.7

@@ -68,7 +68,8 @@ def test_metrics_cli(tmp_path, capsys):
 def test_env_lists_versions_and_assets(capsys):
     assert main(["env"]) == 0
     out = capsys.readouterr().out
-    for key in ("torch", "diffusers", "torch threads", "bf16 matmul", "model fmnist-dit"):
+    for key in ("torch", "diffusers", "torch threads", "bf16 matmul", "model fmnist-dit", "model fmnist-pixart",
+                "text encoder"):
         assert key in out
 
 

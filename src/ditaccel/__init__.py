@@ -3,7 +3,7 @@
 from .methods import METHODS, ModelShape, make_plan, model_shape
 from .methods.shiva import ShivaTrainConfig, apply_shiva, load_shiva, remove_shiva, train_shiva
 from .methods.soda import calibrate_soda, plan_soda
-from .pipeline import DiTPixelPipeline, make_scheduler
+from .pipeline import DiTPixelPipeline, TextPixelPipeline, default_sampler, make_scheduler
 from .plan import FULL, REUSE, Plan, PlanError, full_plan
 from .profiling import Profile, ProfileError, profile
 from .registry import load_pipeline
@@ -13,7 +13,7 @@ from .runtime.hooks import RouteCall
 from .runtime.state import PlanMismatch
 from .sampling import RunStats, sample
 
-__all__ = ["DiTPixelPipeline", "make_scheduler", "load_pipeline", "sample", "RunStats",
+__all__ = ["DiTPixelPipeline", "TextPixelPipeline", "make_scheduler", "default_sampler", "load_pipeline", "sample", "RunStats",
            "Plan", "PlanError", "full_plan", "FULL", "REUSE", "make_plan", "model_shape", "ModelShape",
            "METHODS", "apply", "remove", "state_of", "RouteCall", "PlanMismatch", "UnsupportedModel",
            "BLOCKS", "Profile", "ProfileError", "profile", "plan_soda", "calibrate_soda",

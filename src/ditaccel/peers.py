@@ -176,7 +176,9 @@ def attach_peer(pipe, name: str, value: float, num_steps: int, mag_ratios: list[
                 spatial_attention_block_skip_range=int(value), spatial_attention_timestep_skip_range=(-1, 681),
                 unconditional_batch_skip_range=5, unconditional_batch_timestep_skip_range=(-1, 641),
                 attention_weight_callback=lambda _: 0.5,
-                _unconditional_conditional_input_kwargs_identifiers=["hidden_states", "timestep", "class_labels"]))
+                _unconditional_conditional_input_kwargs_identifiers=[
+                    "hidden_states", "timestep", "class_labels", "encoder_hidden_states",
+                    "encoder_attention_mask", "pooled_projections"]))
         elif name == "taylorseer":
             dh.apply_taylorseer_cache(tf, dh.TaylorSeerCacheConfig(
                 cache_identifiers=[r"transformer_blocks\.\d+"], cache_interval=int(value),

@@ -338,7 +338,7 @@ def _flop_key(per_module: dict, fqn: str, root: str) -> str:
 
 
 def profile(pipe, run: Callable[[Any], Any] | None = None, *, num_steps: int | None = None,
-            class_labels: list[int] | None = None, sampler: str = "ddim", steps: int | None = None,
+            class_labels: list[int] | None = None, sampler: str | None = None, steps: int | None = None,
             guidance_scale: float = 3.0, seed: int = 0, batch_size: int = 32,
             intervals: tuple[int, ...] = DEFAULT_INTERVALS, ratios: tuple[float, ...] = DEFAULT_RATIOS,
             token_scores: tuple[str, ...] = TOKEN_SCORES, num_tokens: int | None = None,
@@ -351,7 +351,7 @@ def profile(pipe, run: Callable[[Any], Any] | None = None, *, num_steps: int | N
     ``num_steps`` (its step count); ``description`` goes into the profile's metadata."""
     from .io import model_fingerprint
     from .methods import model_shape
-    from .pipeline import SAMPLERS
+    from .pipeline import SAMPLERS, default_sampler
     from .runtime import apply, remove, state_of
     from .runtime.adapters import block_modules, find_blocks
 
@@ -365,6 +365,7 @@ def profile(pipe, run: Callable[[Any], Any] | None = None, *, num_steps: int | N
     if run is None:
         if not class_labels:
             raise ProfileError("give class_labels to profile (or a run function for other pipelines)")
+        sampler = sampler or default_sampler(pipe.scheduler)
         if sampler not in SAMPLERS:
             raise ProfileError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
         num_steps = SAMPLERS[sampler][2] if steps is None else steps

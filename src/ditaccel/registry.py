@@ -18,6 +18,21 @@ BUNDLED: dict[str, dict] = {
         "about": "class-conditional DiT (adaLN-Zero), 28x28x1 pixels, 196 tokens, 8 layers, "
                  "Fashion-MNIST",
         "class_names": CLASS_NAMES,
+        "train": "ditaccel train-reference",
+    },
+    "fmnist-pixart": {
+        "folder": "fmnist-pixart",
+        "about": "text-to-image PixArt-style DiT (adaLN-single, cross-attention to MiniLM-L6 tokens), "
+                 "28x28x1 pixels, 196 tokens, 8 layers, captioned Fashion-MNIST",
+        "class_names": CLASS_NAMES,
+        "train": "ditaccel train-text-reference --preset fmnist-pixart",
+    },
+    "fmnist-mmdit": {
+        "folder": "fmnist-mmdit",
+        "about": "text-to-image SD3-style MMDiT (joint attention with MiniLM-L6 tokens, pooled text "
+                 "in adaLN, rectified flow), 28x28x1 pixels, 196 tokens, 8 layers, captioned Fashion-MNIST",
+        "class_names": CLASS_NAMES,
+        "train": "ditaccel train-text-reference --preset fmnist-mmdit",
     },
 }
 CLASSIFIER_STEM = ASSETS / "fmnist-classifier"
@@ -56,7 +71,7 @@ def resolve_model(model: str) -> Path:
         path = ASSETS / BUNDLED[model]["folder"]
         if not (path / "model_index.json").is_file():
             raise ModelNotFound(f"bundled model {model!r} is missing from {path}; reinstall "
-                                "ditaccel or run `ditaccel train-reference`")
+                                f"ditaccel or train it: `{BUNDLED[model]['train']}`")
         return path
     path = Path(model)
     if not path.exists():
@@ -74,12 +89,13 @@ def load_pipeline(model: str, dtype: str = "fp32"):
     from diffusers import DiffusionPipeline
     from diffusers.utils import logging as dlogging
 
-    from .pipeline import DiTPixelPipeline
+    from .pipeline import DiTPixelPipeline, TextPixelPipeline
 
     dtype = resolve_dtype(dtype)
     path = resolve_model(model)
     index = json.loads((path / "model_index.json").read_text())
-    cls = DiTPixelPipeline if index.get("_class_name") == DiTPixelPipeline.__name__ else DiffusionPipeline
+    ours = {c.__name__: c for c in (DiTPixelPipeline, TextPixelPipeline)}
+    cls = ours.get(index.get("_class_name"), DiffusionPipeline)
     dlogging.disable_progress_bar()  # a loading bar for two components is noise on the CLI
     try:
         pipe = cls.from_pretrained(str(path), dtype=DTYPES[dtype])

@@ -1,5 +1,7 @@
-"""Sampling any class-conditional DiT pipeline (ours or diffusers' ``DiTPipeline``) with a chosen
-diffusers scheduler, seeded per image, and counting what it cost."""
+"""Sampling a DiT pipeline with a chosen diffusers scheduler, seeded per image, and counting what
+it cost: class-conditional ones (ours, diffusers' ``DiTPipeline``) take class ids, text-conditioned
+ones (``TextPixelPipeline``, anything whose ``__call__`` takes ``prompt``) take prompts, or class
+ids, which become the evaluation prompt naming that Fashion-MNIST class."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .metrics import transformer_flops
-from .pipeline import SAMPLERS, make_scheduler
+from .pipeline import SAMPLERS, default_sampler, make_scheduler
 from .runtime.apply import state_of
 from .runtime.summary import per_step
 
@@ -59,13 +61,56 @@ def generators(seed: int, n: int) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(seed + i) for i in range(n)]
 
 
-def sample(pipe, class_labels, *, sampler: str = "ddim", steps: int | None = None,
+def is_text_pipeline(pipe) -> bool:
+    import inspect
+
+    params = inspect.signature(type(pipe).__call__).parameters
+    return "prompt" in params and "class_labels" not in params
+
+
+def num_classes(pipe) -> int:
+    """How many class ids ``pipe`` takes: a class-conditional DiT's label count, or the ten
+    Fashion-MNIST classes a text pipeline's evaluation prompts name."""
+    if is_text_pipeline(pipe):
+        from .captions import NAMES
+
+        return len(NAMES)
+    n = getattr(pipe.transformer.config, "num_embeds_ada_norm", None)
+    if not n:
+        raise ValueError(f"{type(pipe.transformer).__name__} is neither class- nor text-conditioned")
+    return int(n)
+
+
+def conditions_for(pipe, conditions) -> list:
+    """What ``pipe`` is called with: prompts for a text pipeline (class ids become
+    :func:`ditaccel.captions.eval_prompt`), class ids for a class-conditional one."""
+    conds = list(conditions)
+    if is_text_pipeline(pipe):
+        from .captions import eval_prompt
+
+        return [c if isinstance(c, str) else eval_prompt(int(c)) for c in conds]
+    if any(isinstance(c, str) for c in conds):
+        raise ValueError("this pipeline is class-conditional: give class ids, not prompts")
+    return [int(c) for c in conds]
+
+
+def call_pipe(pipe, conds: list, **kwargs):
+    """``pipe`` called on class ids or prompts (from :func:`conditions_for`)."""
+    if conds and isinstance(conds[0], str):
+        return pipe(prompt=conds, **kwargs)
+    return pipe(class_labels=conds, **kwargs)
+
+
+def sample(pipe, class_labels, *, sampler: str | None = None, steps: int | None = None,
            guidance_scale: float = 1.5, seed: int = 0, batch_size: int = 64,
            progress: bool = True, count_flops: bool = True) -> tuple[torch.Tensor, RunStats]:
-    """Images (N, C, H, W) in [0, 1] for ``class_labels`` and the run's statistics.
+    """Images (N, C, H, W) in [0, 1] for ``class_labels`` (class ids, or prompts for a text
+    pipeline) and the run's statistics.
 
-    The pipeline's scheduler is swapped for ``sampler`` during the call and restored after.
+    The pipeline's scheduler is swapped for ``sampler`` (default: the model's own kind, see
+    :func:`ditaccel.pipeline.default_sampler`) during the call and restored after.
     """
+    sampler = sampler or default_sampler(pipe.scheduler)
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     steps = SAMPLERS[sampler][2] if steps is None else steps
@@ -73,7 +118,7 @@ def sample(pipe, class_labels, *, sampler: str = "ddim", steps: int | None = Non
         raise ValueError(f"steps must be >= 1, got {steps}")
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
-    labels = [int(c) for c in class_labels]
+    labels = conditions_for(pipe, class_labels)
     gens = generators(seed, len(labels))
     original = pipe.scheduler
     pipe.scheduler = make_scheduler(sampler, original.config)
@@ -83,9 +128,9 @@ def sample(pipe, class_labels, *, sampler: str = "ddim", steps: int | None = Non
         t0, c0 = time.perf_counter(), time.process_time()
         for i in tqdm(range(0, len(labels), batch_size), desc=f"{sampler} x{steps}",
                       disable=not progress or len(labels) <= batch_size):
-            res = pipe(class_labels=labels[i:i + batch_size], guidance_scale=guidance_scale,
-                       generator=gens[i:i + batch_size], num_inference_steps=steps,
-                       output_type="np")
+            res = call_pipe(pipe, labels[i:i + batch_size], guidance_scale=guidance_scale,
+                            generator=gens[i:i + batch_size], num_inference_steps=steps,
+                            output_type="np")
             out.append(torch.from_numpy(np.asarray(res.images)).permute(0, 3, 1, 2).float())
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     finally:
@@ -99,8 +144,8 @@ def sample(pipe, class_labels, *, sampler: str = "ddim", steps: int | None = Non
         state.count_flops = True
         try:
             pipe.scheduler = make_scheduler(sampler, original.config)
-            pipe(class_labels=labels[:1], guidance_scale=guidance_scale, generator=gens[:1],
-                 num_inference_steps=steps, output_type="np")
+            call_pipe(pipe, labels[:1], guidance_scale=guidance_scale, generator=gens[:1],
+                      num_inference_steps=steps, output_type="np")
         finally:
             state.count_flops = False
             pipe.scheduler = original

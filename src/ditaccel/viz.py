@@ -44,8 +44,11 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int, scale: int = 2) -> No
 def save_images(images: torch.Tensor, labels, folder: Path) -> None:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    import re
+
     for i, (img, y) in enumerate(zip(images, labels)):
-        save_png(to_pil(img), folder / f"{i:05d}_c{int(y)}.png")
+        tag = f"c{int(y)}" if not isinstance(y, str) else re.sub(r"[^A-Za-z0-9]+", "-", y).strip("-")[:40]
+        save_png(to_pil(img), folder / f"{i:05d}_{tag}.png")
 
 
 def load_images(folder: Path) -> tuple[list[str], torch.Tensor]:

@@ -16,7 +16,8 @@ def add_arguments(p) -> None:
 
     p.add_argument("--model", default="fmnist-dit", help="bundled model name or a diffusers pipeline folder "
                    "(class-conditional: DiTPipeline or ours)")
-    p.add_argument("--sampler", default="ddim", choices=list(SAMPLERS))
+    p.add_argument("--sampler", default=None, choices=list(SAMPLERS),
+                   help="default: the model's kind (ddim; euler for flow-matching models)")
     p.add_argument("--steps", type=int, default=None, help="default: the sampler's")
     p.add_argument("--cfg", type=float, default=3.0, help="guidance scale (default %(default)s)")
     p.add_argument("--classes", default=None, help="class labels to cycle (default: the first ten)")
@@ -58,15 +59,23 @@ def run(args) -> int:
     stray = sorted(set(sweeps) - set(methods))
     if stray:
         raise ValueError(f"--sweep names {', '.join(stray)}, which --methods leaves out")
+    if args.steps is not None and args.steps < 2:
+        raise ValueError(f"--steps must be >= 2, got {args.steps}")
+    args.dtype = resolve_dtype(args.dtype)  # what ran is recorded, not 'auto'
+    pipe = load_pipeline(args.model, args.dtype)
+    from ..pipeline import default_sampler, make_scheduler
+    from ..sampling import num_classes as classes_of
+
+    args.sampler = args.sampler or default_sampler(pipe.scheduler)
+    make_scheduler(args.sampler, pipe.scheduler.config)  # a sampler that does not fit fails here
     steps = args.steps or SAMPLERS[args.sampler][2]
     if steps < 2:
         raise ValueError(f"--steps must be >= 2, got {steps}")
-    args.dtype = resolve_dtype(args.dtype)  # what ran is recorded, not 'auto'
-    pipe = load_pipeline(args.model, args.dtype)
-    num_classes = int(getattr(pipe.transformer.config, "num_embeds_ada_norm", 0) or 0)
-    if not num_classes:
-        raise ValueError(f"{args.model} is not class-conditional (no num_embeds_ada_norm); benchmark a "
-                         "text-to-image pipeline in Python with ditaccel.bench.measure(pipe, run, timed, entries)")
+    try:
+        num_classes = classes_of(pipe)
+    except ValueError:
+        raise ValueError(f"{args.model} is neither class- nor text-conditioned; benchmark it in Python "
+                         "with ditaccel.bench.measure(pipe, run, timed, entries)") from None
     classes = _classes(args.classes, num_classes)
     opts = dict(sampler=args.sampler, steps=steps, guidance_scale=args.cfg, progress=False, count_flops=False)
     labels = [classes[i % len(classes)] for i in range(args.n)]

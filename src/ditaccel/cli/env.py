@@ -68,6 +68,12 @@ def run(args) -> int:
         path = ASSETS / info["folder"]
         ok = (path / "model_index.json").is_file()
         rows.append((f"model {name}", f"{path} ({'ok' if ok else 'MISSING'})"))
+    try:
+        from ..text import text_encoder_path
+
+        rows.append(("text encoder", f"{text_encoder_path()} (MiniLM-L6)"))
+    except RuntimeError as e:
+        rows.append(("text encoder", f"MISSING: {e}"))
     cls = CLASSIFIER_STEM.with_name(CLASSIFIER_STEM.name + ".safetensors")
     rows.append(("classifier", f"{cls} ({'ok' if cls.is_file() else 'MISSING'})"))
     try:

@@ -1,11 +1,11 @@
-"""``ditaccel generate``: sample a class-conditional DiT pipeline and save a grid (and stats)."""
+"""``ditaccel generate``: sample a class- or text-conditional DiT pipeline and save a grid (and stats)."""
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
 
-HELP = "generate class-conditional samples with a diffusers sampler; save a grid and stats"
+HELP = "generate samples for classes or prompts with a diffusers sampler; save a grid and stats"
 
 
 def add_arguments(p) -> None:
@@ -14,12 +14,16 @@ def add_arguments(p) -> None:
 
     p.add_argument("--model", default="fmnist-dit",
                    help="bundled model name or a local diffusers pipeline folder (default %(default)s)")
-    p.add_argument("--sampler", default="ddim", choices=list(SAMPLERS))
+    p.add_argument("--sampler", default=None, choices=list(SAMPLERS),
+                   help="default: the model's kind (ddim; euler for flow-matching models)")
     p.add_argument("--steps", type=int, default=None,
-                   help="sampling steps (default: ddim 50, ddpm 250, dpm++ 20)")
+                   help="sampling steps (default: ddim 50, ddpm 250, dpm++ 20, euler 28)")
     p.add_argument("--cfg", type=float, default=1.5, help="classifier-free guidance scale (1 = off)")
     p.add_argument("--classes", default="0,1,2,3,4,5,6,7,8,9",
-                   help="comma-separated class ids; one grid row per class")
+                   help="comma-separated class ids; one grid row per class (text models: the prompt "
+                        "'a photo of a <class name>')")
+    p.add_argument("--prompt", action="append", default=None,
+                   help="text models: a prompt (repeat for several); one grid row per prompt, instead of --classes")
     p.add_argument("--n", type=int, default=8, help="images per class (default %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=64)
@@ -120,9 +124,20 @@ def run(args) -> int:
         raise ValueError(f"--out must name a .png file, got {args.out}")
     args.dtype = resolve_dtype(args.dtype)  # what ran is recorded, not 'auto'
     pipe = load_pipeline(args.model, args.dtype)
-    num_classes = int(pipe.transformer.config.num_embeds_ada_norm)
-    classes = parse_classes(args.classes, num_classes)
-    labels = [c for c in classes for _ in range(args.n)]
+    from ..pipeline import default_sampler, make_scheduler
+    from ..sampling import is_text_pipeline, num_classes as classes_of
+
+    args.sampler = args.sampler or default_sampler(pipe.scheduler)
+    make_scheduler(args.sampler, pipe.scheduler.config)  # a sampler that does not fit fails here
+    if args.prompt is not None:
+        if not is_text_pipeline(pipe):
+            raise ValueError(f"{args.model} is class-conditional: use --classes, not --prompt")
+        if not all(p.strip() for p in args.prompt):
+            raise ValueError("--prompt is empty; give the text to draw, e.g. --prompt 'a dark coat'")
+        rows = list(args.prompt)
+    else:
+        rows = parse_classes(args.classes, classes_of(pipe))
+    labels = [c for c in rows for _ in range(args.n)]
     pipe.set_progress_bar_config(disable=False, leave=False)
     plan = build_plan(args, pipe)
     shiva = None

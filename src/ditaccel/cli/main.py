@@ -18,6 +18,7 @@ COMMANDS = {
     "train-reference": train.Reference,
     "train-classifier": train.Classifier,
     "train-shiva": train.Shiva,
+    "train-text-reference": train.TextReference,
 }
 
 

@@ -23,7 +23,8 @@ class Profile:
         from ..registry import DTYPES
 
         p.add_argument("--model", default="fmnist-dit", help="bundled model name or a diffusers folder")
-        p.add_argument("--sampler", default="ddim", choices=list(SAMPLERS))
+        p.add_argument("--sampler", default=None, choices=list(SAMPLERS),
+                       help="default: the model's kind (ddim; euler for flow-matching models)")
         p.add_argument("--steps", type=int, default=None, help="default: the sampler's")
         p.add_argument("--cfg", type=float, default=3.0, help="guidance scale (default %(default)s)")
         p.add_argument("--samples", type=int, default=32, help="trajectories (classes cycled; default %(default)s)")
@@ -52,7 +53,9 @@ class Profile:
         scores = tuple(s.strip() for s in args.token_scores.split(",") if s.strip())
         args.dtype = resolve_dtype(args.dtype)  # what ran is recorded, not 'auto'
         pipe = load_pipeline(args.model, args.dtype)
-        num_classes = int(pipe.transformer.config.num_embeds_ada_norm)
+        from ..sampling import num_classes as classes_of
+
+        num_classes = classes_of(pipe)
         labels = [i % num_classes for i in range(args.samples)]
         prof = profile(pipe, class_labels=labels, sampler=args.sampler, steps=args.steps,
                        guidance_scale=args.cfg, seed=args.seed, batch_size=args.batch_size,

@@ -60,7 +60,8 @@ class Classifier:
 
 
 class Shiva:
-    HELP = "train Shiva's token router and keep-ratio policy (and adapters) on a frozen DiT"
+    HELP = ("train Shiva's token router and keep-ratio policy (and adapters) on a frozen DiT "
+            "(class-conditional, or a bundled text model: captions as it was trained)")
 
     @staticmethod
     def add_arguments(p) -> None:
@@ -68,8 +69,9 @@ class Shiva:
 
         d = ShivaTrainConfig()
         p.add_argument("--model", default="fmnist-dit",
-                       help="bundled model name or a diffusers DiT pipeline folder trained on Fashion-MNIST "
-                            "(28x28x1, 10 classes; the training data) (default %(default)s)")
+                       help="bundled model name or a diffusers pipeline folder trained on Fashion-MNIST "
+                            "(28x28x1; 10 classes, or captions for text models; the training data) "
+                            "(default %(default)s)")
         p.add_argument("--keep", type=float, default=d.keep, help="target mean keep ratio of the routed blocks")
         p.add_argument("--out", required=True,
                        help="run folder: checkpoint.{safetensors,json} (resumed when present) and the "
@@ -98,18 +100,65 @@ class Shiva:
             stages = []
         if len(stages) != 3:
             raise ValueError(f"--stage-steps takes three integers like 150,150,150, got {args.stage_steps!r}")
-        cfg = ShivaTrainConfig(keep=args.keep, adaptive=not args.fixed_ratio, warmup_steps=stages[0],
+        from ..pipeline import is_flow_config
+        from ..sampling import is_text_pipeline
+
+        pipe = load_pipeline(args.model, "fp32")
+        cfg = ShivaTrainConfig(keep=args.keep, objective="flow" if is_flow_config(pipe.scheduler.config) else "epsilon", adaptive=not args.fixed_ratio, warmup_steps=stages[0],
                                policy_steps=stages[1], joint_steps=stages[2], adapter=args.adapter,
                                adapter_rank=args.adapter_rank, batch_size=args.batch_size, seed=args.seed,
                                ckpt_every=args.ckpt_every)
-        pipe = load_pipeline(args.model, "fp32")
         tf = pipe.transformer
-        shape = (tf.config.in_channels, tf.config.sample_size, getattr(tf.config, "num_embeds_ada_norm", None))
+        text = is_text_pipeline(pipe)
+        shape = (tf.config.in_channels, tf.config.sample_size,
+                 10 if text else getattr(tf.config, "num_embeds_ada_norm", None))
         if shape != (1, 28, 10):
             raise ValueError(f"{args.model}: train-shiva trains on Fashion-MNIST, so the model must take 28x28x1 "
-                             f"images with 10 classes (this one: {shape[0]} channels, size {shape[1]}, "
+                             f"images with 10 classes or captions (this one: {shape[0]} channels, size {shape[1]}, "
                              f"{shape[2]} classes)")
         stem = train_shiva(tf, args.out, cfg, load_fashion_mnist("train"), stop_after=args.stop_after)
         print(f"{'checkpoint' if stem.name == 'checkpoint' else 'Shiva artifact'} written to {stem}"
               f".{{safetensors,json}}")
+        return 0
+
+
+class TextReference:
+    HELP = ("train (or resume) a bundled text-conditioned model (fmnist-pixart: PixArt-style "
+            "cross-attention; fmnist-mmdit: SD3-style joint attention, rectified flow) on captioned "
+            "Fashion-MNIST with MiniLM-L6 text embeddings")
+
+    @staticmethod
+    def add_arguments(p) -> None:
+        from ..models.text_reference import PRESETS, TextTrainConfig
+
+        d = TextTrainConfig()
+        p.add_argument("--preset", required=True, choices=sorted(PRESETS))
+        p.add_argument("--out", default=None,
+                       help="run folder: checkpoint.{safetensors,json} (resumed when present) and "
+                            "pipeline/ (default runs/PRESET)")
+        p.add_argument("--export", default=None,
+                       help="where to write the final diffusers pipeline folder (default OUT/pipeline)")
+        p.add_argument("--steps", type=int, default=d.steps)
+        p.add_argument("--batch-size", type=int, default=d.batch_size)
+        p.add_argument("--lr", type=float, default=d.lr)
+        p.add_argument("--warm-start", default=d.warm_start,
+                       help="class-conditional DiT to start from (bundled name or folder), or 'none' "
+                            "(default %(default)s)")
+        p.add_argument("--seed", type=int, default=d.seed)
+        p.add_argument("--ckpt-every", type=int, default=d.ckpt_every)
+        p.add_argument("--stop-after", type=int, default=None,
+                       help="stop after this many more steps (a checkpoint); run again to resume")
+
+    @staticmethod
+    def run(args) -> int:
+        from ..models.text_reference import TextTrainConfig, train_text_reference
+
+        warm = None if str(args.warm_start).lower() == "none" else args.warm_start
+        cfg = TextTrainConfig(preset=args.preset, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                              warm_start=warm, seed=args.seed, ckpt_every=args.ckpt_every)
+        if args.stop_after is not None and args.stop_after < 1:
+            raise ValueError(f"--stop-after must be >= 1, got {args.stop_after}")
+        path = train_text_reference(args.out or f"runs/{args.preset}", cfg, export_to=args.export,
+                                    stop_after=args.stop_after)
+        print(f"{'checkpoint' if path.name == 'checkpoint' else 'pipeline'} written to {path}")
         return 0

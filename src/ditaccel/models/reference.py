@@ -146,18 +146,15 @@ def _load_checkpoint(path: Path, model, ema, opt, cfg: TrainConfig) -> tuple[int
     return int(meta["step"]), list(meta["log"])
 
 
-def export_pipeline(transformer: DiTTransformer2DModel, out: Path, training: dict | None = None) -> Path:
-    """Save a diffusers pipeline folder (model_index.json, transformer/, scheduler/, and
-    ``training.json`` with the recipe and loss log when given); the folder is assembled beside
-    ``out`` and renamed into place so it is never half-written."""
+def save_pipeline_atomic(pipe, out: Path, training: dict | None = None) -> Path:
+    """Save a diffusers pipeline folder (model_index.json, its components, and ``training.json``
+    with the recipe and loss log when given); the folder is assembled beside ``out`` and renamed
+    into place so it is never half-written."""
     import shutil
     import tempfile
 
-    from ..pipeline import DiTPixelPipeline
-
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    pipe = DiTPixelPipeline(transformer=transformer.eval(), scheduler=DDIMScheduler(**NOISE_SCHEDULE))
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         tmp.chmod(0o755)  # mkdtemp makes 0700
@@ -174,6 +171,14 @@ def export_pipeline(transformer: DiTTransformer2DModel, out: Path, training: dic
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def export_pipeline(transformer: DiTTransformer2DModel, out: Path, training: dict | None = None) -> Path:
+    """Save the reference DiT as a ``DiTPixelPipeline`` folder (see :func:`save_pipeline_atomic`)."""
+    from ..pipeline import DiTPixelPipeline
+
+    pipe = DiTPixelPipeline(transformer=transformer.eval(), scheduler=DDIMScheduler(**NOISE_SCHEDULE))
+    return save_pipeline_atomic(pipe, out, training)
 
 
 def train_reference(out_dir: str | Path, cfg: TrainConfig, export_to: str | Path | None = None,

@@ -1,9 +1,12 @@
-"""Shiva training (section 4 of ``shared/papers/SHIVA-DIT.md``) on a frozen class-conditional DiT.
+"""Shiva training (section 4 of ``shared/papers/SHIVA-DIT.md``) on a frozen DiT: class-conditional
+(``DiTTransformer2DModel``) or text-conditioned (PixArt, SD3: the bundled text models, captions from
+:mod:`ditaccel.captions` encoded by MiniLM-L6, as they were trained).
 
 Loss per batch: ``L = L_diff + lambda_b L_budget + lambda_d L_distill``
 
-- ``L_diff``: the model's own diffusion loss (epsilon prediction, Min-SNR weights, as the
-  reference recipe) with every block but the first routed through the differentiable top-k;
+- ``L_diff``: the model's own diffusion loss (epsilon prediction with Min-SNR weights, as the
+  reference recipe, or rectified flow's velocity for flow-matching models, ``objective="flow"``)
+  with every block but the first routed through the differentiable top-k;
 - ``L_distill``: ``||LN(h_student) - LN(h_teacher)||^2`` after every ``distill_every``-th block plus
   the squared error of the output, teacher = the same frozen model run in full (adapters off);
 - ``L_budget``: the EMA budget loss of :class:`.policy.Budget` (stages 2 and 3).
@@ -67,8 +70,9 @@ class ShivaTrainConfig:
     tau_sel: tuple[float, float] = (0.1, 0.05)
     ratio_groups: int = 3
     multiple: int = 8               # token counts rounded to a multiple of this (few shapes)
-    label_dropout: float = 0.1
+    label_dropout: float = 0.1      # class label or caption dropped (classifier-free guidance)
     min_snr_gamma: float = 5.0
+    objective: str = "epsilon"      # or "flow" (rectified flow, SD3): what the frozen model predicts
     grad_clip: float = 1.0
     seed: int = 0
     ckpt_every: int = 25
@@ -86,6 +90,8 @@ class ShivaTrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.adapter not in ADAPTERS:
             raise ValueError(f"adapter must be one of {', '.join(ADAPTERS)}, got {self.adapter!r}")
+        if self.objective not in ("epsilon", "flow"):
+            raise ValueError(f"objective must be 'epsilon' or 'flow', got {self.objective!r}")
         if self.batch_size < self.ratio_groups:
             raise ValueError(f"batch_size ({self.batch_size}) must be at least ratio_groups ({self.ratio_groups})")
 
@@ -172,11 +178,19 @@ class ShivaTrainer:
 
         from ...models.reference import NOISE_SCHEDULE
 
-        if type(transformer).__name__ != "DiTTransformer2DModel":
-            raise ValueError(f"train-shiva trains on class-conditional DiTs (DiTTransformer2DModel); got "
-                             f"{type(transformer).__name__} (text-conditioned models come with their training data)")
+        from ...pipeline import TEXT_CALLS
+
+        name = type(transformer).__name__
+        if name != "DiTTransformer2DModel" and name not in TEXT_CALLS:
+            raise ValueError(f"train-shiva trains DiTTransformer2DModel (class labels) or "
+                             f"{', '.join(TEXT_CALLS)} (captions); got {name}")
         self.cfg, self.transformer = cfg, transformer
         self.x, self.y = data
+        self.bank = None
+        if name in TEXT_CALLS:
+            from ...models.text_reference import CaptionBank
+
+            self.bank = CaptionBank(self.x, self.y)
         if self.x.shape[0] < cfg.batch_size:
             raise ValueError(f"the data has {self.x.shape[0]} images, fewer than batch_size={cfg.batch_size}")
         self.fingerprint = io.model_fingerprint(transformer)  # of the base model, before adapters
@@ -215,9 +229,14 @@ class ShivaTrainer:
             h.remove()
 
     # -- one step -------------------------------------------------------------------------------
-    def _forward(self, xt, t, labels):
+    def _forward(self, xt, t, cond):
         self._hidden = {}
-        out = self.transformer(xt, timestep=t, class_labels=labels).sample
+        if self.bank is None:
+            out = self.transformer(xt, timestep=t, class_labels=cond).sample
+        else:
+            from ...pipeline import text_call_kwargs
+
+            out = self.transformer(xt, timestep=t, **text_call_kwargs(self.transformer, cond)).sample
         return out, dict(self._hidden)
 
     def loss(self, step: int) -> tuple[torch.Tensor, dict]:
@@ -230,9 +249,18 @@ class ShivaTrainer:
         b = x0.shape[0]
         t = stratified_timesteps(b, self.noise_sched.config.num_train_timesteps, gen)
         noise = torch.randn(x0.shape, generator=gen)
-        drop = torch.rand(b, generator=gen) < cfg.label_dropout
-        labels = torch.where(drop, self.transformer.config.num_embeds_ada_norm, labels)
-        xt = self.noise_sched.add_noise(x0, noise, t)
+        if self.bank is None:
+            drop = torch.rand(b, generator=gen) < cfg.label_dropout
+            labels = torch.where(drop, self.transformer.config.num_embeds_ada_norm, labels)
+        else:  # "labels" become the drawn captions' embeddings (the empty caption when dropped)
+            labels = self.bank.emb.index(self.bank.draw(idx, cfg.label_dropout, gen))
+        if cfg.objective == "epsilon":
+            xt, target = self.noise_sched.add_noise(x0, noise, t), noise
+        else:  # rectified flow: x_t = (1 - s) x0 + s noise, velocity noise - x0, timestep s * T
+            s = (t.double() + 0.5) / self.noise_sched.config.num_train_timesteps
+            xt = ((1 - s).view(-1, 1, 1, 1) * x0 + s.view(-1, 1, 1, 1) * noise).float()
+            target = noise - x0
+            t = (s * self.noise_sched.config.num_train_timesteps).float()
         group = group_ratios(cfg, b, gen) if stage == 1 else None
         routing = self.routing
         with torch.no_grad():  # the teacher: the frozen model in full
@@ -251,10 +279,13 @@ class ShivaTrainer:
         routing.noise_std = cfg.score_noise if stage < 3 else 0.0
         routing.tau_rank, routing.tau_sel = cfg.temperatures(step)
         pred, hidden = self._forward(xt, t, labels)
-        per_sample = (pred.float() - noise).pow(2).mean(dim=(1, 2, 3))
-        alphas = self.noise_sched.alphas_cumprod[t]
-        snr = alphas / (1 - alphas)
-        l_diff = (snr.clamp(max=cfg.min_snr_gamma) / snr * per_sample).mean()
+        per_sample = (pred.float() - target).pow(2).mean(dim=(1, 2, 3))
+        if cfg.objective == "epsilon":
+            alphas = self.noise_sched.alphas_cumprod[t]
+            snr = alphas / (1 - alphas)
+            l_diff = (snr.clamp(max=cfg.min_snr_gamma) / snr * per_sample).mean()
+        else:
+            l_diff = per_sample.mean()
         l_distill = (pred.float() - teacher.float()).pow(2).mean()
         for layer in self.distilled:
             hs, ht = hidden[layer].float(), teacher_hidden[layer].float()
