@@ -37,3 +37,22 @@ def replace_block(name: str, text: str, readme: Path = ROOT / "README.md") -> No
     if not pattern.search(src):
         raise SystemExit(f"README.md has no <!-- {name}:begin/end --> block")
     readme.write_text(pattern.sub(lambda m: m.group(1) + text.rstrip() + "\n" + m.group(2), src))
+
+
+def real_test_features(fx, n: int = 10_000):
+    """EfficientNet-lite0 features of the first ``n`` Fashion-MNIST test images, kept under
+    runs/cache/ (safetensors) so that benchmark runs on a slow machine compute them once."""
+    from safetensors.torch import load_file, save_file
+
+    from ditaccel.data import load_fashion_mnist
+
+    path = ROOT / "runs" / "cache" / f"fmnist-test-features-{n}.safetensors"
+    if path.exists():
+        return load_file(path)["features"]
+    x_test, _ = load_fashion_mnist("test")
+    feats = fx((x_test[:n] + 1) / 2)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({"features": feats.contiguous()}, tmp)
+    tmp.replace(path)
+    return feats

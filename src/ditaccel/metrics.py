@@ -79,6 +79,9 @@ class FeatureExtractor:
         self.net.load_state_dict(state)
         self.net.eval()
         self.batch_size = batch_size
+        from .registry import native_bf16
+
+        self.bf16 = native_bf16()
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
@@ -89,7 +92,9 @@ class FeatureExtractor:
                 x = x.expand(-1, 3, -1, -1)
             x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
             x = (x - 0.5) / 0.5  # EfficientNet-lite was trained on inputs scaled to [-1, 1]
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            # bf16 where the CPU has it natively (AMX / AVX512-BF16); elsewhere it is emulated and
+            # several times slower than fp32
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
                 f = self.net.extract_features(x)
             out.append(f.float().mean(dim=(2, 3)))
         return torch.cat(out)

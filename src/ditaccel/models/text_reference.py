@@ -278,6 +278,17 @@ def export_text_pipeline(transformer, preset: str, out: Path, training: dict | N
     return save_pipeline_atomic(pipe, Path(out), training)
 
 
+def command_of(cfg: TextTrainConfig) -> str:
+    """The CLI command that reproduces ``cfg`` (options left at their defaults are omitted)."""
+    d = TextTrainConfig(preset=cfg.preset)
+    flags = {"steps": "--steps", "batch_size": "--batch-size", "lr": "--lr", "warm_start": "--warm-start",
+             "seed": "--seed"}
+    parts = [f"ditaccel train-text-reference --preset {cfg.preset}"]
+    parts += [f"{flag} {getattr(cfg, k) if getattr(cfg, k) is not None else 'none'}"
+              for k, flag in flags.items() if getattr(cfg, k) != getattr(d, k)]
+    return " ".join(parts)
+
+
 def train_text_reference(out_dir: str | Path, cfg: TextTrainConfig, export_to: str | Path | None = None,
                          progress: bool = True, stop_after: int | None = None) -> Path:
     """Train (or resume) a text-conditioned reference model; returns the exported pipeline
@@ -331,5 +342,5 @@ def train_text_reference(out_dir: str | Path, cfg: TextTrainConfig, export_to: s
     if step < cfg.steps:
         return ckpt
     training = {"train_config": asdict(cfg), "log": log, "fresh_parameters": fresh,
-                "command": f"ditaccel train-text-reference --preset {cfg.preset}"}
+                "command": command_of(cfg)}
     return export_text_pipeline(ema, cfg.preset, Path(export_to) if export_to else out_dir / "pipeline", training)
