@@ -71,7 +71,10 @@ def test_bad_labels_and_scheduler_restored(tiny_pipe):
         sample(tiny_pipe, [9], steps=2, progress=False)
     assert tiny_pipe.scheduler is before
     with pytest.raises(ValueError, match="unknown sampler"):
+        sample(tiny_pipe, [0], sampler="heun", progress=False)
+    with pytest.raises(ValueError, match="does not fit this model"):  # a flow sampler on an epsilon model
         sample(tiny_pipe, [0], sampler="euler", progress=False)
+    assert tiny_pipe.scheduler is before
 
 
 def test_bf16_transformer_keeps_float32_sample(tiny_pipe):
