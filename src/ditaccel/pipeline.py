@@ -115,16 +115,19 @@ class DiTPixelPipeline(DiffusionPipeline):
                 out = uncond + guidance_scale * (cond - uncond)
             sample = self.scheduler.step(out, t, sample, generator=generator).prev_sample
 
-        images = (sample / 2 + 0.5).clamp(0, 1)
         self.maybe_free_model_hooks()
-        if output_type == "pt":
-            result = images
-        else:
-            arr = images.permute(0, 2, 3, 1).cpu().numpy()
-            result = arr if output_type == "np" else numpy_to_pil(arr)
-        if not return_dict:
-            return (result,)
-        return ImagePipelineOutput(images=result)
+        return images_output(sample, output_type, return_dict)
+
+
+def images_output(sample: torch.Tensor, output_type: str, return_dict: bool):
+    """A pixel sample in [-1, 1] as the pipeline's output: "pt" tensor, "np" array or PIL images."""
+    images = (sample / 2 + 0.5).clamp(0, 1)
+    if output_type == "pt":
+        result = images
+    else:
+        arr = images.permute(0, 2, 3, 1).cpu().numpy()
+        result = arr if output_type == "np" else numpy_to_pil(arr)
+    return ImagePipelineOutput(images=result) if return_dict else (result,)
 
 
 def numpy_to_pil(arr: np.ndarray) -> list[Image.Image]:
@@ -251,14 +254,6 @@ class TextPixelPipeline(DiffusionPipeline):
             step_kwargs = {} if flow else {"generator": generator}
             sample = self.scheduler.step(out, t, sample, **step_kwargs).prev_sample
 
-        images = (sample / 2 + 0.5).clamp(0, 1)
         self.maybe_free_model_hooks()
-        if output_type == "pt":
-            result = images
-        else:
-            arr = images.permute(0, 2, 3, 1).cpu().numpy()
-            result = arr if output_type == "np" else numpy_to_pil(arr)
-        if not return_dict:
-            return (result,)
-        return ImagePipelineOutput(images=result)
+        return images_output(sample, output_type, return_dict)
 

@@ -123,20 +123,34 @@ def diffusion_loss(model, x0, labels, cfg: TrainConfig, noise_sched: DDPMSchedul
     return (weight * per_sample).mean()
 
 
-def _save_checkpoint(path: Path, model, ema, opt, step: int, cfg: TrainConfig, log: list) -> None:
+def train_update(model, ema, opt, loss: torch.Tensor, cfg, step: int) -> None:
+    """One optimiser step (clipped gradients) and the EMA update with the warm-up decay."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    opt.step()
+    decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+    with torch.no_grad():
+        for pe, pm in zip(ema.parameters(), model.parameters()):
+            pe.lerp_(pm, 1 - decay)
+
+
+def _save_checkpoint(path: Path, model, ema, opt, step: int, cfg, log: list,
+                     kind: str = "reference-checkpoint") -> None:
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
     opt_tensors, groups = io.optimizer_tensors(opt)
     tensors.update(opt_tensors)
-    io.save_artifact(path, "reference-checkpoint", tensors,
+    io.save_artifact(path, kind, tensors,
                      {"step": step, "train_config": asdict(cfg), "param_groups": groups,
                       "log": log})
 
 
-def _load_checkpoint(path: Path, model, ema, opt, cfg: TrainConfig) -> tuple[int, list]:
-    tensors, meta = io.load_artifact(path, "reference-checkpoint")
+def _load_checkpoint(path: Path, model, ema, opt, cfg, kind: str = "reference-checkpoint",
+                     keys: tuple[str, ...] = ("preset", "batch_size", "seed")) -> tuple[int, list]:
+    tensors, meta = io.load_artifact(path, kind)
     saved = meta["train_config"]
-    for key in ("preset", "batch_size", "seed"):
+    for key in keys:
         if saved[key] != getattr(cfg, key):
             raise ValueError(f"checkpoint {path} was trained with {key}={saved[key]!r}, not "
                              f"{getattr(cfg, key)!r}; pass the same value or a new --out")
@@ -211,14 +225,7 @@ def train_reference(out_dir: str | Path, cfg: TrainConfig, export_to: str | Path
         for g in opt.param_groups:
             g["lr"] = _lr_at(cfg, step)
         loss = diffusion_loss(model, x_all[idx], y_all[idx], cfg, noise_sched, gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for pe, pm in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(pm, 1 - decay)
+        train_update(model, ema, opt, loss, cfg, step)
         step += 1
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         bar.update(1)

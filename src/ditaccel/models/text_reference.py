@@ -29,11 +29,11 @@ from diffusers import (DDIMScheduler, DDPMScheduler, DiTTransformer2DModel,
                        SD3Transformer2DModel)
 from tqdm.auto import tqdm
 
-from .. import io
 from ..captions import brightness_tertiles, caption_table
 from ..data import load_fashion_mnist
 from ..text import HIDDEN, TextEmbeddings, encode, load_text_encoder
-from .reference import NOISE_SCHEDULE, _batch_indices, _lr_at
+from .reference import (NOISE_SCHEDULE, _batch_indices, _load_checkpoint, _lr_at, _save_checkpoint,
+                        train_update)
 
 FLOW_SCHEDULE = dict(num_train_timesteps=1000, shift=1.0)
 
@@ -241,26 +241,8 @@ def text_diffusion_loss(model, x0, emb: TextEmbeddings, cfg: TextTrainConfig, ge
     return F.mse_loss(pred.float(), noise - x0)
 
 
-def _save(path: Path, model, ema, opt, step: int, cfg: TextTrainConfig, log: list) -> None:
-    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-    tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
-    opt_tensors, groups = io.optimizer_tensors(opt)
-    tensors.update(opt_tensors)
-    io.save_artifact(path, "text-reference-checkpoint", tensors,
-                     {"step": step, "train_config": asdict(cfg), "param_groups": groups, "log": log})
-
-
-def _load(path: Path, model, ema, opt, cfg: TextTrainConfig) -> tuple[int, list]:
-    tensors, meta = io.load_artifact(path, "text-reference-checkpoint")
-    saved = meta["train_config"]
-    for key in ("preset", "batch_size", "seed", "warm_start"):
-        if saved[key] != getattr(cfg, key):
-            raise ValueError(f"checkpoint {path} was trained with {key}={saved[key]!r}, not "
-                             f"{getattr(cfg, key)!r}; pass the same value or a new --out")
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
-    io.load_optimizer(opt, tensors, meta["param_groups"])
-    return int(meta["step"]), list(meta["log"])
+CHECKPOINT_KIND = "text-reference-checkpoint"
+RESUME_KEYS = ("preset", "batch_size", "seed", "warm_start")
 
 
 def default_scheduler(preset: str):
@@ -308,7 +290,7 @@ def train_text_reference(out_dir: str | Path, cfg: TextTrainConfig, export_to: s
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     step, log = 0, []
     if ckpt.with_suffix(".json").exists():
-        step, log = _load(ckpt, model, ema, opt, cfg)
+        step, log = _load_checkpoint(ckpt, model, ema, opt, cfg, CHECKPOINT_KIND, RESUME_KEYS)
     x_all, y_all = load_fashion_mnist("train")
     bank = CaptionBank(x_all, y_all)
     noise_sched = DDPMScheduler(**NOISE_SCHEDULE)
@@ -323,21 +305,14 @@ def train_text_reference(out_dir: str | Path, cfg: TextTrainConfig, export_to: s
             g["lr"] = _lr_at(cfg, step)
         emb = bank.emb.index(bank.draw(idx, cfg.caption_dropout, gen))
         loss = text_diffusion_loss(model, x_all[idx], emb, cfg, gen, noise_sched)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for pe, pm in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(pm, 1 - decay)
+        train_update(model, ema, opt, loss, cfg, step)
         step += 1
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         bar.update(1)
         bar.set_postfix(loss=f"{running:.4f}", lr=f"{_lr_at(cfg, step - 1):.2e}")
         if step % cfg.ckpt_every == 0 or step == end:
             log.append({"step": step, "loss": round(running, 5), "elapsed_s": round(time.time() - t0, 1)})
-            _save(ckpt, model, ema, opt, step, cfg, log)
+            _save_checkpoint(ckpt, model, ema, opt, step, cfg, log, CHECKPOINT_KIND)
     bar.close()
     if step < cfg.steps:
         return ckpt
