@@ -27,7 +27,7 @@ def test_wrong_schema_version_and_garbage(tmp_path):
     io.save_artifact(tmp_path / "p", "profile", {"a": torch.zeros(3)}, {})
     meta = json.loads((tmp_path / "p.json").read_text())
     meta["schema_version"] = 999
-    (tmp_path / "p.json").write_text(json.dumps(meta))
+    io.write_tensors(tmp_path / "p.safetensors", {"a": torch.zeros(3)}, {io.META_KEY: json.dumps(meta)})
     with pytest.raises(io.ArtifactError, match="schema version 999"):
         io.load_artifact(tmp_path / "p", "profile")
     (tmp_path / "g.json").write_text("{not json")

@@ -164,7 +164,10 @@ def test_artifact_refusals(trained, tmp_path):
     with pytest.raises(io.ArtifactError, match="keep-ratio table"):
         load_shiva(bad, tiny_dit())
     (tmp_path / "junk.json").write_text("{not json")
-    with pytest.raises(io.ArtifactError, match="not valid JSON"):
+    with pytest.raises(io.ArtifactError, match="junk.safetensors: file not found"):
+        load_shiva(tmp_path / "junk", tiny_dit())
+    (tmp_path / "junk.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    with pytest.raises(io.ArtifactError, match="not a readable safetensors file"):
         load_shiva(tmp_path / "junk", tiny_dit())
 
 

@@ -3,6 +3,13 @@
 Every artifact ditaccel writes is a pair ``<name>.safetensors`` (tensors) + ``<name>.json``
 (metadata), or a single JSON file.  Writes go to a temporary file in the same folder, are
 fsync'ed, then renamed over the target, so a reader never sees half a file.
+
+A pair is two files, and two renames are not one atomic step, so the safetensors file carries the
+metadata as well (in its header, key ``ditaccel``): it is the artifact, and the JSON beside it is a
+copy for people and tools to read.  A writer killed between the two renames leaves the new
+artifact whole (the JSON copy is one version behind until the next write); a writer killed
+earlier leaves the old one whole.  Artifacts written before the header copy existed load from
+their JSON file, checked against the tensors' digest.
 """
 
 from __future__ import annotations
@@ -10,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Mapping
@@ -24,10 +32,39 @@ class ArtifactError(ValueError):
     """An artifact is missing, unreadable, of another schema, or for another model."""
 
 
+META_KEY = "ditaccel"
+
+
+def _tmp_prefix(path: Path) -> str:
+    return f".{path.name}.{os.getpid()}."
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Delete temporary files that a killed writer of ``path`` left behind (its pid is gone)."""
+    pattern = re.compile(rf"^\.{re.escape(path.name)}\.(\d+)\..*\.tmp$")
+    for other in path.parent.glob(f".{path.name}.*.tmp"):
+        m = pattern.match(other.name)
+        if m and not _pid_alive(int(m.group(1))):
+            other.unlink(missing_ok=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _atomic_replace(path: Path, write) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    _remove_stale_temps(path)
+    fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(path), suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
         with os.fdopen(fd, "wb") as f:
@@ -49,6 +86,27 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def check_writable(path: str | Path, *, folder: bool = False, flag: str = "--out") -> None:
+    """Refuse, before any work is done, an output path that cannot be written: a file where a
+    folder is needed (or the reverse), or a folder nobody may write into.  Creates nothing."""
+    path = Path(path)
+    if path.exists() and folder != path.is_dir():
+        kind, want = ("a file", "a folder") if folder else ("a folder", "a file")
+        raise ArtifactError(f"cannot write {flag} {path}: it is {kind}, not {want}; choose another path")
+    anc = path if path.is_dir() else path.parent
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir():
+        raise ArtifactError(f"cannot write {flag} {path}: {anc} is a file, not a folder; choose another path")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".ditaccel-write-test.", dir=anc)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ArtifactError(f"cannot write {flag} {path}: {anc} is not writable ({e.strerror}); "
+                            "choose another path") from None
 
 
 def write_json(path: str | Path, obj: Any) -> None:
@@ -76,20 +134,41 @@ def write_tensors(path: str | Path, tensors: Mapping[str, torch.Tensor],
                   metadata: Mapping[str, str] | None = None) -> None:
     from safetensors.torch import save
 
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    data = save(tensors, metadata=dict(metadata) if metadata else None)
+    out, storages = {}, set()
+    for k, v in tensors.items():
+        v = v.detach().contiguous().cpu()
+        ptr = v.untyped_storage().data_ptr()
+        if ptr in storages and v.numel():  # safetensors refuses tensors that share memory: copy
+            v = v.clone()
+        storages.add(v.untyped_storage().data_ptr())
+        out[k] = v
+    data = save(out, metadata=dict(metadata) if metadata else None)
     _atomic_replace(Path(path), lambda f: f.write(data))
 
 
 def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    return read_tensors_and_metadata(path)[0]
+
+
+def read_tensors_and_metadata(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors of a safetensors file and the string metadata of its header."""
+    from safetensors import safe_open
+
     path = Path(path)
     if not path.is_file():
         raise ArtifactError(f"{path}: file not found; check the path")
     try:
-        return load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            header = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        return tensors, header
     except Exception as e:  # safetensors raises several types for damaged files
-        raise ArtifactError(f"{path}: not a readable safetensors file ({e}); "
+        raise ArtifactError(f"{path}: not a readable safetensors file ({_one_line(e)}); "
                             "the file is damaged, regenerate it") from None
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())[:200]
 
 
 def _with(stem: Path, suffix: str) -> Path:
@@ -98,24 +177,51 @@ def _with(stem: Path, suffix: str) -> Path:
 
 def save_artifact(stem: str | Path, kind: str, tensors: Mapping[str, torch.Tensor],
                   meta: Mapping[str, Any]) -> None:
-    """Write ``stem.safetensors`` then ``stem.json``; the JSON names the tensors' digest."""
+    """Write ``stem.safetensors`` (tensors, metadata in the header) then its JSON copy
+    ``stem.json``; the metadata names the tensors' digest."""
     stem = Path(stem)
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    write_tensors(_with(stem, ".safetensors"), tensors)
     full = {"schema_version": SCHEMA_VERSION, "kind": kind,
             "tensors_sha256": tensors_digest(tensors), **meta}
+    text = json.dumps(full, sort_keys=True)
+    write_tensors(_with(stem, ".safetensors"), tensors, {META_KEY: text})
     write_json(_with(stem, ".json"), full)
 
 
-def load_artifact(stem: str | Path, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def artifact_exists(stem: str | Path) -> bool:
+    """Whether an artifact was written at ``stem`` (its safetensors file, or an old-style JSON)."""
     stem = Path(stem)
-    meta = read_json(_with(stem, ".json"))
+    return _with(stem, ".safetensors").is_file() or _with(stem, ".json").is_file()
+
+
+def remove_artifact(stem: str | Path) -> None:
+    """Delete the artifact at ``stem`` (both files; missing ones are fine)."""
+    stem = Path(stem)
+    _with(stem, ".json").unlink(missing_ok=True)
+    _with(stem, ".safetensors").unlink(missing_ok=True)
+
+
+def load_artifact(stem: str | Path, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Tensors and metadata of the artifact at ``stem``, checked: kind, schema version, and that
+    the tensors are the ones the metadata was written with.  Executes nothing from the files."""
+    stem = Path(stem)
+    st = _with(stem, ".safetensors")
+    if not st.is_file() and not _with(stem, ".json").is_file():
+        raise ArtifactError(f"{stem}: no artifact here ({st.name} not found); check the path")
+    tensors, header = read_tensors_and_metadata(st)
+    if META_KEY in header:
+        try:
+            meta = json.loads(header[META_KEY])
+        except json.JSONDecodeError:
+            raise ArtifactError(f"{st}: its metadata is not valid JSON; the file is damaged, "
+                                "regenerate it") from None
+    else:  # written before the header copy: the JSON file is the metadata
+        meta = read_json(_with(stem, ".json"))
     if not isinstance(meta, dict) or meta.get("kind") != kind:
         raise ArtifactError(f"{stem}.json: not a {kind} artifact; pass the right file")
     if meta.get("schema_version") != SCHEMA_VERSION:
         raise ArtifactError(f"{stem}.json: schema version {meta.get('schema_version')} is not "
                             f"{SCHEMA_VERSION}; regenerate it with this version of ditaccel")
-    tensors = read_tensors(_with(stem, ".safetensors"))
     if tensors_digest(tensors) != meta.get("tensors_sha256"):
         raise ArtifactError(f"{stem}: tensors do not match their metadata (interrupted or mixed "
                             "write); regenerate it")

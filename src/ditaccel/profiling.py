@@ -18,6 +18,7 @@ Only a ring of the last ``max(intervals)`` outputs (and inputs, for the ``delta`
 
 from __future__ import annotations
 
+import math
 import platform
 import statistics
 import time
@@ -32,6 +33,7 @@ from . import io
 from .plan import FULL, REUSE, TOKEN_SCORES, Plan, full_plan
 
 KIND = "profile"
+PARTIAL_KIND = "profile-partial"
 DEFAULT_INTERVALS = (1, 2, 3, 4, 5)
 DEFAULT_RATIOS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75)
 
@@ -118,18 +120,50 @@ class Profile:
     @classmethod
     def load(cls, stem: str | Path) -> "Profile":
         stem = Path(stem)
-        if not stem.with_name(stem.name + ".json").exists():
+        if not io.artifact_exists(stem):
             raise ProfileError(f"no profile at {stem} (expected {stem}.json and {stem}.safetensors); "
                                "make one with `ditaccel profile --out STEM`")
         tensors, meta = io.load_artifact(stem, KIND)
         try:
-            return cls(e_cache=tensors["e_cache"], e_cache_std=tensors["e_cache_std"],
+            prof = cls(e_cache=tensors["e_cache"], e_cache_std=tensors["e_cache_std"],
                        e_prune=tensors["e_prune"], module_flops=tensors["module_flops"],
                        module_ms=tensors["module_ms"], step_flops=float(meta.pop("step_flops")),
                        step_ms=float(meta.pop("step_ms")), reuse_ms=float(meta.pop("reuse_ms")),
                        meta=meta)
         except KeyError as e:
             raise ProfileError(f"profile {stem} is missing {e.args[0]!r}; regenerate it") from None
+        except (TypeError, ValueError):
+            raise ProfileError(f"profile {stem}: step_flops/step_ms/reuse_ms are not numbers; "
+                               "regenerate it") from None
+        problem = prof.problem()
+        if problem:
+            raise ProfileError(f"profile {stem}: {problem}; regenerate it with `ditaccel profile`")
+        return prof
+
+    def problem(self) -> str | None:
+        """What makes this profile unusable (shapes that disagree, NaN where a value was
+        measured, Inf or negative errors), or None."""
+        try:
+            t, l, m, i = self.e_cache.shape
+            shape = (len(self.modules), len(self.intervals), len(self.ratios), len(self.token_scores))
+            self.num_tokens
+        except (KeyError, TypeError, ValueError):
+            return "its metadata lacks modules/intervals/ratios/token_scores/num_tokens or the error table is not 4-D"
+        if (m, i) != shape[:2] or tuple(self.e_cache_std.shape) != (t, l, m, i) \
+                or tuple(self.e_prune.shape) != (t, l, m, i, *shape[2:]) \
+                or tuple(self.module_flops.shape) != (l, m, shape[2] + 1):
+            return "its tables' shapes disagree with each other or with its metadata"
+        for name in ("e_cache", "e_cache_std", "e_prune", "module_flops", "module_ms"):
+            x = getattr(self, name)
+            if torch.isinf(x).any() or (x < 0).any():
+                return f"{name} has infinite or negative values"
+        steps = torch.arange(t)[:, None]
+        measurable = steps >= torch.tensor(self.intervals)[None, :]  # (T, I): t - n >= 0
+        if torch.isnan(self.e_cache).permute(0, 3, 1, 2)[measurable].any():
+            return "e_cache has NaN where a cache error was measured"
+        if torch.isnan(self.module_flops).any() or not (math.isfinite(self.step_flops) and self.step_flops > 0):
+            return "its FLOP counts are missing or not finite"
+        return None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -217,6 +251,17 @@ class _Recorder:
                 e_p = 1 - dot / (f_tot[:, None] * mix).sqrt().clamp_min(1e-30)
                 self.sum_p[t, layer, mi, ii, :, si] += e_p.sum(0).double()
 
+    SUMS = ("sum_c", "sq_c", "cnt", "sum_p")
+
+    def sums(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name) for name in self.SUMS}
+
+    def load_sums(self, tensors: dict[str, torch.Tensor]) -> None:
+        for name in self.SUMS:
+            if tensors[name].shape != getattr(self, name).shape:
+                raise ProfileError("the partial profile's tables do not fit these settings; delete it")
+            setattr(self, name, tensors[name].double().clone())
+
     def tables(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         cnt = self.cnt
         mean = torch.where(cnt > 0, self.sum_c / cnt.clamp_min(1), torch.nan)
@@ -224,6 +269,59 @@ class _Recorder:
         std = var.clamp_min(0).sqrt()
         p = torch.where(cnt[..., None, None] > 0, self.sum_p / cnt[..., None, None].clamp_min(1), torch.nan)
         return mean.float(), std.float(), p.float()
+
+
+# ------------------------------------------------------------------------------------------------
+# Resuming an interrupted profile
+
+
+def _save_partial(stem, settings: dict, rec: _Recorder, captured: dict, done: int) -> None:
+    tensors = {f"sums.{k}": v for k, v in rec.sums().items()}
+    extra = {}
+    if "inputs" in captured:
+        args, kwargs = captured["inputs"]
+        values = {}
+        for i, a in enumerate(args):
+            if torch.is_tensor(a):
+                tensors[f"arg.{i}"] = a
+        for k, v in kwargs.items():
+            if torch.is_tensor(v):
+                tensors[f"kw.{k}"] = v
+            else:
+                values[k] = v
+        extra = {"args": _jsonable({str(i): None if torch.is_tensor(a) else a for i, a in enumerate(args)}),
+                 "kwargs": _jsonable(values)}
+    io.save_artifact(stem, PARTIAL_KIND, tensors, {"settings": settings, "done": done, "captured": extra or None})
+
+
+def _jsonable(kwargs: dict) -> dict:
+    import json
+
+    out = {}
+    for k, v in kwargs.items():
+        try:
+            json.dumps(v)
+        except (TypeError, ValueError):
+            raise ProfileError(f"cannot checkpoint the transformer argument {k!r} ({type(v).__name__}); "
+                               "profile without a checkpoint") from None
+        out[k] = v
+    return out
+
+
+def _resume(stem, settings: dict, rec: _Recorder, captured: dict) -> int:
+    tensors, meta = io.load_artifact(stem, PARTIAL_KIND)
+    if meta.get("settings") != settings:
+        theirs = meta.get("settings") or {}
+        diff = sorted(k for k in settings if theirs.get(k) != settings[k])
+        raise ProfileError(f"the partial profile {stem} was made with other settings ({', '.join(diff)}); "
+                           "run with the same settings to resume, or delete it to start over")
+    rec.load_sums({k[5:]: v for k, v in tensors.items() if k.startswith("sums.")})
+    cap = meta.get("captured")
+    if cap:
+        args = tuple(tensors.get(f"arg.{i}", cap["args"][str(i)]) for i in range(len(cap["args"])))
+        kwargs = {**cap["kwargs"], **{k[3:]: v for k, v in tensors.items() if k.startswith("kw.")}}
+        captured["inputs"] = (args, kwargs)
+    return int(meta["done"])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -342,13 +440,20 @@ def profile(pipe, run: Callable[[Any], Any] | None = None, *, num_steps: int | N
             guidance_scale: float = 3.0, seed: int = 0, batch_size: int = 32,
             intervals: tuple[int, ...] = DEFAULT_INTERVALS, ratios: tuple[float, ...] = DEFAULT_RATIOS,
             token_scores: tuple[str, ...] = TOKEN_SCORES, num_tokens: int | None = None,
-            timing_repeats: int = 5, progress: bool = True, description: dict | None = None) -> Profile:
+            timing_repeats: int = 5, progress: bool = True, description: dict | None = None,
+            checkpoint: str | Path | None = None) -> Profile:
     """Profile ``pipe`` along full-model trajectories.
 
     Class-conditional pipelines (the bundled one, ``DiTPipeline``): give ``class_labels`` (one
     sample each, seeds ``seed + i``), ``sampler``, ``steps`` and ``guidance_scale``.  Any other
     pipeline: give ``run(pipe)``, which calls the pipeline on the samples to profile, and
-    ``num_steps`` (its step count); ``description`` goes into the profile's metadata."""
+    ``num_steps`` (its step count); ``description`` goes into the profile's metadata.
+
+    ``checkpoint`` (an artifact stem; class-conditional/prompted profiling only): the error sums
+    are saved there after every batch of ``batch_size`` samples, and a run started again with the
+    same settings resumes from it.  Samples run in the same batches with the same seeds either
+    way, so a resumed profile has exactly the error tables of an uninterrupted one (the measured
+    timings are measured again).  Remove the checkpoint once the profile is saved."""
     from .io import model_fingerprint
     from .methods import model_shape
     from .pipeline import SAMPLERS, default_sampler
@@ -371,6 +476,10 @@ def profile(pipe, run: Callable[[Any], Any] | None = None, *, num_steps: int | N
         num_steps = SAMPLERS[sampler][2] if steps is None else steps
     elif num_steps is None:
         raise ProfileError("with a run function, give num_steps (the pipeline's step count)")
+    if checkpoint is not None and run is not None:
+        raise ProfileError("checkpoint= needs class_labels: a run function cannot be resumed part way")
+    if batch_size < 1:
+        raise ProfileError(f"batch size must be >= 1, got {batch_size}")
     transformer = pipe.transformer
     shape = model_shape(transformer, num_steps, num_tokens)
     t0 = time.perf_counter()
@@ -392,6 +501,16 @@ def profile(pipe, run: Callable[[Any], Any] | None = None, *, num_steps: int | N
             captured["inputs"] = (tuple(a.clone() if torch.is_tensor(a) else a for a in args),
                                   {k: (v.clone() if torch.is_tensor(v) else v) for k, v in kwargs.items()})
 
+    settings = None
+    done = 0
+    if checkpoint is not None:
+        settings = {"fingerprint": model_fingerprint(transformer), "sampler": sampler, "num_steps": num_steps,
+                    "guidance_scale": guidance_scale, "seed": seed, "batch_size": batch_size,
+                    "class_labels": [c if isinstance(c, str) else int(c) for c in class_labels],
+                    "intervals": list(intervals), "ratios": list(ratios), "token_scores": list(token_scores),
+                    "num_tokens": shape.num_tokens}
+        if io.artifact_exists(checkpoint):
+            done = _resume(checkpoint, settings, rec, captured)
     handle = transformer.register_forward_pre_hook(capture, with_kwargs=True)
     rec.attach(mods)
     try:
@@ -399,8 +518,13 @@ def profile(pipe, run: Callable[[Any], Any] | None = None, *, num_steps: int | N
             if run is None:
                 from .sampling import sample
 
-                sample(pipe, class_labels, sampler=sampler, steps=num_steps, guidance_scale=guidance_scale,
-                       seed=seed, batch_size=batch_size, progress=progress, count_flops=False)
+                starts = range(done, len(class_labels), batch_size)
+                for start in tqdm(starts, desc="profile", unit="batch", disable=not progress or len(starts) < 2):
+                    sample(pipe, class_labels[start:start + batch_size], sampler=sampler, steps=num_steps,
+                           guidance_scale=guidance_scale, seed=seed + start, batch_size=batch_size,
+                           progress=False, count_flops=False)
+                    if checkpoint is not None:
+                        _save_partial(checkpoint, settings, rec, captured, start + batch_size)
             else:
                 run(pipe)
     finally:

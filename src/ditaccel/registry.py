@@ -58,6 +58,9 @@ class ModelNotFound(ValueError):
     pass
 
 
+PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"}
+
+
 def resolve_model(model: str) -> Path:
     """A bundled name or a local diffusers pipeline folder -> the folder."""
     if model in BUNDLED:
@@ -86,16 +89,44 @@ def load_pipeline(model: str, dtype: str = "fp32"):
 
     dtype = resolve_dtype(dtype)
     path = resolve_model(model)
-    index = json.loads((path / "model_index.json").read_text())
+    try:
+        index = json.loads((path / "model_index.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ModelNotFound(f"{path}/model_index.json is not valid JSON; the folder is damaged, "
+                            "save the pipeline again") from None
+    if not isinstance(index, dict) or "_class_name" not in index:
+        raise ModelNotFound(f"{path}/model_index.json has no _class_name; it is not a diffusers "
+                            "pipeline index, pass the folder save_pretrained produced")
     ours = {c.__name__: c for c in (DiTPixelPipeline, TextPixelPipeline)}
-    cls = ours.get(index.get("_class_name"), DiffusionPipeline)
+    cls = ours.get(index["_class_name"], DiffusionPipeline)
     dlogging.disable_progress_bar()  # a loading bar for two components is noise on the CLI
     try:
-        pipe = cls.from_pretrained(str(path), dtype=DTYPES[dtype])
+        # safetensors only: a .bin (pickle) checkpoint could run code when loaded
+        pipe = cls.from_pretrained(str(path), dtype=DTYPES[dtype], use_safetensors=True)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+        if any(p.suffix in PICKLE_SUFFIXES for p in path.rglob("*")):
+            raise ModelNotFound(f"{path}: has pickled weights (.bin/.pt/.ckpt), which ditaccel "
+                                "does not load because unpickling can run code; re-save the "
+                                "pipeline with save_pretrained(..., safe_serialization=True)") from None
+        raise ModelNotFound(f"{path}: diffusers could not load it ({_first_line(e)}); pass a "
+                            "folder that save_pretrained produced") from None
     finally:
         dlogging.enable_progress_bar()
+    transformer = getattr(pipe, "transformer", None)
+    if not isinstance(transformer, torch.nn.Module):
+        parts = ", ".join(f"{k}: {type(v).__name__}" for k, v in pipe.components.items() if v is not None)
+        raise ModelNotFound(f"{path}: {type(pipe).__name__} has no transformer ({parts}); ditaccel "
+                            "accelerates diffusion transformers (DiT, PixArt, SD3, Flux, ...)")
+    from .runtime.adapters import find_blocks
+
+    find_blocks(transformer)  # an unsupported block class is refused here, with the supported ones
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _first_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text[:240] + ("..." if len(text) > 240 else "")
 
 
 def load_classifier_asset():

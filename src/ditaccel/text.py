@@ -44,7 +44,7 @@ def load_text_encoder():
     tlogging.set_verbosity_error()
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
-        encoder = AutoModel.from_pretrained(str(path), dtype=torch.float32).eval()
+        encoder = AutoModel.from_pretrained(str(path), dtype=torch.float32, use_safetensors=True).eval()
     finally:
         tlogging.set_verbosity(verbosity)
     encoder.requires_grad_(False)

@@ -26,7 +26,7 @@ def cached_profile(pipe, *, sampler: str, steps: int, cfg: float, samples: int, 
     classes = classes or list(range(10))
     fp = model_fingerprint(pipe.transformer)
     stem = folder / f"profile-{fp}-{sampler}{steps}-cfg{cfg:g}-s{samples}"
-    if not reprofile and stem.with_name(stem.name + ".json").exists():
+    if not reprofile and io.artifact_exists(stem):
         try:
             prof = Profile.load(stem)
             prof.check_for(fingerprint=fp, sampler=sampler, num_steps=steps)

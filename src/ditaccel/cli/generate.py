@@ -71,6 +71,7 @@ def parse_classes(text: str, num_classes: int) -> list[int]:
 
 def build_plan(args, pipe):
     """The plan asked for on the command line, or None for the full model."""
+    from ..io import model_fingerprint
     from ..methods import make_plan, model_shape
     from ..pipeline import SAMPLERS
     from ..plan import Plan
@@ -89,6 +90,15 @@ def build_plan(args, pipe):
         if made_for is not None and made_for != args.sampler:
             raise ValueError(f"the plan was made for the {made_for} sampler; sample with --sampler "
                              f"{made_for} or plan from a {args.sampler} profile")
+        # checked here, before anything runs (apply checks again when the plan is attached)
+        steps = args.steps or SAMPLERS[args.sampler][2]
+        if plan.num_steps != steps:
+            raise ValueError(f"the plan is for {plan.num_steps} sampling steps, not {steps}; sample with "
+                             f"--steps {plan.num_steps} or make the plan from a {steps}-step profile")
+        fp = plan.meta.get("fingerprint")
+        if fp is not None and fp != model_fingerprint(pipe.transformer):
+            raise ValueError(f"the plan {args.plan} was made for another model (fingerprint differs); "
+                             "profile and plan this model")
         return plan
     if args.method:
         steps = args.steps or SAMPLERS[args.sampler][2]

@@ -22,6 +22,32 @@ COMMANDS = {
 }
 
 
+# Where each command writes: argument -> "file", "folder" or "stem" (an artifact: STEM.safetensors
+# + STEM.json).  Checked before the command runs, so a path that cannot be written fails at once.
+OUTPUTS = {
+    "generate": {"out": "file", "json": "file", "save_dir": "folder"},
+    "profile": {"out": "stem", "plot": "folder"},
+    "plan": {"out": "file", "plot": "file"},
+    "bench": {"out": "folder", "cache_dir": "folder"},
+    "demo": {"out": "folder", "cache_dir": "folder"},
+    "metrics": {"json": "file"},
+    "train-reference": {"out": "folder", "export": "folder"},
+    "train-classifier": {"out": "stem"},
+    "train-shiva": {"out": "stem"},
+    "train-text-reference": {"out": "folder", "export": "folder"},
+}
+
+
+def check_outputs(args) -> None:
+    from ..io import check_writable
+
+    for name, kind in OUTPUTS.get(args.command, {}).items():
+        value = getattr(args, name, None)
+        if value:
+            path = f"{value}.safetensors" if kind == "stem" else value
+            check_writable(path, folder=kind == "folder", flag="--" + name.replace("_", "-"))
+
+
 class UsageError(Exception):
     """Raised by a subcommand for bad input: printed as one line, exit code 2."""
 
@@ -39,14 +65,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from ..io import ArtifactError
     from ..registry import ModelNotFound
+    from ..runtime.state import NonFiniteOutput
 
     args = build_parser().parse_args(argv)
     try:
+        check_outputs(args)
         return int(args._run(args) or 0)
     except (UsageError, ArtifactError, ModelNotFound, ValueError, FileNotFoundError,
             PermissionError, IsADirectoryError, NotADirectoryError) as e:
         print(f"ditaccel {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteOutput as e:
+        print(f"ditaccel {args.command}: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"ditaccel {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -57,12 +57,18 @@ class Profile:
 
         num_classes = classes_of(pipe)
         labels = [i % num_classes for i in range(args.samples)]
+        from .. import io
+
+        partial = Path(f"{args.out}.partial")  # resumable: the error sums after every batch
+        if io.artifact_exists(partial):
+            print(f"resuming the interrupted profile from {partial}.safetensors")
         prof = profile(pipe, class_labels=labels, sampler=args.sampler, steps=args.steps,
                        guidance_scale=args.cfg, seed=args.seed, batch_size=args.batch_size,
-                       intervals=intervals, ratios=ratios, token_scores=scores)
+                       intervals=intervals, ratios=ratios, token_scores=scores, checkpoint=partial)
         prof.meta["model_name"] = args.model
         prof.meta["dtype"] = args.dtype
         prof.save(args.out)
+        io.remove_artifact(partial)
         var = prof.variation()
         print(f"profiled {args.samples} samples x {prof.num_steps} steps in {prof.meta['profile_s']:.0f} s "
               f"(+{prof.meta['cost_s']:.0f} s measuring module costs) -> {args.out}.json/.safetensors")

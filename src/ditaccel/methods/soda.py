@@ -233,6 +233,8 @@ def plan(config: Config, profile) -> Plan:
     """The SODA plan for ``profile`` under ``config``'s budget."""
     cfg = config
     t_steps = profile.num_steps
+    if cfg.anchors is not None and cfg.anchors > t_steps:
+        raise ValueError(f"anchors must be at most the profile's {t_steps} sampling steps, got {cfg.anchors}")
     score_name = cfg.token_score or profile.token_scores[0]
     if score_name not in profile.token_scores:
         raise ValueError(f"the profile has no prune errors for the {score_name!r} score; profile "

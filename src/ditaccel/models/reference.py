@@ -211,7 +211,7 @@ def train_reference(out_dir: str | Path, cfg: TrainConfig, export_to: str | Path
     ema.requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     step, log = 0, []
-    if ckpt.with_suffix(".json").exists():
+    if io.artifact_exists(ckpt):
         step, log = _load_checkpoint(ckpt, model, ema, opt, cfg)
     x_all, y_all = load_fashion_mnist("train")
     noise_sched = DDPMScheduler(**NOISE_SCHEDULE)

@@ -29,6 +29,7 @@ from diffusers import (DDIMScheduler, DDPMScheduler, DiTTransformer2DModel,
                        SD3Transformer2DModel)
 from tqdm.auto import tqdm
 
+from .. import io
 from ..captions import brightness_tertiles, caption_table
 from ..data import load_fashion_mnist
 from ..text import HIDDEN, TextEmbeddings, encode, load_text_encoder
@@ -289,7 +290,7 @@ def train_text_reference(out_dir: str | Path, cfg: TextTrainConfig, export_to: s
     ema.requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     step, log = 0, []
-    if ckpt.with_suffix(".json").exists():
+    if io.artifact_exists(ckpt):
         step, log = _load_checkpoint(ckpt, model, ema, opt, cfg, CHECKPOINT_KIND, RESUME_KEYS)
     x_all, y_all = load_fashion_mnist("train")
     bank = CaptionBank(x_all, y_all)

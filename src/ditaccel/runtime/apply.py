@@ -26,7 +26,7 @@ def _split(target) -> tuple[torch.nn.Module, object | None]:
 
 
 def apply(target, plan: Plan, router=None, check_fingerprint: bool = True, skip_reused_norms: bool = True,
-          compile: bool | dict = False):
+          compile: bool | dict = False, nan_guard: bool = True):
     """Execute ``plan`` on every call of the target's transformer (a diffusers pipeline or the
     transformer itself).  Applying again replaces the previous plan; :func:`remove` restores the
     original forward functions.
@@ -46,7 +46,12 @@ def apply(target, plan: Plan, router=None, check_fingerprint: bool = True, skip_
     all blocks share.  A route plan's shapes are static per (step, layer), so a generation
     compiles once per distinct token count (:func:`compile_count`) and batch size, and never
     again; dynamo's recompile limit is raised to four times that count if it is lower (raise
-    ``torch._dynamo.config.recompile_limit`` yourself to sample at more batch sizes)."""
+    ``torch._dynamo.config.recompile_limit`` yourself to sample at more batch sizes).
+
+    ``nan_guard``: if a call's output is not finite, raise
+    :class:`~ditaccel.runtime.state.NonFiniteOutput` naming the sampling step and the first
+    accelerated module (layer, role) whose output was not, instead of returning a black image.
+    It costs one device sync per transformer call."""
     transformer, pipe = _split(target)
     routes = plan.route is not None and bool((plan.route != FULL).any())
     if routes and not callable(router):
@@ -94,6 +99,7 @@ def apply(target, plan: Plan, router=None, check_fingerprint: bool = True, skip_
     else:
         state = RunState(plan, source="timestep")
         check = lambda: None  # noqa: E731
+    state.nan_guard = nan_guard
     register(transformer, StepHook(state, check), STEP_HOOK)
     for layer, ((_, block, spec), mods) in enumerate(zip(blocks, per_block)):
         # in a route plan, a module computed in full at every step needs no module hook (the route

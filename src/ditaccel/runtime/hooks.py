@@ -46,6 +46,7 @@ class StepHook(ModelHook):
         else:
             out = original(*args, **kwargs)
         record.wall_s = time.perf_counter() - t0
+        self.state.check_finite(out)
         return out
 
 
@@ -227,7 +228,7 @@ class ModuleHook(ModelHook):
         if (self.layer, self.role) in st.skipped_inputs:  # its norm ran on one token: reuse
             st.skipped_inputs.discard((self.layer, self.role))
             record[(self.layer, self.role)] = 0
-            return self._reused(st.caches[(st.branch, self.layer, self.role)])
+            return st.watch(self.layer, self.role, self._reused(st.caches[(st.branch, self.layer, self.role)]))
         x = args[0] if args else kwargs.pop("hidden_states")
         rest = args[1:]
         k = st.tokens_for(self.layer, self.m)
@@ -247,7 +248,7 @@ class ModuleHook(ModelHook):
             return out
         if k == REUSE:
             record[(self.layer, self.role)] = 0
-            return self._reused(cache)
+            return st.watch(self.layer, self.role, self._reused(cache))
         ref = cache.ref if cache.ref is not None else x
         idx = token_scores(x[:, text:], ref[:, text:], st.plan.token_score).topk(k, dim=1).indices + text
         if text:  # text tokens are always computed
@@ -281,13 +282,13 @@ class ModuleHook(ModelHook):
             image.scatter_(1, idx[..., None].expand(-1, -1, fresh.shape[-1]), fresh.to(image.dtype))
             if isinstance(out, tuple) and text_out is not None:
                 out = (out[0], text_out, *out[2:])
-            return out
+            return st.watch(self.layer, self.role, out)
         # patch the cache in place: the fresh tokens
         cache.image_out.scatter_(1, idx[..., None].expand(-1, -1, fresh.shape[-1]), fresh.to(cache.image_out.dtype))
         if isinstance(cache.out, tuple) and text_out is not None:
             cache.out = (cache.out[0], _into(cache.out[1], text_out), *cache.out[2:])
         cache.touched()
-        return cache.give()
+        return st.watch(self.layer, self.role, cache.give())
 
     def _reused(self, cache: ModuleCache):
         return cache.forecast(self.state.step) if self.forecast else cache.give()
@@ -385,7 +386,7 @@ class RouteHook(ModelHook):
             out = self._run(original, named, x, idx)
         finally:
             st.routed_tokens = None
-        return out
+        return st.watch(self.layer, "block", out)
 
     def _run(self, original, named, x, idx):
         spec = self.spec

@@ -13,6 +13,10 @@ class PlanMismatch(ValueError):
     pass
 
 
+class NonFiniteOutput(RuntimeError):
+    """An accelerated step produced NaN or Inf: raised instead of returning a black image."""
+
+
 def _into(buf, value):
     """Copy ``value`` (a tensor, or a tuple of tensors / None) into ``buf`` when shapes allow,
     else into fresh buffers.  Persistent buffers keep a trajectory's caches from pinning the
@@ -183,6 +187,10 @@ class RunState:
         self.routed_tokens: int | None = None  # set while a routed block runs
         self.skipped_inputs: set[tuple[int, str]] = set()  # (layer, role) whose norm was skipped
         self.count_flops = False
+        # NaN guard: every accelerated module output is checked on the device (no sync), the
+        # transformer output once per call; the first non-finite one is named in the error
+        self.nan_guard = True
+        self.finite_checks: list[tuple[int, str, torch.Tensor]] = []
         self.reset()
 
     def reset(self) -> None:
@@ -218,6 +226,7 @@ class RunState:
                                "the plan to the transformer itself to drive it by hand")
         self.branch += 1
         self.skipped_inputs.clear()
+        self.finite_checks = []
         if self.step >= self.plan.num_steps:
             raise PlanMismatch(f"the sampler ran more than the plan's {self.plan.num_steps} "
                                "steps; make the plan for the step count you sample with")
@@ -235,6 +244,36 @@ class RunState:
         elif t < self.last_t:
             self.advance()
         self.last_t = t
+
+    def watch(self, layer: int, role: str, out):
+        """Note (without waiting for the device) whether an accelerated module's output is finite."""
+        if self.nan_guard:
+            t = out[0] if isinstance(out, tuple) else out
+            if torch.is_tensor(t) and t.is_floating_point():
+                self.finite_checks.append((layer, role, torch.isfinite(t).all()))
+        return out
+
+    def check_finite(self, out) -> None:
+        """After a transformer call: raise :class:`NonFiniteOutput` naming the step and the first
+        accelerated module whose output was not finite."""
+        if not self.nan_guard:
+            return
+        t = getattr(out, "sample", None)
+        if t is None:
+            t = out[0] if isinstance(out, (tuple, list)) else out
+        if not torch.is_tensor(t) or bool(torch.isfinite(t).all()):
+            return
+        step = f"sampling step {self.step} of {self.plan.num_steps}"
+        for layer, role, ok in self.finite_checks:
+            if not bool(ok):
+                raise NonFiniteOutput(
+                    f"{step}: layer {layer} ({role}) produced NaN/Inf on an accelerated step; plan a "
+                    "smaller speedup for this model, or run it in fp32 (disable the check: "
+                    "apply(..., nan_guard=False))")
+        where = "a full-compute step" if self.is_anchor else "an accelerated step"
+        raise NonFiniteOutput(
+            f"{step}: the transformer output has NaN/Inf on {where} and no accelerated module "
+            "produced them; the model itself overflows here (try fp32), not the plan")
 
     @property
     def is_anchor(self) -> bool:

@@ -353,7 +353,7 @@ class ShivaTrainer:
         at the end writes the artifact ``out_dir/shiva`` and returns its stem."""
         out_dir = Path(out_dir)
         ckpt = out_dir / "checkpoint"
-        if ckpt.with_suffix(".json").exists():
+        if io.artifact_exists(ckpt):
             self.load_checkpoint(ckpt)
         cfg = self.cfg
         end = cfg.total_steps if stop_after is None else min(cfg.total_steps, self.step + stop_after)
