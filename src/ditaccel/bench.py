@@ -190,7 +190,13 @@ def measure(pipe, run: Callable, timed: Callable, entries: list[Entry], *, repea
     rows = [{"method": "full", "family": "-", "knob": "-", "value": None, "flops": full_flops,
              "speedup_flops": 1.0, "speedup_measured": 1.0, **quality(full)}]
     skipped = []
-    for e in tqdm(entries, desc="methods", disable=not progress):
+    from . import distributed as dist
+
+    # several processes (accelerate launch): each measures every size()-th entry, against its own
+    # full-model run; the rows are gathered in entry order
+    mine = [(i, e) for i, e in enumerate(entries) if i % dist.size() == dist.rank()]
+    done: list[tuple[int, dict]] = []
+    for i, e in tqdm(mine, desc="methods", disable=not progress or not dist.is_main()):
         try:
             attach = e.prepare(pipe)
             detach = attach(pipe)
@@ -208,10 +214,16 @@ def measure(pipe, run: Callable, timed: Callable, entries: list[Entry], *, repea
         row = {"method": e.method, "family": e.family, "knob": e.knob, "value": e.value, "flops": flops,
                "speedup_flops": full_flops / flops, "speedup_measured": measured, "ratios": ratios,
                "efficiency": measured * flops / full_flops if measured else None, **quality(images)}
-        rows.append(row)
+        done.append((i, row))
         if on_row:
             on_row(row)
-    return {"rows": rows, "skipped": skipped}
+    if dist.size() > 1:
+        from accelerate.utils import gather_object
+
+        done = gather_object(done)
+        skipped = gather_object(skipped)
+    rows += [row for _, row in sorted(done, key=lambda d: d[0])]
+    return {"rows": rows, "skipped": skipped, "processes": dist.size()}
 
 
 def merge(old: dict, new: dict) -> dict:

@@ -275,8 +275,8 @@ class _Recorder:
 # Resuming an interrupted profile
 
 
-def _save_partial(stem, settings: dict, rec: _Recorder, captured: dict, done: int) -> None:
-    tensors = {f"sums.{k}": v for k, v in rec.sums().items()}
+def _save_partial(stem, settings: dict, sums: dict[str, torch.Tensor], captured: dict, done: int) -> None:
+    tensors = {f"sums.{k}": v for k, v in sums.items()}
     extra = {}
     if "inputs" in captured:
         args, kwargs = captured["inputs"]
@@ -501,6 +501,12 @@ def profile(pipe, run: Callable[[Any], Any] | None = None, *, num_steps: int | N
             captured["inputs"] = (tuple(a.clone() if torch.is_tensor(a) else a for a in args),
                                   {k: (v.clone() if torch.is_tensor(v) else v) for k, v in kwargs.items()})
 
+    from . import distributed as dist
+
+    nproc, me = dist.size(), dist.rank()
+    if run is not None and nproc > 1:
+        raise ProfileError("a run function profiles in one process; give class_labels to shard "
+                           "the samples across processes")
     settings = None
     done = 0
     if checkpoint is not None:
@@ -509,8 +515,15 @@ def profile(pipe, run: Callable[[Any], Any] | None = None, *, num_steps: int | N
                     "class_labels": [c if isinstance(c, str) else int(c) for c in class_labels],
                     "intervals": list(intervals), "ratios": list(ratios), "token_scores": list(token_scores),
                     "num_tokens": shape.num_tokens}
-        if io.artifact_exists(checkpoint):
-            done = _resume(checkpoint, settings, rec, captured)
+        resumed: tuple[int, str | None] = (0, None)
+        if me == 0 and io.artifact_exists(checkpoint):  # the main process holds the summed tables
+            try:
+                resumed = (_resume(checkpoint, settings, rec, captured), None)
+            except (ProfileError, io.ArtifactError) as e:
+                resumed = (0, str(e))
+        done, error = dist.broadcast(resumed)
+        if error:
+            raise ProfileError(error)
     handle = transformer.register_forward_pre_hook(capture, with_kwargs=True)
     rec.attach(mods)
     try:
@@ -518,23 +531,38 @@ def profile(pipe, run: Callable[[Any], Any] | None = None, *, num_steps: int | N
             if run is None:
                 from .sampling import sample
 
-                starts = range(done, len(class_labels), batch_size)
-                for start in tqdm(starts, desc="profile", unit="batch", disable=not progress or len(starts) < 2):
-                    sample(pipe, class_labels[start:start + batch_size], sampler=sampler, steps=num_steps,
-                           guidance_scale=guidance_scale, seed=seed + start, batch_size=batch_size,
-                           progress=False, count_flops=False)
+                # batches of batch_size samples with seeds seed + start, however many processes run
+                # them and wherever a run resumes: the tables are the same sums
+                starts = list(range(done, len(class_labels), batch_size))
+                rounds = math.ceil(len(starts) / nproc)
+                for r in tqdm(range(rounds), desc="profile", unit="batch" if nproc == 1 else "round",
+                              disable=not progress or rounds < 2 or me != 0):
+                    if r * nproc + me < len(starts):
+                        start = starts[r * nproc + me]
+                        sample(pipe, class_labels[start:start + batch_size], sampler=sampler, steps=num_steps,
+                               guidance_scale=guidance_scale, seed=seed + start, batch_size=batch_size,
+                               progress=False, count_flops=False)
                     if checkpoint is not None:
-                        _save_partial(checkpoint, settings, rec, captured, start + batch_size)
+                        sums = {k: dist.all_sum(v) for k, v in rec.sums().items()}
+                        if me == 0:
+                            nxt = (r + 1) * nproc
+                            _save_partial(checkpoint, settings, sums, captured,
+                                          starts[nxt] if nxt < len(starts) else len(class_labels))
             else:
                 run(pipe)
     finally:
         handle.remove()
         rec.detach()
         remove(pipe)
+    if nproc > 1:
+        rec.load_sums({k: dist.all_sum(v) for k, v in rec.sums().items()})
     e_c, e_c_std, e_p = rec.tables()
     profile_s = time.perf_counter() - t0
-    costs = measure_costs(transformer, shape, ratios, captured["inputs"], repeats=timing_repeats,
-                          progress=progress)
+    costs = None
+    if me == 0:  # timed on one process; the others get its numbers
+        costs = measure_costs(transformer, shape, ratios, captured["inputs"], repeats=timing_repeats,
+                              progress=progress)
+    costs = dist.broadcast(costs)
     import diffusers
 
     meta = {"modules": list(shape.modules), "intervals": list(intervals), "ratios": list(ratios),
@@ -546,7 +574,7 @@ def profile(pipe, run: Callable[[Any], Any] | None = None, *, num_steps: int | N
             "samples": len(class_labels) if run is None else (description or {}).get("samples"),
             "class_labels": list(map(int, class_labels)) if run is None else None, "seed": seed,
             "description": description or {}, "timing_rows": costs.pop("timing_rows"),
-            "profile_s": profile_s, "cost_s": time.perf_counter() - t0 - profile_s,
+            "profile_s": profile_s, "cost_s": time.perf_counter() - t0 - profile_s, "processes": nproc,
             "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
                          "python": platform.python_version()}}
     return Profile(e_cache=e_c, e_cache_std=e_c_std, e_prune=e_p, meta=meta, **costs)

@@ -106,9 +106,14 @@ def run(args) -> int:
                                    calibration_run=calibration)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)  # fail on an unwritable folder before the long part
-    print(f"{len(entries)} configurations, {args.n} scored images each, {args.repeats} timing pairs on "
-          f"{args.timed_batch} images")
+    from .. import distributed as dist
+
+    if dist.is_main():
+        print(f"{len(entries)} configurations, {args.n} scored images each, {args.repeats} timing pairs on "
+              f"{args.timed_batch} images" + (f", split over {dist.size()} processes" if dist.size() > 1 else ""))
     res = bench.measure(pipe, scored, timed, entries, repeats=args.repeats)
+    if not dist.is_main():  # the main process gathered every row and writes them
+        return 0
     result = {"model": args.model, "sampler": args.sampler, "steps": steps, "cfg": args.cfg, "n": args.n,
               "seed": args.seed, "batch": args.batch_size, "timed_batch": args.timed_batch, "repeats": args.repeats,
               "description": f"{args.model}, {args.sampler}-{steps}, CFG {args.cfg:g}, {args.dtype}, {args.n} images; "

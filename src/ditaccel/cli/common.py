@@ -35,8 +35,13 @@ def cached_profile(pipe, *, sampler: str, steps: int, cfg: float, samples: int, 
         except (ProfileError, io.ArtifactError) as e:
             print(f"cached profile not usable ({e}); profiling again")
     print(f"profiling {samples} trajectories ({sampler}-{steps}, CFG {cfg:g}) ...")
+    from .. import distributed as dist
+
+    # one batch per process (one in all on a single process): the samples are split, not repeated
     prof = profile(pipe, class_labels=[classes[i % len(classes)] for i in range(samples)], sampler=sampler,
-                   steps=steps, guidance_scale=cfg, seed=100_000, batch_size=samples)
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    prof.save(stem)
+                   steps=steps, guidance_scale=cfg, seed=100_000, batch_size=-(-samples // dist.size()))
+    if dist.is_main():
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        prof.save(stem)
+    dist.barrier()
     return prof

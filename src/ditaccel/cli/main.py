@@ -33,7 +33,7 @@ OUTPUTS = {
     "metrics": {"json": "file"},
     "train-reference": {"out": "folder", "export": "folder"},
     "train-classifier": {"out": "stem"},
-    "train-shiva": {"out": "stem"},
+    "train-shiva": {"out": "folder"},
     "train-text-reference": {"out": "folder", "export": "folder"},
 }
 

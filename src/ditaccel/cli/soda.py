@@ -57,14 +57,17 @@ class Profile:
 
         num_classes = classes_of(pipe)
         labels = [i % num_classes for i in range(args.samples)]
+        from .. import distributed as dist
         from .. import io
 
         partial = Path(f"{args.out}.partial")  # resumable: the error sums after every batch
-        if io.artifact_exists(partial):
+        if io.artifact_exists(partial) and dist.is_main():
             print(f"resuming the interrupted profile from {partial}.safetensors")
         prof = profile(pipe, class_labels=labels, sampler=args.sampler, steps=args.steps,
                        guidance_scale=args.cfg, seed=args.seed, batch_size=args.batch_size,
                        intervals=intervals, ratios=ratios, token_scores=scores, checkpoint=partial)
+        if not dist.is_main():  # the main process writes; the others only profiled their share
+            return 0
         prof.meta["model_name"] = args.model
         prof.meta["dtype"] = args.dtype
         prof.save(args.out)

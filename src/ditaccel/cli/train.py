@@ -117,8 +117,11 @@ class Shiva:
                              f"images with 10 classes or captions (this one: {shape[0]} channels, size {shape[1]}, "
                              f"{shape[2]} classes)")
         stem = train_shiva(tf, args.out, cfg, load_fashion_mnist("train"), stop_after=args.stop_after)
-        print(f"{'checkpoint' if stem.name == 'checkpoint' else 'Shiva artifact'} written to {stem}"
-              f".{{safetensors,json}}")
+        from .. import distributed as dist
+
+        if dist.is_main():
+            print(f"{'checkpoint' if stem.name == 'checkpoint' else 'Shiva artifact'} written to {stem}"
+                  f".{{safetensors,json}}")
         return 0
 
 

@@ -101,10 +101,13 @@ class Budget:
             raise ValueError("need 0 < target < 1 and 0 < beta <= 1")
         self.target, self.beta, self.weight, self.mu = float(target), float(beta), float(weight), float(target)
 
-    def loss(self, ratios: torch.Tensor) -> torch.Tensor:
-        """``ratios`` (B, L) from the policy (layer 0 excluded from the mean); updates the EMA."""
+    def loss(self, ratios: torch.Tensor, sync=None) -> torch.Tensor:
+        """``ratios`` (B, L) from the policy (layer 0 excluded from the mean); updates the EMA.
+        ``sync``: maps this process's batch mean to the mean over all processes (data parallel:
+        the EMA follows the whole batch, as in the paper)."""
         r_bar = ratios[:, 1:].mean()
-        self.mu = self.beta * float(r_bar.detach()) + (1 - self.beta) * self.mu
+        r_all = r_bar.detach() if sync is None else sync(r_bar.detach())
+        self.mu = self.beta * float(r_all) + (1 - self.beta) * self.mu
         return self.weight * r_bar * (2 * (self.mu - self.target))
 
     def state_dict(self) -> dict:

@@ -62,6 +62,11 @@ class _BlockHook(ModelHook):
         b, n = x.shape[:2]
         call = RouteCall(self.layer, -1, 0, 0, named, rt.call_kwargs, False)
         scores = rt.router(x, call)
+        if rt.noise_std > 0:
+            # exploration noise drawn for the whole batch, this process's rows taken: the same
+            # noise per sample however the batch is split across processes
+            full = torch.randn((rt.global_batch or b, n), dtype=scores.dtype)
+            scores = scores + rt.noise_std * full[rt.rows].to(scores.device)
         ratio = rt.ratios[:, self.layer]
         counts = round_counts(ratio, n, rt.multiple)
         pieces, order = [], []
@@ -80,8 +85,7 @@ class _BlockHook(ModelHook):
                 image = block_fn(x[rows])
             else:
                 image = residual_topk(x[rows], scores[rows], int(k), block_fn, k_soft=n * ratio[rows],
-                                      tau_rank=rt.tau_rank, tau_sel=rt.tau_sel, noise_std=rt.noise_std,
-                                      estimator=rt.estimator)
+                                      tau_rank=rt.tau_rank, tau_sel=rt.tau_sel, estimator=rt.estimator)
             pieces.append(image if spec.image_output is None else
                           tuple(image if i == spec.image_output else o for i, o in enumerate(kept["out"])))
             order.append(rows)
@@ -103,6 +107,8 @@ class TrainRouting:
         self.transformer, self.router, self.multiple = transformer, router, multiple
         self.tau_rank, self.tau_sel, self.noise_std, self.estimator = tau_rank, tau_sel, noise_std, estimator
         self.ratios: torch.Tensor | None = None
+        # data parallel: this process's rows of a batch of global_batch rows (None: all of it)
+        self.rows, self.global_batch = slice(None), None
         self.enabled = True
         self.call_kwargs: dict = {}
         self.blocks = find_blocks(transformer)

@@ -193,10 +193,24 @@ class ShivaTrainer:
             self.bank = CaptionBank(self.x, self.y)
         if self.x.shape[0] < cfg.batch_size:
             raise ValueError(f"the data has {self.x.shape[0]} images, fewer than batch_size={cfg.batch_size}")
+        from ... import distributed as dist
+
+        self.dist = dist
+        if cfg.batch_size % dist.size():
+            raise ValueError(f"batch_size={cfg.batch_size} does not split over {dist.size()} processes; "
+                             "use a multiple of the process count")
+        per = cfg.batch_size // dist.size()  # data parallel: this process's rows of every batch
+        self.rows = slice(dist.rank() * per, (dist.rank() + 1) * per)
         self.fingerprint = io.model_fingerprint(transformer)  # of the base model, before adapters
         self.noise_sched = DDPMScheduler(**NOISE_SCHEDULE)
         transformer.requires_grad_(False)
         transformer.train()
+        for m in transformer.modules():
+            # diffusers' LabelEmbedding drops labels by itself in train mode, with a fresh draw per
+            # pass: the teacher and the student would see different labels.  Label dropout is
+            # done once per batch here (cfg.label_dropout), for both passes.
+            if type(m).__name__ == "LabelEmbedding":
+                m.eval()
         torch.manual_seed(cfg.seed)
         self.router = ShivaRouter.for_model(transformer)
         self.blocks = find_blocks(transformer)
@@ -262,7 +276,13 @@ class ShivaTrainer:
             target = noise - x0
             t = (s * self.noise_sched.config.num_train_timesteps).float()
         group = group_ratios(cfg, b, gen) if stage == 1 else None
+        # everything above was drawn for the whole batch; this process computes its rows
+        rows, t_all = self.rows, t
+        xt, target, t = xt[rows], target[rows], t[rows]
+        labels = labels[rows] if torch.is_tensor(labels) else labels.index(rows)
+        b_all, b = b, xt.shape[0]
         routing = self.routing
+        routing.rows, routing.global_batch = rows, b_all
         with torch.no_grad():  # the teacher: the frozen model in full
             routing.enabled = False
             set_adapters(self.transformer, False)
@@ -270,11 +290,11 @@ class ShivaTrainer:
         routing.enabled = True
         set_adapters(self.transformer, stage == 3)
         if stage == 1:
-            ratios = torch.cat([torch.ones(b, 1), group[:, None].expand(b, len(self.blocks) - 1)], dim=1)
+            ratios = torch.cat([torch.ones(b, 1), group[rows, None].expand(b, len(self.blocks) - 1)], dim=1)
         elif not cfg.adaptive:  # the fixed-ratio variant: the policy stays at its starting value
             ratios = self.policy(t.float()).detach()
-        else:
-            ratios = self.policy(t.float(), noise_std=cfg.logit_noise if stage == 2 else 0.0)
+        else:  # (the logit noise is drawn for the whole batch)
+            ratios = self.policy(t_all.float(), noise_std=cfg.logit_noise if stage == 2 else 0.0)[rows]
         routing.ratios = ratios
         routing.noise_std = cfg.score_noise if stage < 3 else 0.0
         routing.tau_rank, routing.tau_sel = cfg.temperatures(step)
@@ -290,11 +310,13 @@ class ShivaTrainer:
         for layer in self.distilled:
             hs, ht = hidden[layer].float(), teacher_hidden[layer].float()
             l_distill = l_distill + (F.layer_norm(hs, hs.shape[-1:]) - F.layer_norm(ht, ht.shape[-1:])).pow(2).mean()
-        l_budget = self.budget.loss(ratios) if stage >= 2 and cfg.adaptive else torch.zeros(())
+        l_budget = (self.budget.loss(ratios, sync=self.dist.all_mean) if stage >= 2 and cfg.adaptive
+                    else torch.zeros(()))
         loss = l_diff + cfg.distill_weight * l_distill + l_budget
-        keep = ratios[:, 1:].mean().item()
-        return loss, {"stage": stage, "loss": loss.item(), "diff": l_diff.item(), "distill": l_distill.item(),
-                      "keep": keep, "ema_keep": self.budget.mu}
+        logged = self.dist.all_mean(torch.stack([loss.detach(), l_diff.detach(), l_distill.detach(),
+                                                 ratios[:, 1:].mean().detach()]).double()).tolist()
+        return loss, {"stage": stage, "loss": logged[0], "diff": logged[1], "distill": logged[2],
+                      "keep": logged[3], "ema_keep": self.budget.mu}
 
     def train_step(self) -> dict:
         cfg = self.cfg
@@ -305,11 +327,28 @@ class ShivaTrainer:
         loss, parts = self.loss(self.step)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        if self.dist.size() > 1:
+            self._average_gradients()
         params = [p for g in self.opt.param_groups for p in g["params"] if p.grad is not None]
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         self.opt.step()
         self.step += 1
         return parts
+
+    def _average_gradients(self) -> None:
+        """Data parallel: every gradient becomes its mean over the processes (one all-reduce of
+        all of them, with a mask so that a parameter no process gave a gradient keeps none, as
+        in a single-process run)."""
+        params = [p for g in self.opt.param_groups for p in g["params"] if p.requires_grad]
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).double()
+                          for p in params] + [torch.tensor([float(p.grad is not None) for p in params],
+                                                           dtype=torch.float64)])
+        flat = self.dist.all_sum(flat)
+        mask, at = flat[-len(params):], 0
+        for p, m in zip(params, mask.tolist()):
+            n = p.numel()
+            p.grad = None if m == 0 else (flat[at:at + n] / self.dist.size()).view_as(p).to(p.dtype)
+            at += n
 
     # -- checkpoints ----------------------------------------------------------------------------
     def _tensors(self) -> dict[str, torch.Tensor]:
@@ -357,7 +396,8 @@ class ShivaTrainer:
             self.load_checkpoint(ckpt)
         cfg = self.cfg
         end = cfg.total_steps if stop_after is None else min(cfg.total_steps, self.step + stop_after)
-        bar = tqdm(total=cfg.total_steps, initial=self.step, desc="train-shiva", disable=not progress)
+        bar = tqdm(total=cfg.total_steps, initial=self.step, desc="train-shiva",
+                   disable=not progress or not self.dist.is_main())
         t0 = time.time() - (self.log[-1].get("elapsed_s", 0.0) if self.log else 0.0)
         running = None
         with TrainRouting(self.transformer, self.router, multiple=cfg.multiple) as routing:
@@ -371,12 +411,16 @@ class ShivaTrainer:
                 if self.step % cfg.ckpt_every == 0 or self.step == end:
                     self.log.append({"step": self.step, **{k: round(v, 5) for k, v in running.items()},
                                      "elapsed_s": round(time.time() - t0, 1)})
-                    self.save_checkpoint(ckpt)
+                    if self.dist.is_main():  # one writer; every process holds the same state
+                        self.save_checkpoint(ckpt)
         bar.close()
         if self.step < cfg.total_steps:
+            self.dist.barrier()
             return ckpt
         stem = out_dir / "shiva"
-        save_shiva(stem, self)
+        if self.dist.is_main():
+            save_shiva(stem, self)
+        self.dist.barrier()
         return stem
 
 
