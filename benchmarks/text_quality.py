@@ -56,7 +56,7 @@ def command_of(args) -> str:
     return " ".join(parts)
 
 
-def render(r: dict, args) -> str:
+def readme_block(r: dict, args) -> str:
     per_class = r["per_class_agreement"]
     worst = min(per_class, key=per_class.get)
     return (f"**{r['model']}** ({r['sampler']}-{r['steps']}, CFG {r['cfg']:g}): class agreement "
@@ -90,7 +90,7 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     if args.render:
         result = json.loads((RESULTS / f"text_quality_{args.model}.json").read_text())
-        text = render(result, args)
+        text = readme_block(result, args)
         (RESULTS / f"text_quality_{args.model}.md").write_text(text + "\n")
         replace_block(f"text-quality-{args.model}", text)
         print(text)
@@ -157,7 +157,7 @@ def main() -> None:
               "warm_start": tcfg["warm_start"], "wall_s_per_image": stats.wall_s / args.n,
               "threads": torch.get_num_threads(), "total_s": time.time() - t0, "command": command_of(args)}
     (RESULTS / f"text_quality_{args.model}.json").write_text(json.dumps(result, indent=2) + "\n")
-    text = render(result, args)
+    text = readme_block(result, args)
     (RESULTS / f"text_quality_{args.model}.md").write_text(text + "\n")
     replace_block(f"text-quality-{args.model}", text)
     print(text)

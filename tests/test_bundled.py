@@ -42,7 +42,8 @@ def test_bundled_classifier_is_accurate():
     assert accuracy(load_classifier_asset(), x[:2000], y[:2000]) >= 0.88
 
 
-@pytest.mark.parametrize("name,cls,sampler", [("fmnist-pixart", "PixArtTransformer2DModel", "ddim")])
+@pytest.mark.parametrize("name,cls,sampler", [("fmnist-pixart", "PixArtTransformer2DModel", "ddim"),
+                                              ("fmnist-mmdit", "SD3Transformer2DModel", "euler")])
 def test_bundled_text_models_draw_what_the_prompt_names(name, cls, sampler):
     from ditaccel import TextPixelPipeline
 

@@ -27,6 +27,13 @@ BUNDLED: dict[str, dict] = {
         "class_names": CLASS_NAMES,
         "train": "ditaccel train-text-reference --preset fmnist-pixart",
     },
+    "fmnist-mmdit": {
+        "folder": "fmnist-mmdit",
+        "about": "text-to-image SD3-style MMDiT (joint attention with MiniLM-L6 tokens, pooled text in "
+                 "adaLN, rectified flow), 28x28x1 pixels, 196 tokens, 8 layers, captioned Fashion-MNIST",
+        "class_names": CLASS_NAMES,
+        "train": "ditaccel train-text-reference --preset fmnist-mmdit --steps 700",
+    },
 }
 CLASSIFIER_STEM = ASSETS / "fmnist-classifier"
 
