@@ -80,10 +80,6 @@ def _inf_prune(t):
     t["e_prune"][2, 1, 0, 0, 0, 0] = float("inf")
 
 
-def _schema(meta):
-    meta["schema_version"] = 999  # save_artifact writes its own: overwritten below
-
-
 def _old_schema_profile(w, t):
     stem = _copy_profile(w, t / "p")
     tensors, header = io.read_tensors_and_metadata(t / "p.safetensors")

@@ -71,8 +71,3 @@ def broadcast(obj: Any, src: int = 0) -> Any:
 def barrier() -> None:
     if size() > 1:
         world().wait_for_everyone()
-
-
-def shard(n: int) -> range:
-    """Indices 0..n-1 this process takes: every ``size()``-th, from its rank on."""
-    return range(rank(), n, size())
