@@ -26,7 +26,9 @@ Writes results/peers-<sampler>[-quick].{json,md,png} and README's ``peers-<sampl
     python benchmarks/peers.py --quick                # one point per method, under 10 minutes
     python benchmarks/peers.py --seed 10000 --repeats 0   # fidelity only on other seeds (FD ranking check)
     python benchmarks/peers.py --only soda,soda-latency --merge   # re-measure some methods, keep the rest
-    python benchmarks/peers.py --model fmnist-pixart --n 64   # the PixArt-style text model (issue 7)
+    python benchmarks/peers.py --model fmnist-pixart --n 32 --timed-batch 4 --sweep fora=2,3 ...
+                                                      # the PixArt-style text model (issue 7; README's
+                                                      # command, two points per method)
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ import time
 import torch
 
 from common import RESULTS, ROOT, machine, replace_block, save_json
-from ditaccel.bench import measure, merge, method_entries, plot, report
+from ditaccel.bench import measure, merge, method_entries, parse_sweeps, plot, report
 from ditaccel.metrics import feature_extractor, frechet_distance
 from ditaccel.models.classifier import predict
 from ditaccel.pipeline import SAMPLERS
@@ -70,6 +72,7 @@ def command_of(args) -> str:
         parts.append(f"--timed-batch {args.timed_batch}")
     if args.repeats != 3:
         parts.append(f"--repeats {args.repeats}")
+    parts += [f"--sweep {item}" for item in args.sweep or []]
     return " ".join(parts)
 
 
@@ -99,6 +102,8 @@ def main() -> None:
     ap.add_argument("--cfg", type=float, default=3.0)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--only", default=None, help="comma-separated methods to run (default: all)")
+    ap.add_argument("--sweep", action="append", default=None, metavar="METHOD=V1,V2,...",
+                    help="this method's knob values instead of its default sweep (repeatable)")
     ap.add_argument("--merge", action="store_true",
                     help="with --only: replace those methods' rows in the saved results, keep the rest")
     ap.add_argument("--replot", action="store_true", help="redraw the table and plot from the saved JSON")
@@ -106,9 +111,14 @@ def main() -> None:
     stem = stem_of(args)
     if args.merge and not args.only:
         ap.error("--merge needs --only METHODS (the methods to re-measure)")
+    try:
+        sweeps = parse_sweeps(args.sweep)
+    except ValueError as e:
+        ap.error(str(e))
     if args.replot:
         out = json.loads((RESULTS / f"{stem}.json").read_text())
         args.n, args.batch, args.timed_batch = out["n"], out["batch"], out.get("timed_batch", 8)
+        args.sweep = args.sweep or out.get("sweep")
         finish(out, stem, args)
         return
     args.n = args.n or (16 if args.quick else 96)
@@ -144,8 +154,8 @@ def main() -> None:
     # SODA's calibrated plans depend on the profile and the calibration samples only: kept for the
     # other seed sets and for re-runs (delete runs/plans/ after changing SODA)
     plan_dir = ROOT / "runs" / "plans" / (f"peers-{args.sampler}" + (f"-{args.model}" if args.model != "fmnist-dit" else ""))
-    entries = method_entries(pipe, steps, methods=methods, quick=args.quick, profile=prof, calibration_run=cal_run,
-                             plan_dir=plan_dir)
+    entries = method_entries(pipe, steps, methods=methods, quick=args.quick, sweeps=sweeps, profile=prof,
+                             calibration_run=cal_run, plan_dir=plan_dir)
 
     def show(row):
         print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
@@ -153,6 +163,7 @@ def main() -> None:
     res = measure(pipe, run, timed, entries, repeats=args.repeats, extra=extra, feature_extractor=fx, on_row=show)
     out = {"model": args.model, "dtype": args.dtype, "sampler": args.sampler, "steps": steps, "n": args.n, "seed": args.seed, "batch": args.batch,
            "timed_batch": args.timed_batch, "repeats": args.repeats, "cfg": args.cfg, "quick": args.quick,
+           "sweep": args.sweep,
            "threads": torch.get_num_threads(), "cpu": machine(), "total_s": time.time() - t0, **res}
     if args.merge:
         out = merge(json.loads((RESULTS / f"{stem}.json").read_text()), out)

@@ -1,3 +1,9 @@
+import os
+
+# The default run computes on the CPU, also on a GPU machine (the CUDA checks are in
+# tests/test_cuda.py); DITACCEL_DEVICE=cuda runs the CLI tests on the GPU instead.
+os.environ.setdefault("DITACCEL_DEVICE", "cpu")
+
 import pytest
 import torch
 from diffusers import DDIMScheduler, DiTTransformer2DModel

@@ -241,6 +241,15 @@ CASES = [
      "class-conditional", "g.png"),
     ("text-train-batch-0", lambda w, t: ["train-text-reference", "--preset", "fmnist-pixart", "--batch-size", "0",
                                          "--out", str(t / "r")], "batch_size must be >= 1", "r"),
+    # devices this machine does not have (cuda:99: no machine has 100 GPUs)
+    ("device-missing-gpu", lambda w, t: _gen(w, t, "--device", "cuda:99", "--out", str(t / "g.png")),
+     "--device cuda:99: ", "g.png"),
+    ("device-unsupported", lambda w, t: _gen(w, t, "--device", "mps", "--out", str(t / "g.png")),
+     "runs on the CPU or on CUDA", "g.png"),
+    ("device-garbage", lambda w, t: ["profile", "--model", str(w["pipe"]), "--device", "gpu!", "--out", str(t / "p")],
+     "is not a device", "p.json"),
+    ("device-train-shiva", lambda w, t: ["train-shiva", "--model", str(w["pipe"]), "--device", "cuda:99",
+                                         "--out", str(t / "s")], "--device cuda:99: ", "s"),
     # outputs that cannot be written
     ("out-under-a-file", lambda w, t: _gen(w, t, "--out", str(_a_file(t) / "g.png")), "cannot write", "afile/g.png"),
     ("profile-out-unwritable", lambda w, t: ["profile", "--model", str(w["pipe"]), "--steps", "3", "--samples", "1",

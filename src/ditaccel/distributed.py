@@ -18,13 +18,26 @@ from typing import Any
 
 import torch
 
+_CPU = {"forced": False}
+
+
+def force_cpu() -> None:
+    """Place this process on the CPU (gloo between processes) even where CUDA is present: what
+    ``--device cpu`` does.  Takes effect when called before anything else here."""
+    _CPU["forced"] = True
+
 
 @functools.lru_cache(maxsize=1)
 def world():
-    """accelerate's PartialState for this process (created once)."""
+    """accelerate's PartialState for this process (created once): on this process's GPU (NCCL
+    between processes) where CUDA is present, unless :func:`force_cpu` or ``DITACCEL_DEVICE=cpu``
+    says otherwise; on the CPU (gloo) elsewhere."""
+    import os
+
     from accelerate import PartialState
 
-    return PartialState(cpu=not torch.cuda.is_available())
+    cpu = _CPU["forced"] or os.environ.get("DITACCEL_DEVICE") == "cpu" or not torch.cuda.is_available()
+    return PartialState(cpu=cpu)
 
 
 def rank() -> int:

@@ -218,8 +218,15 @@ class _Recorder:
                 del ring[old]
         return hook
 
+    def _on(self, device: torch.device) -> None:
+        """Keep the sums where the activations are (no host sync per measurement on a GPU)."""
+        if self.sum_c.device != device:
+            for name in self.SUMS:
+                setattr(self, name, getattr(self, name).to(device))
+
     @torch.no_grad()
     def _measure(self, t, layer, mi, out, inp, ring) -> None:
+        self._on(out.device)
         fresh = out.float()
         f = fresh.pow(2).sum(-1)                         # (B, N) |fresh_i|^2
         f_tot = f.sum(1)
@@ -232,8 +239,8 @@ class _Recorder:
             c = cached.pow(2).sum(-1)                    # (B, N) |cached_i|^2
             d_tot, c_tot = d.sum(1), c.sum(1)
             e_c = 1 - d_tot / (f_tot * c_tot).sqrt().clamp_min(1e-30)   # (B,)
-            self.sum_c[t, layer, mi, ii] += float(e_c.sum())
-            self.sq_c[t, layer, mi, ii] += float(e_c.pow(2).sum())
+            self.sum_c[t, layer, mi, ii] += e_c.sum().double()
+            self.sq_c[t, layer, mi, ii] += e_c.pow(2).sum().double()
             self.cnt[t, layer, mi, ii] += e_c.numel()
             for si, score in enumerate(self.scores):
                 if score == "delta":
@@ -245,7 +252,7 @@ class _Recorder:
                 cf = f.gather(1, order).cumsum(1)        # fresh tokens' |.|^2, highest score first
                 cd = d.gather(1, order).cumsum(1)
                 cc = c.gather(1, order).cumsum(1)
-                k = self.ks - 1
+                k = (self.ks - 1).to(cf.device)
                 dot = cf[:, k] + (d_tot[:, None] - cd[:, k])          # (B, R)
                 mix = cf[:, k] + (c_tot[:, None] - cc[:, k])
                 e_p = 1 - dot / (f_tot[:, None] * mix).sqrt().clamp_min(1e-30)
@@ -254,7 +261,8 @@ class _Recorder:
     SUMS = ("sum_c", "sq_c", "cnt", "sum_p")
 
     def sums(self) -> dict[str, torch.Tensor]:
-        return {name: getattr(self, name) for name in self.SUMS}
+        """The error sums, on the CPU."""
+        return {name: getattr(self, name).cpu() for name in self.SUMS}
 
     def load_sums(self, tensors: dict[str, torch.Tensor]) -> None:
         for name in self.SUMS:
@@ -263,6 +271,7 @@ class _Recorder:
             setattr(self, name, tensors[name].double().clone())
 
     def tables(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        self._on(torch.device("cpu"))
         cnt = self.cnt
         mean = torch.where(cnt > 0, self.sum_c / cnt.clamp_min(1), torch.nan)
         var = torch.where(cnt > 1, (self.sq_c - cnt * mean.nan_to_num() ** 2) / (cnt - 1).clamp_min(1), torch.nan)
@@ -351,8 +360,11 @@ def measure_costs(transformer, shape, ratios, call_inputs: tuple[tuple, dict], r
     from .runtime import apply, remove, state_of
     from .runtime.adapters import block_modules, find_blocks
 
+    from .devices import synchronize
+
     args, kwargs = call_inputs
     rows = int((args[0] if args else kwargs["hidden_states"]).shape[0])
+    dev = (args[0] if args else kwargs["hidden_states"]).device
     ks = [max(1, min(shape.num_tokens - 1, round(r * shape.num_tokens))) for r in ratios] + [FULL]
     names = {}
     for layer, (name, block, spec) in enumerate(find_blocks(transformer)):
@@ -410,8 +422,10 @@ def measure_costs(transformer, shape, ratios, call_inputs: tuple[tuple, dict], r
             remove(transformer)
         for (role, ki, _), rec in zip(jobs, recs[1:]):
             times[(role, ki)].append(rec.wall_s)
+        synchronize(dev)
         t0 = time.perf_counter()
         transformer(*args, **kwargs)
+        synchronize(dev)
         full_times.append(time.perf_counter() - t0)
     reuse = statistics.median(times[("reuse", None)])
     ms = torch.zeros(len(shape.modules), len(ks), dtype=torch.float64)

@@ -40,10 +40,12 @@ CLASSIFIER_STEM = ASSETS / "fmnist-classifier"
 DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def native_bf16() -> bool:
-    """Whether bf16 matrix work is fast here: a CUDA device, or a CPU with AMX tiles or
-    AVX512-BF16 (elsewhere the CPU emulates bf16, several times slower than fp32)."""
-    if torch.cuda.is_available():
+def native_bf16(device: torch.device | str | None = None) -> bool:
+    """Whether bf16 matrix work is fast on ``device`` (default: anywhere here): a CUDA device, or a
+    CPU with AMX tiles or AVX512-BF16 (elsewhere the CPU emulates bf16, several times slower than
+    fp32)."""
+    kind = torch.device(device).type if device is not None else None
+    if kind == "cuda" or (kind is None and torch.cuda.is_available()):
         return True
     if getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)():
         return True
@@ -54,11 +56,12 @@ def native_bf16() -> bool:
         return False
 
 
-def resolve_dtype(name: str) -> str:
-    """``auto`` -> ``bf16`` where :func:`native_bf16`, else ``fp32``; other names unchanged."""
+def resolve_dtype(name: str, device: torch.device | str | None = None) -> str:
+    """``auto`` -> ``bf16`` where :func:`native_bf16` (on ``device``, if given), else ``fp32``;
+    other names unchanged."""
     if name not in DTYPES:
         raise ValueError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
-    return ("bf16" if native_bf16() else "fp32") if name == "auto" else name
+    return ("bf16" if native_bf16(device) else "fp32") if name == "auto" else name
 
 
 class ModelNotFound(ValueError):
@@ -86,15 +89,20 @@ def resolve_model(model: str) -> Path:
     return path
 
 
-def load_pipeline(model: str, dtype: str = "fp32"):
+def load_pipeline(model: str, dtype: str = "fp32", device: torch.device | str | None = None):
     """Load a pipeline the way a diffusers user would: our pixel DiT pipeline for folders saved
-    by it, ``DiffusionPipeline.from_pretrained`` (e.g. ``DiTPipeline``) for anything else."""
+    by it, ``DiffusionPipeline.from_pretrained`` (e.g. ``DiTPipeline``) for anything else.
+    ``device``: move it there (:func:`ditaccel.devices.resolve_device`; default: leave it where
+    diffusers loads it, the CPU)."""
     from diffusers import DiffusionPipeline
     from diffusers.utils import logging as dlogging
 
     from .pipeline import DiTPixelPipeline, TextPixelPipeline
 
-    dtype = resolve_dtype(dtype)
+    from .devices import resolve_device
+
+    target = resolve_device(device) if device is not None else None
+    dtype = resolve_dtype(dtype, target)
     path = resolve_model(model)
     try:
         index = json.loads((path / "model_index.json").read_text())
@@ -128,6 +136,8 @@ def load_pipeline(model: str, dtype: str = "fp32"):
 
     find_blocks(transformer)  # an unsupported block class is refused here, with the supported ones
     pipe.set_progress_bar_config(disable=True)
+    if target is not None:
+        pipe.to(target)
     return pipe
 
 

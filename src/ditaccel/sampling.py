@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .devices import synchronize
 from .metrics import transformer_flops
 from .pipeline import SAMPLERS, default_sampler, make_scheduler
 from .runtime.apply import state_of
@@ -125,6 +126,8 @@ def sample(pipe, class_labels, *, sampler: str | None = None, steps: int | None 
     counter = CallCounter(pipe.transformer)
     out = []
     try:
+        dev = getattr(pipe, "_execution_device", None)
+        synchronize(dev)
         t0, c0 = time.perf_counter(), time.process_time()
         for i in tqdm(range(0, len(labels), batch_size), desc=f"{sampler} x{steps}",
                       disable=not progress or len(labels) <= batch_size):
@@ -132,6 +135,7 @@ def sample(pipe, class_labels, *, sampler: str | None = None, steps: int | None 
                             generator=gens[i:i + batch_size], num_inference_steps=steps,
                             output_type="np")
             out.append(torch.from_numpy(np.asarray(res.images)).permute(0, 3, 1, 2).float())
+        synchronize(dev)
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     finally:
         counter.remove()
@@ -169,14 +173,17 @@ def speedup_pairs(pipe, timed, attach, repeats: int = 3) -> list[float]:
     back to back, ``repeats`` times with the order alternating (take the median).  ``attach(pipe)``
     switches the method on and returns the function that switches it off; the method is off
     between and after the pairs.  Warm the pipeline up before the first call."""
+    dev = getattr(pipe, "_execution_device", None)
     ratios = []
     for r in range(repeats):
         walls = {}
         for which in (("full", "method") if r % 2 == 0 else ("method", "full")):
             detach = attach(pipe) if which == "method" else None
             try:
+                synchronize(dev)
                 t = time.perf_counter()
                 timed(pipe)
+                synchronize(dev)
                 walls[which] = time.perf_counter() - t
             finally:
                 if detach is not None:

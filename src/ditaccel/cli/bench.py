@@ -61,8 +61,8 @@ def run(args) -> int:
         raise ValueError(f"--sweep names {', '.join(stray)}, which --methods leaves out")
     if args.steps is not None and args.steps < 2:
         raise ValueError(f"--steps must be >= 2, got {args.steps}")
-    args.dtype = resolve_dtype(args.dtype)  # what ran is recorded, not 'auto'
-    pipe = load_pipeline(args.model, args.dtype)
+    args.dtype = resolve_dtype(args.dtype, args.device)  # what ran is recorded, not 'auto'
+    pipe = load_pipeline(args.model, args.dtype, args.device)
     from ..pipeline import default_sampler, make_scheduler
     from ..sampling import num_classes as classes_of
 

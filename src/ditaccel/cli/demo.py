@@ -47,7 +47,7 @@ def run(args) -> int:
     steps = args.steps or SAMPLERS[args.sampler][2]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    pipe = load_pipeline("fmnist-dit", "bf16")
+    pipe = load_pipeline("fmnist-dit", "bf16", args.device)
     prof = cached_profile(pipe, sampler=args.sampler, steps=steps, cfg=args.cfg, samples=args.profile_samples,
                           folder=cache_dir(args.cache_dir), reprofile=args.reprofile)
     plot_profile(prof, out / "profile")

@@ -132,8 +132,8 @@ def run(args) -> int:
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise ValueError(f"--out must name a .png file, got {args.out}")
-    args.dtype = resolve_dtype(args.dtype)  # what ran is recorded, not 'auto'
-    pipe = load_pipeline(args.model, args.dtype)
+    args.dtype = resolve_dtype(args.dtype, args.device)  # what ran is recorded, not 'auto'
+    pipe = load_pipeline(args.model, args.dtype, args.device)
     from ..pipeline import default_sampler, make_scheduler
     from ..sampling import is_text_pipeline, num_classes as classes_of
 

@@ -38,6 +38,10 @@ OUTPUTS = {
 }
 
 
+# The commands that run a model, and so take --device.
+COMPUTES = ("generate", "profile", "plan", "bench", "demo", "train-shiva")
+
+
 def check_outputs(args) -> None:
     from ..io import check_writable
 
@@ -58,6 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     for name, mod in COMMANDS.items():
         p = sub.add_parser(name, help=mod.HELP, description=mod.HELP)
         mod.add_arguments(p)
+        if name in COMPUTES:
+            p.add_argument("--device", default=None,
+                           help="where to compute: auto (a CUDA device where torch sees one; under "
+                                "accelerate launch, each process's own), cpu, cuda or cuda:N "
+                                "(default: $DITACCEL_DEVICE, else auto)")
         p.set_defaults(_run=mod.run)
     return parser
 
@@ -70,6 +79,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         check_outputs(args)
+        if args.command in COMPUTES:
+            from .. import distributed
+            from ..devices import default_spec, resolve_device
+
+            if (args.device or default_spec()) == "cpu":
+                distributed.force_cpu()  # gloo between processes, even where CUDA is present
+            args.device = resolve_device(args.device)
         return int(args._run(args) or 0)
     except (UsageError, ArtifactError, ModelNotFound, ValueError, FileNotFoundError,
             PermissionError, IsADirectoryError, NotADirectoryError) as e:

@@ -51,8 +51,8 @@ class Profile:
         intervals = tuple(int(x) for x in _floats(args.intervals, "--intervals"))
         ratios = _floats(args.ratios, "--ratios")
         scores = tuple(s.strip() for s in args.token_scores.split(",") if s.strip())
-        args.dtype = resolve_dtype(args.dtype)  # what ran is recorded, not 'auto'
-        pipe = load_pipeline(args.model, args.dtype)
+        args.dtype = resolve_dtype(args.dtype, args.device)  # what ran is recorded, not 'auto'
+        pipe = load_pipeline(args.model, args.dtype, args.device)
         from ..sampling import num_classes as classes_of
 
         num_classes = classes_of(pipe)
@@ -141,7 +141,7 @@ class Plan:
             from ..registry import load_pipeline
 
             model = args.model or prof.meta.get("model_name") or "fmnist-dit"
-            pipe = load_pipeline(model, prof.meta.get("dtype") or "bf16")
+            pipe = load_pipeline(model, prof.meta.get("dtype") or "bf16", args.device)
             prof.check_for(fingerprint=model_fingerprint(pipe.transformer))
         if args.calibrate:
             plan = _calibrated(pipe, prof, cfg, args.calibrate, args.calibrate_seed)

@@ -103,7 +103,7 @@ class Shiva:
         from ..pipeline import is_flow_config
         from ..sampling import is_text_pipeline
 
-        pipe = load_pipeline(args.model, "fp32")
+        pipe = load_pipeline(args.model, "fp32", args.device)
         cfg = ShivaTrainConfig(keep=args.keep, objective="flow" if is_flow_config(pipe.scheduler.config) else "epsilon", adaptive=not args.fixed_ratio, warmup_steps=stages[0],
                                policy_steps=stages[1], joint_steps=stages[2], adapter=args.adapter,
                                adapter_rank=args.adapter_rank, batch_size=args.batch_size, seed=args.seed,

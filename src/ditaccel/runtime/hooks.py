@@ -10,6 +10,7 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..devices import synchronize
 from ..plan import FULL, REUSE
 from .adapters import BlockSpec
 from .state import ModuleCache, PlanMismatch, RunState, _into
@@ -38,6 +39,8 @@ class StepHook(ModelHook):
         self.state.cfg_paired = (self.state.plan.route is not None and b % 2 == 0 and b > 0
                                  and torch.equal(x[: b // 2], x[b // 2:]))
         original = self.fn_ref.original_forward
+        dev = x.device if torch.is_tensor(x) else None
+        synchronize(dev)  # a CUDA call's time is its work, not its launch
         t0 = time.perf_counter()
         if self.state.count_flops:
             with FlopCounterMode(display=False) as counter:
@@ -45,6 +48,7 @@ class StepHook(ModelHook):
             record.flops = int(counter.get_total_flops())
         else:
             out = original(*args, **kwargs)
+        synchronize(dev)
         record.wall_s = time.perf_counter() - t0
         self.state.check_finite(out)
         return out

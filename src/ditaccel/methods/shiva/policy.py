@@ -48,7 +48,8 @@ class RatioPolicy(nn.Module):
         """(B, L) keep ratios (column 0: 1); ``noise_std``: logit noise (policy learning only)."""
         z = self.logits(timesteps)
         if noise_std > 0:
-            z = z + noise_std * torch.randn(z.shape, generator=generator, dtype=z.dtype, device=z.device)
+            # drawn on the CPU: the same noise on every device for a seed
+            z = z + noise_std * torch.randn(z.shape, generator=generator, dtype=z.dtype).to(z.device)
         r = torch.sigmoid(z)
         return torch.cat([torch.ones_like(r[:, :1]), r], dim=1)
 

@@ -212,9 +212,13 @@ class ShivaTrainer:
             if type(m).__name__ == "LabelEmbedding":
                 m.eval()
         torch.manual_seed(cfg.seed)
-        self.router = ShivaRouter.for_model(transformer)
+        from ...devices import module_device
+
+        # where the model is; every random draw is made on the CPU (the same on any device) and moved
+        self.device = module_device(transformer)
+        self.router = ShivaRouter.for_model(transformer).to(self.device)
         self.blocks = find_blocks(transformer)
-        self.policy = RatioPolicy(len(self.blocks), cfg.keep)
+        self.policy = RatioPolicy(len(self.blocks), cfg.keep).to(self.device)
         self.budget = Budget(cfg.keep, beta=cfg.budget_beta, weight=cfg.budget_weight)
         self.adapter_params: list[torch.nn.Parameter] = []
         self.adapter_targets: list[str] = []
@@ -276,10 +280,13 @@ class ShivaTrainer:
             target = noise - x0
             t = (s * self.noise_sched.config.num_train_timesteps).float()
         group = group_ratios(cfg, b, gen) if stage == 1 else None
-        # everything above was drawn for the whole batch; this process computes its rows
-        rows, t_all = self.rows, t
-        xt, target, t = xt[rows], target[rows], t[rows]
+        alphas_all = self.noise_sched.alphas_cumprod[t] if cfg.objective == "epsilon" else None
+        # everything above was drawn for the whole batch; this process computes its rows, on its device
+        dev, rows = self.device, self.rows
+        t_all = t.to(dev)
+        xt, target, t = xt[rows].to(dev), target[rows].to(dev), t[rows].to(dev)
         labels = labels[rows] if torch.is_tensor(labels) else labels.index(rows)
+        labels = labels.to(dev)
         b_all, b = b, xt.shape[0]
         routing = self.routing
         routing.rows, routing.global_batch = rows, b_all
@@ -290,7 +297,7 @@ class ShivaTrainer:
         routing.enabled = True
         set_adapters(self.transformer, stage == 3)
         if stage == 1:
-            ratios = torch.cat([torch.ones(b, 1), group[rows, None].expand(b, len(self.blocks) - 1)], dim=1)
+            ratios = torch.cat([torch.ones(b, 1), group[rows, None].expand(b, len(self.blocks) - 1)], dim=1).to(dev)
         elif not cfg.adaptive:  # the fixed-ratio variant: the policy stays at its starting value
             ratios = self.policy(t.float()).detach()
         else:  # (the logit noise is drawn for the whole batch)
@@ -301,7 +308,7 @@ class ShivaTrainer:
         pred, hidden = self._forward(xt, t, labels)
         per_sample = (pred.float() - target).pow(2).mean(dim=(1, 2, 3))
         if cfg.objective == "epsilon":
-            alphas = self.noise_sched.alphas_cumprod[t]
+            alphas = alphas_all[rows].to(dev)
             snr = alphas / (1 - alphas)
             l_diff = (snr.clamp(max=cfg.min_snr_gamma) / snr * per_sample).mean()
         else:
@@ -311,7 +318,7 @@ class ShivaTrainer:
             hs, ht = hidden[layer].float(), teacher_hidden[layer].float()
             l_distill = l_distill + (F.layer_norm(hs, hs.shape[-1:]) - F.layer_norm(ht, ht.shape[-1:])).pow(2).mean()
         l_budget = (self.budget.loss(ratios, sync=self.dist.all_mean) if stage >= 2 and cfg.adaptive
-                    else torch.zeros(()))
+                    else torch.zeros((), device=dev))
         loss = l_diff + cfg.distill_weight * l_distill + l_budget
         logged = self.dist.all_mean(torch.stack([loss.detach(), l_diff.detach(), l_distill.detach(),
                                                  ratios[:, 1:].mean().detach()]).double()).tolist()
@@ -342,7 +349,7 @@ class ShivaTrainer:
         params = [p for g in self.opt.param_groups for p in g["params"] if p.requires_grad]
         flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).double()
                           for p in params] + [torch.tensor([float(p.grad is not None) for p in params],
-                                                           dtype=torch.float64)])
+                                                           dtype=torch.float64, device=params[0].device)])
         flat = self.dist.all_sum(flat)
         mask, at = flat[-len(params):], 0
         for p, m in zip(params, mask.tolist()):
@@ -427,7 +434,8 @@ class ShivaTrainer:
 def ratio_table(policy: RatioPolicy, num_train_timesteps: int = 1000) -> torch.Tensor:
     """The policy compiled to a lookup table: keep ratios (T, L) at every training timestep."""
     with torch.no_grad():
-        return policy(torch.arange(num_train_timesteps, dtype=torch.float32)).float()
+        t = torch.arange(num_train_timesteps, dtype=torch.float32, device=policy.anchor.device)
+        return policy(t).float().cpu()
 
 
 def save_shiva(stem: Path, trainer: ShivaTrainer) -> None:

@@ -1,0 +1,63 @@
+"""Where ditaccel computes: ``--device`` on the command line, ``device=`` in the Python API.
+
+``auto`` is a CUDA device where torch sees one (under ``accelerate launch``: this process's own
+GPU, ``cuda:<local rank>``), else the CPU.  Random draws stay on the CPU (seeded
+``torch.Generator``s) and are moved to the device, so a seed gives the same noise on every device;
+measured tables (profile sums) come back to the CPU before they are reduced or saved.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+CHOICES = "auto, cpu, cuda or cuda:N"
+ENV = "DITACCEL_DEVICE"  # the default of --device (auto where unset)
+
+
+def default_spec() -> str:
+    return os.environ.get(ENV) or "auto"
+
+
+def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
+    """``spec`` as a torch device this machine has, or a one-line ``ValueError`` saying what to
+    pass instead."""
+    from . import distributed as dist
+
+    if spec is None:
+        spec = default_spec()
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return dist.device() if dist.size() > 1 else torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device {spec!r} is not a device; use {CHOICES}") from None
+    if dev.type == "cpu":
+        return torch.device("cpu")
+    if dev.type != "cuda":
+        raise ValueError(f"--device {spec}: ditaccel runs on the CPU or on CUDA; use {CHOICES}")
+    if not torch.cuda.is_available():
+        raise ValueError(f"--device {spec}: torch sees no CUDA device here (torch.cuda.is_available() is "
+                         "False, or this torch build is CPU-only); use --device cpu or auto")
+    if dev.index is None:  # one GPU per process under a multi-process launch
+        return dist.device() if dist.size() > 1 else torch.device("cuda", torch.cuda.current_device())
+    if dev.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {spec}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                         f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    return dev
+
+
+def synchronize(device: torch.device | str | None) -> None:
+    """Wait for ``device``'s queued work (CUDA runs asynchronously; a wall clock read without this
+    measures the launches, not the work).  A no-op on the CPU."""
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def module_device(module: torch.nn.Module) -> torch.device:
+    """The device of ``module``'s first parameter (CPU for a module without parameters)."""
+    p = next(module.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
