@@ -68,6 +68,31 @@ def test_profile_matches_the_cpu(tiny_pipe_dir, tmp_path):
     assert gm["step_ms"] > 0 and (g["module_ms"] >= 0).all()
 
 
+def test_a_profile_interrupted_on_the_gpu_resumes_there(tiny_pipe_dir, tmp_path, monkeypatch):
+    """The checkpoint holds the captured transformer call on the CPU; the resumed run's cost
+    timing moves it back to the GPU."""
+    from ditaccel import profiling
+
+    pipe = load_pipeline(str(tiny_pipe_dir), "fp32", "cuda")
+    kw = dict(class_labels=[0, 1, 2, 3, 0], sampler="ddim", steps=6, guidance_scale=2.0, seed=7, batch_size=2,
+              intervals=(1, 2), ratios=(0.25, 0.5), timing_repeats=1, progress=False)
+    straight = profiling.profile(pipe, **kw)
+    real_save = profiling._save_partial
+
+    def save_then_die(*args):
+        real_save(*args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(profiling, "_save_partial", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        profiling.profile(pipe, checkpoint=tmp_path / "partial", **kw)
+    monkeypatch.setattr(profiling, "_save_partial", real_save)
+    resumed = profiling.profile(pipe, checkpoint=tmp_path / "partial", **kw)
+    for name in ("e_cache", "e_cache_std", "e_prune"):
+        torch.testing.assert_close(getattr(resumed, name), getattr(straight, name), equal_nan=True, msg=name)
+    assert resumed.step_ms > 0
+
+
 def test_shiva_training_matches_the_cpu(tmp_path):
     from ditaccel.methods.shiva.train import train_shiva
     from tests.dist_worker import CFG, DATA

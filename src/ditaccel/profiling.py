@@ -360,11 +360,13 @@ def measure_costs(transformer, shape, ratios, call_inputs: tuple[tuple, dict], r
     from .runtime import apply, remove, state_of
     from .runtime.adapters import block_modules, find_blocks
 
-    from .devices import synchronize
+    from .devices import module_device, synchronize
 
+    dev = module_device(transformer)  # a resumed profile's captured call comes from the CPU
     args, kwargs = call_inputs
+    args = tuple(a.to(dev) if torch.is_tensor(a) else a for a in args)
+    kwargs = {k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in kwargs.items()}
     rows = int((args[0] if args else kwargs["hidden_states"]).shape[0])
-    dev = (args[0] if args else kwargs["hidden_states"]).device
     ks = [max(1, min(shape.num_tokens - 1, round(r * shape.num_tokens))) for r in ratios] + [FULL]
     names = {}
     for layer, (name, block, spec) in enumerate(find_blocks(transformer)):

@@ -25,7 +25,7 @@ BUNDLED: dict[str, dict] = {
         "about": "text-to-image PixArt-style DiT (adaLN-single, cross-attention to MiniLM-L6 tokens), "
                  "28x28x1 pixels, 196 tokens, 8 layers, captioned Fashion-MNIST",
         "class_names": CLASS_NAMES,
-        "train": "ditaccel train-text-reference --preset fmnist-pixart",
+        "train": "ditaccel train-text-reference --preset fmnist-pixart --steps 1600",
     },
     "fmnist-mmdit": {
         "folder": "fmnist-mmdit",
