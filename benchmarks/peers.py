@@ -39,7 +39,7 @@ import time
 
 import torch
 
-from common import RESULTS, ROOT, machine, replace_block, save_json
+from common import RESULTS, ROOT, machine, real_test_features, replace_block, save_json
 from ditaccel.bench import measure, merge, method_entries, parse_sweeps, plot, report
 from ditaccel.metrics import feature_extractor, frechet_distance
 from ditaccel.models.classifier import predict
@@ -141,10 +141,8 @@ def main() -> None:
     timed = lambda p: sample(p, timed_labels, seed=args.seed, batch_size=args.timed_batch, **opts)  # noqa: E731
     classifier = load_classifier_asset()
     fx = feature_extractor()
-    from ditaccel.data import load_fashion_mnist
 
-    x_test, _ = load_fashion_mnist("test")
-    real_feats = fx((x_test[:2000] + 1) / 2) if args.quick else fx((x_test + 1) / 2)
+    real_feats = real_test_features(fx, 2000 if args.quick else 10_000)  # cached under runs/cache/
 
     def extra(images) -> dict:
         return {"fd_vs_test": frechet_distance(fx(images), real_feats),

@@ -88,9 +88,9 @@ def test_bf16_transformer_keeps_float32_sample(tiny_pipe):
 def test_auto_dtype_is_bf16_only_where_bf16_is_native(monkeypatch):
     from ditaccel import registry
 
-    monkeypatch.setattr(registry, "native_bf16", lambda: False)
+    monkeypatch.setattr(registry, "native_bf16", lambda device=None: False)
     assert registry.resolve_dtype("auto") == "fp32" and registry.resolve_dtype("bf16") == "bf16"
-    monkeypatch.setattr(registry, "native_bf16", lambda: True)
+    monkeypatch.setattr(registry, "native_bf16", lambda device=None: True)
     assert registry.resolve_dtype("auto") == "bf16" and registry.resolve_dtype("fp32") == "fp32"
     with pytest.raises(ValueError, match="unknown dtype"):
         registry.resolve_dtype("int8")
