@@ -28,9 +28,9 @@ def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
     if spec is None:
         spec = default_spec()
     if spec == "auto":
-        if torch.cuda.is_available():
-            return dist.device() if dist.size() > 1 else torch.device("cuda", torch.cuda.current_device())
-        return torch.device("cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        spec = "cuda"
     try:
         dev = torch.device(spec)
     except (RuntimeError, TypeError):
@@ -42,7 +42,7 @@ def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
     if not torch.cuda.is_available():
         raise ValueError(f"--device {spec}: torch sees no CUDA device here (torch.cuda.is_available() is "
                          "False, or this torch build is CPU-only); use --device cpu or auto")
-    if dev.index is None:  # one GPU per process under a multi-process launch
+    if dev.index is None:  # this process's GPU: its own one under a multi-process launch
         return dist.device() if dist.size() > 1 else torch.device("cuda", torch.cuda.current_device())
     if dev.index >= torch.cuda.device_count():
         raise ValueError(f"--device {spec}: this machine has {torch.cuda.device_count()} CUDA device(s), "
@@ -55,9 +55,3 @@ def synchronize(device: torch.device | str | None) -> None:
     measures the launches, not the work).  A no-op on the CPU."""
     if device is not None and torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def module_device(module: torch.nn.Module) -> torch.device:
-    """The device of ``module``'s first parameter (CPU for a module without parameters)."""
-    p = next(module.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")

@@ -32,11 +32,11 @@ def world():
     """accelerate's PartialState for this process (created once): on this process's GPU (NCCL
     between processes) where CUDA is present, unless :func:`force_cpu` or ``DITACCEL_DEVICE=cpu``
     says otherwise; on the CPU (gloo) elsewhere."""
-    import os
-
     from accelerate import PartialState
 
-    cpu = _CPU["forced"] or os.environ.get("DITACCEL_DEVICE") == "cpu" or not torch.cuda.is_available()
+    from .devices import default_spec
+
+    cpu = _CPU["forced"] or default_spec() == "cpu" or not torch.cuda.is_available()
     return PartialState(cpu=cpu)
 
 

@@ -221,7 +221,7 @@ class _Recorder:
     def _on(self, device: torch.device) -> None:
         """Keep the sums where the activations are (no host sync per measurement on a GPU)."""
         if self.sum_c.device != device:
-            for name in self.SUMS:
+            for name in (*self.SUMS, "ks"):
                 setattr(self, name, getattr(self, name).to(device))
 
     @torch.no_grad()
@@ -252,7 +252,7 @@ class _Recorder:
                 cf = f.gather(1, order).cumsum(1)        # fresh tokens' |.|^2, highest score first
                 cd = d.gather(1, order).cumsum(1)
                 cc = c.gather(1, order).cumsum(1)
-                k = (self.ks - 1).to(cf.device)
+                k = self.ks - 1
                 dot = cf[:, k] + (d_tot[:, None] - cd[:, k])          # (B, R)
                 mix = cf[:, k] + (c_tot[:, None] - cc[:, k])
                 e_p = 1 - dot / (f_tot[:, None] * mix).sqrt().clamp_min(1e-30)
@@ -360,9 +360,9 @@ def measure_costs(transformer, shape, ratios, call_inputs: tuple[tuple, dict], r
     from .runtime import apply, remove, state_of
     from .runtime.adapters import block_modules, find_blocks
 
-    from .devices import module_device, synchronize
+    from .devices import synchronize
 
-    dev = module_device(transformer)  # a resumed profile's captured call comes from the CPU
+    dev = transformer.device  # a resumed profile's captured call comes from the CPU
     args, kwargs = call_inputs
     args = tuple(a.to(dev) if torch.is_tensor(a) else a for a in args)
     kwargs = {k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in kwargs.items()}

@@ -81,9 +81,9 @@ def main(argv: list[str] | None = None) -> int:
         check_outputs(args)
         if args.command in COMPUTES:
             from .. import distributed
-            from ..devices import default_spec, resolve_device
+            from ..devices import resolve_device
 
-            if (args.device or default_spec()) == "cpu":
+            if args.device == "cpu":  # (DITACCEL_DEVICE=cpu does the same by itself)
                 distributed.force_cpu()  # gloo between processes, even where CUDA is present
             args.device = resolve_device(args.device)
         return int(args._run(args) or 0)

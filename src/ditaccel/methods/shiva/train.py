@@ -212,10 +212,8 @@ class ShivaTrainer:
             if type(m).__name__ == "LabelEmbedding":
                 m.eval()
         torch.manual_seed(cfg.seed)
-        from ...devices import module_device
-
         # where the model is; every random draw is made on the CPU (the same on any device) and moved
-        self.device = module_device(transformer)
+        self.device = transformer.device
         self.router = ShivaRouter.for_model(transformer).to(self.device)
         self.blocks = find_blocks(transformer)
         self.policy = RatioPolicy(len(self.blocks), cfg.keep).to(self.device)
@@ -285,8 +283,7 @@ class ShivaTrainer:
         dev, rows = self.device, self.rows
         t_all = t.to(dev)
         xt, target, t = xt[rows].to(dev), target[rows].to(dev), t[rows].to(dev)
-        labels = labels[rows] if torch.is_tensor(labels) else labels.index(rows)
-        labels = labels.to(dev)
+        labels = (labels[rows] if torch.is_tensor(labels) else labels.index(rows)).to(dev)
         b_all, b = b, xt.shape[0]
         routing = self.routing
         routing.rows, routing.global_batch = rows, b_all
