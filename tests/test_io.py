@@ -16,6 +16,15 @@ def test_artifact_round_trip_and_integrity(tmp_path):
         io.load_artifact(tmp_path / "p", "plan")
 
 
+def test_an_artifact_loaded_changed_and_saved_again_loads(tmp_path):
+    """The loaded metadata carries the old digest: saving it back with new tensors must not keep it."""
+    io.save_artifact(tmp_path / "p", "profile", {"a": torch.zeros(3)}, {"steps": 50})
+    tensors, meta = io.load_artifact(tmp_path / "p", "profile")
+    io.save_artifact(tmp_path / "p", "profile", {"a": tensors["a"] + 1}, meta)
+    back, meta2 = io.load_artifact(tmp_path / "p", "profile")
+    assert torch.equal(back["a"], torch.ones(3)) and meta2["steps"] == 50
+
+
 def test_mixed_write_detected(tmp_path):
     io.save_artifact(tmp_path / "p", "profile", {"a": torch.zeros(3)}, {})
     io.write_tensors(tmp_path / "p.safetensors", {"a": torch.ones(3)})

@@ -118,13 +118,42 @@ def test_tome_merges_tokens_reproducibly_and_comes_off():
         attach_tome(pipe_, 0.8)
 
 
-def test_tome_refuses_joint_blocks():
+def test_tome_on_joint_blocks_merges_image_tokens_only_and_comes_off():
+    import numpy as np
+
     from ditaccel.peers import attach_tome
     from tests.archs import ARCHS
 
-    sd3, _ = ARCHS["StableDiffusion3Pipeline"]()
-    with pytest.raises(ValueError, match="BasicTransformerBlock"):
-        attach_tome(sd3, 0.3)
+    sd3, call = ARCHS["StableDiffusion3Pipeline"]()
+    ref = call(sd3, 2, 0, 4)
+    h = attach_tome(sd3, 0.0)
+    assert np.array_equal(call(sd3, 2, 0, 4), ref), "ratio 0 merges nothing"
+    h.remove()
+    h = attach_tome(sd3, 0.5, seed=1)
+    seen = []
+    blocks = sd3.transformer.transformer_blocks
+    hooks = [b.attn.register_forward_pre_hook(
+        lambda m, a, k: seen.append((k["hidden_states"].shape[1], k["encoder_hidden_states"].shape[1])),
+        with_kwargs=True) for b in blocks]
+    hooks += [b.ff.register_forward_pre_hook(lambda m, a: seen.append(("ff", a[0].shape[1]))) for b in blocks]
+    merged = call(sd3, 2, 0, 4)
+    # 2x2 image tokens, half merged away, before the joint attention and the MLP; 6 text tokens kept
+    assert set(seen) == {(2, 6), ("ff", 2)}
+    assert not np.allclose(merged, ref) and np.isfinite(merged).all()
+    assert np.array_equal(call(sd3, 2, 0, 4), merged), "the random destinations are re-seeded every trajectory"
+    for hk in hooks:
+        hk.remove()
+    h.remove()
+    assert np.array_equal(call(sd3, 2, 0, 4), ref), "removing ToMe restores the model"
+
+
+def test_tome_refuses_blocks_it_cannot_merge():
+    from ditaccel.peers import attach_tome
+    from tests.archs import ARCHS
+
+    flux, _ = ARCHS["FluxPipeline"]()
+    with pytest.raises(ValueError, match="JointTransformerBlock; FluxTransformer2DModel has"):
+        attach_tome(flux, 0.3)
 
 
 def _fresh_pipe():

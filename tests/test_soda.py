@@ -89,6 +89,25 @@ def test_prune_error_of_the_mixed_output_matches_a_direct_computation():
     assert torch.isnan(e_c[0]).all() and torch.isnan(e_p[2]).all()  # no cache / not measured
 
 
+
+def test_an_unchanged_output_records_zero_error_not_a_rounding_negative():
+    """fp32 rounding of 1 - cosine once left -3e-9 in a real profile, which then refused to load."""
+    class S:
+        step, branch = 0, 0
+
+    class Shape:
+        num_steps, num_layers, modules, num_tokens = 2, 1, ("mlp",), 196
+
+    for seed in (1, 7):  # seeds whose cumulative sums round above the total without the clamp
+        rec = _Recorder(S, Shape, (1,), (0.1, 0.25, 0.5, 0.75), ("delta", "feature_mean"), keep_inputs=True)
+        g = torch.Generator().manual_seed(seed)
+        out = torch.randn(8, 196, 64, generator=g) * torch.rand(8, 196, 1, generator=g) * 10
+        inp = torch.randn(8, 196, 64, generator=g)
+        rec._measure(1, 0, 0, out, inp, {0: (out, inp + 0.1 * torch.randn(8, 196, 64, generator=g))})
+        e_c, _, e_p = rec.tables()
+        assert (e_c[1] >= 0).all() and (e_p[1] >= 0).all()
+        assert float(e_p[1].max()) < 1e-6
+
 # -- profiling the tiny pipeline ---------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -181,8 +181,9 @@ def save_artifact(stem: str | Path, kind: str, tensors: Mapping[str, torch.Tenso
     ``stem.json``; the metadata names the tensors' digest."""
     stem = Path(stem)
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    full = {"schema_version": SCHEMA_VERSION, "kind": kind,
-            "tensors_sha256": tensors_digest(tensors), **meta}
+    # this write's own keys last: the metadata of a loaded artifact carries the old digest
+    full = {**meta, "schema_version": SCHEMA_VERSION, "kind": kind,
+            "tensors_sha256": tensors_digest(tensors)}
     text = json.dumps(full, sort_keys=True)
     write_tensors(_with(stem, ".safetensors"), tensors, {META_KEY: text})
     write_json(_with(stem, ".json"), full)

@@ -228,7 +228,10 @@ def attach_tome(pipe, ratio: float, merge_mlp: bool = True, use_rand: bool = Tru
     back to the merged tokens.
 
     tomesd patches diffusers' ``BasicTransformerBlock`` (DiT, PixArt), which is all it supports.
-    What this adds for DiT: ToMe on the patch grid (tomesd's ``max_downsample`` set to the patch
+    On SD3's ``JointTransformerBlock`` this uses tomesd's own merge (``tomesd.patch.compute_merge``,
+    bipartite soft matching on the block's image tokens) through hooks on the block's joint
+    attention and MLP: the image stream is merged on the way in and copied back on the way out,
+    the text tokens are left alone (as Shiva leaves them).  What this adds for DiT: ToMe on the patch grid (tomesd's ``max_downsample`` set to the patch
     size: it counts the grid from the latent size), the grid read from the call (tomesd's own
     hook reads a positional input only), and the random destination choice re-seeded with
     ``seed`` at the start of every trajectory (tomesd forks the global RNG once), so that runs
@@ -243,12 +246,14 @@ def attach_tome(pipe, ratio: float, merge_mlp: bool = True, use_rand: bool = Tru
 
     tf = pipe.transformer
     kinds = sorted({type(b).__name__ for _, b, _ in find_blocks(tf)})
-    if kinds != ["BasicTransformerBlock"]:
-        raise ValueError(f"ToMe (tomesd) patches diffusers' BasicTransformerBlock (DiT, PixArt); "
-                         f"{type(tf).__name__} has {', '.join(kinds)}")
+    if kinds not in (["BasicTransformerBlock"], ["JointTransformerBlock"]):
+        raise ValueError(f"ToMe (tomesd) runs on diffusers' BasicTransformerBlock (DiT, PixArt) and, here, "
+                         f"SD3's JointTransformerBlock; {type(tf).__name__} has {', '.join(kinds)}")
     if not 0 <= ratio < 0.75:
         raise ValueError(f"ToMe merges a fraction of the tokens in [0, 0.75) with 2x2 strides, got {ratio}")
     patch = int(tf.config.patch_size)
+    if kinds == ["JointTransformerBlock"]:
+        return _attach_tome_joint(tf, ratio, merge_mlp, use_rand, seed)
     tomesd.apply_patch(tf, ratio=float(ratio), max_downsample=patch, sx=2, sy=2, use_rand=use_rand,
                        merge_attn=True, merge_crossattn=False, merge_mlp=merge_mlp)
     info = tf._tome_info
@@ -271,5 +276,65 @@ def attach_tome(pipe, ratio: float, merge_mlp: bool = True, use_rand: bool = Tru
         handle.remove()
         tomesd.remove_patch(tf)
         del tf._tome_info
+
+    return PeerHandle("tome", remove, {"knob": "ratio", "value": ratio, "merge_mlp": merge_mlp})
+
+
+def _attach_tome_joint(tf, ratio: float, merge_mlp: bool, use_rand: bool, seed: int) -> PeerHandle:
+    """ToMe on SD3's joint blocks with tomesd's merge, through forward hooks (no patched class):
+    the block's pre-hook computes the merge from its image tokens, the joint attention (and the
+    MLP) run on the merged image stream, their image outputs are unmerged back to full length."""
+    from tomesd.patch import compute_merge
+
+    from .runtime.adapters import find_blocks
+
+    info = {"size": None, "args": {"ratio": float(ratio), "max_downsample": int(tf.config.patch_size),
+                                   "sx": 2, "sy": 2, "use_rand": use_rand, "generator": None,
+                                   "merge_attn": True, "merge_crossattn": False, "merge_mlp": merge_mlp}}
+    handles = []
+
+    def size(module, args, kwargs):
+        x = kwargs.get("hidden_states", args[0] if args else None)
+        info["size"] = (int(x.shape[-2]), int(x.shape[-1]))
+
+    def reseed():
+        info["args"]["generator"] = torch.Generator(device=tf.device).manual_seed(seed)
+
+    handles.append(tf.register_forward_pre_hook(size, with_kwargs=True))
+    for _, block, _ in find_blocks(tf):
+        if getattr(block, "_chunk_size", None) is not None or getattr(block, "use_dual_attention", False):
+            for h in handles:
+                h.remove()
+            raise ValueError("ToMe on joint blocks supports neither chunked feed-forward nor SD3.5's dual "
+                             "attention layers; turn chunking off (or use a model without dual attention)")
+        fns: dict[str, Any] = {}
+
+        def block_pre(module, args, kwargs, fns=fns):
+            x = kwargs.get("hidden_states", args[0] if args else None)
+            m_a, _, m_m, u_a, _, u_m = compute_merge(x, info)
+            fns.update(m_a=m_a, u_a=u_a, m_m=m_m, u_m=u_m)
+
+        def attn_pre(module, args, kwargs, fns=fns):
+            if args:
+                return (fns["m_a"](args[0]), *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": fns["m_a"](kwargs["hidden_states"])}
+
+        def attn_post(module, args, kwargs, output, fns=fns):
+            if isinstance(output, tuple):
+                return (fns["u_a"](output[0]), *output[1:])
+            return fns["u_a"](output)
+
+        handles += [block.register_forward_pre_hook(block_pre, with_kwargs=True),
+                    block.attn.register_forward_pre_hook(attn_pre, with_kwargs=True),
+                    block.attn.register_forward_hook(attn_post, with_kwargs=True)]
+        if merge_mlp:
+            handles += [block.ff.register_forward_pre_hook(lambda m, a, fns=fns: (fns["m_m"](a[0]), *a[1:])),
+                        block.ff.register_forward_hook(lambda m, a, out, fns=fns: fns["u_m"](out))]
+    plumbing = _Plumbing(tf, context=False, reset=reseed)
+
+    def remove():
+        plumbing.remove()
+        for h in handles:
+            h.remove()
 
     return PeerHandle("tome", remove, {"knob": "ratio", "value": ratio, "merge_mlp": merge_mlp})

@@ -238,7 +238,9 @@ class _Recorder:
             d = (fresh * cached).sum(-1)                 # (B, N) <fresh_i, cached_i>
             c = cached.pow(2).sum(-1)                    # (B, N) |cached_i|^2
             d_tot, c_tot = d.sum(1), c.sum(1)
-            e_c = 1 - d_tot / (f_tot * c_tot).sqrt().clamp_min(1e-30)   # (B,)
+            # 1 - cosine is >= 0 (Cauchy-Schwarz); fp32 rounding can put an unchanged output a
+            # hair below 0, which the artifact check rightly refuses
+            e_c = (1 - d_tot / (f_tot * c_tot).sqrt().clamp_min(1e-30)).clamp_min(0)   # (B,)
             self.sum_c[t, layer, mi, ii] += e_c.sum().double()
             self.sq_c[t, layer, mi, ii] += e_c.pow(2).sum().double()
             self.cnt[t, layer, mi, ii] += e_c.numel()
@@ -255,7 +257,7 @@ class _Recorder:
                 k = self.ks - 1
                 dot = cf[:, k] + (d_tot[:, None] - cd[:, k])          # (B, R)
                 mix = cf[:, k] + (c_tot[:, None] - cc[:, k])
-                e_p = 1 - dot / (f_tot[:, None] * mix).sqrt().clamp_min(1e-30)
+                e_p = (1 - dot / (f_tot[:, None] * mix).sqrt().clamp_min(1e-30)).clamp_min(0)
                 self.sum_p[t, layer, mi, ii, :, si] += e_p.sum(0).double()
 
     SUMS = ("sum_c", "sq_c", "cnt", "sum_p")
