@@ -86,7 +86,10 @@ def describe(out: dict) -> str:
             f"{out.get('timed_batch', out['batch'])}; FLOPs counted by torch's FlopCounterMode on the scored run."
             + "".join(f" Rows of {', '.join(m['methods'])} re-measured in a later run (`--only "
                       f"{','.join(m['methods'])} --merge`), timed against the full model in that run."
-                      for m in out.get("merged", [])))
+                      for m in out.get("merged", []))
+            + (f" {out['resumed_rows']} of the {len(out['rows']) - 1} method rows were measured by an earlier run "
+               "of this command that stopped before the end (resumed from its partial results; each row is "
+               "timed against the full model in its own pairs)." if out.get("resumed_rows") else ""))
 
 
 def main() -> None:
@@ -155,10 +158,31 @@ def main() -> None:
     entries = method_entries(pipe, steps, methods=methods, quick=args.quick, sweeps=sweeps, profile=prof,
                              calibration_run=cal_run, plan_dir=plan_dir)
 
+    # every finished row goes to a partial file at once: a run that fails later (or is stopped)
+    # resumes from it with the same command
+    partial = RESULTS / f"{stem}.partial.jsonl"
+    settings = {k: getattr(args, k) for k in ("model", "dtype", "sampler", "n", "batch", "timed_batch",
+                                              "repeats", "seed", "cfg", "quick", "sweep", "only")}
+    resumed = []
+    if partial.exists():
+        lines = [json.loads(x) for x in partial.read_text().splitlines() if x.strip()]
+        if lines and lines[0].get("settings") == settings:
+            resumed = lines[1:]
+            print(f"resuming: {len(resumed)} rows already measured in {partial.name}", flush=True)
+        else:
+            print(f"{partial.name} is from other settings: starting over", flush=True)
+    if not resumed:
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(json.dumps({"settings": settings}) + "\n")
+
     def show(row):
         print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
+        with partial.open("a") as f:
+            f.write(json.dumps(row) + "\n")
 
-    res = measure(pipe, run, timed, entries, repeats=args.repeats, extra=extra, feature_extractor=fx, on_row=show)
+    res = measure(pipe, run, timed, entries, repeats=args.repeats, extra=extra, feature_extractor=fx, on_row=show,
+                  resumed=resumed)
+    res["resumed_rows"] = len(resumed)
     out = {"model": args.model, "dtype": args.dtype, "sampler": args.sampler, "steps": steps, "n": args.n, "seed": args.seed, "batch": args.batch,
            "timed_batch": args.timed_batch, "repeats": args.repeats, "cfg": args.cfg, "quick": args.quick,
            "sweep": args.sweep,
@@ -166,6 +190,7 @@ def main() -> None:
     if args.merge:
         out = merge(json.loads((RESULTS / f"{stem}.json").read_text()), out)
     save_json(stem, out)
+    partial.unlink(missing_ok=True)
     finish(out, stem, args)
 
 

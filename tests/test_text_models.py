@@ -283,3 +283,25 @@ def test_profile_plan_bench_generate_on_a_text_model(tmp_path, capsys):
     assert [r["method"] for r in rows] == ["full", "fora", "soda"]
     # the bench counts the whole pipeline, text encoder included (on this tiny transformer, most of it)
     assert all(r["flops"] < rows[0]["flops"] for r in rows[1:])
+
+
+@pytest.mark.parametrize("kind", ["pixart", "sd3"])
+def test_cache_dit_runs_on_the_text_pipelines(kind, text_parts):
+    """cache-dit knows pipelines by class name and ours by none: it gets a BlockAdapter built from
+    the transformer's block pattern instead, and caches, and comes off."""
+    from ditaccel.peers import attach_peer
+
+    pipe = tiny(kind)
+    pipe._text = text_parts
+    with torch.no_grad():  # random blocks close to identity, so that residuals look alike and get cached
+        for p in pipe.transformer.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    run = lambda: sample(pipe, [1, 2], steps=12, guidance_scale=2.0, seed=0, progress=False,  # noqa: E731
+                         count_flops=False)[0]
+    ref = run()
+    h = attach_peer(pipe, "dbcache", 0.9, 12)
+    cached = run()
+    assert not torch.equal(cached, ref) and torch.isfinite(cached).all()
+    assert torch.equal(run(), cached)
+    h.remove()
+    assert torch.equal(run(), ref)

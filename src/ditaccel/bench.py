@@ -164,9 +164,12 @@ def _calibrated(pipe, calibration_run, profile, plan_dir, method: str, knob: str
 
 def measure(pipe, run: Callable, timed: Callable, entries: list[Entry], *, repeats: int = 3,
             extra: Callable[[torch.Tensor], dict] | None = None, feature_extractor=None,
-            progress: bool = True, on_row: Callable[[dict], None] | None = None) -> dict:
+            progress: bool = True, on_row: Callable[[dict], None] | None = None,
+            resumed: list[dict] | None = None) -> dict:
     """Measure the full model and every entry (see the module docstring); returns ``{"rows": [...],
-    "skipped": [...]}``, the first row the full model's."""
+    "skipped": [...]}``, the first row the full model's.  ``resumed``: rows an interrupted run of
+    the same settings already measured (``on_row``'s); their entries are not run again (each row's
+    speedup is timed against the full model within its own pairs, so it keeps)."""
     from tqdm.auto import tqdm
 
     from .metrics import feature_extractor as default_fx
@@ -196,7 +199,12 @@ def measure(pipe, run: Callable, timed: Callable, entries: list[Entry], *, repea
     # full-model run; the rows are gathered in entry order
     mine = [(i, e) for i, e in enumerate(entries) if i % dist.size() == dist.rank()]
     done: list[tuple[int, dict]] = []
+    resumed = list(resumed or [])
     for i, e in tqdm(mine, desc="methods", disable=not progress or not dist.is_main()):
+        again = [r for r in resumed if r["method"] == e.method and r["value"] == e.value]
+        if again:
+            done.append((i, again[0]))
+            continue
         try:
             attach = e.prepare(pipe)
             detach = attach(pipe)

@@ -201,17 +201,33 @@ def attach_peer(pipe, name: str, value: float, num_steps: int, mag_ratios: list[
     return PeerHandle(name, remove, {"knob": PEERS[name].knob, "value": value})
 
 
+# cache-dit's block contract per transformer, for pipelines it does not know by name (ours): the
+# pattern its own adapter for that model family uses
+_CACHE_DIT_PATTERNS = {"PixArtTransformer2DModel": "Pattern_3", "SD3Transformer2DModel": "Pattern_1"}
+
+
 def _attach_cache_dit(pipe, name: str, value: float, num_steps: int) -> PeerHandle:
     try:
         import cache_dit
         from cache_dit import DBCacheConfig, TaylorSeerCalibratorConfig
     except ImportError as e:
         raise PeerUnavailable(f"{name} needs cache-dit: pip install cache-dit ({e})") from None
+    from cache_dit import BlockAdapter, BlockAdapterRegister, ForwardPattern
+
     calib = TaylorSeerCalibratorConfig(taylorseer_order=1) if name == "dbcache-taylorseer" else None
     cfg = DBCacheConfig(Fn_compute_blocks=1, Bn_compute_blocks=0, max_warmup_steps=4,
                         residual_diff_threshold=float(value), num_inference_steps=num_steps)
+    target = pipe
+    if not BlockAdapterRegister.is_supported(pipe):  # cache-dit knows pipelines by class name
+        tf = pipe.transformer
+        pattern = _CACHE_DIT_PATTERNS.get(type(tf).__name__)
+        if pattern is None:
+            raise PeerUnavailable(f"cache-dit has no adapter for {type(pipe).__name__} and ditaccel knows no "
+                                  f"block pattern for {type(tf).__name__}")
+        target = BlockAdapter(pipe=pipe, transformer=tf, blocks=tf.transformer_blocks,
+                              forward_pattern=getattr(ForwardPattern, pattern), check_forward_pattern=True)
     with contextlib.redirect_stdout(io.StringIO()):
-        cache_dit.enable_cache(pipe, cache_config=cfg, calibrator_config=calib)
+        cache_dit.enable_cache(target, cache_config=cfg, calibrator_config=calib)
 
     def remove():
         with contextlib.redirect_stdout(io.StringIO()):
