@@ -76,7 +76,7 @@ def test_dp_is_optimal_and_exact(t, max_len, seed, data):
 def test_every_reachable_speedup_gives_a_plan_that_meets_it(prof, frac, prune):
     t = prof.num_steps
     min_k = math.ceil(t / (max(prof.intervals) + 1))
-    rest = prof.step_flops - float(prof.module_flops[..., -1].sum())
+    rest = prof.step_flops - float(prof.module_flops[..., -1].double().sum())  # as predict() sums them
     s_max = t * prof.step_flops / (min_k * prof.step_flops + (t - min_k) * rest)
     if s_max <= 1 + 1e-6:
         return
