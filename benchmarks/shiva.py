@@ -42,7 +42,7 @@ from ditaccel.metrics import feature_extractor, frechet_distance
 from ditaccel.methods.shiva.inference import apply_shiva, load_shiva, remove_shiva, shiva_plan
 from ditaccel.methods.shiva.policy import plan_from_ratios
 from ditaccel.models.classifier import predict
-from ditaccel.peers import attach_tome
+from ditaccel.peers import TOME_BLOCKS, attach_tome
 from ditaccel.pipeline import SAMPLERS, make_scheduler
 from ditaccel.registry import load_classifier_asset, load_pipeline
 from ditaccel.runtime import apply, remove
@@ -192,7 +192,7 @@ def main() -> None:
     tag = "" if args.model == "fmnist-dit" else f"-{args.model}"
     folder = Path(args.artifacts or ROOT / "runs" / ("shiva" + tag.replace("-fmnist", "")))
     kinds = {type(b).__name__ for _, b, _ in find_blocks(pipe.transformer)}
-    tomesd_ok = kinds in ({"BasicTransformerBlock"}, {"JointTransformerBlock"})
+    tomesd_ok = len(kinds) == 1 and kinds <= set(TOME_BLOCKS)
     joint = kinds == {"JointTransformerBlock"}
     stems = {p.parent.name.replace("keep", "shiva-"): p.with_suffix("")
              for p in sorted(folder.glob("keep*/shiva.json"))}

@@ -41,9 +41,15 @@ def test_dtype_auto_follows_the_device():
     assert resolve_dtype("fp16", "cpu") == "fp16"
 
 
-def test_synchronize_is_a_no_op_off_cuda():
+def test_synchronize_waits_on_cuda_only(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(device))
     synchronize("cpu")
     synchronize(None)
+    synchronize(torch.device("cpu"))
+    assert calls == [], "nothing to wait for off CUDA"
+    synchronize("cuda:0")
+    assert calls == ["cuda:0"]
 
 
 def test_load_pipeline_device(tmp_path):

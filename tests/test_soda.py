@@ -89,7 +89,6 @@ def test_prune_error_of_the_mixed_output_matches_a_direct_computation():
     assert torch.isnan(e_c[0]).all() and torch.isnan(e_p[2]).all()  # no cache / not measured
 
 
-
 def test_an_unchanged_output_records_zero_error_not_a_rounding_negative():
     """fp32 rounding of 1 - cosine once left -3e-9 in a real profile, which then refused to load."""
     class S:
@@ -107,6 +106,7 @@ def test_an_unchanged_output_records_zero_error_not_a_rounding_negative():
         e_c, _, e_p = rec.tables()
         assert (e_c[1] >= 0).all() and (e_p[1] >= 0).all()
         assert float(e_p[1].max()) < 1e-6
+
 
 # -- profiling the tiny pipeline ---------------------------------------------------------------------
 

@@ -199,11 +199,10 @@ def measure(pipe, run: Callable, timed: Callable, entries: list[Entry], *, repea
     # full-model run; the rows are gathered in entry order
     mine = [(i, e) for i, e in enumerate(entries) if i % dist.size() == dist.rank()]
     done: list[tuple[int, dict]] = []
-    resumed = list(resumed or [])
     for i, e in tqdm(mine, desc="methods", disable=not progress or not dist.is_main()):
-        again = [r for r in resumed if r["method"] == e.method and r["value"] == e.value]
-        if again:
-            done.append((i, again[0]))
+        again = next((r for r in resumed or () if r["method"] == e.method and r["value"] == e.value), None)
+        if again is not None:
+            done.append((i, again))
             continue
         try:
             attach = e.prepare(pipe)

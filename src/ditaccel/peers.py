@@ -209,11 +209,10 @@ _CACHE_DIT_PATTERNS = {"PixArtTransformer2DModel": "Pattern_3", "SD3Transformer2
 def _attach_cache_dit(pipe, name: str, value: float, num_steps: int) -> PeerHandle:
     try:
         import cache_dit
-        from cache_dit import DBCacheConfig, TaylorSeerCalibratorConfig
+        from cache_dit import (BlockAdapter, BlockAdapterRegister, DBCacheConfig, ForwardPattern,
+                               TaylorSeerCalibratorConfig)
     except ImportError as e:
         raise PeerUnavailable(f"{name} needs cache-dit: pip install cache-dit ({e})") from None
-    from cache_dit import BlockAdapter, BlockAdapterRegister, ForwardPattern
-
     calib = TaylorSeerCalibratorConfig(taylorseer_order=1) if name == "dbcache-taylorseer" else None
     cfg = DBCacheConfig(Fn_compute_blocks=1, Bn_compute_blocks=0, max_warmup_steps=4,
                         residual_diff_threshold=float(value), num_inference_steps=num_steps)
@@ -236,6 +235,10 @@ def _attach_cache_dit(pipe, name: str, value: float, num_steps: int) -> PeerHand
     return PeerHandle(name, remove, {"knob": PEERS[name].knob, "value": value})
 
 
+# the block classes ToMe runs on: tomesd's own patch, and SD3's joint blocks through hooks
+TOME_BLOCKS = ("BasicTransformerBlock", "JointTransformerBlock")
+
+
 def attach_tome(pipe, ratio: float, merge_mlp: bool = True, use_rand: bool = True, seed: int = 0) -> PeerHandle:
     """ToMe-style token merging (tomesd, PyPI ``tomesd``) on ``pipe.transformer``'s blocks: before
     self-attention (and, with ``merge_mlp``, the MLP) each block merges the fraction ``ratio`` of
@@ -247,7 +250,9 @@ def attach_tome(pipe, ratio: float, merge_mlp: bool = True, use_rand: bool = Tru
     On SD3's ``JointTransformerBlock`` this uses tomesd's own merge (``tomesd.patch.compute_merge``,
     bipartite soft matching on the block's image tokens) through hooks on the block's joint
     attention and MLP: the image stream is merged on the way in and copied back on the way out,
-    the text tokens are left alone (as Shiva leaves them).  What this adds for DiT: ToMe on the patch grid (tomesd's ``max_downsample`` set to the patch
+    the text tokens are left alone (as Shiva leaves them).
+
+    What this adds on either: ToMe on the patch grid (tomesd's ``max_downsample`` set to the patch
     size: it counts the grid from the latent size), the grid read from the call (tomesd's own
     hook reads a positional input only), and the random destination choice re-seeded with
     ``seed`` at the start of every trajectory (tomesd forks the global RNG once), so that runs
@@ -261,21 +266,33 @@ def attach_tome(pipe, ratio: float, merge_mlp: bool = True, use_rand: bool = Tru
     from .runtime.adapters import find_blocks
 
     tf = pipe.transformer
-    kinds = sorted({type(b).__name__ for _, b, _ in find_blocks(tf)})
-    if kinds not in (["BasicTransformerBlock"], ["JointTransformerBlock"]):
+    blocks = [b for _, b, _ in find_blocks(tf)]
+    kinds = sorted({type(b).__name__ for b in blocks})
+    if len(kinds) != 1 or kinds[0] not in TOME_BLOCKS:
         raise ValueError(f"ToMe (tomesd) runs on diffusers' BasicTransformerBlock (DiT, PixArt) and, here, "
                          f"SD3's JointTransformerBlock; {type(tf).__name__} has {', '.join(kinds)}")
     if not 0 <= ratio < 0.75:
         raise ValueError(f"ToMe merges a fraction of the tokens in [0, 0.75) with 2x2 strides, got {ratio}")
     patch = int(tf.config.patch_size)
     if kinds == ["JointTransformerBlock"]:
-        return _attach_tome_joint(tf, ratio, merge_mlp, use_rand, seed)
-    tomesd.apply_patch(tf, ratio=float(ratio), max_downsample=patch, sx=2, sy=2, use_rand=use_rand,
-                       merge_attn=True, merge_crossattn=False, merge_mlp=merge_mlp)
-    info = tf._tome_info
-    for h in info["hooks"]:  # replaced by a hook that also reads keyword inputs
-        h.remove()
-    info["hooks"].clear()
+        if any(b._chunk_size is not None or b.use_dual_attention for b in blocks):
+            raise ValueError("ToMe on joint blocks supports neither chunked feed-forward nor SD3.5's dual "
+                             "attention layers; turn chunking off (or use a model without dual attention)")
+        info = {"args": {"ratio": float(ratio), "max_downsample": patch, "sx": 2, "sy": 2, "use_rand": use_rand,
+                         "generator": None, "merge_attn": True, "merge_crossattn": False, "merge_mlp": merge_mlp}}
+        handles = _tome_joint_hooks(blocks, info, merge_mlp)
+        undo = lambda: [h.remove() for h in handles]  # noqa: E731
+    else:
+        tomesd.apply_patch(tf, ratio=float(ratio), max_downsample=patch, sx=2, sy=2, use_rand=use_rand,
+                           merge_attn=True, merge_crossattn=False, merge_mlp=merge_mlp)
+        info = tf._tome_info
+        for h in info["hooks"]:  # replaced by a hook that also reads keyword inputs
+            h.remove()
+        info["hooks"].clear()
+
+        def undo():
+            tomesd.remove_patch(tf)
+            del tf._tome_info
 
     def size(module, args, kwargs):
         x = kwargs.get("hidden_states", args[0] if args else None)
@@ -290,39 +307,19 @@ def attach_tome(pipe, ratio: float, merge_mlp: bool = True, use_rand: bool = Tru
     def remove():
         plumbing.remove()
         handle.remove()
-        tomesd.remove_patch(tf)
-        del tf._tome_info
+        undo()
 
     return PeerHandle("tome", remove, {"knob": "ratio", "value": ratio, "merge_mlp": merge_mlp})
 
 
-def _attach_tome_joint(tf, ratio: float, merge_mlp: bool, use_rand: bool, seed: int) -> PeerHandle:
-    """ToMe on SD3's joint blocks with tomesd's merge, through forward hooks (no patched class):
-    the block's pre-hook computes the merge from its image tokens, the joint attention (and the
-    MLP) run on the merged image stream, their image outputs are unmerged back to full length."""
+def _tome_joint_hooks(blocks, info: dict, merge_mlp: bool) -> list:
+    """Forward hooks that run ToMe on SD3's joint blocks with tomesd's merge (no patched class):
+    each block's pre-hook computes the merge from its image tokens, the joint attention (and the
+    MLP) run on the merged image stream, and their image outputs are unmerged to full length."""
     from tomesd.patch import compute_merge
 
-    from .runtime.adapters import find_blocks
-
-    info = {"size": None, "args": {"ratio": float(ratio), "max_downsample": int(tf.config.patch_size),
-                                   "sx": 2, "sy": 2, "use_rand": use_rand, "generator": None,
-                                   "merge_attn": True, "merge_crossattn": False, "merge_mlp": merge_mlp}}
     handles = []
-
-    def size(module, args, kwargs):
-        x = kwargs.get("hidden_states", args[0] if args else None)
-        info["size"] = (int(x.shape[-2]), int(x.shape[-1]))
-
-    def reseed():
-        info["args"]["generator"] = torch.Generator(device=tf.device).manual_seed(seed)
-
-    handles.append(tf.register_forward_pre_hook(size, with_kwargs=True))
-    for _, block, _ in find_blocks(tf):
-        if getattr(block, "_chunk_size", None) is not None or getattr(block, "use_dual_attention", False):
-            for h in handles:
-                h.remove()
-            raise ValueError("ToMe on joint blocks supports neither chunked feed-forward nor SD3.5's dual "
-                             "attention layers; turn chunking off (or use a model without dual attention)")
+    for block in blocks:
         fns: dict[str, Any] = {}
 
         def block_pre(module, args, kwargs, fns=fns):
@@ -346,11 +343,4 @@ def _attach_tome_joint(tf, ratio: float, merge_mlp: bool, use_rand: bool, seed: 
         if merge_mlp:
             handles += [block.ff.register_forward_pre_hook(lambda m, a, fns=fns: (fns["m_m"](a[0]), *a[1:])),
                         block.ff.register_forward_hook(lambda m, a, out, fns=fns: fns["u_m"](out))]
-    plumbing = _Plumbing(tf, context=False, reset=reseed)
-
-    def remove():
-        plumbing.remove()
-        for h in handles:
-            h.remove()
-
-    return PeerHandle("tome", remove, {"knob": "ratio", "value": ratio, "merge_mlp": merge_mlp})
+    return handles
