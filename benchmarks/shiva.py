@@ -21,6 +21,7 @@ results/shiva_keep_map.png.
     python benchmarks/shiva.py                  # 64 images, DDIM-50, CFG 3
     MODEL=fmnist-mmdit bash scripts/train_shiva_fmnist.sh
     python benchmarks/shiva.py --model fmnist-mmdit   # euler-28
+    python benchmarks/shiva.py --model fmnist-mmdit --replot   # table, README block and map from the JSON
 
 ToMe (tomesd) patches diffusers' BasicTransformerBlock only (DiT, PixArt); on SD3's joint blocks
 ``ditaccel.peers.attach_tome`` runs tomesd's merge on the image tokens through hooks (the text
@@ -128,6 +129,9 @@ def tome_entry(match: Entry, timed, probes: int, chosen: dict) -> Entry:
     return Entry(f"tome~{match.method}", "tomesd", "ratio", float("nan"), prepare)
 
 
+SAMPLER_NAMES = {"ddim": "DDIM", "ddpm": "DDPM", "dpm++": "DPM-Solver++", "euler": "Euler"}
+
+
 def keep_map(stems: dict[str, Path], pipe, sampler: str, steps: int, path: Path) -> dict:
     """Plot each artifact's keep ratio per (step, layer) for this sampler, as run (the exact
     budget applied); returns the maps and each policy's own mean keep over these steps."""
@@ -154,10 +158,10 @@ def keep_map(stems: dict[str, Path], pipe, sampler: str, steps: int, path: Path)
     for ax, (name, m) in zip(axes[0], maps.items()):
         im = ax.imshow(torch.tensor(m).T, aspect="auto", origin="lower", vmin=0, vmax=1, cmap="viridis")
         ax.set_title(name)
-        ax.set_xlabel(f"{sampler.upper()} step (0 = noisiest)")
+        ax.set_xlabel(f"{SAMPLER_NAMES.get(sampler, sampler)} step (0 = noisiest)")
         ax.set_ylabel("layer")
     fig.colorbar(im, ax=axes[0].tolist(), label="keep ratio")
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return maps, learned, graphs
 
@@ -180,6 +184,8 @@ def main() -> None:
     ap.add_argument("--tome-probes", type=int, default=4, help="timed probes of ToMe's ratio per Shiva row")
     ap.add_argument("--merge", action="store_true", help="merge these rows into the existing results "
                     "(re-measure some methods with --only without re-running the rest)")
+    ap.add_argument("--replot", action="store_true",
+                    help="rewrite the table, README's block and the keep map from the saved JSON (no measuring)")
     ap.add_argument("--keeps", default="", help="also run every artifact (and top-k) at these mean keeps, "
                     "e.g. 0.8,0.9: the learned ratios shifted to that budget")
     args = ap.parse_args()
@@ -198,6 +204,15 @@ def main() -> None:
              for p in sorted(folder.glob("keep*/shiva.json"))}
     if not stems:
         raise SystemExit(f"no Shiva artifacts under {folder}; run MODEL={args.model} scripts/train_shiva_fmnist.sh first")
+    stem = "shiva" + tag + ("-notime" if not args.repeats else "")
+    if args.replot:
+        saved = json.loads((RESULTS / f"{stem}.json").read_text())
+        for k in ("n", "timed_batch", "repeats", "cfg", "dtype", "sampler"):
+            setattr(args, k, saved[k])
+        args.real = saved.get("real", 1000)
+        report(args, stem, tag, joint, tomesd_ok, saved, {k: saved[k] for k in ("rows", "skipped")})
+        keep_map(stems, pipe, args.sampler, steps, RESULTS / f"shiva_keep_map{tag}.png")
+        return
     labels = [i % 10 for i in range(args.n)]
     opts = dict(sampler=args.sampler, steps=steps, guidance_scale=args.cfg, progress=False, count_flops=False)
     run = lambda p: sample(p, labels, seed=0, batch_size=args.batch, **opts)[0]  # noqa: E731
@@ -243,10 +258,9 @@ def main() -> None:
             r["value"] = chosen[r["method"]]["ratio"]
             r["tome"] = chosen[r["method"]]
     out = {"model": args.model, "sampler": args.sampler, "steps": steps, "n": args.n, "batch": args.batch, "timed_batch": args.timed_batch,
-           "repeats": args.repeats, "cfg": args.cfg, "dtype": args.dtype, "threads": torch.get_num_threads(),
+           "repeats": args.repeats, "cfg": args.cfg, "dtype": args.dtype, "real": args.real, "threads": torch.get_num_threads(),
            "cpu": machine(), "total_s": time.time() - t0, "maps": maps, "compiled_graphs": graphs,
            "artifacts": {k: json.loads(v.with_suffix(".json").read_text())["config"] for k, v in stems.items()}, **res}
-    stem = "shiva" + tag + ("-notime" if not args.repeats else "")
     if args.merge and (RESULTS / f"{stem}.json").exists():
         from ditaccel.bench import merge
 
@@ -254,8 +268,21 @@ def main() -> None:
         res = merge(old, res)
         out = {**old, **{k: v for k, v in out.items() if k not in ("rows", "skipped", "total_s")}, **res,
                "total_s": old.get("total_s", 0) + out["total_s"]}
-    chosen = {r["method"]: r["tome"] for r in res["rows"] if "tome" in r}
     save_json(stem, out)
+    report(args, stem, tag, joint, tomesd_ok, out, res)
+
+
+def command_of(args, tag: str) -> str:
+    parts = ["python benchmarks/shiva.py"] + ([f"--model {args.model}"] if tag else [])
+    parts += [f"--{k.replace('_', '-')} {getattr(args, k):g}" for k, default in
+              (("n", 64), ("timed_batch", 8), ("repeats", 3), ("cfg", 3.0)) if getattr(args, k) != default]
+    return " ".join(parts)
+
+
+def report(args, stem: str, tag: str, joint: bool, tomesd_ok: bool, out: dict, res: dict) -> None:
+    """The Markdown table with its notes, written to results/<stem>.md and README's block."""
+    graphs = out["compiled_graphs"]
+    chosen = {r["method"]: r["tome"] for r in res["rows"] if "tome" in r}
     head = ["method", "mean keep (routed blocks) / ToMe merge ratio", "policy's own mean keep", "measured speedup", "FLOP speedup", "PSNR vs full", "SSIM vs full",
             "FD vs full", "FD vs real test", "classifier agreement"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -269,19 +296,20 @@ def main() -> None:
         lines.append(f"| {r['method']} | {keep} | {own} | {sp} | {r['speedup_flops']:.2f}x | {r['psnr']:.2f} | "
                      f"{r['ssim']:.4f} | {r['fd_vs_full']:.2f} | {r['fd_vs_test']:.2f} | {r['class_agreement']:.1%} |")
     conds = "classes cycled" if args.model == "fmnist-dit" else "prompts \"a photo of a <class name>\", classes cycled"
-    lines += ["", f"{args.model}, {args.sampler.upper()}-{steps}, CFG {args.cfg:g}, {args.dtype}, {args.n} images (seeds 0..{args.n - 1}, "
+    lines += ["", f"{args.model}, {SAMPLER_NAMES.get(args.sampler, args.sampler)}-{out['steps']}, CFG {args.cfg:g}, {args.dtype}, {args.n} images (seeds 0..{args.n - 1}, "
               f"{conds}); FD vs real: the first {args.real} test images; measured speedup: median of {args.repeats} back-to-back pairs on {args.timed_batch} "
-              f"images, {torch.get_num_threads()} threads, {machine()}. Shiva's ratios get one logit shift so that their mean "
+              f"images, {out['threads']} threads, {out['cpu']}. Shiva's ratios get one logit shift so that their mean "
               f"over these steps is the trained target exactly (the policy's own mean is shown beside it); token "
               f"counts are rounded to multiples of 8. "
               + (f"tome~X: ToMe (tomesd; attention and MLP merged in every block"
                  + ("; on the joint blocks the image tokens only, through hooks" if joint else "") + ") at "
-                 f"the merge ratio whose speed came closest to X's in back-to-back pairs ({args.tome_probes} probes, merge "
+                 f"the merge ratio whose speed came closest to X's in back-to-back pairs "
+                 f"({max(len(v['probes']) for v in chosen.values()) if chosen else args.tome_probes} probes, merge "
                  f"ratio at most 0.74; "
                  + ", ".join(f"{k}: merge {v['ratio']:g}, time(Shiva) / time(ToMe) {v['shiva_over_tome_time']:.2f}"
                              for k, v in chosen.items()) + "). " if tomesd_ok else
                  "No ToMe row: tomesd does not run on these blocks. ")
-              + f"Generated by `python benchmarks/shiva.py{' --model ' + args.model if tag else ''}`."]
+              + f"Generated by `{command_of(args, tag)}`."]
     lines += ["", "Rounding the counts to multiples of 8, per artifact: block graphs a compiled generation needs "
               "(distinct token counts, the full one included) and the mean keep as run, against exact counts: "
               + "; ".join(f"{k}: {v['multiple_8']['graphs']} graphs at {v['multiple_8']['mean_keep']:.3f} vs "

@@ -115,6 +115,27 @@ def test_artifact_applies_to_a_pipeline_and_comes_off_exactly(trained, tiny_pipe
     assert not torch.equal(out, ref) and torch.isfinite(out).all()
     assert torch.equal(again, ref), "remove_shiva restores the model bit for bit"
     assert not any(isinstance(m, BaseTunerLayer) for m in tiny_pipe.transformer.modules())
+    assert "peft_config" not in vars(tiny_pipe.transformer), "peft's config is taken off with the adapters"
+
+
+def test_a_second_artifact_goes_on_cleanly_after_the_first(trained, tiny_pipe):
+    """Applying, removing and re-applying gives the same images, with no peft state carried over
+    (peft warns of 'multiple adapters' when its config is left behind)."""
+    import warnings
+
+    stem, _ = trained
+    run = lambda: tiny_pipe(class_labels=[1, 2], num_inference_steps=4, guidance_scale=2.0,  # noqa: E731
+                            generator=torch.Generator().manual_seed(3), output_type="pt").images
+    with torch.no_grad():
+        apply_shiva(tiny_pipe, stem, 4)
+        first = run()
+        remove_shiva(tiny_pipe)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*peft_config.*")
+            apply_shiva(tiny_pipe, stem, 4)
+        second = run()
+        remove_shiva(tiny_pipe)
+    assert torch.equal(first, second)
 
 
 def test_merged_adapters_and_table_equal_the_trained_model(trained):

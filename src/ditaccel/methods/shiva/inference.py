@@ -28,6 +28,7 @@ from .router import ShivaRouter, condition_of
 from .train import KIND
 
 _ORIGINALS = "_ditaccel_shiva_originals"
+_NO_CONFIG = object()
 
 
 @dataclass
@@ -117,21 +118,25 @@ def _merge_adapters(transformer, artifact: ShivaArtifact) -> None:
     if missing:
         raise io.ArtifactError(f"the artifact's adapters target modules this model lacks ({missing[0]}, ...)")
     originals = {n: modules[n].weight.detach().clone() for n in targets}
+    # peft leaves its config on the model; keep whatever was there (a user's own LoRA config, or
+    # nothing) so that taking the artifact off restores it and the next artifact starts clean.
+    prior_config = transformer.__dict__.get("peft_config", _NO_CONFIG)
     inject_adapters(transformer, meta["adapter"], int(meta["adapter_rank"]), targets)
     set_peft_model_state_dict(transformer, artifact.adapters)
     with torch.no_grad():
         for m in transformer.modules():
             if isinstance(m, BaseTunerLayer):
                 m.merge()
-    setattr(transformer, _ORIGINALS, originals)
+    setattr(transformer, _ORIGINALS, (originals, prior_config))
 
 
 def _unmerge_adapters(transformer) -> None:
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    originals = getattr(transformer, _ORIGINALS, None)
-    if originals is None:
+    saved = getattr(transformer, _ORIGINALS, None)
+    if saved is None:
         return
+    originals, prior_config = saved
     named = dict(transformer.named_modules())
     for name in list(originals):
         layer = named[name]
@@ -142,6 +147,10 @@ def _unmerge_adapters(transformer) -> None:
             parent_name, _, child = name.rpartition(".")
             setattr(named[parent_name] if parent_name else transformer, child, base)
     delattr(transformer, _ORIGINALS)
+    if prior_config is _NO_CONFIG:
+        transformer.__dict__.pop("peft_config", None)
+    else:
+        transformer.peft_config = prior_config
 
 
 def apply_shiva(pipe, artifact, num_inference_steps: int, num_tokens: int | None = None,
