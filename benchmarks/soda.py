@@ -33,6 +33,7 @@ import torch
 
 from common import RESULTS, ROOT, replace_block, save_json
 from ditaccel.data import load_fashion_mnist
+from ditaccel.io import remove_artifact
 from ditaccel.methods import soda
 from ditaccel.metrics import feature_extractor, frechet_distance, psnr, ssim
 from ditaccel.models.classifier import predict
@@ -57,10 +58,14 @@ def get_profile(pipe, sampler: str, steps: int, cfg: float, samples: int, reprof
         prof.check_for(fingerprint=model_fingerprint(pipe.transformer), sampler=sampler, num_steps=steps)
         return prof
     labels = [i % 10 for i in range(samples)]
-    prof = profile(pipe, class_labels=labels, sampler=sampler, steps=steps, guidance_scale=cfg,
-                   seed=100_000, batch_size=samples)
+    # in batches of 8 with a checkpoint after each: a long profile (DDPM-250 takes hours on a
+    # 2-core CPU) stopped part way resumes where it stopped when the benchmark is run again
     PROFILES.mkdir(parents=True, exist_ok=True)
+    partial = stem.with_name(stem.name + "-partial")
+    prof = profile(pipe, class_labels=labels, sampler=sampler, steps=steps, guidance_scale=cfg,
+                   seed=100_000, batch_size=min(8, samples), checkpoint=partial)
     prof.save(stem)
+    remove_artifact(partial)
     return prof
 
 
