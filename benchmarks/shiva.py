@@ -211,7 +211,7 @@ def main() -> None:
             setattr(args, k, saved[k])
         args.real = saved.get("real", 1000)
         report(args, stem, tag, joint, tomesd_ok, saved, {k: saved[k] for k in ("rows", "skipped")})
-        keep_map(stems, pipe, args.sampler, steps, RESULTS / f"shiva_keep_map{tag}.png")
+        keep_map(stems, pipe, args.sampler, saved["steps"], RESULTS / f"shiva_keep_map{tag}.png")
         return
     labels = [i % 10 for i in range(args.n)]
     opts = dict(sampler=args.sampler, steps=steps, guidance_scale=args.cfg, progress=False, count_flops=False)
