@@ -68,7 +68,7 @@ def command_of(args) -> str:
         parts.append(f"--n {args.n}")
     if args.batch not in (None, 8 if args.quick else 16):
         parts.append(f"--batch {args.batch}")
-    if args.timed_batch != 8:
+    if args.timed_batch not in (None, 4 if args.quick else 8):
         parts.append(f"--timed-batch {args.timed_batch}")
     if args.repeats != 3:
         parts.append(f"--repeats {args.repeats}")
@@ -84,6 +84,7 @@ def describe(out: dict) -> str:
             f"in batches of {out['batch']}; "
             f"measured speedup: median of {out['repeats']} back-to-back pairs (full model, method) on one batch of "
             f"{out.get('timed_batch', out['batch'])}; FLOPs counted by torch's FlopCounterMode on the scored run."
+            + (f" SODA's profile: {out['profile_samples']} samples of other seeds." if "profile_samples" in out else "")
             + "".join(f" Rows of {', '.join(m['methods'])} re-measured in a later run (`--only "
                       f"{','.join(m['methods'])} --merge`), timed against the full model in that run."
                       for m in out.get("merged", []))
@@ -99,7 +100,7 @@ def main() -> None:
     ap.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"])
     ap.add_argument("--n", type=int, default=None, help="fidelity samples (default 96, quick 16)")
     ap.add_argument("--batch", type=int, default=None, help="images per scored batch (16, quick 8)")
-    ap.add_argument("--timed-batch", type=int, default=8, help="images in the timed batch")
+    ap.add_argument("--timed-batch", type=int, default=None, help="images in the timed batch (8, quick 4)")
     ap.add_argument("--repeats", type=int, default=3, help="timing pairs (0: fidelity only)")
     ap.add_argument("--seed", type=int, default=0, help="first seed of the scored images")
     ap.add_argument("--cfg", type=float, default=3.0)
@@ -121,11 +122,15 @@ def main() -> None:
     if args.replot:
         out = json.loads((RESULTS / f"{stem}.json").read_text())
         args.n, args.batch, args.timed_batch = out["n"], out["batch"], out.get("timed_batch", 8)
+        args.profile_samples = out.get("profile_samples", 32)
         args.sweep = args.sweep or out.get("sweep")
         finish(out, stem, args)
         return
     args.n = args.n or (16 if args.quick else 96)
     args.batch = args.batch or (8 if args.quick else 16)
+    args.timed_batch = args.timed_batch or (4 if args.quick else 8)
+    # quick: a 16-sample profile, so that a bare machine (no cached profile) still finishes in 10 min
+    args.profile_samples = 16 if args.quick else 32
     t0 = time.time()
     from soda import get_profile  # the benchmark's own cached SODA profiles
 
@@ -134,7 +139,7 @@ def main() -> None:
     args.dtype = resolve_dtype(args.dtype)
     pipe = load_pipeline(args.model, args.dtype)
     steps = SAMPLERS[args.sampler][2]
-    prof = get_profile(pipe, args.sampler, steps, args.cfg, 32, False, model=args.model)
+    prof = get_profile(pipe, args.sampler, steps, args.cfg, args.profile_samples, False, model=args.model)
     cal_labels = [i % 10 for i in range(8)]
     opts = dict(sampler=args.sampler, steps=steps, guidance_scale=args.cfg, progress=False, count_flops=False)
     cal_run = lambda p: sample(p, cal_labels, seed=500_000, batch_size=8, **opts)[0]  # noqa: E731
@@ -153,8 +158,10 @@ def main() -> None:
 
     methods = args.only.split(",") if args.only else None
     # SODA's calibrated plans depend on the profile and the calibration samples only: kept for the
-    # other seed sets and for re-runs (delete runs/plans/ after changing SODA)
-    plan_dir = ROOT / "runs" / "plans" / (f"peers-{args.sampler}" + (f"-{args.model}" if args.model != "fmnist-dit" else ""))
+    # other seed sets and for re-runs (delete runs/plans/ after changing SODA); --quick's profile is
+    # another one, so its plans are kept apart
+    plan_dir = ROOT / "runs" / "plans" / (f"peers-{args.sampler}" + (f"-{args.model}" if args.model != "fmnist-dit" else "")
+                                          + ("-quick" if args.quick else ""))
     entries = method_entries(pipe, steps, methods=methods, quick=args.quick, sweeps=sweeps, profile=prof,
                              calibration_run=cal_run, plan_dir=plan_dir)
 
@@ -185,7 +192,7 @@ def main() -> None:
     res["resumed_rows"] = len(resumed)
     out = {"model": args.model, "dtype": args.dtype, "sampler": args.sampler, "steps": steps, "n": args.n, "seed": args.seed, "batch": args.batch,
            "timed_batch": args.timed_batch, "repeats": args.repeats, "cfg": args.cfg, "quick": args.quick,
-           "sweep": args.sweep,
+           "sweep": args.sweep, "profile_samples": args.profile_samples,
            "threads": torch.get_num_threads(), "cpu": machine(), "total_s": time.time() - t0, **res}
     if args.merge:
         out = merge(json.loads((RESULTS / f"{stem}.json").read_text()), out)
