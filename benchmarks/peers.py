@@ -23,7 +23,8 @@ Writes results/peers-<sampler>[-quick].{json,md,png} and README's ``peers-<sampl
 
     python benchmarks/peers.py                        # DDIM-50, the full sweep
     python benchmarks/peers.py --sampler ddpm --n 32 --timed-batch 4   # DDPM-250 (as in README)
-    python benchmarks/peers.py --quick                # one point per method, under 10 minutes
+    python benchmarks/peers.py --quick                # one point per method, half the steps, 8 images:
+                                                      # a smoke run, under 10 minutes
     python benchmarks/peers.py --seed 10000 --repeats 0   # fidelity only on other seeds (FD ranking check)
     python benchmarks/peers.py --only soda,soda-latency --merge   # re-measure some methods, keep the rest
     python benchmarks/peers.py --model fmnist-pixart --n 32 --timed-batch 4 --sweep fora=2,3 ...
@@ -64,11 +65,11 @@ def command_of(args) -> str:
         parts.append("--quick")
     if args.seed:
         parts.append(f"--seed {args.seed}")
-    if args.n not in (None, 16 if args.quick else 96):
+    if args.n not in (None, 8 if args.quick else 96):
         parts.append(f"--n {args.n}")
     if args.batch not in (None, 8 if args.quick else 16):
         parts.append(f"--batch {args.batch}")
-    if args.timed_batch not in (None, 4 if args.quick else 8):
+    if args.timed_batch not in (None, 2 if args.quick else 8):
         parts.append(f"--timed-batch {args.timed_batch}")
     if args.repeats != 3:
         parts.append(f"--repeats {args.repeats}")
@@ -84,7 +85,7 @@ def describe(out: dict) -> str:
             f"in batches of {out['batch']}; "
             f"measured speedup: median of {out['repeats']} back-to-back pairs (full model, method) on one batch of "
             f"{out.get('timed_batch', out['batch'])}; FLOPs counted by torch's FlopCounterMode on the scored run."
-            + (f" SODA's profile: {out['profile_samples']} samples of other seeds." if "profile_samples" in out else "")
+            + (f" SODA's profile: {out['profile_samples']} samples of other seeds; calibration: {out.get('calibration_samples', 8)} more." if "profile_samples" in out else "")
             + "".join(f" Rows of {', '.join(m['methods'])} re-measured in a later run (`--only "
                       f"{','.join(m['methods'])} --merge`), timed against the full model in that run."
                       for m in out.get("merged", []))
@@ -98,9 +99,9 @@ def main() -> None:
     ap.add_argument("--model", default="fmnist-dit", choices=["fmnist-dit", "fmnist-pixart"])
     ap.add_argument("--dtype", default="auto", help="auto: bf16 where native, else fp32")
     ap.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"])
-    ap.add_argument("--n", type=int, default=None, help="fidelity samples (default 96, quick 16)")
+    ap.add_argument("--n", type=int, default=None, help="fidelity samples (default 96, quick 8)")
     ap.add_argument("--batch", type=int, default=None, help="images per scored batch (16, quick 8)")
-    ap.add_argument("--timed-batch", type=int, default=None, help="images in the timed batch (8, quick 4)")
+    ap.add_argument("--timed-batch", type=int, default=None, help="images in the timed batch (8, quick 2)")
     ap.add_argument("--repeats", type=int, default=3, help="timing pairs (0: fidelity only)")
     ap.add_argument("--seed", type=int, default=0, help="first seed of the scored images")
     ap.add_argument("--cfg", type=float, default=3.0)
@@ -126,11 +127,13 @@ def main() -> None:
         args.sweep = args.sweep or out.get("sweep")
         finish(out, stem, args)
         return
-    args.n = args.n or (16 if args.quick else 96)
+    # quick, a smoke run of the whole benchmark that finishes in 10 minutes on a bare 2-core fp32
+    # CPU (profile included): half the sampler's steps, 8 images, a timed batch of 2, an 8-sample
+    # profile and SODA calibrated on 4 samples (its calibration is most of a quick run's time)
+    args.n = args.n or (8 if args.quick else 96)
     args.batch = args.batch or (8 if args.quick else 16)
-    args.timed_batch = args.timed_batch or (4 if args.quick else 8)
-    # quick: a 16-sample profile, so that a bare machine (no cached profile) still finishes in 10 min
-    args.profile_samples = 16 if args.quick else 32
+    args.timed_batch = args.timed_batch or (2 if args.quick else 8)
+    args.profile_samples = 8 if args.quick else 32
     t0 = time.time()
     from soda import get_profile  # the benchmark's own cached SODA profiles
 
@@ -138,11 +141,11 @@ def main() -> None:
 
     args.dtype = resolve_dtype(args.dtype)
     pipe = load_pipeline(args.model, args.dtype)
-    steps = SAMPLERS[args.sampler][2]
+    steps = SAMPLERS[args.sampler][2] // (2 if args.quick else 1)
     prof = get_profile(pipe, args.sampler, steps, args.cfg, args.profile_samples, False, model=args.model)
-    cal_labels = [i % 10 for i in range(8)]
+    cal_labels = [i % 10 for i in range(4 if args.quick else 8)]
     opts = dict(sampler=args.sampler, steps=steps, guidance_scale=args.cfg, progress=False, count_flops=False)
-    cal_run = lambda p: sample(p, cal_labels, seed=500_000, batch_size=8, **opts)[0]  # noqa: E731
+    cal_run = lambda p: sample(p, cal_labels, seed=500_000, batch_size=len(cal_labels), **opts)[0]  # noqa: E731
     labels = [i % 10 for i in range(args.n)]
     run = lambda p: sample(p, labels, seed=args.seed, batch_size=args.batch, **opts)[0]  # noqa: E731
     timed_labels = labels[:args.timed_batch]
@@ -193,6 +196,7 @@ def main() -> None:
     out = {"model": args.model, "dtype": args.dtype, "sampler": args.sampler, "steps": steps, "n": args.n, "seed": args.seed, "batch": args.batch,
            "timed_batch": args.timed_batch, "repeats": args.repeats, "cfg": args.cfg, "quick": args.quick,
            "sweep": args.sweep, "profile_samples": args.profile_samples,
+           "calibration_samples": len(cal_labels),
            "threads": torch.get_num_threads(), "cpu": machine(), "total_s": time.time() - t0, **res}
     if args.merge:
         out = merge(json.loads((RESULTS / f"{stem}.json").read_text()), out)
