@@ -49,6 +49,14 @@ from ditaccel.registry import load_classifier_asset, load_pipeline
 from ditaccel.sampling import sample
 
 
+# the defaults of a full run and of --quick, a smoke run of the whole benchmark that finishes in 10
+# minutes on a bare 2-core fp32 CPU (profile included): half the sampler's steps, 8 images, a timed
+# batch of 2, an 8-sample profile and SODA calibrated on 4 samples (its calibration is most of a
+# quick run's time)
+DEFAULTS = {False: dict(n=96, batch=16, timed_batch=8, step_divisor=1, profile_samples=32, calibration_samples=8),
+            True: dict(n=8, batch=8, timed_batch=2, step_divisor=2, profile_samples=8, calibration_samples=4)}
+
+
 def stem_of(args) -> str:
     return (f"peers-{args.sampler}" + (f"-{args.model}" if args.model != "fmnist-dit" else "")
             + ("-quick" if args.quick else "")
@@ -65,12 +73,8 @@ def command_of(args) -> str:
         parts.append("--quick")
     if args.seed:
         parts.append(f"--seed {args.seed}")
-    if args.n not in (None, 8 if args.quick else 96):
-        parts.append(f"--n {args.n}")
-    if args.batch not in (None, 8 if args.quick else 16):
-        parts.append(f"--batch {args.batch}")
-    if args.timed_batch not in (None, 2 if args.quick else 8):
-        parts.append(f"--timed-batch {args.timed_batch}")
+    parts += [f"--{k.replace('_', '-')} {getattr(args, k)}" for k, v in DEFAULTS[args.quick].items()
+              if k in ("n", "batch", "timed_batch") and getattr(args, k) not in (None, v)]
     if args.repeats != 3:
         parts.append(f"--repeats {args.repeats}")
     parts += [f"--sweep {item}" for item in args.sweep or []]
@@ -123,17 +127,12 @@ def main() -> None:
     if args.replot:
         out = json.loads((RESULTS / f"{stem}.json").read_text())
         args.n, args.batch, args.timed_batch = out["n"], out["batch"], out.get("timed_batch", 8)
-        args.profile_samples = out.get("profile_samples", 32)
         args.sweep = args.sweep or out.get("sweep")
         finish(out, stem, args)
         return
-    # quick, a smoke run of the whole benchmark that finishes in 10 minutes on a bare 2-core fp32
-    # CPU (profile included): half the sampler's steps, 8 images, a timed batch of 2, an 8-sample
-    # profile and SODA calibrated on 4 samples (its calibration is most of a quick run's time)
-    args.n = args.n or (8 if args.quick else 96)
-    args.batch = args.batch or (8 if args.quick else 16)
-    args.timed_batch = args.timed_batch or (2 if args.quick else 8)
-    args.profile_samples = 8 if args.quick else 32
+    for k, v in DEFAULTS[args.quick].items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
     t0 = time.time()
     from soda import get_profile  # the benchmark's own cached SODA profiles
 
@@ -141,9 +140,9 @@ def main() -> None:
 
     args.dtype = resolve_dtype(args.dtype)
     pipe = load_pipeline(args.model, args.dtype)
-    steps = SAMPLERS[args.sampler][2] // (2 if args.quick else 1)
+    steps = SAMPLERS[args.sampler][2] // args.step_divisor
     prof = get_profile(pipe, args.sampler, steps, args.cfg, args.profile_samples, False, model=args.model)
-    cal_labels = [i % 10 for i in range(4 if args.quick else 8)]
+    cal_labels = [i % 10 for i in range(args.calibration_samples)]
     opts = dict(sampler=args.sampler, steps=steps, guidance_scale=args.cfg, progress=False, count_flops=False)
     cal_run = lambda p: sample(p, cal_labels, seed=500_000, batch_size=len(cal_labels), **opts)[0]  # noqa: E731
     labels = [i % 10 for i in range(args.n)]
@@ -196,7 +195,7 @@ def main() -> None:
     out = {"model": args.model, "dtype": args.dtype, "sampler": args.sampler, "steps": steps, "n": args.n, "seed": args.seed, "batch": args.batch,
            "timed_batch": args.timed_batch, "repeats": args.repeats, "cfg": args.cfg, "quick": args.quick,
            "sweep": args.sweep, "profile_samples": args.profile_samples,
-           "calibration_samples": len(cal_labels),
+           "calibration_samples": args.calibration_samples,
            "threads": torch.get_num_threads(), "cpu": machine(), "total_s": time.time() - t0, **res}
     if args.merge:
         out = merge(json.loads((RESULTS / f"{stem}.json").read_text()), out)

@@ -18,7 +18,7 @@ import itertools
 import json
 
 from common import RESULTS, replace_block
-from ditaccel.bench import SODA, _soda_points
+from ditaccel.bench import goal_pairs
 
 
 def kendall_tau(a: list[float], b: list[float]) -> float:
@@ -41,21 +41,18 @@ def main() -> None:
     taus = {m: kendall_tau([r[m] for r in rows], [second[key(r)][m] for r in rows]) for m in ("fd_vs_full", "psnr")}
     same, flips = 0, []
     total = 0
-    for s in _soda_points(rows, 1.5, 3.0, 0.05):  # the goal check's SODA points: 1.5-3x measured, ±5%
-        for r in rows:
-            if r["method"] in SODA or abs(r["speedup_measured"] / s["speedup_measured"] - 1) > 0.05:
-                continue
-            for m, better in (("psnr", 1), ("fd_vs_full", -1)):
-                first = better * (s[m] - r[m]) > 0
-                again = better * (second[key(s)][m] - second[key(r)][m]) > 0
-                total += 1
-                if first == again:
-                    same += 1
-                else:
-                    flips.append(f"{s['method']} ({s['knob']}={s['value']:g}) vs {r['method']} ({r['knob']}={r['value']:g}) on "
-                                 f"{'PSNR' if m == 'psnr' else 'FD'}: {s[m]:.3f} vs {r[m]:.3f} on seeds "
-                                 f"0..{main_run['n'] - 1}, {second[key(s)][m]:.3f} vs {second[key(r)][m]:.3f} on "
-                                 f"seeds {args.seed}..{args.seed + other['n'] - 1}")
+    for s, r in goal_pairs(rows):
+        for m, better in (("psnr", 1), ("fd_vs_full", -1)):
+            first = better * (s[m] - r[m]) > 0
+            again = better * (second[key(s)][m] - second[key(r)][m]) > 0
+            total += 1
+            if first == again:
+                same += 1
+            else:
+                flips.append(f"{s['method']} ({s['knob']}={s['value']:g}) vs {r['method']} ({r['knob']}={r['value']:g}) on "
+                             f"{'PSNR' if m == 'psnr' else 'FD'}: {s[m]:.3f} vs {r[m]:.3f} on seeds "
+                             f"0..{main_run['n'] - 1}, {second[key(s)][m]:.3f} vs {second[key(r)][m]:.3f} on "
+                             f"seeds {args.seed}..{args.seed + other['n'] - 1}")
     lines = [f"{len(rows)} configurations, {main_run['n']} images per seed set (seeds 0..{main_run['n'] - 1} and "
              f"{args.seed}..{args.seed + other['n'] - 1}). Kendall's tau between the two seed sets' orderings: "
              f"FD vs full {taus['fd_vs_full']:.3f}, PSNR {taus['psnr']:.3f}. The goal check's comparisons (SODA under "

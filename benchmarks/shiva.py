@@ -210,7 +210,7 @@ def main() -> None:
         for k in ("n", "timed_batch", "repeats", "cfg", "dtype", "sampler"):
             setattr(args, k, saved[k])
         args.real = saved.get("real", 1000)
-        report(args, stem, tag, joint, tomesd_ok, saved, {k: saved[k] for k in ("rows", "skipped")})
+        report(args, stem, tag, joint, tomesd_ok, saved)
         keep_map(stems, pipe, args.sampler, saved["steps"], RESULTS / f"shiva_keep_map{tag}.png")
         return
     labels = [i % 10 for i in range(args.n)]
@@ -269,7 +269,7 @@ def main() -> None:
         out = {**old, **{k: v for k, v in out.items() if k not in ("rows", "skipped", "total_s")}, **res,
                "total_s": old.get("total_s", 0) + out["total_s"]}
     save_json(stem, out)
-    report(args, stem, tag, joint, tomesd_ok, out, res)
+    report(args, stem, tag, joint, tomesd_ok, out)
 
 
 def command_of(args, tag: str) -> str:
@@ -279,14 +279,14 @@ def command_of(args, tag: str) -> str:
     return " ".join(parts)
 
 
-def report(args, stem: str, tag: str, joint: bool, tomesd_ok: bool, out: dict, res: dict) -> None:
+def report(args, stem: str, tag: str, joint: bool, tomesd_ok: bool, out: dict) -> None:
     """The Markdown table with its notes, written to results/<stem>.md and README's block."""
     graphs = out["compiled_graphs"]
-    chosen = {r["method"]: r["tome"] for r in res["rows"] if "tome" in r}
+    chosen = {r["method"]: r["tome"] for r in out["rows"] if "tome" in r}
     head = ["method", "mean keep (routed blocks) / ToMe merge ratio", "policy's own mean keep", "measured speedup", "FLOP speedup", "PSNR vs full", "SSIM vs full",
             "FD vs full", "FD vs real test", "classifier agreement"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in res["rows"]:
+    for r in out["rows"]:
         if r["method"] == "full":
             lines.append(f"| full | 1.00 | - | 1.00x | 1.00x | - | - | - | {r['fd_vs_test']:.2f} | {r['class_agreement']:.1%} |")
             continue

@@ -254,21 +254,27 @@ def _soda_points(rows: list[dict], lo: float, hi: float, tol: float) -> list[dic
             and lo * (1 - tol) <= r["speedup_measured"] <= hi * (1 + tol)]
 
 
+def goal_pairs(rows: list[dict], lo: float = 1.5, hi: float = 3.0, tol: float = 0.05):
+    """The comparisons the goal check makes: (SODA row, other row) for each SODA point (either
+    budget) in [lo, hi] measured speedup and each other method's row within ``tol`` of its speedup."""
+    rows = [r for r in rows if r["speedup_measured"] is not None]
+    for s in _soda_points(rows, lo, hi, tol):
+        for r in rows:
+            if r["method"] not in (*SODA, "full") and abs(r["speedup_measured"] / s["speedup_measured"] - 1) <= tol:
+                yield s, r
+
+
 def goal_check(rows: list[dict], lo: float = 1.5, hi: float = 3.0, tol: float = 0.05) -> list[str]:
     """Where SODA (either budget) is not the best: at each SODA point in [lo, hi] measured speedup,
     the other methods within ``tol`` of its speedup that beat it on PSNR or FD vs the full model."""
     lines = []
-    rows = [r for r in rows if r["speedup_measured"] is not None]
-    for s in _soda_points(rows, lo, hi, tol):
-        near = [r for r in rows if r["method"] not in (*SODA, "full")
-                and abs(r["speedup_measured"] / s["speedup_measured"] - 1) <= tol]
-        for r in near:
-            worse = [f"PSNR {s['psnr']:.2f} < {r['psnr']:.2f}" if r["psnr"] > s["psnr"] else None,
-                     f"FD {s['fd_vs_full']:.2f} > {r['fd_vs_full']:.2f}" if r["fd_vs_full"] < s["fd_vs_full"] else None]
-            worse = [w for w in worse if w]
-            if worse:
-                lines.append(f"{_name(s)} at {s['speedup_measured']:.2f}x vs {_name(r)} at "
-                             f"{r['speedup_measured']:.2f}x: " + ", ".join(worse))
+    for s, r in goal_pairs(rows, lo, hi, tol):
+        worse = [f"PSNR {s['psnr']:.2f} < {r['psnr']:.2f}" if r["psnr"] > s["psnr"] else None,
+                 f"FD {s['fd_vs_full']:.2f} > {r['fd_vs_full']:.2f}" if r["fd_vs_full"] < s["fd_vs_full"] else None]
+        worse = [w for w in worse if w]
+        if worse:
+            lines.append(f"{_name(s)} at {s['speedup_measured']:.2f}x vs {_name(r)} at "
+                         f"{r['speedup_measured']:.2f}x: " + ", ".join(worse))
     return lines
 
 
