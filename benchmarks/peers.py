@@ -22,7 +22,10 @@ quality vs real data (FD vs the Fashion-MNIST test set, classifier agreement) an
 Writes results/peers-<sampler>[-quick].{json,md,png} and README's ``peers-<sampler>`` block.
 
     python benchmarks/peers.py                        # DDIM-50, the full sweep
-    python benchmarks/peers.py --sampler ddpm --n 32 --timed-batch 4   # DDPM-250 (as in README)
+    python benchmarks/peers.py --sampler ddpm --n 32 --timed-batch 4 --dtype fp32   # DDPM-250 (as in
+                                                      # README; about 7 h on a 2-core fp32 CPU: stopped,
+                                                      # it resumes from results/peers-ddpm.partial.jsonl,
+                                                      # which is committed while the sweep is part way)
     python benchmarks/peers.py --quick                # one point per method, half the steps, 8 images:
                                                       # a smoke run, under 10 minutes
     python benchmarks/peers.py --seed 10000 --repeats 0   # fidelity only on other seeds (FD ranking check)
@@ -95,7 +98,17 @@ def describe(out: dict) -> str:
                       for m in out.get("merged", []))
             + (f" {out['resumed_rows']} of the {len(out['rows']) - 1} method rows were measured by an earlier run "
                "of this command that stopped before the end (resumed from its partial results; each row is "
-               "timed against the full model in its own pairs)." if out.get("resumed_rows") else ""))
+               "timed against the full model in its own pairs)." if out.get("resumed_rows") else "")
+            + _machines(out))
+
+
+def _machines(out: dict) -> str:
+    """Where the method rows were timed, when that was more than one machine (a resumed sweep)."""
+    cpus = [r["cpu"] for r in out["rows"] if r.get("cpu")]
+    if len(set(cpus)) < 2:
+        return ""
+    counts = {c: cpus.count(c) for c in dict.fromkeys(cpus)}
+    return " Rows timed on: " + "; ".join(f"{c} ({k} rows)" for c, k in counts.items()) + "."
 
 
 def main() -> None:
@@ -184,7 +197,13 @@ def main() -> None:
         partial.parent.mkdir(parents=True, exist_ok=True)
         partial.write_text(json.dumps({"settings": settings}) + "\n")
 
+    cpu = machine()
+
     def show(row):
+        # a sweep too long for one session resumes on whatever machine the next one gets: each row
+        # says where it was timed (its speedup is a ratio within its own pairs, so rows from two
+        # machines of the same dtype compare; the dtype is part of the settings)
+        row["cpu"] = cpu
         print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
         with partial.open("a") as f:
             f.write(json.dumps(row) + "\n")
