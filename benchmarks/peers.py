@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections import Counter
 
 import torch
 
@@ -104,10 +105,9 @@ def describe(out: dict) -> str:
 
 def _machines(out: dict) -> str:
     """Where the method rows were timed, when that was more than one machine (a resumed sweep)."""
-    cpus = [r["cpu"] for r in out["rows"] if r.get("cpu")]
-    if len(set(cpus)) < 2:
+    counts = Counter(r["cpu"] for r in out["rows"] if r.get("cpu"))
+    if len(counts) < 2:
         return ""
-    counts = {c: cpus.count(c) for c in dict.fromkeys(cpus)}
     return " Rows timed on: " + "; ".join(f"{c} ({k} rows)" for c, k in counts.items()) + "."
 
 
@@ -215,7 +215,7 @@ def main() -> None:
            "timed_batch": args.timed_batch, "repeats": args.repeats, "cfg": args.cfg, "quick": args.quick,
            "sweep": args.sweep, "profile_samples": args.profile_samples,
            "calibration_samples": args.calibration_samples,
-           "threads": torch.get_num_threads(), "cpu": machine(), "total_s": time.time() - t0, **res}
+           "threads": torch.get_num_threads(), "cpu": cpu, "total_s": time.time() - t0, **res}
     if args.merge:
         out = merge(json.loads((RESULTS / f"{stem}.json").read_text()), out)
     save_json(stem, out)
