@@ -67,6 +67,28 @@ def test_measure_resumes_rows_an_interrupted_run_measured(tiny_pipe):
     assert seen == [rows[1]], "only the entry not measured before runs (and is reported)"
 
 
+def test_measure_reuses_a_kept_full_model_reference(tiny_pipe):
+    entries = bench.method_entries(tiny_pipe, STEPS, methods=["fora"], sweeps={"fora": (2,)})
+    kept = []
+    first = bench.measure(tiny_pipe, _run, None, entries, repeats=0, progress=False,
+                          on_full=lambda images, flops: kept.append((images, flops)))["rows"]
+    assert len(kept) == 1 and kept[0][1] == first[0]["flops"]
+    assert torch.equal(kept[0][0], _run(tiny_pipe)), "the kept reference is the full model's scored images"
+    calls = []
+
+    def run(p):
+        calls.append(1)
+        return _run(p)
+
+    # a resumed run scores against the kept images (shifted here, so it shows) and samples only the method
+    images, flops = kept[0]
+    again = bench.measure(tiny_pipe, run, None, entries, repeats=0, progress=False, full=(images + 0.01, flops),
+                          on_full=lambda *a: pytest.fail("a kept reference is not written again"))["rows"]
+    assert len(calls) == 1, "the full model is not sampled again"
+    assert again[0]["flops"] == first[0]["flops"] and again[1]["flops"] == first[1]["flops"]
+    assert again[1]["psnr"] != pytest.approx(first[1]["psnr"], abs=0.1), "scored against the kept images"
+
+
 def _row(method, speed, psnr_, fd):
     return {"method": method, "family": "ours", "knob": "k", "value": 1, "speedup_measured": speed,
             "psnr": psnr_, "fd_vs_full": fd}

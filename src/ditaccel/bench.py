@@ -165,11 +165,14 @@ def _calibrated(pipe, calibration_run, profile, plan_dir, method: str, knob: str
 def measure(pipe, run: Callable, timed: Callable, entries: list[Entry], *, repeats: int = 3,
             extra: Callable[[torch.Tensor], dict] | None = None, feature_extractor=None,
             progress: bool = True, on_row: Callable[[dict], None] | None = None,
-            resumed: list[dict] | None = None) -> dict:
+            resumed: list[dict] | None = None, full: tuple[torch.Tensor, int] | None = None,
+            on_full: Callable[[torch.Tensor, int], None] | None = None) -> dict:
     """Measure the full model and every entry (see the module docstring); returns ``{"rows": [...],
     "skipped": [...]}``, the first row the full model's.  ``resumed``: rows an interrupted run of
     the same settings already measured (``on_row``'s); their entries are not run again (each row's
-    speedup is timed against the full model within its own pairs, so it keeps)."""
+    speedup is timed against the full model within its own pairs, so it keeps).  ``full``: the full
+    model's scored images and FLOPs from such a run (``on_full``'s), so a resumed run does not
+    sample them again."""
     from tqdm.auto import tqdm
 
     from .metrics import feature_extractor as default_fx
@@ -180,7 +183,12 @@ def measure(pipe, run: Callable, timed: Callable, entries: list[Entry], *, repea
     with torch.no_grad():
         if repeats:
             timed(pipe)  # warm-up
-        full, full_flops = _counted(run, pipe)
+        if full is None:
+            full, full_flops = _counted(run, pipe)
+            if on_full:
+                on_full(full, full_flops)
+        else:
+            full, full_flops = full
     if full.shape[0] < 2:
         raise ValueError("the scored run must give at least 2 images (Fréchet distance needs them)")
     full_feats = fx(full)
