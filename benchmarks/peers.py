@@ -38,6 +38,7 @@ Writes results/peers-<sampler>[-quick].{json,md,png} and README's ``peers-<sampl
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 from collections import Counter
@@ -155,7 +156,10 @@ def main() -> None:
     args.dtype = resolve_dtype(args.dtype)
     pipe = load_pipeline(args.model, args.dtype)
     steps = SAMPLERS[args.sampler][2] // args.step_divisor
-    prof = get_profile(pipe, args.sampler, steps, args.cfg, args.profile_samples, False, model=args.model)
+    # made when a SODA row is first measured (cached under runs/profiles/): a resumed sweep past its
+    # SODA rows does not profile again
+    prof = functools.cache(lambda: get_profile(pipe, args.sampler, steps, args.cfg, args.profile_samples, False,
+                                               model=args.model))
     cal_labels = [i % 10 for i in range(args.calibration_samples)]
     opts = dict(sampler=args.sampler, steps=steps, guidance_scale=args.cfg, progress=False, count_flops=False)
     cal_run = lambda p: sample(p, cal_labels, seed=500_000, batch_size=len(cal_labels), **opts)[0]  # noqa: E731

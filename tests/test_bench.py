@@ -89,6 +89,27 @@ def test_measure_reuses_a_kept_full_model_reference(tiny_pipe):
     assert again[1]["psnr"] != pytest.approx(first[1]["psnr"], abs=0.1), "scored against the kept images"
 
 
+def test_a_profile_function_is_called_only_when_a_soda_row_is_measured(tiny_pipe):
+    from ditaccel.profiling import profile
+
+    made = []
+
+    def make():
+        made.append(1)
+        return profile(tiny_pipe, class_labels=[0, 1], sampler="ddim", steps=STEPS, guidance_scale=2.0,
+                       intervals=(1, 2), ratios=(0.5,), timing_repeats=1, progress=False)
+
+    cal = lambda p: _run(p, (2, 3))  # noqa: E731
+    entries = bench.method_entries(tiny_pipe, STEPS, methods=["fora", "soda"], sweeps={"fora": (2,), "soda": (1.5,)},
+                                   profile=make, calibration_run=cal)
+    assert made == [], "building the entries does not profile"
+    first = bench.measure(tiny_pipe, _run, None, entries, repeats=0, progress=False)["rows"]
+    assert made == [1] and [r["method"] for r in first] == ["full", "fora", "soda"]
+    # every SODA row resumed: the profile is not made again
+    bench.measure(tiny_pipe, _run, None, entries, repeats=0, progress=False, resumed=[first[2]])
+    assert made == [1]
+
+
 def _row(method, speed, psnr_, fd):
     return {"method": method, "family": "ours", "knob": "k", "value": 1, "speedup_measured": speed,
             "psnr": psnr_, "fd_vs_full": fd}

@@ -88,7 +88,9 @@ def method_entries(pipe, num_steps: int, *, methods: list[str] | None = None, qu
                    sweeps: dict[str, tuple[float, ...]] | None = None, profile=None,
                    calibration_run: Callable | None = None, plan_dir=None) -> list[Entry]:
     """The configurations to measure: each method (default: all) at each value of its sweep.
-    SODA needs ``profile`` (for this pipeline, sampler and step count) and ``calibration_run``
+    SODA needs ``profile`` (for this pipeline, sampler and step count; or a function that makes it,
+    called when a SODA entry is first prepared, so a resumed run that has measured every SODA row
+    does not profile again) and ``calibration_run``
     (a few samples on other seeds; also MagCache's calibration run).  ``plan_dir``: keep SODA's
     calibrated plans there and reuse them on later runs with the same profile and calibration run
     (delete the folder when either changes)."""
@@ -147,6 +149,7 @@ def _calibrated(pipe, calibration_run, profile, plan_dir, method: str, knob: str
     from .io import write_json
     from .plan import Plan
 
+    profile = profile() if callable(profile) else profile
     path = None if plan_dir is None else Path(plan_dir) / f"{method}-{knob}{value:g}.json"
     if path is not None and path.exists():
         plan = Plan.load(path)
