@@ -26,6 +26,9 @@ Writes results/peers-<sampler>[-quick].{json,md,png} and README's ``peers-<sampl
                                                       # README; about 7 h on a 2-core fp32 CPU: stopped,
                                                       # it resumes from results/peers-ddpm.partial.jsonl,
                                                       # which is committed while the sweep is part way)
+    python benchmarks/peers.py --sampler ddpm --n 32 --timed-batch 4 --dtype fp32 --retime
+                                                      # resuming on another CPU: its rows are timed again
+                                                      # here first, so every speedup is from one machine
     python benchmarks/peers.py --quick                # one point per method, half the steps, 8 images:
                                                       # a smoke run, under 10 minutes
     python benchmarks/peers.py --seed 10000 --repeats 0   # fidelity only on other seeds (FD ranking check)
@@ -46,8 +49,8 @@ from collections import Counter
 import torch
 
 from common import RESULTS, ROOT, machine, real_test_features, replace_block, save_json
-from ditaccel.bench import measure, merge, method_entries, parse_sweeps, plot, report
-from ditaccel.io import artifact_exists, load_artifact, remove_artifact, save_artifact
+from ditaccel.bench import SODA, measure, merge, method_entries, parse_sweeps, plan_path, plot, report, retime
+from ditaccel.io import artifact_exists, load_artifact, remove_artifact, save_artifact, write_text
 from ditaccel.metrics import feature_extractor, frechet_distance
 from ditaccel.models.classifier import predict
 from ditaccel.pipeline import SAMPLERS
@@ -102,6 +105,9 @@ def describe(out: dict) -> str:
             + (f" {out['resumed_rows']} of the {len(out['rows']) - 1} method rows were measured by an earlier run "
                "of this command that stopped before the end (resumed from its partial results; each row is "
                "timed against the full model in its own pairs)." if out.get("resumed_rows") else "")
+            + (f" {out['retimed_rows']} of those, scored by a run on another CPU, were timed again on this one "
+               "(`--retime`; their images and FLOPs kept), so every speedup here is timed on one machine."
+               if out.get("retimed_rows") else "")
             + _machines(out))
 
 
@@ -131,8 +137,13 @@ def main() -> None:
     ap.add_argument("--merge", action="store_true",
                     help="with --only: replace those methods' rows in the saved results, keep the rest")
     ap.add_argument("--replot", action="store_true", help="redraw the table and plot from the saved JSON")
+    ap.add_argument("--retime", action="store_true",
+                    help="resuming: time again on this machine the rows timed on another CPU (images and FLOPs "
+                         "kept), so that every speedup comes from one machine")
     args = ap.parse_args()
     stem = stem_of(args)
+    if args.retime and not args.repeats:
+        ap.error("--retime times rows again: it needs --repeats of at least 1")
     if args.merge and not args.only:
         ap.error("--merge needs --only METHODS (the methods to re-measure)")
     try:
@@ -177,11 +188,12 @@ def main() -> None:
                 "class_agreement": float((predict(classifier, images * 2 - 1) == torch.tensor(labels)).float().mean())}
 
     methods = args.only.split(",") if args.only else None
-    # SODA's calibrated plans depend on the profile and the calibration samples only: kept for the
-    # other seed sets and for re-runs (delete runs/plans/ after changing SODA); --quick's profile is
-    # another one, so its plans are kept apart
-    plan_dir = ROOT / "runs" / "plans" / (f"peers-{args.sampler}" + (f"-{args.model}" if args.model != "fmnist-dit" else "")
-                                          + ("-quick" if args.quick else ""))
+    # SODA's calibrated plans depend on the profile and the calibration samples only: kept (and
+    # committed, as the plans the rows were scored with) for the other seed sets, for re-runs and
+    # for --retime (delete results/plans/<run>/ after changing SODA); --quick's profile is another
+    # one, so its plans are kept apart
+    plan_dir = RESULTS / "plans" / (f"peers-{args.sampler}" + (f"-{args.model}" if args.model != "fmnist-dit" else "")
+                                    + ("-quick" if args.quick else ""))
     entries = method_entries(pipe, steps, methods=methods, quick=args.quick, sweeps=sweeps, profile=prof,
                              calibration_run=cal_run, plan_dir=plan_dir)
 
@@ -222,16 +234,42 @@ def main() -> None:
 
     def show(row):
         # a sweep too long for one session resumes on whatever machine the next one gets: each row
-        # says where it was timed (its speedup is a ratio within its own pairs, so rows from two
-        # machines of the same dtype compare; the dtype is part of the settings)
+        # says where it was timed. Its speedup is a ratio within its own pairs, but how much of a
+        # method's FLOP saving shows up in wall-clock time depends on the CPU (a faster one leaves
+        # more of a step to fixed per-call costs), so --retime times every row on one machine
         row["cpu"] = cpu
         print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
         with partial.open("a") as f:
             f.write(json.dumps(row) + "\n")
 
+    if args.retime:
+        elsewhere = [r for r in resumed if r.get("cpu") != cpu]
+        # soda-latency calibrates by this machine's clock, and a SODA row whose plan was not kept
+        # cannot be rebuilt as scored: those are measured again in full, the others timed again
+        again = [r for r in elsewhere if r["method"] == "soda-latency"
+                 or (r["method"] in SODA and not plan_path(plan_dir, r["method"], r["knob"], r["value"]).exists())]
+        if again:
+            print(f"--retime: measuring {len(again)} rows again in full: "
+                  + ", ".join(f"{r['method']}={r['value']:g}" for r in again), flush=True)
+        resumed = [r for r in resumed if not any(r is a for a in again)]
+        todo = [r for r in elsewhere if not any(r is a for a in again)]
+        kept = {(r["method"], r["value"]): r for r in resumed}
+
+        def keep_retimed(row):
+            row["cpu"] = cpu
+            print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()
+                              if k != "timed_before"}), flush=True)
+            kept[(row["method"], row["value"])] = row
+            # the partial file rewritten whole (atomically) after each row: a stopped retime resumes
+            write_text(partial, "\n".join(json.dumps(x) for x in [{"settings": settings}, *kept.values()]) + "\n")
+
+        retime(pipe, timed, entries, todo, repeats=args.repeats, on_row=keep_retimed)
+        resumed = list(kept.values())
+
     res = measure(pipe, run, timed, entries, repeats=args.repeats, extra=extra, feature_extractor=fx, on_row=show,
                   resumed=resumed, full=full, on_full=keep_full)
     res["resumed_rows"] = len(resumed)
+    res["retimed_rows"] = sum("timed_before" in r for r in res["rows"])
     out = {"model": args.model, "dtype": args.dtype, "sampler": args.sampler, "steps": steps, "n": args.n, "seed": args.seed, "batch": args.batch,
            "timed_batch": args.timed_batch, "repeats": args.repeats, "cfg": args.cfg, "quick": args.quick,
            "sweep": args.sweep, "profile_samples": args.profile_samples,

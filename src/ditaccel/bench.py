@@ -113,7 +113,7 @@ def method_entries(pipe, num_steps: int, *, methods: list[str] | None = None, qu
         for v in sweeps.get(method, quick_sweep if quick else sweep):
             def prepare(p, method=method, knob=knob, v=v):
                 if method.startswith("soda"):
-                    return planned(_calibrated(p, calibration_run, profile, plan_dir, method, knob, v))
+                    return planned(_calibrated(p, calibration_run, profile, plan_dir, method, knob, v, num_steps))
                 extra = {"ratio": TOCA_RATIO} if method == "toca" else {}
                 if method == "fora-forecast":  # FORA with first-order forecasts (TaylorSeer-like)
                     return planned(make_plan("fora", shape, interval=int(v), forecast=1))
@@ -143,20 +143,25 @@ def _counted(run, pipe) -> tuple[torch.Tensor, int]:
     return images, int(counter.get_total_flops())
 
 
-def _calibrated(pipe, calibration_run, profile, plan_dir, method: str, knob: str, value: float):
+def plan_path(plan_dir, method: str, knob: str, value: float):
+    """Where :func:`method_entries` keeps a SODA row's calibrated plan under ``plan_dir``."""
     from pathlib import Path
 
-    from .io import write_json
+    return Path(plan_dir) / f"{method}-{knob}{value:g}.json"
+
+
+def _calibrated(pipe, calibration_run, profile, plan_dir, method: str, knob: str, value: float, num_steps: int):
+    from .io import model_fingerprint, write_json
     from .plan import Plan
 
-    profile = profile() if callable(profile) else profile
-    path = None if plan_dir is None else Path(plan_dir) / f"{method}-{knob}{value:g}.json"
+    path = None if plan_dir is None else plan_path(plan_dir, method, knob, value)
     if path is not None and path.exists():
         plan = Plan.load(path)
-        if (plan.meta.get("fingerprint") == profile.meta.get("fingerprint") and plan.num_steps == profile.num_steps
+        if (plan.meta.get("fingerprint") == model_fingerprint(pipe.transformer) and plan.num_steps == num_steps
                 and plan.meta.get("config", {}).get(knob) == value
                 and ("timed" in plan.meta.get("calibration", {})) == (method == "soda-latency")):
             return plan
+    profile = profile() if callable(profile) else profile
     # soda-latency: the budget is measured wall-clock time on the calibration run itself
     timed = calibration_run if method == "soda-latency" else None
     plan = soda.calibrate_soda(pipe, calibration_run, profile, progress=False, timed=timed, **{knob: value})
@@ -242,6 +247,37 @@ def measure(pipe, run: Callable, timed: Callable, entries: list[Entry], *, repea
         skipped = gather_object(skipped)
     rows += [row for _, row in sorted(done, key=lambda d: d[0])]
     return {"rows": rows, "skipped": skipped, "processes": dist.size()}
+
+
+def retime(pipe, timed: Callable, entries: list[Entry], rows: list[dict], *, repeats: int = 3,
+           progress: bool = True, on_row: Callable[[dict], None] | None = None) -> list[dict]:
+    """``rows`` (from an earlier :func:`measure` of these entries, timed on another machine) with
+    their speed measured again here, by the same back-to-back pairs with the full model; their
+    images, FLOPs and quality are kept, and each records the timing it replaces (``timed_before``).
+    A row's entry must rebuild the configuration it was scored with (for SODA: its kept plan)."""
+    from tqdm.auto import tqdm
+
+    if repeats < 1:
+        raise ValueError(f"retiming needs repeats >= 1, got {repeats}")
+    by_key = {(e.method, e.value): e for e in entries}
+    missing = [f"{r['method']}={r['value']:g}" for r in rows if (r["method"], r["value"]) not in by_key]
+    if missing:
+        raise ValueError(f"no configuration to retime {', '.join(missing)} with; pass the sweep they were measured with")
+    out = []
+    with torch.no_grad():
+        if rows:
+            timed(pipe)  # warm-up
+        for row in tqdm(rows, desc="retime", disable=not progress):
+            attach = by_key[(row["method"], row["value"])].prepare(pipe)
+            ratios = speedup_pairs(pipe, timed, attach, repeats)
+            measured = statistics.median(ratios)
+            new = {**row, "speedup_measured": measured, "ratios": ratios,
+                   "efficiency": measured / row["speedup_flops"],
+                   "timed_before": {k: row.get(k) for k in ("speedup_measured", "ratios", "cpu")}}
+            out.append(new)
+            if on_row:
+                on_row(new)
+    return out
 
 
 def merge(old: dict, new: dict) -> dict:
