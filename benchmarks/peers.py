@@ -239,14 +239,15 @@ def main() -> None:
         # more of a step to fixed per-call costs), so --retime times every row on one machine
         row["cpu"] = cpu
         print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
-        with partial.open("a") as f:
+        with partial.open("a") as f:  # a skip record too (a SODA budget out of reach): not tried again
             f.write(json.dumps(row) + "\n")
 
     if args.retime:
         elsewhere = [r for r in resumed if r.get("cpu") != cpu]
         # soda-latency calibrates by this machine's clock, and a SODA row whose plan was not kept
-        # cannot be rebuilt as scored: those are measured again in full, the others timed again
-        again = [r for r in elsewhere if r["method"] == "soda-latency"
+        # cannot be rebuilt as scored: those are measured again in full (and budgets another CPU
+        # could not reach are tried again), the others timed again
+        again = [r for r in elsewhere if r["method"] == "soda-latency" or "skipped" in r
                  or (r["method"] in SODA and not plan_path(plan_dir, r["method"], r["knob"], r["value"]).exists())]
         if again:
             print(f"--retime: measuring {len(again)} rows again in full: "
@@ -268,7 +269,7 @@ def main() -> None:
 
     res = measure(pipe, run, timed, entries, repeats=args.repeats, extra=extra, feature_extractor=fx, on_row=show,
                   resumed=resumed, full=full, on_full=keep_full)
-    res["resumed_rows"] = len(resumed)
+    res["resumed_rows"] = sum("skipped" not in r for r in resumed)
     res["retimed_rows"] = sum("timed_before" in r for r in res["rows"])
     out = {"model": args.model, "dtype": args.dtype, "sampler": args.sampler, "steps": steps, "n": args.n, "seed": args.seed, "batch": args.batch,
            "timed_batch": args.timed_batch, "repeats": args.repeats, "cfg": args.cfg, "quick": args.quick,

@@ -408,3 +408,33 @@ def test_bench_keeps_calibrated_soda_plans_for_later_runs(tiny_profile, tmp_path
     path.write_text(json.dumps(doc))
     entry()
     assert len(calls) > n  # a plan for another model is not taken
+
+
+def test_an_unreachable_budget_fails_before_sampling_and_the_bench_skips_it_once(tiny_profile):
+    from ditaccel import bench
+
+    pipe, prof = tiny_profile
+    calls = []
+
+    def run(p):
+        calls.append(1)
+        return sample(p, [0, 1], steps=STEPS, guidance_scale=2.0, seed=7, progress=False)[0]
+
+    with pytest.raises(soda.BudgetUnreachable, match="no plan meets this budget"):
+        soda.calibrate_soda(pipe, run, prof, speedup=50.0, progress=False)
+    assert calls == [], "an unreachable budget is refused before any calibration sample"
+    assert issubclass(soda.BudgetUnreachable, ValueError)  # the CLI's one-line errors still catch it
+
+    entries = bench.method_entries(pipe, STEPS, methods=["soda"], sweeps={"soda": (1.6, 50.0)}, profile=prof,
+                                   calibration_run=run)
+    seen = []
+    out = bench.measure(pipe, run, None, entries, repeats=0, progress=False, on_row=seen.append)
+    assert [(r["method"], r["value"]) for r in out["rows"]] == [("full", None), ("soda", 1.6)]
+    assert out["skipped"] == ["soda: speedup=50: no plan meets this budget with the profiled cache ages; "
+                              "profile longer intervals or ask for a smaller speedup"]
+    assert seen[-1] == {"method": "soda", "value": 50.0, "skipped": out["skipped"][0]}
+    # resumed from what on_row saw: neither configuration is tried again, the skip is reported again
+    n = len(calls)
+    again = bench.measure(pipe, run, None, entries, repeats=0, progress=False, resumed=seen)
+    assert again["skipped"] == out["skipped"] and len(again["rows"]) == 2
+    assert len(calls) == n + 1, "only the full model's scored run"

@@ -177,7 +177,7 @@ def measure(pipe, run: Callable, timed: Callable, entries: list[Entry], *, repea
             on_full: Callable[[torch.Tensor, int], None] | None = None) -> dict:
     """Measure the full model and every entry (see the module docstring); returns ``{"rows": [...],
     "skipped": [...]}``, the first row the full model's.  ``resumed``: rows an interrupted run of
-    the same settings already measured (``on_row``'s); their entries are not run again (each row's
+    the same settings already measured (``on_row``'s, skip records included); their entries are not run again (each row's
     speedup is timed against the full model within its own pairs, so it keeps).  ``full``: the full
     model's scored images and FLOPs from such a run (``on_full``'s), so a resumed run does not
     sample them again."""
@@ -217,14 +217,22 @@ def measure(pipe, run: Callable, timed: Callable, entries: list[Entry], *, repea
     done: list[tuple[int, dict]] = []
     for i, e in tqdm(mine, desc="methods", disable=not progress or not dist.is_main()):
         again = next((r for r in resumed or () if r["method"] == e.method and r["value"] == e.value), None)
+        if again is not None and "skipped" in again:
+            skipped.append(again["skipped"])
+            continue
         if again is not None:
             done.append((i, again))
             continue
         try:
             attach = e.prepare(pipe)
             detach = attach(pipe)
-        except PeerUnavailable as err:
-            skipped.append(f"{e.method}: {err}")
+        except (PeerUnavailable, soda.BudgetUnreachable) as err:
+            # a peer that cannot run here, or a SODA budget beyond its profile's reach: reported, and
+            # passed to on_row as a skip record so that a resumed run does not try it again
+            why = f"{e.method}: {err}" if isinstance(err, PeerUnavailable) else f"{e.method}: {e.knob}={e.value:g}: {err}"
+            skipped.append(why)
+            if on_row:
+                on_row({"method": e.method, "value": e.value, "skipped": why})
             continue
         try:
             with torch.no_grad():

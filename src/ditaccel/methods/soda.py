@@ -22,6 +22,11 @@ from ..plan import FORECAST_ORDERS, FULL, REUSE, TOKEN_SCORES, Plan, check_forec
 from ..sampling import as_images
 
 
+class BudgetUnreachable(ValueError):
+    """No plan meets the budget with the profiled cache ages: the budget is beyond what the
+    profile lets SODA reach."""
+
+
 @dataclass(frozen=True)
 class Config:
     speedup: float | None = None          # target FLOP speedup
@@ -288,8 +293,8 @@ def plan(config: Config, profile) -> Plan:
         if best is None or chosen.meta["predicted"]["error"] < best.meta["predicted"]["error"]:
             best = chosen
     if best is None:
-        raise ValueError("no plan meets this budget with the profiled cache ages; profile longer "
-                         "intervals or ask for a smaller speedup")
+        raise BudgetUnreachable("no plan meets this budget with the profiled cache ages; profile "
+                                "longer intervals or ask for a smaller speedup")
     return best
 
 
@@ -441,12 +446,12 @@ def calibrate_soda(pipe, run, profile, fewer: int = 3, spreads=SPREADS, forecast
                          "not speedup")
     if config.spread is not None:
         spreads = (config.spread,)
-    with torch.no_grad():
-        reference = as_images(run(pipe))
     first = schedules(config, profile, spreads, forecasts, uniform=config.spread is None)
     if not first:
-        raise ValueError("no plan meets this budget with the profiled cache ages; profile longer "
-                         "intervals or ask for a smaller speedup")
+        raise BudgetUnreachable("no plan meets this budget with the profiled cache ages; profile "
+                                "longer intervals or ask for a smaller speedup")
+    with torch.no_grad():
+        reference = as_images(run(pipe))
     best, rows = calibrate(pipe, run, first, progress, reference)
     chosen = best.meta["calibration"]["chosen"]
     kept = replace(config, spread=best.meta["config"]["spread"], schedule=best.meta["config"]["schedule"],
