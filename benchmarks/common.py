@@ -46,7 +46,8 @@ def real_test_features(fx, n: int = 10_000):
 
     from ditaccel.data import load_fashion_mnist
 
-    path = ROOT / "runs" / "cache" / f"fmnist-test-features-{n}.safetensors"
+    precision = "-bf16" if getattr(fx, "bf16", False) else ""  # the features' precision is part of the key
+    path = ROOT / "runs" / "cache" / f"fmnist-test-features-{n}{precision}.safetensors"
     if path.exists():
         return load_file(path)["features"]
     x_test, _ = load_fashion_mnist("test")

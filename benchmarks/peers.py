@@ -98,6 +98,7 @@ def describe(out: dict) -> str:
             f"in batches of {out['batch']}; "
             f"measured speedup: median of {out['repeats']} back-to-back pairs (full model, method) on one batch of "
             f"{out.get('timed_batch', out['batch'])}; FLOPs counted by torch's FlopCounterMode on the scored run."
+            + (f" FD on {out['features']} EfficientNet-lite0 features." if "features" in out else "")
             + (f" SODA's profile: {out['profile_samples']} samples of other seeds; calibration: {out.get('calibration_samples', 8)} more." if "profile_samples" in out else "")
             + "".join(f" Rows of {', '.join(m['methods'])} re-measured in a later run (`--only "
                       f"{','.join(m['methods'])} --merge`), timed against the full model in that run."
@@ -213,6 +214,16 @@ def main() -> None:
     if not resumed:
         partial.parent.mkdir(parents=True, exist_ok=True)
         partial.write_text(json.dumps({"settings": settings}) + "\n")
+    # rows scored on features of another precision do not compare (FD moves by percents): measured
+    # again in full. Rows from before the extractor was fp32 everywhere say it by their CPU: a
+    # bf16-native one scored in bf16
+    features = "bf16" if fx.bf16 else "fp32"
+    other = [r for r in resumed if "skipped" not in r
+             and r.get("features", "bf16" if "bf16:" in r.get("cpu", "") else "fp32") != features]
+    if other:
+        print(f"measuring {len(other)} rows again in full (scored on {'fp32' if features == 'bf16' else 'bf16'} "
+              "features): " + ", ".join(f"{r['method']}={r['value']:g}" for r in other), flush=True)
+        resumed = [r for r in resumed if not any(r is o for o in other)]
 
     # the full model's scored images, kept beside the partial rows (committed with them): a resumed
     # sweep scores against the very images its earlier rows were scored against, without sampling
@@ -237,7 +248,7 @@ def main() -> None:
         # says where it was timed. Its speedup is a ratio within its own pairs, but how much of a
         # method's FLOP saving shows up in wall-clock time depends on the CPU (a faster one leaves
         # more of a step to fixed per-call costs), so --retime times every row on one machine
-        row["cpu"] = cpu
+        row["cpu"], row["features"] = cpu, features
         print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
         with partial.open("a") as f:  # a skip record too (a SODA budget out of reach): not tried again
             f.write(json.dumps(row) + "\n")
@@ -275,7 +286,7 @@ def main() -> None:
            "timed_batch": args.timed_batch, "repeats": args.repeats, "cfg": args.cfg, "quick": args.quick,
            "sweep": args.sweep, "profile_samples": args.profile_samples,
            "calibration_samples": args.calibration_samples,
-           "threads": torch.get_num_threads(), "cpu": cpu, "total_s": time.time() - t0, **res}
+           "threads": torch.get_num_threads(), "cpu": cpu, "features": features, "total_s": time.time() - t0, **res}
     if args.merge:
         out = merge(json.loads((RESULTS / f"{stem}.json").read_text()), out)
     save_json(stem, out)

@@ -58,7 +58,10 @@ def test_bundled_text_models_draw_what_the_prompt_names(name, cls, sampler):
     a, stats = sample(pipe, prompts, steps=15, guidance_scale=3.0, seed=0, progress=False)
     assert stats.sampler == sampler and stats.calls == 15
     b, _ = sample(pipe, prompts[:2], steps=15, guidance_scale=3.0, seed=0, progress=False)
-    assert torch.equal(a[:2], b)
+    # the same images alone as inside the batch, up to float rounding (fp32 kernels on some CPUs,
+    # AVX-512 ones among them, block a batch of 2 differently from one of 20); different seeding
+    # would differ by tenths
+    assert (a[:2] - b).abs().max() < 1e-3
     # without working text conditioning ~10% would agree: the prompt decides the class (the quality
     # bar itself, on many more samples, is benchmarks/text_quality.py's)
     assert classifier_agreement(a, torch.tensor(list(range(10)) * 2)) >= 0.5

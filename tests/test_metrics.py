@@ -72,3 +72,18 @@ def test_ssim_on_images_smaller_than_the_window():
     x = _images(size=8)
     assert metrics.ssim(x, x) == pytest.approx(1.0, abs=1e-12)
     assert metrics.ssim(x, x.flip(-1)) < 0.5
+
+
+def test_features_are_fp32_whatever_the_cpu(monkeypatch):
+    # FD compares numbers from different sessions and machines: the default extractor must not
+    # switch to bf16 where the CPU has it (it did, and FD vs the test set moved by percents)
+    from ditaccel import registry
+
+    monkeypatch.setattr(registry, "native_bf16", lambda *a, **k: True)
+    fx = metrics.FeatureExtractor()
+    x = torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", enabled=False):
+        ref = fx(x)
+    assert not fx.bf16 and torch.equal(fx(x), ref)
+    fast = metrics.FeatureExtractor(bf16=True)
+    assert fast.bf16 and not torch.equal(fast(x), ref)  # opting in does change the numbers
