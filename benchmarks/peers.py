@@ -112,6 +112,11 @@ def describe(out: dict) -> str:
             + _machines(out))
 
 
+def _brief(row: dict) -> str:
+    """A measured row as one JSON line for the log (floats rounded, the replaced timing left out)."""
+    return json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items() if k != "timed_before"})
+
+
 def _machines(out: dict) -> str:
     """Where the method rows were timed, when that was more than one machine (a resumed sweep)."""
     counts = Counter(r["cpu"] for r in out["rows"] if r.get("cpu"))
@@ -214,17 +219,6 @@ def main() -> None:
     if not resumed:
         partial.parent.mkdir(parents=True, exist_ok=True)
         partial.write_text(json.dumps({"settings": settings}) + "\n")
-    # rows scored on features of another precision do not compare (FD moves by percents): measured
-    # again in full. Rows from before the extractor was fp32 everywhere say it by their CPU: a
-    # bf16-native one scored in bf16
-    features = "bf16" if fx.bf16 else "fp32"
-    other = [r for r in resumed if "skipped" not in r
-             and r.get("features", "bf16" if "bf16:" in r.get("cpu", "") else "fp32") != features]
-    if other:
-        print(f"measuring {len(other)} rows again in full (scored on {'fp32' if features == 'bf16' else 'bf16'} "
-              "features): " + ", ".join(f"{r['method']}={r['value']:g}" for r in other), flush=True)
-        resumed = [r for r in resumed if not any(r is o for o in other)]
-
     # the full model's scored images, kept beside the partial rows (committed with them): a resumed
     # sweep scores against the very images its earlier rows were scored against, without sampling
     # them again (a quarter of an hour at DDPM-250 on a 2-core CPU)
@@ -241,6 +235,17 @@ def main() -> None:
     def keep_full(images, flops):
         save_artifact(reference, "peers-reference", {"images": images}, {"settings": settings, "flops": flops})
 
+    # rows scored on features of another precision do not compare (FD moves by percents): measured
+    # again in full. Rows from before the extractor was fp32 everywhere say it by their CPU: a
+    # bf16-native one scored in bf16
+    features = "bf16" if fx.bf16 else "fp32"
+    other = [r for r in resumed if "skipped" not in r
+             and r.get("features", "bf16" if "bf16:" in r.get("cpu", "") else "fp32") != features]
+    if other:
+        print(f"measuring {len(other)} rows again in full (scored on {'fp32' if features == 'bf16' else 'bf16'} "
+              "features): " + ", ".join(f"{r['method']}={r['value']:g}" for r in other), flush=True)
+        resumed = [r for r in resumed if r not in other]
+
     cpu = machine()
 
     def show(row):
@@ -249,7 +254,7 @@ def main() -> None:
         # method's FLOP saving shows up in wall-clock time depends on the CPU (a faster one leaves
         # more of a step to fixed per-call costs), so --retime times every row on one machine
         row["cpu"], row["features"] = cpu, features
-        print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
+        print(_brief(row), flush=True)
         with partial.open("a") as f:  # a skip record too (a SODA budget out of reach): not tried again
             f.write(json.dumps(row) + "\n")
 
@@ -263,14 +268,13 @@ def main() -> None:
         if again:
             print(f"--retime: measuring {len(again)} rows again in full: "
                   + ", ".join(f"{r['method']}={r['value']:g}" for r in again), flush=True)
-        resumed = [r for r in resumed if not any(r is a for a in again)]
-        todo = [r for r in elsewhere if not any(r is a for a in again)]
+        resumed = [r for r in resumed if r not in again]
+        todo = [r for r in elsewhere if r not in again]
         kept = {(r["method"], r["value"]): r for r in resumed}
 
         def keep_retimed(row):
             row["cpu"] = cpu
-            print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()
-                              if k != "timed_before"}), flush=True)
+            print(_brief(row), flush=True)
             kept[(row["method"], row["value"])] = row
             # the partial file rewritten whole (atomically) after each row: a stopped retime resumes
             write_text(partial, "\n".join(json.dumps(x) for x in [{"settings": settings}, *kept.values()]) + "\n")

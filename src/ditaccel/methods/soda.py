@@ -26,6 +26,10 @@ class BudgetUnreachable(ValueError):
     """No plan meets the budget with the profiled cache ages: the budget is beyond what the
     profile lets SODA reach."""
 
+    def __init__(self):
+        super().__init__("no plan meets this budget with the profiled cache ages; profile longer intervals "
+                         "or ask for a smaller speedup")
+
 
 @dataclass(frozen=True)
 class Config:
@@ -293,8 +297,7 @@ def plan(config: Config, profile) -> Plan:
         if best is None or chosen.meta["predicted"]["error"] < best.meta["predicted"]["error"]:
             best = chosen
     if best is None:
-        raise BudgetUnreachable("no plan meets this budget with the profiled cache ages; profile "
-                                "longer intervals or ask for a smaller speedup")
+        raise BudgetUnreachable()
     return best
 
 
@@ -448,8 +451,7 @@ def calibrate_soda(pipe, run, profile, fewer: int = 3, spreads=SPREADS, forecast
         spreads = (config.spread,)
     first = schedules(config, profile, spreads, forecasts, uniform=config.spread is None)
     if not first:
-        raise BudgetUnreachable("no plan meets this budget with the profiled cache ages; profile "
-                                "longer intervals or ask for a smaller speedup")
+        raise BudgetUnreachable()
     with torch.no_grad():
         reference = as_images(run(pipe))
     best, rows = calibrate(pipe, run, first, progress, reference)
