@@ -99,7 +99,11 @@ def describe(out: dict) -> str:
             f"measured speedup: median of {out['repeats']} back-to-back pairs (full model, method) on one batch of "
             f"{out.get('timed_batch', out['batch'])}; FLOPs counted by torch's FlopCounterMode on the scored run."
             + (f" FD on {out['features']} EfficientNet-lite0 features." if "features" in out else "")
-            + (f" SODA's profile: {out['profile_samples']} samples of other seeds; calibration: {out.get('calibration_samples', 8)} more." if "profile_samples" in out else "")
+            + (f" SODA's profile: {out['profile_samples']} samples of other seeds"
+               + (f", cache ages 1..{out['profile_ages'][-1]}" if "profile_ages" in out else "")
+               + f"; calibration: {out.get('calibration_samples', 8)} more"
+               + ("; soda-latency's budget timed on the timed batch." if "profile_ages" in out else ".")
+               if "profile_samples" in out else "")
             + "".join(f" Rows of {', '.join(m['methods'])} re-measured in a later run (`--only "
                       f"{','.join(m['methods'])} --merge`), timed against the full model in that run."
                       for m in out.get("merged", []))
@@ -166,7 +170,8 @@ def main() -> None:
         if getattr(args, k, None) is None:
             setattr(args, k, v)
     t0 = time.time()
-    from soda import get_profile  # the benchmark's own cached SODA profiles
+    from soda import get_profile, profile_ages, profile_stem  # the benchmark's own cached SODA profiles
+    from ditaccel.profiling import DEFAULT_INTERVALS
 
     from ditaccel.registry import resolve_dtype
 
@@ -198,10 +203,15 @@ def main() -> None:
     # committed, as the plans the rows were scored with) for the other seed sets, for re-runs and
     # for --retime (delete results/plans/<run>/ after changing SODA); --quick's profile is another
     # one, so its plans are kept apart
+    # SODA rows record the profile they were planned on (its name says the samples and cache ages)
+    profile_name = profile_stem(args.sampler, steps, args.cfg, args.profile_samples, args.model).name
+    ages = profile_ages(steps)
     plan_dir = RESULTS / "plans" / (f"peers-{args.sampler}" + (f"-{args.model}" if args.model != "fmnist-dit" else "")
-                                    + ("-quick" if args.quick else ""))
+                                    + ("-quick" if args.quick else "")
+                                    + (f"-age{ages[-1]}" if ages != DEFAULT_INTERVALS else ""))
+    # soda-latency's budget is timed on the very batch the benchmark times
     entries = method_entries(pipe, steps, methods=methods, quick=args.quick, sweeps=sweeps, profile=prof,
-                             calibration_run=cal_run, plan_dir=plan_dir)
+                             calibration_run=cal_run, timed_run=timed, plan_dir=plan_dir)
 
     # every finished row goes to a partial file at once: a run that fails later (or is stopped)
     # resumes from it with the same command
@@ -246,6 +256,14 @@ def main() -> None:
               "features): " + ", ".join(f"{r['method']}={r['value']:g}" for r in other), flush=True)
         resumed = [r for r in resumed if r not in other]
 
+    # SODA rows planned on another profile (fewer cache ages, before the ages grew with the step
+    # count; rows from then name none) are measured again in full, their skips tried again
+    stale = [r for r in resumed if r["method"] in SODA and r.get("profile", "") != profile_name]
+    if stale:
+        print(f"measuring {len(stale)} SODA rows again in full (planned on another profile than {profile_name}): "
+              + ", ".join(f"{r['method']}={r['value']:g}" for r in stale), flush=True)
+        resumed = [r for r in resumed if r not in stale]
+
     cpu = machine()
 
     def show(row):
@@ -254,6 +272,8 @@ def main() -> None:
         # method's FLOP saving shows up in wall-clock time depends on the CPU (a faster one leaves
         # more of a step to fixed per-call costs), so --retime times every row on one machine
         row["cpu"], row["features"] = cpu, features
+        if row["method"] in SODA:
+            row["profile"] = profile_name
         print(_brief(row), flush=True)
         with partial.open("a") as f:  # a skip record too (a SODA budget out of reach): not tried again
             f.write(json.dumps(row) + "\n")
@@ -288,7 +308,7 @@ def main() -> None:
     res["retimed_rows"] = sum("timed_before" in r for r in res["rows"])
     out = {"model": args.model, "dtype": args.dtype, "sampler": args.sampler, "steps": steps, "n": args.n, "seed": args.seed, "batch": args.batch,
            "timed_batch": args.timed_batch, "repeats": args.repeats, "cfg": args.cfg, "quick": args.quick,
-           "sweep": args.sweep, "profile_samples": args.profile_samples,
+           "sweep": args.sweep, "profile_samples": args.profile_samples, "profile_ages": list(ages),
            "calibration_samples": args.calibration_samples,
            "threads": torch.get_num_threads(), "cpu": cpu, "features": features, "total_s": time.time() - t0, **res}
     if args.merge:

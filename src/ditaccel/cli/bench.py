@@ -103,7 +103,7 @@ def run(args) -> int:
             prof = cached_profile(pipe, sampler=args.sampler, steps=steps, cfg=args.cfg, samples=args.profile_samples,
                                   folder=cache_dir(args.cache_dir), classes=classes)
     entries = bench.method_entries(pipe, steps, methods=methods, quick=args.quick, sweeps=sweeps, profile=prof,
-                                   calibration_run=calibration)
+                                   calibration_run=calibration, timed_run=timed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)  # fail on an unwritable folder before the long part
     from .. import distributed as dist
