@@ -170,8 +170,8 @@ def main() -> None:
         if getattr(args, k, None) is None:
             setattr(args, k, v)
     t0 = time.time()
-    from soda import get_profile, profile_ages, profile_stem  # the benchmark's own cached SODA profiles
-    from ditaccel.profiling import DEFAULT_INTERVALS
+    from soda import get_profile, profile_stem  # the benchmark's own cached SODA profiles
+    from ditaccel.profiling import DEFAULT_INTERVALS, default_intervals
 
     from ditaccel.registry import resolve_dtype
 
@@ -205,7 +205,7 @@ def main() -> None:
     # one, so its plans are kept apart
     # SODA rows record the profile they were planned on (its name says the samples and cache ages)
     profile_name = profile_stem(args.sampler, steps, args.cfg, args.profile_samples, args.model).name
-    ages = profile_ages(steps)
+    ages = default_intervals(steps)
     plan_dir = RESULTS / "plans" / (f"peers-{args.sampler}" + (f"-{args.model}" if args.model != "fmnist-dit" else "")
                                     + ("-quick" if args.quick else "")
                                     + (f"-age{ages[-1]}" if ages != DEFAULT_INTERVALS else ""))

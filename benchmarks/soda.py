@@ -38,7 +38,7 @@ from ditaccel.methods import soda
 from ditaccel.metrics import feature_extractor, frechet_distance, psnr, ssim
 from ditaccel.models.classifier import predict
 from ditaccel.pipeline import SAMPLERS
-from ditaccel.profiling import DEFAULT_INTERVALS, Profile, profile
+from ditaccel.profiling import DEFAULT_INTERVALS, Profile, default_intervals, profile
 from ditaccel.registry import load_classifier_asset, load_pipeline
 from ditaccel.runtime import apply, remove
 from ditaccel.sampling import sample
@@ -47,18 +47,10 @@ from ditaccel.viz import plot_profile, plot_schedule, save_grid
 PROFILES = ROOT / "runs" / "profiles"
 
 
-def profile_ages(steps: int) -> tuple[int, ...]:
-    """The cache ages profiled for a sampler of ``steps`` steps: 1..5 up to 125 steps, longer for
-    more (DDPM-250: 1..10). The ages bound the planner's longest gap between full steps, hence the
-    fastest plan it can make: with ages up to 5, about 2.7x measured here (a step that reuses
-    everything still costs a fifth of a full one), below the 3x and 4x the peers reach."""
-    return tuple(range(1, max(5, steps // 25) + 1))
-
-
 def profile_stem(sampler: str, steps: int, cfg: float, samples: int, model: str = "fmnist-dit"):
     """Where :func:`get_profile` keeps this profile (its name also tells rows made with it apart)."""
     tag = "fmnist" if model == "fmnist-dit" else model  # the DiT's profiles keep their old names
-    ages = profile_ages(steps)
+    ages = default_intervals(steps)  # the library's default cache ages for this step count
     return PROFILES / (f"{tag}-{sampler}{steps}-cfg{cfg:g}-s{samples}"
                        + (f"-age{ages[-1]}" if ages != DEFAULT_INTERVALS else ""))
 
@@ -78,7 +70,7 @@ def get_profile(pipe, sampler: str, steps: int, cfg: float, samples: int, reprof
     PROFILES.mkdir(parents=True, exist_ok=True)
     partial = stem.with_name(stem.name + "-partial")
     prof = profile(pipe, class_labels=labels, sampler=sampler, steps=steps, guidance_scale=cfg,
-                   seed=100_000, batch_size=min(8, samples), intervals=profile_ages(steps), checkpoint=partial)
+                   seed=100_000, batch_size=min(8, samples), checkpoint=partial)
     prof.save(stem)
     remove_artifact(partial)
     return prof

@@ -219,6 +219,8 @@ CASES = [
      "(0, 1)", "p.json"),
     ("profile-interval-0", lambda w, t: ["profile", "--model", str(w["pipe"]), "--intervals", "0,1", "--out", str(t / "p")],
      ">= 1", "p.json"),
+    ("profile-interval-fraction", lambda w, t: ["profile", "--model", str(w["pipe"]), "--intervals", "1,2.5", "--out", str(t / "p")],
+     "whole steps", "p.json"),
     # models ditaccel cannot run
     ("unsupported-blocks", lambda w, t: ["profile", "--model", str(_unet_folder(t)), "--steps", "3", "--out", str(t / "p")],
      "UNet2DModel", "p.json"),

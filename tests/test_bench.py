@@ -110,6 +110,48 @@ def test_a_profile_function_is_called_only_when_a_soda_row_is_measured(tiny_pipe
     assert made == [1]
 
 
+def test_soda_latency_times_its_candidates_on_the_timed_run(tiny_pipe, tmp_path):
+    from ditaccel.profiling import profile
+
+    prof = profile(tiny_pipe, class_labels=[0, 1], sampler="ddim", steps=STEPS, guidance_scale=2.0,
+                   intervals=(1, 2, 3), ratios=(0.5,), timing_repeats=1, progress=False)
+    cal_calls, timed_calls = [], []
+
+    def cal(p):
+        cal_calls.append(1)
+        return _run(p, (2, 3))
+
+    def timed(p):
+        timed_calls.append(1)
+        return _run(p, (0,))
+
+    entries = bench.method_entries(tiny_pipe, STEPS, methods=["soda", "soda-latency"],
+                                   sweeps={"soda": (1.5,), "soda-latency": (1.05,)}, profile=prof,
+                                   calibration_run=cal, timed_run=timed, plan_dir=tmp_path)
+    entries[0].prepare(tiny_pipe)
+    assert cal_calls and not timed_calls, "the FLOP-budgeted SODA does not time anything"
+    cal_calls.clear()
+    entries[1].prepare(tiny_pipe)
+    assert timed_calls, "soda-latency times its candidates on the benchmark's timed run"
+    assert cal_calls, "and scores them on the calibration run"
+    assert json.loads(bench.plan_path(tmp_path, "soda-latency", "latency_speedup", 1.05).read_text())[
+        "meta"]["calibration"]["timed"]["target"] == 1.05
+    # a kept plan is reused, also one made for a number of anchors (whose config names no latency
+    # budget: the calibration's target says what it was kept for): nothing is timed again
+    path = bench.plan_path(tmp_path, "soda-latency", "latency_speedup", 1.05)
+    kept = json.loads(path.read_text())
+    kept["meta"]["config"]["latency_speedup"] = None
+    path.write_text(json.dumps(kept))
+    timed_calls.clear()
+    entries[1].prepare(tiny_pipe)
+    assert not timed_calls
+    # one kept for another target is not
+    kept["meta"]["calibration"]["timed"]["target"] = 1.5
+    path.write_text(json.dumps(kept))
+    entries[1].prepare(tiny_pipe)
+    assert timed_calls
+
+
 def test_retime_times_rows_again_and_keeps_their_scores(tiny_pipe):
     entries = bench.method_entries(tiny_pipe, STEPS, methods=["fora"], sweeps={"fora": (2, 3)})
     timed = lambda p: _run(p, (0, 1))  # noqa: E731

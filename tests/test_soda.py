@@ -9,7 +9,7 @@ import torch
 
 from ditaccel.methods import soda
 from ditaccel.plan import FULL, REUSE
-from ditaccel.profiling import Profile, ProfileError, _Recorder, profile
+from ditaccel.profiling import Profile, ProfileError, _Recorder, default_intervals, profile
 from ditaccel.runtime import apply, remove, state_of
 from ditaccel.sampling import sample
 
@@ -142,6 +142,17 @@ def test_profile_tables_have_the_documented_shape(tiny_profile):
     assert attn[2] * prof.tokens_for_ratio(0.25) / n < attn[0] < attn[2]
     assert prof.step_flops > float(prof.module_flops[..., -1].sum())
     assert set(prof.variation()) == {"cv_median", "cv_p90"}
+
+
+def test_default_cache_ages_grow_with_the_step_count(tiny_pipe):
+    assert default_intervals(6) == default_intervals(50) == default_intervals(125) == (1, 2, 3, 4, 5)
+    assert default_intervals(250) == tuple(range(1, 11))
+    assert default_intervals(1000) == tuple(range(1, 41))
+    prof = profile(tiny_pipe, class_labels=[0], sampler="ddim", steps=4, guidance_scale=2.0,
+                   ratios=(0.5,), timing_repeats=1, progress=False)
+    assert prof.intervals == default_intervals(4)
+    with pytest.raises(ProfileError, match="intervals must be increasing"):
+        profile(tiny_pipe, class_labels=[0], sampler="ddim", steps=4, intervals=(2, 1), progress=False)
 
 
 def test_profile_round_trips_and_refuses_other_settings(tiny_profile, tmp_path):

@@ -163,9 +163,12 @@ def _calibrated(pipe, calibration_run, timed_run, profile, plan_dir, method: str
     path = None if plan_dir is None else plan_path(plan_dir, method, knob, value)
     if path is not None and path.exists():
         plan = Plan.load(path)
+        timed_cal = plan.meta.get("calibration", {}).get("timed")
+        # the budget asked for: a timed calibration may keep a plan made for a number of anchors,
+        # whose own config names no latency budget, so its target is read from the calibration
+        asked = timed_cal.get("target") if timed_cal else plan.meta.get("config", {}).get(knob)
         if (plan.meta.get("fingerprint") == model_fingerprint(pipe.transformer) and plan.num_steps == num_steps
-                and plan.meta.get("config", {}).get(knob) == value
-                and ("timed" in plan.meta.get("calibration", {})) == (method == "soda-latency")):
+                and asked == value and (timed_cal is not None) == (method == "soda-latency")):
             return plan
     profile = profile() if callable(profile) else profile
     # soda-latency: the budget is measured wall-clock time, on the run the benchmark times

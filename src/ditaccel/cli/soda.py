@@ -19,7 +19,7 @@ class Profile:
     @staticmethod
     def add_arguments(p) -> None:
         from ..pipeline import SAMPLERS
-        from ..profiling import DEFAULT_INTERVALS, DEFAULT_RATIOS
+        from ..profiling import DEFAULT_RATIOS
         from ..registry import DTYPES
 
         p.add_argument("--model", default="fmnist-dit", help="bundled model name or a diffusers folder")
@@ -32,8 +32,9 @@ class Profile:
         p.add_argument("--batch-size", type=int, default=32)
         p.add_argument("--dtype", default="auto", choices=list(DTYPES),
                        help="transformer dtype; auto: bf16 where it is native (CUDA, AMX, AVX512-BF16), else fp32")
-        p.add_argument("--intervals", default=",".join(map(str, DEFAULT_INTERVALS)),
-                       help="cache ages to measure (default %(default)s)")
+        p.add_argument("--intervals", default=None,
+                       help="cache ages to measure, e.g. 1,2,3,4,5 (default: 1..5 up to 125 steps, "
+                            "1..steps/25 beyond: the longest age bounds the fastest plan)")
         p.add_argument("--ratios", default=",".join(map(str, DEFAULT_RATIOS)),
                        help="recompute fractions to measure (default %(default)s)")
         p.add_argument("--token-scores", default="delta,feature_mean")
@@ -48,7 +49,10 @@ class Profile:
 
         if args.samples < 1:
             raise ValueError(f"--samples must be >= 1, got {args.samples}")
-        intervals = tuple(int(x) for x in _floats(args.intervals, "--intervals"))
+        intervals = None if args.intervals is None else _floats(args.intervals, "--intervals")
+        if intervals is not None and any(x != int(x) for x in intervals):
+            raise ValueError(f"--intervals must be whole steps (e.g. 1,2,3,4,5), got {args.intervals}")
+        intervals = None if intervals is None else tuple(int(x) for x in intervals)
         ratios = _floats(args.ratios, "--ratios")
         scores = tuple(s.strip() for s in args.token_scores.split(",") if s.strip())
         args.dtype = resolve_dtype(args.dtype, args.device)  # what ran is recorded, not 'auto'
