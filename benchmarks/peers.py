@@ -27,8 +27,10 @@ Writes results/peers-<sampler>[-quick].{json,md,png} and README's ``peers-<sampl
                                                       # it resumes from results/peers-ddpm.partial.jsonl,
                                                       # which is committed while the sweep is part way)
     python benchmarks/peers.py --sampler ddpm --n 32 --timed-batch 4 --dtype fp32 --retime
-                                                      # resuming on another CPU: its rows are timed again
-                                                      # here first, so every speedup is from one machine
+                                                      # resuming on another CPU (or after the runtime got
+                                                      # faster; also on a finished sweep): those rows are
+                                                      # timed again here first, so every speedup is from
+                                                      # one machine and the current runtime
     python benchmarks/peers.py --quick                # one point per method, half the steps, 8 images:
                                                       # a smoke run, under 10 minutes
     python benchmarks/peers.py --seed 10000 --repeats 0   # fidelity only on other seeds (FD ranking check)
@@ -49,12 +51,14 @@ from collections import Counter
 import torch
 
 from common import RESULTS, ROOT, machine, real_test_features, replace_block, save_json
-from ditaccel.bench import SODA, measure, merge, method_entries, parse_sweeps, plan_path, plot, report, retime
+from ditaccel.bench import (SODA, measure, merge, method_entries, parse_sweeps, plan_path, plot, report, retime,
+                            stale_timing)
 from ditaccel.io import artifact_exists, load_artifact, remove_artifact, save_artifact, write_text
 from ditaccel.metrics import feature_extractor, frechet_distance
 from ditaccel.models.classifier import predict
 from ditaccel.pipeline import SAMPLERS
 from ditaccel.registry import load_classifier_asset, load_pipeline
+from ditaccel.runtime import RUNTIME_REVISION
 from ditaccel.sampling import sample
 
 
@@ -107,11 +111,12 @@ def describe(out: dict) -> str:
             + "".join(f" Rows of {', '.join(m['methods'])} re-measured in a later run (`--only "
                       f"{','.join(m['methods'])} --merge`), timed against the full model in that run."
                       for m in out.get("merged", []))
-            + (f" {out['resumed_rows']} of the {len(out['rows']) - 1} method rows were measured by an earlier run "
-               "of this command that stopped before the end (resumed from its partial results; each row is "
-               "timed against the full model in its own pairs)." if out.get("resumed_rows") else "")
-            + (f" {out['retimed_rows']} of those, scored by a run on another CPU, were timed again on this one "
-               "(`--retime`; their images and FLOPs kept), so every speedup here is timed on one machine."
+            + (f" {out['resumed_rows']} of the {len(out['rows']) - 1} method rows were scored by an earlier run "
+               "of this command (resumed from its results; each row is timed against the full model in its own "
+               "pairs)." if out.get("resumed_rows") else "")
+            + (f" {out['retimed_rows']} of those were timed again (`--retime`: timed on another CPU, or ours with an "
+               "older, slower runtime; their images and FLOPs kept), so every speedup here is timed on one machine"
+               + (" with the current runtime." if "runtime_revision" in out else ".")
                if out.get("retimed_rows") else "")
             + _machines(out))
 
@@ -148,8 +153,9 @@ def main() -> None:
                     help="with --only: replace those methods' rows in the saved results, keep the rest")
     ap.add_argument("--replot", action="store_true", help="redraw the table and plot from the saved JSON")
     ap.add_argument("--retime", action="store_true",
-                    help="resuming: time again on this machine the rows timed on another CPU (images and FLOPs "
-                         "kept), so that every speedup comes from one machine")
+                    help="resuming (or on a finished sweep): time again on this machine the rows timed on another "
+                         "CPU, and our methods' rows timed with an older runtime (images and FLOPs kept), so that "
+                         "every speedup comes from one machine and the current runtime")
     args = ap.parse_args()
     stem = stem_of(args)
     if args.retime and not args.repeats:
@@ -219,6 +225,20 @@ def main() -> None:
     settings = {k: getattr(args, k) for k in ("model", "dtype", "sampler", "n", "batch", "timed_batch",
                                               "repeats", "seed", "cfg", "quick", "sweep", "only")}
     resumed = []
+    final = RESULTS / f"{stem}.json"
+    if args.retime and not partial.exists() and final.exists() and not args.only:
+        # a finished sweep timed again (on another CPU, or after the runtime got faster): its rows
+        # resume as a stopped run's would (the full model's images are sampled again)
+        done = json.loads(final.read_text())
+        if all(done.get(k) == v for k, v in settings.items() if k != "only"):
+            seeded = [r for r in done["rows"] if r["method"] != "full"]
+            for why in done.get("skipped", []):  # "method: knob=value: reason" (a SODA budget out of reach)
+                method, rest = why.split(": ", 1)
+                if "=" in rest.split(": ", 1)[0]:
+                    seeded.append({"method": method, "value": float(rest.split(": ", 1)[0].split("=")[1]),
+                                   "skipped": why, "cpu": done.get("cpu")})
+            write_text(partial, "\n".join(json.dumps(x) for x in [{"settings": settings}, *seeded]) + "\n")
+            print(f"--retime: resuming the finished sweep in {final.name} ({len(seeded)} rows)", flush=True)
     if partial.exists():
         lines = [json.loads(x) for x in partial.read_text().splitlines() if x.strip()]
         if lines and lines[0].get("settings") == settings:
@@ -279,7 +299,9 @@ def main() -> None:
             f.write(json.dumps(row) + "\n")
 
     if args.retime:
-        elsewhere = [r for r in resumed if r.get("cpu") != cpu]
+        # timed on another CPU, or ours timed with an older (slower) runtime
+        elsewhere = [r for r in resumed if "skipped" in r and r.get("cpu") != cpu
+                     or "skipped" not in r and stale_timing(r, cpu)]
         # soda-latency calibrates by this machine's clock, and a SODA row whose plan was not kept
         # cannot be rebuilt as scored: those are measured again in full (and budgets another CPU
         # could not reach are tried again), the others timed again
@@ -289,6 +311,9 @@ def main() -> None:
             print(f"--retime: measuring {len(again)} rows again in full: "
                   + ", ".join(f"{r['method']}={r['value']:g}" for r in again), flush=True)
         resumed = [r for r in resumed if r not in again]
+        for r in again:  # their kept plans were timed by another machine's clock: calibrated again
+            if r["method"] == "soda-latency":
+                plan_path(plan_dir, r["method"], r["knob"], r["value"]).unlink(missing_ok=True)
         todo = [r for r in elsewhere if r not in again]
         kept = {(r["method"], r["value"]): r for r in resumed}
 
@@ -309,6 +334,7 @@ def main() -> None:
     out = {"model": args.model, "dtype": args.dtype, "sampler": args.sampler, "steps": steps, "n": args.n, "seed": args.seed, "batch": args.batch,
            "timed_batch": args.timed_batch, "repeats": args.repeats, "cfg": args.cfg, "quick": args.quick,
            "sweep": args.sweep, "profile_samples": args.profile_samples, "profile_ages": list(ages),
+           "runtime_revision": RUNTIME_REVISION,
            "calibration_samples": args.calibration_samples,
            "threads": torch.get_num_threads(), "cpu": cpu, "features": features, "total_s": time.time() - t0, **res}
     if args.merge:

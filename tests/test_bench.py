@@ -12,7 +12,7 @@ from ditaccel import bench
 from ditaccel.cli.main import main
 from ditaccel.methods import make_plan, model_shape
 from ditaccel.metrics import psnr
-from ditaccel.runtime import apply, remove
+from ditaccel.runtime import RUNTIME_REVISION, apply, remove
 from ditaccel.sampling import sample
 
 STEPS = 6
@@ -145,11 +145,32 @@ def test_soda_latency_times_its_candidates_on_the_timed_run(tiny_pipe, tmp_path)
     timed_calls.clear()
     entries[1].prepare(tiny_pipe)
     assert not timed_calls
-    # one kept for another target is not
-    kept["meta"]["calibration"]["timed"]["target"] = 1.5
+    # one timed with an older (slower) runtime is not
+    kept["meta"]["calibration"]["timed"]["runtime"] = RUNTIME_REVISION - 1
     path.write_text(json.dumps(kept))
     entries[1].prepare(tiny_pipe)
     assert timed_calls
+    assert json.loads(path.read_text())["meta"]["calibration"]["timed"]["runtime"] == RUNTIME_REVISION
+    # nor one kept for another target
+    kept["meta"]["calibration"]["timed"].update(target=1.5, runtime=RUNTIME_REVISION)
+    path.write_text(json.dumps(kept))
+    timed_calls.clear()
+    entries[1].prepare(tiny_pipe)
+    assert timed_calls
+
+
+def test_our_rows_carry_the_runtime_revision_and_go_stale_with_it(tiny_pipe):
+    entries = bench.method_entries(tiny_pipe, STEPS, methods=["fora", "fbc"], sweeps={"fora": (2,), "fbc": (0.05,)})
+    rows = bench.measure(tiny_pipe, _run, None, entries, repeats=0, progress=False)["rows"]
+    ours, peer = rows[1], rows[2]
+    assert ours["runtime"] == RUNTIME_REVISION and "runtime" not in peer
+    here = {"cpu": "this"}
+    assert not bench.stale_timing({**ours, **here}, "this") and not bench.stale_timing({**peer, **here}, "this")
+    assert bench.stale_timing({**ours, **here}, "another"), "timed on another CPU"
+    assert bench.stale_timing({**ours, **here, "runtime": RUNTIME_REVISION - 1}, "this"), "an older runtime"
+    old = {k: v for k, v in ours.items() if k != "runtime"}
+    assert bench.stale_timing({**old, **here}, "this"), "rows from before the revision was recorded"
+    assert not bench.stale_timing({**peer, **here, "runtime": 0}, "this"), "a peer's speed is not our runtime's"
 
 
 def test_retime_times_rows_again_and_keeps_their_scores(tiny_pipe):

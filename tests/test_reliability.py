@@ -152,6 +152,27 @@ def test_nan_guard_names_the_step_and_layer_of_an_accelerated_step(tiny_pipe):
     remove(tiny_pipe)
 
 
+def test_nan_guard_watches_forecasts_but_not_plain_reuse(tiny_pipe, monkeypatch):
+    from ditaccel.methods import make_plan, model_shape
+    from ditaccel.runtime import apply, remove, state_of
+    from ditaccel.runtime.state import ModuleCache, NonFiniteOutput
+    from ditaccel.sampling import sample
+
+    shape = model_shape(tiny_pipe.transformer, 6)
+    apply(tiny_pipe, make_plan("fora", shape, interval=3))
+    sample(tiny_pipe, [0, 1], steps=6, guidance_scale=2.0)
+    # reused outputs were computed on a full step, whose output was checked: nothing to watch
+    assert state_of(tiny_pipe).finite_checks == []
+    apply(tiny_pipe, make_plan("fora", shape, interval=3, forecast=1))
+    sample(tiny_pipe, [0, 1], steps=6, guidance_scale=2.0)
+    assert state_of(tiny_pipe).finite_checks, "a forecast is new values: watched"
+    real = ModuleCache.forecast
+    monkeypatch.setattr(ModuleCache, "forecast", lambda self, step: real(self, step) * float("nan"))
+    with pytest.raises(NonFiniteOutput, match=r"sampling step 1 of 6: layer 0 \(attn\)"):
+        sample(tiny_pipe, [0, 1], steps=6, guidance_scale=2.0)
+    remove(tiny_pipe)
+
+
 def test_nan_guard_blames_the_model_when_a_full_step_overflows(tiny_pipe):
     from ditaccel.methods import make_plan, model_shape
     from ditaccel.runtime import apply

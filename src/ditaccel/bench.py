@@ -167,9 +167,12 @@ def _calibrated(pipe, calibration_run, timed_run, profile, plan_dir, method: str
         # the budget asked for: a timed calibration may keep a plan made for a number of anchors,
         # whose own config names no latency budget, so its target is read from the calibration
         asked = timed_cal.get("target") if timed_cal else plan.meta.get("config", {}).get(knob)
+        from .runtime import RUNTIME_REVISION
+
         if (plan.meta.get("fingerprint") == model_fingerprint(pipe.transformer) and plan.num_steps == num_steps
-                and asked == value and (timed_cal is not None) == (method == "soda-latency")):
-            return plan
+                and asked == value and (timed_cal is not None) == (method == "soda-latency")
+                and (timed_cal is None or timed_cal.get("runtime", 1) == RUNTIME_REVISION)):
+            return plan  # (a plan timed with an older, slower runtime is calibrated again)
     profile = profile() if callable(profile) else profile
     # soda-latency: the budget is measured wall-clock time, on the run the benchmark times
     timed = timed_run if method == "soda-latency" else None
@@ -253,7 +256,8 @@ def measure(pipe, run: Callable, timed: Callable, entries: list[Entry], *, repea
         measured = statistics.median(ratios) if ratios else None
         row = {"method": e.method, "family": e.family, "knob": e.knob, "value": e.value, "flops": flops,
                "speedup_flops": full_flops / flops, "speedup_measured": measured, "ratios": ratios,
-               "efficiency": measured * flops / full_flops if measured else None, **quality(images)}
+               "efficiency": measured * flops / full_flops if measured else None, **quality(images),
+               **_runtime_stamp(e)}
         done.append((i, row))
         if on_row:
             on_row(row)
@@ -289,12 +293,29 @@ def retime(pipe, timed: Callable, entries: list[Entry], rows: list[dict], *, rep
             ratios = speedup_pairs(pipe, timed, attach, repeats)
             measured = statistics.median(ratios)
             new = {**row, "speedup_measured": measured, "ratios": ratios,
-                   "efficiency": measured / row["speedup_flops"],
-                   "timed_before": {k: row.get(k) for k in ("speedup_measured", "ratios", "cpu")}}
+                   "efficiency": measured / row["speedup_flops"], **_runtime_stamp(by_key[(row["method"], row["value"])]),
+                   "timed_before": {k: row.get(k) for k in ("speedup_measured", "ratios", "cpu", "runtime")
+                                    if k in row}}
             out.append(new)
             if on_row:
                 on_row(new)
     return out
+
+
+def _runtime_stamp(entry: Entry) -> dict:
+    """Our methods' rows say which revision of the runtime executed them (a faster runtime makes
+    their timings stale: :func:`stale_timing`)."""
+    from .runtime import RUNTIME_REVISION
+
+    return {"runtime": RUNTIME_REVISION} if entry.family == "ours" else {}
+
+
+def stale_timing(row: dict, cpu: str) -> bool:
+    """Whether a measured row's speed should be measured again here: timed on another CPU, or one of
+    our methods timed with an older runtime (rows from before the revision was recorded: 1)."""
+    from .runtime import RUNTIME_REVISION
+
+    return row.get("cpu") != cpu or (row.get("family") == "ours" and row.get("runtime", 1) != RUNTIME_REVISION)
 
 
 def merge(old: dict, new: dict) -> dict:

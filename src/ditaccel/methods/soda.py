@@ -477,9 +477,11 @@ def calibrate_soda(pipe, run, profile, fewer: int = 3, spreads=SPREADS, forecast
         pool = [(chosen, best)] + [(len(rows) - len(more_plans) + i, p) for i, p in enumerate(more_plans)]
         best, chosen = _fastest_enough(pipe, timed, pool, rows, config.latency_speedup * (1 - tolerance),
                                        repeats, progress)
+    from ..runtime import RUNTIME_REVISION  # what the timings were measured with
+
     calibration = {"rows": rows, "chosen": chosen, "samples": int(reference.shape[0]),
-                   **({"timed": {"target": config.latency_speedup, "tolerance": tolerance, "repeats": repeats}}
-                      if timed is not None else {})}
+                   **({"timed": {"target": config.latency_speedup, "tolerance": tolerance, "repeats": repeats,
+                                 "runtime": RUNTIME_REVISION}} if timed is not None else {})}
     return replace(best, meta={**best.meta, "calibration": calibration})
 
 

@@ -246,11 +246,14 @@ class RunState:
         self.last_t = t
 
     def watch(self, layer: int, role: str, out):
-        """Note (without waiting for the device) whether an accelerated module's output is finite."""
+        """Note (without waiting for the device) whether an accelerated module's output is finite.
+        One fp32 sum per output (NaN and Inf carry through a sum; five elementwise passes of
+        ``isfinite().all()`` cost several times more); read only after a transformer output was
+        not finite, to name the module, so an overflowing sum of finite values cannot raise."""
         if self.nan_guard:
             t = out[0] if isinstance(out, tuple) else out
             if torch.is_tensor(t) and t.is_floating_point():
-                self.finite_checks.append((layer, role, torch.isfinite(t).all()))
+                self.finite_checks.append((layer, role, torch.isfinite(t.sum(dtype=torch.float32))))
         return out
 
     def check_finite(self, out) -> None:
