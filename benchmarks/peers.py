@@ -84,6 +84,8 @@ def command_of(args) -> str:
         parts.append(f"--sampler {args.sampler}")
     if args.quick:
         parts.append("--quick")
+    if args.dtype == "fp32":  # (auto is bf16 where native)
+        parts.append("--dtype fp32")
     if args.seed:
         parts.append(f"--seed {args.seed}")
     parts += [f"--{k.replace('_', '-')} {getattr(args, k)}" for k, v in DEFAULTS[args.quick].items()
@@ -114,7 +116,11 @@ def describe(out: dict) -> str:
             + (f" {out['resumed_rows']} of the {len(out['rows']) - 1} method rows were scored by an earlier run "
                "of this command (resumed from its results; each row is timed against the full model in its own "
                "pairs)." if out.get("resumed_rows") else "")
-            + (f" {out['retimed_rows']} of those were timed again (`--retime`: timed on another CPU, or ours with an "
+            + (f" Every row was timed again in one pass started {out['retime_pass'].replace('T', ' ')} (`--retime all`: "
+               "their images and FLOPs kept; soda-latency, which calibrates by the clock, measured again in full), so "
+               "every speedup here is timed on one machine with the current runtime."
+               if out.get("retime_pass") else
+               f" {out['retimed_rows']} of those were timed again (`--retime`: timed on another CPU, or ours with an "
                "older, slower runtime; their images and FLOPs kept), so every speedup here is timed on one machine"
                + (" with the current runtime." if "runtime_revision" in out else ".")
                if out.get("retimed_rows") else "")
@@ -152,10 +158,11 @@ def main() -> None:
     ap.add_argument("--merge", action="store_true",
                     help="with --only: replace those methods' rows in the saved results, keep the rest")
     ap.add_argument("--replot", action="store_true", help="redraw the table and plot from the saved JSON")
-    ap.add_argument("--retime", action="store_true",
+    ap.add_argument("--retime", nargs="?", const="stale", choices=["stale", "all"], default=None,
                     help="resuming (or on a finished sweep): time again on this machine the rows timed on another "
                          "CPU, and our methods' rows timed with an older runtime (images and FLOPs kept), so that "
-                         "every speedup comes from one machine and the current runtime")
+                         "every speedup comes from one machine and the current runtime; 'all': every row, in one "
+                         "pass (a stopped pass resumes where it stopped)")
     args = ap.parse_args()
     stem = stem_of(args)
     if args.retime and not args.repeats:
@@ -228,7 +235,7 @@ def main() -> None:
     final = RESULTS / f"{stem}.json"
     if args.retime and not partial.exists() and final.exists() and not args.only:
         # a finished sweep timed again (on another CPU, or after the runtime got faster): its rows
-        # resume as a stopped run's would (the full model's images are sampled again)
+        # resume as a stopped run's would, with the full model's images it kept
         done = json.loads(final.read_text())
         if all(done.get(k) == v for k, v in settings.items() if k != "only"):
             seeded = [r for r in done["rows"] if r["method"] != "full"]
@@ -239,10 +246,11 @@ def main() -> None:
                                    "skipped": why, "cpu": done.get("cpu")})
             write_text(partial, "\n".join(json.dumps(x) for x in [{"settings": settings}, *seeded]) + "\n")
             print(f"--retime: resuming the finished sweep in {final.name} ({len(seeded)} rows)", flush=True)
+    header = {"settings": settings}
     if partial.exists():
         lines = [json.loads(x) for x in partial.read_text().splitlines() if x.strip()]
         if lines and lines[0].get("settings") == settings:
-            resumed = lines[1:]
+            header, resumed = lines[0], lines[1:]
             print(f"resuming: {len(resumed)} rows already measured in {partial.name}", flush=True)
         else:
             print(f"{partial.name} is from other settings: starting over", flush=True)
@@ -299,9 +307,14 @@ def main() -> None:
             f.write(json.dumps(row) + "\n")
 
     if args.retime:
-        # timed on another CPU, or ours timed with an older (slower) runtime
+        # timed on another CPU, or ours timed with an older (slower) runtime; with 'all', every row not
+        # yet timed by this pass (named in the partial file's header, so that a stopped pass resumes)
+        if args.retime == "all":
+            header.setdefault("retime_pass", time.strftime("%Y-%m-%dT%H:%M:%S"))
+        pass_id = header.get("retime_pass") if args.retime == "all" else None
         elsewhere = [r for r in resumed if "skipped" in r and r.get("cpu") != cpu
-                     or "skipped" not in r and stale_timing(r, cpu)]
+                     or "skipped" not in r and (stale_timing(r, cpu) if pass_id is None
+                                                else r.get("retime_pass") != pass_id)]
         # soda-latency calibrates by this machine's clock, and a SODA row whose plan was not kept
         # cannot be rebuilt as scored: those are measured again in full (and budgets another CPU
         # could not reach are tried again), the others timed again
@@ -319,10 +332,14 @@ def main() -> None:
 
         def keep_retimed(row):
             row["cpu"] = cpu
+            if pass_id is not None:
+                row["retime_pass"] = pass_id
             print(_brief(row), flush=True)
             kept[(row["method"], row["value"])] = row
             # the partial file rewritten whole (atomically) after each row: a stopped retime resumes
-            write_text(partial, "\n".join(json.dumps(x) for x in [{"settings": settings}, *kept.values()]) + "\n")
+            write_text(partial, "\n".join(json.dumps(x) for x in [header, *kept.values()]) + "\n")
+
+        write_text(partial, "\n".join(json.dumps(x) for x in [header, *kept.values()]) + "\n")
 
         retime(pipe, timed, entries, todo, repeats=args.repeats, on_row=keep_retimed)
         resumed = list(kept.values())
@@ -334,14 +351,13 @@ def main() -> None:
     out = {"model": args.model, "dtype": args.dtype, "sampler": args.sampler, "steps": steps, "n": args.n, "seed": args.seed, "batch": args.batch,
            "timed_batch": args.timed_batch, "repeats": args.repeats, "cfg": args.cfg, "quick": args.quick,
            "sweep": args.sweep, "profile_samples": args.profile_samples, "profile_ages": list(ages),
-           "runtime_revision": RUNTIME_REVISION,
+           "runtime_revision": RUNTIME_REVISION, **({"retime_pass": header["retime_pass"]} if "retime_pass" in header else {}),
            "calibration_samples": args.calibration_samples,
            "threads": torch.get_num_threads(), "cpu": cpu, "features": features, "total_s": time.time() - t0, **res}
     if args.merge:
         out = merge(json.loads((RESULTS / f"{stem}.json").read_text()), out)
     save_json(stem, out)
-    partial.unlink(missing_ok=True)
-    remove_artifact(reference)
+    partial.unlink(missing_ok=True)  # the reference stays: a later --retime of the finished sweep uses it
     finish(out, stem, args)
 
 

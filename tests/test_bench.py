@@ -178,13 +178,16 @@ def test_retime_times_rows_again_and_keeps_their_scores(tiny_pipe):
     timed = lambda p: _run(p, (0, 1))  # noqa: E731
     full = _run(tiny_pipe)
     rows = bench.measure(tiny_pipe, _run, timed, entries, repeats=1, progress=False)["rows"][1:]
-    old = [{**r, "cpu": "elsewhere", "speedup_measured": 9.0, "ratios": [9.0]} for r in rows]
+    old = [{**r, "cpu": "elsewhere", "speedup_measured": 9.0, "ratios": [9.0], "runtime": RUNTIME_REVISION - 1}
+           for r in rows]
     seen = []
     new = bench.retime(tiny_pipe, timed, entries, old, repeats=2, progress=False, on_row=seen.append)
     assert seen == new and [(r["method"], r["value"]) for r in new] == [("fora", 2), ("fora", 3)]
     for before, after in zip(old, new):
         assert len(after["ratios"]) == 2 and after["speedup_measured"] != 9.0
-        assert after["timed_before"] == {"speedup_measured": 9.0, "ratios": [9.0], "cpu": "elsewhere"}
+        assert after["timed_before"] == {"speedup_measured": 9.0, "ratios": [9.0], "cpu": "elsewhere",
+                                         "runtime": RUNTIME_REVISION - 1}
+        assert after["runtime"] == RUNTIME_REVISION, "timed by this runtime"
         assert after["efficiency"] == pytest.approx(after["speedup_measured"] / before["speedup_flops"])
         assert {k: after[k] for k in ("psnr", "fd_vs_full", "flops")} == {k: before[k] for k in ("psnr", "fd_vs_full", "flops")}
     assert torch.equal(_run(tiny_pipe), full), "retiming leaves the pipeline unaccelerated"

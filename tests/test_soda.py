@@ -10,7 +10,7 @@ import torch
 from ditaccel.methods import soda
 from ditaccel.plan import FULL, REUSE
 from ditaccel.profiling import Profile, ProfileError, _Recorder, default_intervals, profile
-from ditaccel.runtime import apply, remove, state_of
+from ditaccel.runtime import RUNTIME_REVISION, apply, remove, state_of
 from ditaccel.sampling import sample
 
 STEPS = 8
@@ -335,7 +335,7 @@ def test_timed_calibration_keeps_the_closest_plan_that_is_fast_enough(tiny_profi
                                repeats=1, progress=False)
     cal = best.meta["calibration"]
     rows = cal["rows"]
-    assert cal["timed"] == {"target": 1.2, "tolerance": 0.03, "repeats": 1}
+    assert cal["timed"] == {"target": 1.2, "tolerance": 0.03, "repeats": 1, "runtime": RUNTIME_REVISION}
     chosen = rows[cal["chosen"]]
     assert chosen["anchors"] == int(best.anchors.sum()) and chosen["speedup_measured"] >= 1.2 * 0.97
     assert STEPS / (chosen["anchors"] + 1) == pytest.approx(chosen["speedup_measured"], rel=0.25)
