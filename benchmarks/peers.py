@@ -76,6 +76,16 @@ def stem_of(args) -> str:
             + (f"-seed{args.seed}" if args.seed else "") + ("-notime" if not args.repeats else ""))
 
 
+def scored_features(row: dict) -> str:
+    """The precision of the features a row was scored on.  Rows from before the extractor was fp32
+    everywhere name none: the CPU that scored them tells (a bf16-native one scored in bf16); for a
+    row timed again elsewhere that is the CPU that timed it before."""
+    if "features" in row:
+        return row["features"]
+    cpu = (row.get("timed_before") or {}).get("cpu") or row.get("cpu", "")
+    return "bf16" if "bf16:" in cpu else "fp32"
+
+
 def command_of(args) -> str:
     parts = ["python benchmarks/peers.py"]
     if args.model != "fmnist-dit":
@@ -277,8 +287,7 @@ def main() -> None:
     # again in full. Rows from before the extractor was fp32 everywhere say it by their CPU: a
     # bf16-native one scored in bf16
     features = "bf16" if fx.bf16 else "fp32"
-    other = [r for r in resumed if "skipped" not in r
-             and r.get("features", "bf16" if "bf16:" in r.get("cpu", "") else "fp32") != features]
+    other = [r for r in resumed if "skipped" not in r and scored_features(r) != features]
     if other:
         print(f"measuring {len(other)} rows again in full (scored on {'fp32' if features == 'bf16' else 'bf16'} "
               "features): " + ", ".join(f"{r['method']}={r['value']:g}" for r in other), flush=True)
@@ -331,6 +340,7 @@ def main() -> None:
         kept = {(r["method"], r["value"]): r for r in resumed}
 
         def keep_retimed(row):
+            row["features"] = scored_features(row)  # before the CPU that scored it is overwritten
             row["cpu"] = cpu
             if pass_id is not None:
                 row["retime_pass"] = pass_id
