@@ -339,8 +339,10 @@ def main() -> None:
         todo = [r for r in elsewhere if r not in again]
         kept = {(r["method"], r["value"]): r for r in resumed}
 
+        for r in todo:  # named before the rows' CPU is overwritten (old rows say it by the CPU that scored them)
+            r["features"] = scored_features(r)
+
         def keep_retimed(row):
-            row["features"] = scored_features(row)  # before the CPU that scored it is overwritten
             row["cpu"] = cpu
             if pass_id is not None:
                 row["retime_pass"] = pass_id
