@@ -194,7 +194,7 @@ def main() -> None:
             setattr(args, k, v)
     t0 = time.time()
     from soda import get_profile, profile_stem  # the benchmark's own cached SODA profiles
-    from ditaccel.profiling import DEFAULT_INTERVALS, default_intervals
+    from ditaccel.profiling import ages_suffix, default_intervals
 
     from ditaccel.registry import resolve_dtype
 
@@ -231,7 +231,7 @@ def main() -> None:
     ages = default_intervals(steps)
     plan_dir = RESULTS / "plans" / (f"peers-{args.sampler}" + (f"-{args.model}" if args.model != "fmnist-dit" else "")
                                     + ("-quick" if args.quick else "")
-                                    + (f"-age{ages[-1]}" if ages != DEFAULT_INTERVALS else ""))
+                                    + ages_suffix(steps))
     # soda-latency's budget is timed on the very batch the benchmark times
     entries = method_entries(pipe, steps, methods=methods, quick=args.quick, sweeps=sweeps, profile=prof,
                              calibration_run=cal_run, timed_run=timed, plan_dir=plan_dir)

@@ -38,7 +38,7 @@ from ditaccel.methods import soda
 from ditaccel.metrics import feature_extractor, frechet_distance, psnr, ssim
 from ditaccel.models.classifier import predict
 from ditaccel.pipeline import SAMPLERS
-from ditaccel.profiling import DEFAULT_INTERVALS, Profile, default_intervals, profile
+from ditaccel.profiling import Profile, ages_suffix, profile
 from ditaccel.registry import load_classifier_asset, load_pipeline
 from ditaccel.runtime import apply, remove
 from ditaccel.sampling import sample
@@ -50,9 +50,7 @@ PROFILES = ROOT / "runs" / "profiles"
 def profile_stem(sampler: str, steps: int, cfg: float, samples: int, model: str = "fmnist-dit"):
     """Where :func:`get_profile` keeps this profile (its name also tells rows made with it apart)."""
     tag = "fmnist" if model == "fmnist-dit" else model  # the DiT's profiles keep their old names
-    ages = default_intervals(steps)  # the library's default cache ages for this step count
-    return PROFILES / (f"{tag}-{sampler}{steps}-cfg{cfg:g}-s{samples}"
-                       + (f"-age{ages[-1]}" if ages != DEFAULT_INTERVALS else ""))
+    return PROFILES / f"{tag}-{sampler}{steps}-cfg{cfg:g}-s{samples}{ages_suffix(steps)}"
 
 
 def get_profile(pipe, sampler: str, steps: int, cfg: float, samples: int, reprofile: bool,

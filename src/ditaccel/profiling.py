@@ -461,6 +461,13 @@ def default_intervals(num_steps: int) -> tuple[int, ...]:
     return tuple(range(1, max(len(DEFAULT_INTERVALS), num_steps // 25) + 1))
 
 
+def ages_suffix(num_steps: int) -> str:
+    """``-ageN`` where the default cache ages for ``num_steps`` end at N > 5, else empty: names of
+    cached profiles and plans made on them tell them apart from those of 1..5 (older versions)."""
+    ages = default_intervals(num_steps)
+    return f"-age{ages[-1]}" if ages != DEFAULT_INTERVALS else ""
+
+
 def profile(pipe, run: Callable[[Any], Any] | None = None, *, num_steps: int | None = None,
             class_labels: list[int] | None = None, sampler: str | None = None, steps: int | None = None,
             guidance_scale: float = 3.0, seed: int = 0, batch_size: int = 32,

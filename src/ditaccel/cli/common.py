@@ -21,13 +21,11 @@ def cached_profile(pipe, *, sampler: str, steps: int, cfg: float, samples: int, 
     trajectories, classes cycled, seeds from 100000) and kept there."""
     from .. import io
     from ..io import model_fingerprint
-    from ..profiling import DEFAULT_INTERVALS, Profile, ProfileError, default_intervals, profile
+    from ..profiling import Profile, ProfileError, ages_suffix, profile
 
     classes = classes or list(range(10))
     fp = model_fingerprint(pipe.transformer)
-    ages = default_intervals(steps)  # named in the stem when not the default 1..5 (profiles of old versions)
-    stem = folder / (f"profile-{fp}-{sampler}{steps}-cfg{cfg:g}-s{samples}"
-                     + (f"-age{ages[-1]}" if ages != DEFAULT_INTERVALS else ""))
+    stem = folder / f"profile-{fp}-{sampler}{steps}-cfg{cfg:g}-s{samples}{ages_suffix(steps)}"
     if not reprofile and io.artifact_exists(stem):
         try:
             prof = Profile.load(stem)
