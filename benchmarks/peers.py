@@ -76,6 +76,11 @@ def stem_of(args) -> str:
             + (f"-seed{args.seed}" if args.seed else "") + ("-notime" if not args.repeats else ""))
 
 
+def write_partial(path, lines: list[dict]) -> None:
+    """The partial file rewritten whole (atomically): its header, then one row per line."""
+    write_text(path, "\n".join(json.dumps(x) for x in lines) + "\n")
+
+
 def scored_features(row: dict) -> str:
     """The precision of the features a row was scored on.  Rows from before the extractor was fp32
     everywhere name none: the CPU that scored them tells (a bf16-native one scored in bf16); for a
@@ -254,7 +259,7 @@ def main() -> None:
                 if "=" in rest.split(": ", 1)[0]:
                     seeded.append({"method": method, "value": float(rest.split(": ", 1)[0].split("=")[1]),
                                    "skipped": why, "cpu": done.get("cpu")})
-            write_text(partial, "\n".join(json.dumps(x) for x in [{"settings": settings}, *seeded]) + "\n")
+            write_partial(partial, [{"settings": settings}, *seeded])
             print(f"--retime: resuming the finished sweep in {final.name} ({len(seeded)} rows)", flush=True)
     header = {"settings": settings}
     if partial.exists():
@@ -349,9 +354,9 @@ def main() -> None:
             print(_brief(row), flush=True)
             kept[(row["method"], row["value"])] = row
             # the partial file rewritten whole (atomically) after each row: a stopped retime resumes
-            write_text(partial, "\n".join(json.dumps(x) for x in [header, *kept.values()]) + "\n")
+            write_partial(partial, [header, *kept.values()])
 
-        write_text(partial, "\n".join(json.dumps(x) for x in [header, *kept.values()]) + "\n")
+        write_partial(partial, [header, *kept.values()])
 
         retime(pipe, timed, entries, todo, repeats=args.repeats, on_row=keep_retimed)
         resumed = list(kept.values())
