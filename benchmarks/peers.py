@@ -314,6 +314,8 @@ def main() -> None:
         # method's FLOP saving shows up in wall-clock time depends on the CPU (a faster one leaves
         # more of a step to fixed per-call costs), so --retime times every row on one machine
         row["cpu"], row["features"] = cpu, features
+        if args.retime == "all":  # measured in full by this pass: not measured again when it resumes
+            row["retime_pass"] = header["retime_pass"]
         if row["method"] in SODA:
             row["profile"] = profile_name
         print(_brief(row), flush=True)

@@ -225,12 +225,22 @@ def _attach_cache_dit(pipe, name: str, value: float, num_steps: int) -> PeerHand
                                   f"block pattern for {type(tf).__name__}")
         target = BlockAdapter(pipe=pipe, transformer=tf, blocks=tf.transformer_blocks,
                               forward_pattern=getattr(ForwardPattern, pattern), check_forward_pattern=True)
+    tf = pipe.transformer
+    # cache-dit's patch functors (DiT's, for one) give the transformer an instance forward and
+    # register an alias of one of its submodules as a new child, and disable_cache leaves both:
+    # the model's state dict (so its fingerprint, which profiles and plans check) and forward
+    # would stay cache-dit's. What enable_cache adds is taken off again on removal
+    attrs, children = set(vars(tf)), set(tf._modules)
     with contextlib.redirect_stdout(io.StringIO()):
         cache_dit.enable_cache(target, cache_config=cfg, calibrator_config=calib)
 
     def remove():
         with contextlib.redirect_stdout(io.StringIO()):
             cache_dit.disable_cache(pipe)
+        for k in set(tf._modules) - children:
+            del tf._modules[k]
+        for k in set(vars(tf)) - attrs:
+            delattr(tf, k)
 
     return PeerHandle(name, remove, {"knob": PEERS[name].knob, "value": value})
 
