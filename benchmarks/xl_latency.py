@@ -1,13 +1,23 @@
-"""Execution efficiency at realistic size (issue 5): a DiT-XL/2-shaped diffusers transformer (28
-layers, 1152 wide, 16 heads, 256 tokens = 32x32 latents with patch 2, random weights, bf16), driven
-by a plain sampling loop (one image, classifier-free guidance as one batch of 2 rows).
+"""Execution efficiency at realistic size (issue 5): the peers benchmark's methods, ours and the
+peers, on a DiT-XL/2-shaped diffusers transformer (28 layers, 1152 wide, 16 heads, 256 tokens =
+32x32 latents with patch 2, random weights, bf16) in ditaccel's DiT pipeline: DDIM-20, one image,
+classifier-free guidance as one batch of 2 rows.
 
-For each plan: FLOP speedup (torch's FlopCounterMode over a whole trajectory) and measured
-wall-clock speedup (median of ``--repeats`` back-to-back pairs with the unplanned model, order
-alternating); efficiency = measured / FLOP.  Weights are random, so fidelity is not measured here.
-Rewrites README's ``xl-latency`` block.
+For each configuration: FLOP speedup (torch's FlopCounterMode over the timed trajectory) and
+measured wall-clock speedup (median of ``--repeats`` back-to-back pairs with the unplanned model,
+order alternating, after a warm-up); efficiency = measured / FLOP.  Weights are random, so fidelity
+is not reported, and what the data-dependent methods skip is what these weights make them skip:
+SODA's plans come from a profile and a calibration of this random model (their structure, anchors
+and recomputed tokens, is SODA's; which steps and layers it picks would differ on trained weights),
+MagCache is calibrated on it, and first-block cache, MagCache and DBCache skip where these weights'
+residuals say so.  Each row's FLOP speedup says how much was skipped; efficiency is what this
+study is for.  ``all-anchor`` runs our runtime with nothing to skip (its own cost).
+
+Every finished row is kept in ``results/xl_latency.partial.jsonl`` and SODA's plans under
+``results/plans/xl-latency/``; the same command resumes.  Rewrites README's ``xl-latency`` block.
 
     python benchmarks/xl_latency.py [--steps 20 --repeats 3]
+    python benchmarks/xl_latency.py --layers 2 --steps 4 --repeats 1 --out-name xl_latency-check  # a quick check
 """
 
 from __future__ import annotations
@@ -19,91 +29,134 @@ import time
 
 import torch
 from diffusers import DDIMScheduler, DiTTransformer2DModel
-from torch.utils.flop_counter import FlopCounterMode
 
-from common import replace_block, save_json
-from ditaccel.methods import make_plan, model_shape
+from common import RESULTS, machine, replace_block, save_json
+from ditaccel.bench import Entry, _counted, method_entries
+from ditaccel.io import write_text
+from ditaccel.pipeline import DiTPixelPipeline
+from ditaccel.methods import model_shape
 from ditaccel.plan import full_plan
 from ditaccel.runtime import apply, remove
+from ditaccel.sampling import sample, speedup_pairs
+
+# each method at the values that land near 2x and 3x on the bundled model (one for the methods
+# whose speedup stays low there); the peers whose skipping follows the residuals at their --quick
+# value and a looser one (random weights' residuals are not a trained model's)
+SWEEPS = {"fora": (2, 3), "fora-forecast": (3,), "toca": (3,), "delta-dit": (3,), "soda": (2.0, 3.0),
+          "taylorseer": (2, 3), "fbc": (0.06, 0.2), "pab": (3,), "fastercache": (2,), "magcache": (0.04, 0.12),
+          "dbcache": (0.06, 0.2), "dbcache-taylorseer": (0.06, 0.2)}
+LABEL, GUIDANCE = 207, 4.0
 
 
-def build() -> DiTTransformer2DModel:
+def build(layers: int = 28) -> DiTTransformer2DModel:
     torch.manual_seed(0)
     tf = DiTTransformer2DModel(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8,
-                               num_layers=28, sample_size=32, patch_size=2, num_embeds_ada_norm=1000,
+                               num_layers=layers, sample_size=32, patch_size=2, num_embeds_ada_norm=1000,
                                norm_type="ada_norm_zero")
     return tf.to(torch.bfloat16).eval()
-
-
-def trajectory(tf, steps: int, dtype=torch.bfloat16) -> torch.Tensor:
-    sched = DDIMScheduler(num_train_timesteps=1000)
-    sched.set_timesteps(steps)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 4, 32, 32, generator=g)
-    labels = torch.tensor([207, 1000])
-    with torch.no_grad():
-        for t in sched.timesteps:
-            inp = torch.cat([x, x]).to(dtype)
-            out = tf(inp, timestep=t.repeat(2), class_labels=labels).sample.float()
-            cond, uncond = out[:, :4].chunk(2)
-            x = sched.step(uncond + 4.0 * (cond - uncond), t, x).prev_sample
-    return x
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--layers", type=int, default=28, help="fewer for a quick check of the script")
+    ap.add_argument("--out-name", default="xl_latency",
+                    help="results/<name>.json; only the default rewrites README's block")
     args = ap.parse_args()
-    tf = build()
+    if args.steps < 4 or args.repeats < 1 or args.layers < 1:
+        raise SystemExit("--steps must be at least 4, --repeats and --layers at least 1")
+    t0 = time.time()
+    pipe = DiTPixelPipeline(transformer=build(args.layers), scheduler=DDIMScheduler(num_train_timesteps=1000))
+    pipe.set_progress_bar_config(disable=True)
+    opts = dict(sampler="ddim", steps=args.steps, guidance_scale=GUIDANCE, progress=False, count_flops=False)
+    timed = lambda p: sample(p, [LABEL], seed=0, batch_size=1, **opts)[0]  # noqa: E731
+    # SODA's calibration (and MagCache's) on one image of other seeds and another class
+    cal_run = lambda p: sample(p, [360], seed=500_000, batch_size=1, **opts)[0]  # noqa: E731
+
+    def make_profile():
+        from ditaccel.profiling import profile
+
+        return profile(pipe, class_labels=[360, 88], sampler="ddim", steps=args.steps, guidance_scale=GUIDANCE,
+                       seed=100_000, batch_size=2, progress=True)
+
+    import functools
+
+    entries = method_entries(pipe, args.steps, methods=list(SWEEPS), sweeps={k: tuple(map(float, v)) for k, v in SWEEPS.items()},
+                             profile=functools.cache(make_profile), calibration_run=cal_run,
+                             plan_dir=RESULTS / "plans" / ("xl-latency" + ("" if args.layers == 28 else f"-l{args.layers}")
+                                                           + ("" if args.steps == 20 else f"-s{args.steps}")))
+    tf = pipe.transformer
     shape = model_shape(tf, args.steps)
-    plans = {"all-anchor": full_plan(args.steps, shape.num_layers, shape.num_tokens, shape.modules),
-             "fora-n2": make_plan("fora", shape, interval=2), "fora-n3": make_plan("fora", shape, interval=3),
-             "toca-n3 (10% recomputed)": make_plan("toca", shape, interval=3, ratio=0.1),
-             "delta-dit-n3": make_plan("delta-dit", shape, interval=3)}
-    trajectory(tf, 2)  # warm-up
+    steps_plan = full_plan(args.steps, shape.num_layers, shape.num_tokens, shape.modules)
 
-    def flops() -> int:
-        with FlopCounterMode(display=False) as c:
-            trajectory(tf, args.steps)
-        return int(c.get_total_flops())
+    def all_anchor(p):
+        def attach(q):
+            apply(q, steps_plan)
+            return lambda: remove(q)
+        return attach
 
-    full_flops = flops()
-    rows = []
-    for name, plan in plans.items():
-        apply(tf, plan)
-        f = flops()
-        ratios, walls = [], []
-        for r in range(args.repeats):
-            w = {}
-            for which in (("full", "plan") if r % 2 == 0 else ("plan", "full")):
-                if which == "full":
-                    remove(tf)
-                else:
-                    apply(tf, plan)
-                t0 = time.perf_counter()
-                trajectory(tf, args.steps)
-                w[which] = time.perf_counter() - t0
-            ratios.append(w["full"] / w["plan"])
-            walls.append(w)
-        remove(tf)
-        row = {"plan": name, "speedup_flops": full_flops / f, "speedup_measured": statistics.median(ratios),
-               "ratios": ratios, "walls": walls}
+    entries.insert(0, Entry("all-anchor", "ours", "-", 0.0, all_anchor))
+
+    settings = {"steps": args.steps, "repeats": args.repeats, "layers": args.layers, "cpu": machine(),
+                "threads": torch.get_num_threads()}
+    partial = RESULTS / f"{args.out_name}.partial.jsonl"
+    done: dict[tuple[str, float], dict] = {}
+    if partial.exists():
+        lines = [json.loads(x) for x in partial.read_text().splitlines() if x.strip()]
+        if lines and lines[0].get("settings") == settings:
+            done = {(r["method"], r["value"]): r for r in lines[1:]}
+            print(f"resuming: {len(done)} rows already measured in {partial.name}", flush=True)
+        else:
+            print(f"{partial.name} is from other settings (or another CPU): starting over", flush=True)
+    if not done:
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(json.dumps({"settings": settings}) + "\n")
+
+    with torch.no_grad():
+        timed(pipe)  # warm-up
+        _, full_flops = _counted(timed, pipe)
+    from tqdm.auto import tqdm
+
+    for e in tqdm(entries, desc="configurations"):
+        if (e.method, e.value) in done:
+            continue
+        attach = e.prepare(pipe)
+        detach = attach(pipe)
+        try:
+            with torch.no_grad():
+                _, flops = _counted(timed, pipe)
+        finally:
+            detach()
+        with torch.no_grad():
+            ratios = speedup_pairs(pipe, timed, attach, args.repeats)
+        row = {"method": e.method, "family": e.family, "knob": e.knob, "value": e.value,
+               "speedup_flops": full_flops / flops, "speedup_measured": statistics.median(ratios), "ratios": ratios}
         row["efficiency"] = row["speedup_measured"] / row["speedup_flops"]
-        rows.append(row)
+        done[(e.method, e.value)] = row
         print(json.dumps(row), flush=True)
-    out = {"steps": args.steps, "repeats": args.repeats, "threads": torch.get_num_threads(),
-           "full_gflops_per_trajectory": full_flops / 1e9, "rows": rows}
-    save_json("xl_latency", out)
-    lines = ["| plan | FLOP speedup | measured speedup | efficiency |", "|---|---|---|---|"]
-    lines += [f"| {r['plan']} | {r['speedup_flops']:.2f}x | {r['speedup_measured']:.2f}x | "
-              f"{100 * r['efficiency']:.0f}% |" for r in rows]
-    lines += ["", f"DiT-XL/2-shaped transformer (28 layers, 1152 wide, 256 tokens, random weights, bf16), DDIM-"
-              f"{args.steps}, one image with CFG (2 rows per call), {torch.get_num_threads()} threads; measured: "
-              f"median of {args.repeats} back-to-back pairs with the unplanned model. Generated by "
-              "`python benchmarks/xl_latency.py`."]
+        with partial.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    rows = [done[(e.method, e.value)] for e in entries]
+    out = {**settings, "full_gflops_per_trajectory": full_flops / 1e9, "total_s": time.time() - t0, "rows": rows}
+    save_json(args.out_name, out)
+    lines = ["| method | knob | FLOP speedup | measured speedup | efficiency |", "|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["method"] != "all-anchor", r["method"], r["value"])):
+        knob = "-" if r["method"] == "all-anchor" else f"{r['knob']}={r['value']:g}"
+        lines.append(f"| {r['method']} ({r['family']}) | {knob} | {r['speedup_flops']:.2f}x | "
+                     f"{r['speedup_measured']:.2f}x | {100 * r['efficiency']:.0f}% |")
+    lines += ["", f"DiT-XL/2-shaped transformer ({args.layers} layers, 1152 wide, 256 tokens, random weights, bf16), "
+              f"DDIM-{args.steps}, one image with CFG (2 rows per call), {torch.get_num_threads()} threads, "
+              f"{settings['cpu']}; measured: median of {args.repeats} back-to-back pairs with the unplanned model. "
+              "Random weights: what the data-dependent methods (SODA's profile and calibration, MagCache, "
+              "first-block cache, DBCache) skip is what these weights make them skip; the FLOP speedup says "
+              "how much. Generated by `python benchmarks/xl_latency.py`."]
     table = "\n".join(lines)
-    replace_block("xl-latency", table)
+    write_text(RESULTS / f"{args.out_name}.md", table + "\n")
+    if args.out_name == "xl_latency":
+        replace_block("xl-latency", table)
+    partial.unlink(missing_ok=True)
     print(table)
 
 

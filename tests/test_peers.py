@@ -84,6 +84,29 @@ def test_peer_skips_work_resets_between_runs_and_comes_off(pipe, name):
     assert forward is None or not getattr(forward, "__module__", "").startswith("cache_dit")
 
 
+def test_cache_dit_comes_off_after_a_diffusers_hook():
+    # diffusers' hook registry leaves its own forward wrapper on the model; cache-dit's patch then
+    # replaces that attribute rather than adding one, and must still be undone
+    pytest.importorskip("cache_dit")
+    from ditaccel.io import model_fingerprint
+
+    p = _fresh_pipe()
+    with torch.no_grad():  # as the module's pipe: blocks that do something
+        for w in p.transformer.parameters():
+            w.add_(0.02 * torch.randn_like(w))
+    full = _run(p)
+    attach_peer(p, "fastercache", 2, STEPS).remove()  # its denoiser hook wraps the transformer's forward
+    fingerprint, forward = model_fingerprint(p.transformer), vars(p.transformer).get("forward")
+    h = attach_peer(p, "dbcache", AGGRESSIVE["dbcache"], STEPS)
+    assert not torch.equal(_run(p), full)
+    h.remove()
+    assert vars(p.transformer).get("forward") is forward
+    assert model_fingerprint(p.transformer) == fingerprint
+    assert torch.equal(_run(p), full)
+    attach_peer(p, "dbcache", AGGRESSIVE["dbcache"], STEPS).remove()  # and it attaches again
+    assert torch.equal(_run(p), full)
+
+
 def test_unknown_peer_and_missing_ratios_are_refused(pipe):
     with pytest.raises(ValueError, match="unknown peer"):
         attach_peer(pipe, "nope", 1, STEPS)

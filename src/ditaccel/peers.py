@@ -226,11 +226,12 @@ def _attach_cache_dit(pipe, name: str, value: float, num_steps: int) -> PeerHand
         target = BlockAdapter(pipe=pipe, transformer=tf, blocks=tf.transformer_blocks,
                               forward_pattern=getattr(ForwardPattern, pattern), check_forward_pattern=True)
     tf = pipe.transformer
-    # cache-dit's patch functors (DiT's, for one) give the transformer an instance forward and
-    # register an alias of one of its submodules as a new child, and disable_cache leaves both:
-    # the model's state dict (so its fingerprint, which profiles and plans check) and forward
-    # would stay cache-dit's. What enable_cache adds is taken off again on removal
-    attrs, children = set(vars(tf)), set(tf._modules)
+    # cache-dit's patch functors (DiT's, for one) replace the transformer's forward (an instance
+    # attribute, or diffusers' hook-registry wrapper where one is there) and register an alias of
+    # one of its submodules as a new child, and disable_cache leaves both: the model's state dict
+    # (so its fingerprint, which profiles and plans check) and forward would stay cache-dit's.
+    # What enable_cache adds or replaces on the transformer is put back on removal
+    attrs, children = dict(vars(tf)), set(tf._modules)
     with contextlib.redirect_stdout(io.StringIO()):
         cache_dit.enable_cache(target, cache_config=cfg, calibrator_config=calib)
 
@@ -239,8 +240,11 @@ def _attach_cache_dit(pipe, name: str, value: float, num_steps: int) -> PeerHand
             cache_dit.disable_cache(pipe)
         for k in set(tf._modules) - children:
             del tf._modules[k]
-        for k in set(vars(tf)) - attrs:
+        for k in set(vars(tf)) - set(attrs):
             delattr(tf, k)
+        for k, v in attrs.items():
+            if vars(tf).get(k) is not v:
+                setattr(tf, k, v)
 
     return PeerHandle(name, remove, {"knob": PEERS[name].knob, "value": value})
 
