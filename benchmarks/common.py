@@ -57,3 +57,20 @@ def real_test_features(fx, n: int = 10_000):
     save_file({"features": feats.contiguous()}, tmp)
     tmp.replace(path)
     return feats
+
+
+def resume_partial(partial: Path, settings: dict) -> tuple[dict, list[dict]]:
+    """The header and rows a stopped run left in ``partial`` (JSON lines, the first holding its
+    settings) when it ran with ``settings``; otherwise ``partial`` starts afresh with the header alone."""
+    import json
+
+    if partial.exists():
+        lines = [json.loads(x) for x in partial.read_text().splitlines() if x.strip()]
+        if lines and lines[0].get("settings") == settings and len(lines) > 1:
+            print(f"resuming: {len(lines) - 1} rows already measured in {partial.name}", flush=True)
+            return lines[0], lines[1:]
+        if lines and lines[0].get("settings") != settings:
+            print(f"{partial.name} is from other settings: starting over", flush=True)
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    partial.write_text(json.dumps({"settings": settings}) + "\n")
+    return {"settings": settings}, []

@@ -50,7 +50,7 @@ from collections import Counter
 
 import torch
 
-from common import RESULTS, ROOT, machine, real_test_features, replace_block, save_json
+from common import RESULTS, ROOT, machine, real_test_features, replace_block, resume_partial, save_json
 from ditaccel.bench import (SODA, measure, merge, method_entries, parse_sweeps, plan_path, plot, report, retime,
                             stale_timing)
 from ditaccel.io import artifact_exists, load_artifact, remove_artifact, save_artifact, write_text
@@ -246,7 +246,6 @@ def main() -> None:
     partial = RESULTS / f"{stem}.partial.jsonl"
     settings = {k: getattr(args, k) for k in ("model", "dtype", "sampler", "n", "batch", "timed_batch",
                                               "repeats", "seed", "cfg", "quick", "sweep", "only")}
-    resumed = []
     final = RESULTS / f"{stem}.json"
     if args.retime and not partial.exists() and final.exists() and not args.only:
         # a finished sweep timed again (on another CPU, or after the runtime got faster): its rows
@@ -261,17 +260,7 @@ def main() -> None:
                                    "skipped": why, "cpu": done.get("cpu")})
             write_partial(partial, [{"settings": settings}, *seeded])
             print(f"--retime: resuming the finished sweep in {final.name} ({len(seeded)} rows)", flush=True)
-    header = {"settings": settings}
-    if partial.exists():
-        lines = [json.loads(x) for x in partial.read_text().splitlines() if x.strip()]
-        if lines and lines[0].get("settings") == settings:
-            header, resumed = lines[0], lines[1:]
-            print(f"resuming: {len(resumed)} rows already measured in {partial.name}", flush=True)
-        else:
-            print(f"{partial.name} is from other settings: starting over", flush=True)
-    if not resumed:
-        partial.parent.mkdir(parents=True, exist_ok=True)
-        partial.write_text(json.dumps({"settings": settings}) + "\n")
+    header, resumed = resume_partial(partial, settings)
     # the full model's scored images, kept beside the partial rows (committed with them): a resumed
     # sweep scores against the very images its earlier rows were scored against, without sampling
     # them again (a quarter of an hour at DDPM-250 on a 2-core CPU)

@@ -30,7 +30,7 @@ import time
 import torch
 from diffusers import DDIMScheduler, DiTTransformer2DModel
 
-from common import RESULTS, machine, replace_block, save_json
+from common import RESULTS, machine, replace_block, resume_partial, save_json
 from ditaccel.bench import Entry, _counted, method_entries
 from ditaccel.io import write_text
 from ditaccel.pipeline import DiTPixelPipeline
@@ -101,17 +101,8 @@ def main() -> None:
     settings = {"steps": args.steps, "repeats": args.repeats, "layers": args.layers, "cpu": machine(),
                 "threads": torch.get_num_threads()}
     partial = RESULTS / f"{args.out_name}.partial.jsonl"
-    done: dict[tuple[str, float], dict] = {}
-    if partial.exists():
-        lines = [json.loads(x) for x in partial.read_text().splitlines() if x.strip()]
-        if lines and lines[0].get("settings") == settings:
-            done = {(r["method"], r["value"]): r for r in lines[1:]}
-            print(f"resuming: {len(done)} rows already measured in {partial.name}", flush=True)
-        else:
-            print(f"{partial.name} is from other settings (or another CPU): starting over", flush=True)
-    if not done:
-        partial.parent.mkdir(parents=True, exist_ok=True)
-        partial.write_text(json.dumps({"settings": settings}) + "\n")
+    _, rows = resume_partial(partial, settings)
+    done = {(r["method"], r["value"]): r for r in rows}
 
     with torch.no_grad():
         timed(pipe)  # warm-up
