@@ -318,7 +318,7 @@ def main() -> None:
             header.setdefault("retime_pass", time.strftime("%Y-%m-%dT%H:%M:%S"))
         pass_id = header.get("retime_pass") if args.retime == "all" else None
         elsewhere = [r for r in resumed if "skipped" in r and r.get("cpu") != cpu
-                     or "skipped" not in r and (stale_timing(r, cpu) if pass_id is None
+                     or "skipped" not in r and (stale_timing(r, cpu, args.dtype) if pass_id is None
                                                 else r.get("retime_pass") != pass_id)]
         # soda-latency calibrates by this machine's clock, and a SODA row whose plan was not kept
         # cannot be rebuilt as scored: those are measured again in full (and budgets another CPU

@@ -147,8 +147,8 @@ def test_soda_latency_times_its_candidates_on_the_timed_run(tiny_pipe, tmp_path)
     timed_calls.clear()
     entries[1].prepare(tiny_pipe)
     assert not timed_calls
-    # one timed with an older (slower) runtime is not
-    kept["meta"]["calibration"]["timed"]["runtime"] = RUNTIME_REVISION - 1
+    # one timed with an older (slower) runtime is not (1: slower in every dtype)
+    kept["meta"]["calibration"]["timed"]["runtime"] = 1
     path.write_text(json.dumps(kept))
     entries[1].prepare(tiny_pipe)
     assert timed_calls
@@ -173,6 +173,27 @@ def test_our_rows_carry_the_runtime_revision_and_go_stale_with_it(tiny_pipe):
     old = {k: v for k, v in ours.items() if k != "runtime"}
     assert bench.stale_timing({**old, **here}, "this"), "rows from before the revision was recorded"
     assert not bench.stale_timing({**peer, **here, "runtime": 0}, "this"), "a peer's speed is not our runtime's"
+    # revision 3 changed only the bf16 / fp16 speed: a revision-2 row is current in fp32, stale in bf16
+    assert RUNTIME_REVISION == 3
+    two = {**ours, **here, "runtime": 2}
+    assert not bench.stale_timing(two, "this", "fp32") and not bench.stale_timing(two, "this", torch.float32)
+    assert bench.stale_timing(two, "this", "bf16") and bench.stale_timing(two, "this", torch.float16)
+    assert bench.stale_timing({**two, "runtime": 1}, "this", "fp32")
+
+
+def test_the_nan_guard_probe_is_finite_exactly_where_the_tensor_is():
+    from ditaccel.runtime.state import finite_probe
+
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        x = torch.randn(4, 16, 8).to(dtype)
+        assert torch.isfinite(finite_probe(x))
+        for bad in (float("nan"), float("inf"), -float("inf")):
+            y = x.clone()
+            y[1, 3, 2] = bad
+            assert not torch.isfinite(finite_probe(y)), (dtype, bad)
+    # finite fp16 values whose sum passes fp16's range are still finite
+    big = torch.full((64,), 60000.0, dtype=torch.float16)
+    assert torch.isfinite(finite_probe(big))
 
 
 def test_retime_times_rows_again_and_keeps_their_scores(tiny_pipe):

@@ -167,11 +167,11 @@ def _calibrated(pipe, calibration_run, timed_run, profile, plan_dir, method: str
         # the budget asked for: a timed calibration may keep a plan made for a number of anchors,
         # whose own config names no latency budget, so its target is read from the calibration
         asked = timed_cal.get("target") if timed_cal else plan.meta.get("config", {}).get(knob)
-        from .runtime import RUNTIME_REVISION
+        from .runtime import same_speed
 
         if (plan.meta.get("fingerprint") == model_fingerprint(pipe.transformer) and plan.num_steps == num_steps
                 and asked == value and (timed_cal is not None) == (method == "soda-latency")
-                and (timed_cal is None or timed_cal.get("runtime", 1) == RUNTIME_REVISION)):
+                and (timed_cal is None or same_speed(timed_cal.get("runtime", 1), pipe.transformer.dtype))):
             return plan  # (a plan timed with an older, slower runtime is calibrated again)
     profile = profile() if callable(profile) else profile
     # soda-latency: the budget is measured wall-clock time, on the run the benchmark times
@@ -310,12 +310,13 @@ def _runtime_stamp(entry: Entry) -> dict:
     return {"runtime": RUNTIME_REVISION} if entry.family == "ours" else {}
 
 
-def stale_timing(row: dict, cpu: str) -> bool:
+def stale_timing(row: dict, cpu: str, dtype=None) -> bool:
     """Whether a measured row's speed should be measured again here: timed on another CPU, or one of
-    our methods timed with an older runtime (rows from before the revision was recorded: 1)."""
-    from .runtime import RUNTIME_REVISION
+    our methods timed with an older runtime whose speed in ``dtype`` (the benchmark's; None: unknown)
+    differs from this one's (rows from before the revision was recorded: 1)."""
+    from .runtime import same_speed
 
-    return row.get("cpu") != cpu or (row.get("family") == "ours" and row.get("runtime", 1) != RUNTIME_REVISION)
+    return row.get("cpu") != cpu or (row.get("family") == "ours" and not same_speed(row.get("runtime", 1), dtype))
 
 
 def merge(old: dict, new: dict) -> dict:
