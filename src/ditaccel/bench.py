@@ -433,14 +433,13 @@ def report(out: dict) -> str:
                      f"{100 * r['efficiency']:.0f}%" if timed else "-", f"{r['psnr']:.2f}",
                      f"{r['ssim']:.4f}", f"{r['fd_vs_full']:.2f}"]
         lines.append("| " + " | ".join(cells + ext) + " |")
+    caption = (out.get("description", "") + " ").lstrip()
     if not any(r["method"] != "full" and r["speedup_measured"] is not None for r in rows):
         # a fidelity-only run (repeats=0) has no measured speedups to match: nothing to check
-        lines += ["", (out.get("description", "") + " ").lstrip()
-                  + "Goal check: not made (no speed was measured: a fidelity-only run).", ""]
+        lines += ["", caption + "Goal check: not made (no speed was measured: a fidelity-only run).", ""]
     else:
         misses = goal_check(rows)
-        lines += ["", (out.get("description", "") + " ").lstrip()
-                  + "Goal check (SODA, under either budget, best in PSNR and FD vs full at every matched measured "
+        lines += ["", caption + "Goal check (SODA, under either budget, best in PSNR and FD vs full at every matched measured "
                   "speedup 1.5-3x, ±5%): "
                   + ("met." if not misses else f"{len(misses)} misses:"), ""]
         lines += [f"- {m}" for m in misses]
