@@ -173,12 +173,23 @@ def test_our_rows_carry_the_runtime_revision_and_go_stale_with_it(tiny_pipe):
     old = {k: v for k, v in ours.items() if k != "runtime"}
     assert bench.stale_timing({**old, **here}, "this"), "rows from before the revision was recorded"
     assert not bench.stale_timing({**peer, **here, "runtime": 0}, "this"), "a peer's speed is not our runtime's"
-    # revision 3 changed only the bf16 / fp16 speed: a revision-2 row is current in fp32, stale in bf16
-    assert RUNTIME_REVISION == 3
-    two = {**ours, **here, "runtime": 2}
-    assert not bench.stale_timing(two, "this", "fp32") and not bench.stale_timing(two, "this", torch.float32)
-    assert bench.stale_timing(two, "this", "bf16") and bench.stale_timing(two, "this", torch.float16)
-    assert bench.stale_timing({**two, "runtime": 1}, "this", "fp32")
+    # revision 4 changed the speed in every dtype: a revision-3 row is stale in all
+    assert RUNTIME_REVISION == 4
+    three = {**ours, **here, "runtime": 3}
+    assert all(bench.stale_timing(three, "this", d) for d in ("fp32", "bf16", torch.float32, None))
+
+
+def test_a_revision_that_changes_one_dtype_keeps_the_others_timings(monkeypatch):
+    """Had the newest revision changed only the bf16 / fp16 speed (as revision 3 did), a row of the
+    revision before would stay current in fp32 and be stale in bf16."""
+    import ditaccel.runtime as runtime
+
+    monkeypatch.setattr(runtime, "SAME_SPEED_SINCE", {torch.float32: RUNTIME_REVISION - 1})
+    row = {"family": "ours", "cpu": "this", "runtime": RUNTIME_REVISION - 1}
+    assert not bench.stale_timing(row, "this", "fp32") and not bench.stale_timing(row, "this", torch.float32)
+    assert bench.stale_timing(row, "this", "bf16") and bench.stale_timing(row, "this", torch.float16)
+    assert bench.stale_timing({**row, "runtime": RUNTIME_REVISION - 2}, "this", "fp32")
+    assert bench.stale_timing(row, "this", None), "an unknown dtype is not assumed to be fp32"
 
 
 def test_the_nan_guard_probe_is_finite_exactly_where_the_tensor_is():

@@ -43,10 +43,20 @@ class BlockSpec:
     # module ignores it, and the norm's elementwise work is skipped.
     variant_attr: str | None = None
     input_norms: dict[str, dict[str, str]] = field(default_factory=dict)
+    # Per variant, the one of those norms that also computes the block's conditioning (adaLN
+    # shifts, scales and gates) from the call's ``timestep`` and ``class_labels`` alone: all its
+    # outputs but the first (the normalised tokens) depend on nothing else.  On the steps that reuse
+    # the module it feeds, the runtime computes them for all such steps of a trajectory in one
+    # batched call of the norm (see ``apply(..., batch_conditioning=...)``).
+    conditioning_norm: dict[str, str] = field(default_factory=dict)
 
     def norms_of(self, block: torch.nn.Module) -> dict[str, str]:
         variant = getattr(block, self.variant_attr, None) if self.variant_attr else None
         return self.input_norms.get(variant, {})
+
+    def conditioning_of(self, block: torch.nn.Module) -> str | None:
+        variant = getattr(block, self.variant_attr, None) if self.variant_attr else None
+        return self.conditioning_norm.get(variant)
 
 
 BLOCKS: dict[str, BlockSpec] = {
@@ -55,7 +65,9 @@ BLOCKS: dict[str, BlockSpec] = {
     "BasicTransformerBlock": BlockSpec(
         modules={"attn": "attn1", "cross": "attn2", "mlp": "ff"}, variant_attr="norm_type",
         input_norms={"ada_norm_zero": {"attn": "norm1", "cross": "norm2", "mlp": "norm3"},
-                     "ada_norm_single": {"attn": "norm1", "mlp": "norm2"}}),
+                     "ada_norm_single": {"attn": "norm1", "mlp": "norm2"}},
+        # DiT: each block embeds the timestep and class label again in norm1 (AdaLayerNormZero)
+        conditioning_norm={"ada_norm_zero": "norm1"}),
     # SD3 / SD3.5 MMDiT: joint attention over [image; text], then image MLP ``ff`` (the text MLP
     # ``ff_context`` is always computed: text tokens are few and never pruned).  Returns
     # (text, image).

@@ -206,6 +206,9 @@ class RunState:
         """Forget the trajectory: every cache becomes invalid (its buffers are kept for reuse)."""
         self.step, self.branch, self.last_t = -1, -1, None
         self.skipped_inputs = set()
+        # (layer, branch) -> the block's conditioning for this trajectory's reusing steps, batched
+        # (hooks.ConditioningTable), or None where it cannot be predicted
+        self.conditioning: dict[tuple[int, int], object] = {}
         self.generation = getattr(self, "generation", -1) + 1
         if not hasattr(self, "caches"):
             self.caches: dict[tuple[int, int, str], ModuleCache] = {}
