@@ -92,15 +92,22 @@ def main() -> None:
             if registry.get_hook("experiment") is None:
                 registry.register_hook(BlockReuse(pipe, layer, mode), "experiment")
 
+    def use(name: str) -> None:
+        """Run the next samples through path ``name`` ("full": the unplanned model)."""
+        if name == "full":
+            remove(pipe)
+            return
+        fn = paths[name]
+        attach(fn != "per-step")
+        mode["gates_given"] = fn == "compiled+gates"  # gates kept by the runs before it
+        mode["fn"] = paths["block, compiled"] if mode["gates_given"] else None if fn == "per-step" else fn
+
     attach()
     reference = sample(pipe, labels, **run)[0]
     for name, fn in paths.items():
         if fn == "skip":
             continue
-        attach(fn != "per-step")
-        fn = None if fn == "per-step" else fn
-        mode["gates_given"] = fn == "compiled+gates"  # gates kept by the runs before it
-        mode["fn"] = paths["block, compiled"] if mode["gates_given"] else fn
+        use(name)
         print(f"{name}: images bit-identical to the runtime's: {torch.equal(sample(pipe, labels, **run)[0], reference)}")
     timer = CallTimer(pipe.transformer)
     wall = {k: [] for k in ["full", *paths]}
@@ -108,14 +115,7 @@ def main() -> None:
     names = list(wall)
     for rep in range(args.repeats):
         for name in names[rep % len(names):] + names[:rep % len(names)]:  # no path always first
-            if name == "full":
-                remove(pipe)
-            else:
-                attach(paths[name] != "per-step")
-            mode["fn"] = None if paths.get(name) == "per-step" else paths.get(name)
-            mode["gates_given"] = mode["fn"] == "compiled+gates"
-            if mode["gates_given"]:
-                mode["fn"] = paths["block, compiled"]
+            use(name)
             timer.start()
             wall[name].append(sample(pipe, labels, **run)[1].wall_s)
             calls = timer.stop()

@@ -50,13 +50,14 @@ class BlockSpec:
     # batched call of the norm (see ``apply(..., batch_conditioning=...)``).
     conditioning_norm: dict[str, str] = field(default_factory=dict)
 
+    def _variant(self, block: torch.nn.Module):
+        return getattr(block, self.variant_attr, None) if self.variant_attr else None
+
     def norms_of(self, block: torch.nn.Module) -> dict[str, str]:
-        variant = getattr(block, self.variant_attr, None) if self.variant_attr else None
-        return self.input_norms.get(variant, {})
+        return self.input_norms.get(self._variant(block), {})
 
     def conditioning_of(self, block: torch.nn.Module) -> str | None:
-        variant = getattr(block, self.variant_attr, None) if self.variant_attr else None
-        return self.conditioning_norm.get(variant)
+        return self.conditioning_norm.get(self._variant(block))
 
 
 BLOCKS: dict[str, BlockSpec] = {

@@ -47,7 +47,8 @@ def apply(target, plan: Plan, router=None, check_fingerprint: bool = True, skip_
     looked up after.  This needs the timesteps the pipeline will pass: it follows the scheduler's
     (applied to a pipeline), and a call whose timestep or class labels differ from the ones
     predicted computes as usual.  Same values as computing them step by step (the same
-    operations on more rows; bit-identical on the CPUs tested).
+    operations on more rows; a batched matmul may round the last bit differently: the bundled
+    model's images are bit-identical at the benchmarks' batch sizes on the CPU tested).
 
     ``compile``: for plans that only route tokens through blocks (Shiva), run every block through
     ``torch.compile`` (True, or a dict of its options; default ``dynamic=False``) while the hooks
