@@ -144,8 +144,79 @@ def _a_file(t):
     return _bytes(t / "afile", b"x")
 
 
+def _set_token(d, value):
+    d["tokens"][-1][0][0] = value
+
+
+def _sparse(path, size):
+    with open(path, "wb") as f:
+        f.truncate(size)  # as large as a huge file to stat, without writing it
+    return path
+
+
+def _not_a_png(t):
+    for side in ("ref", "test"):
+        (t / side).mkdir()
+        (t / side / "a.png").write_text("this is text, not an image")
+    return t
+
+
+def _truncated_partial(w, t):
+    stem = t / "p.partial"
+    _copy_profile(w, stem)
+    data = (t / "p.partial.safetensors").read_bytes()
+    (t / "p.partial.safetensors").write_bytes(data[: len(data) // 3])
+    return t / "p"
+
+
+HUGE_INT = str(2 ** 70)
+
 # (id, argv builder (world, tmp_path) -> argv, phrase the one-line message must contain, output path)
 CASES = [
+    # non-finite, negative and huge numbers (the options are read and checked by argparse, which names them)
+    ("cfg-inf", lambda w, t: _gen(w, t, "--cfg", "inf", "--out", str(t / "g.png")), "--cfg: must be a finite number >= 1", "g.png"),
+    ("cfg-nan", lambda w, t: _gen(w, t, "--cfg", "nan", "--out", str(t / "g.png")), "--cfg: must be a finite number >= 1", "g.png"),
+    ("cfg-negative", lambda w, t: _gen(w, t, "--cfg", "-2", "--out", str(t / "g.png")), "--cfg: must be a finite number >= 1", "g.png"),
+    ("speedup-nan", lambda w, t: _plan_cmd(w["profile"], "--out", str(t / "o.json"))[:4] + ["nan", "--out", str(t / "o.json")],
+     "--speedup: must be a finite number > 1, got 'nan'", "o.json"),
+    ("latency-speedup-nan", lambda w, t: ["plan", "--profile", str(w["profile"]), "--latency-speedup", "nan", "--out", str(t / "o.json")],
+     "--latency-speedup: must be a finite number > 1", "o.json"),
+    ("lam-nan", lambda w, t: _plan_cmd(w["profile"], "--lam", "nan", "--out", str(t / "o.json")), "--lam: must be a finite number >= 0", "o.json"),
+    ("seed-huge", lambda w, t: _gen(w, t, "--seed", HUGE_INT, "--out", str(t / "g.png")), "--seed: must be an integer in [0, 2**63)", "g.png"),
+    ("seed-negative", lambda w, t: _gen(w, t, "--seed", "-1", "--out", str(t / "g.png")), "--seed: must be an integer in [0, 2**63)", "g.png"),
+    ("n-huge", lambda w, t: _gen(w, t, "--n", str(10 ** 12), "--out", str(t / "g.png")), "would need about", "g.png"),
+    ("steps-huge", lambda w, t: _gen(w, t, "--out", str(t / "g.png"), steps=5000), "more than the scheduler's 1000 training timesteps", "g.png"),
+    ("profile-samples-huge", lambda w, t: ["profile", "--model", str(w["pipe"]), "--samples", str(10 ** 15), "--out", str(t / "p")],
+     "--samples 1000000000000000 would need about", "p.json"),
+    ("profile-intervals-inf", lambda w, t: ["profile", "--model", str(w["pipe"]), "--intervals", "1,inf", "--out", str(t / "p")],
+     "--intervals must be finite numbers", "p.json"),
+    ("profile-steps-huge-int", lambda w, t: ["profile", "--model", str(w["pipe"]), "--steps", HUGE_INT, "--out", str(t / "p")],
+     "--steps: must be an integer >= 1", "p.json"),
+    ("plan-calibrate-negative", lambda w, t: _plan_cmd(w["profile"], "--calibrate", "-3", "--out", str(t / "o.json")),
+     "--calibrate: must be an integer >= 0", "o.json"),
+    # one output path given twice
+    ("out-and-json-same-file", lambda w, t: _gen(w, t, "--out", str(t / "g.png"), "--json", str(t / "g.png")),
+     "--out and --json both name", "g.png"),
+    # plan files that would have been read wrongly
+    ("plan-fractional-tokens", lambda w, t: _gen(w, t, "--plan", str(_plan_json(w, t, lambda d: _set_token(d, 20.5))), "--out", str(t / "g.png")),
+     "must hold integers, found 20.5", "g.png"),
+    ("plan-without-meta", lambda w, t: _gen(w, t, "--plan", str(_plan_json(w, t, lambda d: d.pop("meta"))), "--out", str(t / "g.png")),
+     "missing the field 'meta'", "g.png"),
+    ("plan-without-fingerprint", lambda w, t: _gen(w, t, "--plan", str(_plan_json(w, t, lambda d: d["meta"].pop("fingerprint"))),
+                                                   "--out", str(t / "g.png")), "missing the model fingerprint", "g.png"),
+    ("plan-nan-token", lambda w, t: _gen(w, t, "--plan", str(_bytes(t / "p.json", w["plan"].read_bytes().replace(b"-1", b"NaN", 1))),
+                                         "--out", str(t / "g.png")), "NaN is not a JSON number", "g.png"),
+    ("plan-huge-file", lambda w, t: _gen(w, t, "--plan", str(_sparse(t / "p.json", 200 * 2 ** 20)), "--out", str(t / "g.png")),
+     "too large for a ditaccel JSON file", "g.png"),
+    ("plan-nested-deep", lambda w, t: _gen(w, t, "--plan", str(_bytes(t / "p.json", b"[" * 200_000 + b"]" * 200_000)),
+                                           "--out", str(t / "g.png")), "nested too deeply", "g.png"),
+    # inputs that are not what their name says
+    ("metrics-text-named-png", lambda w, t: ["metrics", "--ref", str(_not_a_png(t) / "ref"), "--test", str(t / "test"),
+                                             "--json", str(t / "m.json")], "not a readable image", "m.json"),
+    ("profile-partial-truncated", lambda w, t: ["profile", "--model", str(w["pipe"]), "--steps", str(STEPS), "--samples", "2",
+                                                "--cfg", "2", "--intervals", "1,2", "--ratios", "0.25,0.5", "--dtype", "fp32",
+                                                "--out", str(_truncated_partial(w, t))],
+     "--restart", "p.json"),
     # damaged artifacts
     ("profile-truncated", lambda w, t: _plan_cmd(_profile_file(w, t, "p", lambda b: b[: len(b) // 2]), "--out", str(t / "o.json")),
      "not a readable safetensors file", "o.json"),
@@ -202,7 +273,7 @@ CASES = [
      "no artifact here", "g.png"),
     # impossible budgets
     ("speedup-1", lambda w, t: ["plan", "--profile", str(w["profile"]), "--speedup", "1", "--out", str(t / "o.json")],
-     "must be > 1", "o.json"),
+     "--speedup: must be a finite number > 1", "o.json"),
     ("latency-speedup-below-1", lambda w, t: ["plan", "--profile", str(w["profile"]), "--latency-speedup", "0.8", "--out", str(t / "o.json")],
      "> 1", "o.json"),
     ("anchors-more-than-steps", lambda w, t: ["plan", "--profile", str(w["profile"]), "--anchors", "99", "--out", str(t / "o.json")],
@@ -237,7 +308,7 @@ CASES = [
     ("model-missing", lambda w, t: ["generate", "--model", str(t / "nope"), "--out", str(t / "g.png")],
      "neither a bundled model", "g.png"),
     # mismatched batch and options
-    ("batch-size-0", lambda w, t: _gen(w, t, "--batch-size", "0", "--out", str(t / "g.png")), "batch size must be >= 1", "g.png"),
+    ("batch-size-0", lambda w, t: _gen(w, t, "--batch-size", "0", "--out", str(t / "g.png")), "--batch-size: must be an integer >= 1", "g.png"),
     ("bench-n-0", lambda w, t: ["bench", "--model", str(w["pipe"]), "--n", "0", "--out", str(t / "b")], "--n", "b"),
     ("bench-unknown-method", lambda w, t: ["bench", "--model", str(w["pipe"]), "--methods", "magic", "--out", str(t / "b")],
      "magic", "b"),
@@ -304,9 +375,40 @@ def _api_cases():
         plan = make_plan("fora", replace(model_shape(tiny_dit(), STEPS), num_layers=3), interval=2)
         apply(load_pipeline(str(w["pipe"])), plan)
 
+    def ddpm_pipe():
+        from diffusers import DDPMPipeline
+
+        return DDPMPipeline.from_pretrained(_unet_folder(t_dir[0]))
+
+    t_dir = [None]
+
+    def swapped_scheduler(w, t):
+        from diffusers import DDPMScheduler
+
+        pipe = load_pipeline(str(w["pipe"]))
+        apply(pipe, Plan.load(w["plan"]))  # a SODA plan for the ddim sampler
+        pipe.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        pipe(class_labels=[0], num_inference_steps=STEPS, guidance_scale=2.0)
+
+    def with_dir(f):
+        def run(w, t):
+            t_dir[0] = t
+            return f(w, t)
+        return run
+
     return [
+        ("apply-not-a-plan", lambda w, t: apply(load_pipeline(str(w["pipe"])), 42), TypeError, "path of a plan JSON"),
+        ("apply-unet-pipeline", with_dir(lambda w, t: apply(ddpm_pipe(), Plan.load(w["plan"]))), ValueError,
+         "DDPMPipeline has no transformer to accelerate (it has unet: UNet2DModel"),
+        ("profile-unet-pipeline", with_dir(lambda w, t: profile(ddpm_pipe(), class_labels=[0], steps=2)), ValueError,
+         "DDPMPipeline has no transformer"),
+        ("apply-swapped-scheduler", swapped_scheduler, ValueError, "made for the ddim sampler (DDIMScheduler) but"),
+        ("soda-lam-nan", lambda w, t: soda.plan_soda(Profile.load(w["profile"]), speedup=2, lam=float("nan")), ValueError,
+         "0 <= lam < inf"),
+        ("sample-cfg-inf", lambda w, t: sample(load_pipeline(str(w["pipe"])), [0], steps=2, guidance_scale=float("inf")),
+         ValueError, "guidance scale must be a finite number"),
         ("plan-load-garbage", lambda w, t: Plan.load(_bytes(t / "p.json", b"[1, 2")), io.ArtifactError, "not valid JSON"),
-        ("plan-speedup-below-1", lambda w, t: soda.plan_soda(Profile.load(w["profile"]), speedup=0.5), ValueError, "must be > 1"),
+        ("plan-speedup-below-1", lambda w, t: soda.plan_soda(Profile.load(w["profile"]), speedup=0.5), ValueError, "must be a finite number > 1"),
         ("profile-load-nan", lambda w, t: Profile.load(_copy_profile(w, t / "p", _nan_measured)), ValueError, "NaN"),
         ("apply-other-model", other_model_plan, ValueError, "another model"),
         ("apply-other-layers", other_layers, ValueError, "blocks"),
@@ -321,7 +423,8 @@ def _api_cases():
     ]
 
 
-API_IDS = ["plan-load-garbage", "plan-speedup-below-1", "profile-load-nan", "apply-other-model", "apply-other-layers",
+API_IDS = ["apply-not-a-plan", "apply-unet-pipeline", "profile-unet-pipeline", "apply-swapped-scheduler", "soda-lam-nan",
+           "sample-cfg-inf", "plan-load-garbage", "plan-speedup-below-1", "profile-load-nan", "apply-other-model", "apply-other-layers",
            "shiva-other-model", "sample-steps-0", "sample-class-out-of-range", "profile-bad-ratio", "load-missing-model",
            "shiva-budget-0", "unknown-method"]
 
@@ -334,3 +437,53 @@ def test_api_bad_input(world, tmp_path, case):
         build(world, tmp_path)
     msg = str(info.value)
     assert needle in msg and "\n" not in msg, msg
+
+
+def test_api_apply_takes_a_plan_path_or_dict(world):
+    from ditaccel.plan import Plan
+    from ditaccel.registry import load_pipeline
+    from ditaccel.runtime import apply, remove, state_of
+
+    pipe = load_pipeline(str(world["pipe"]))
+    for given in (world["plan"], str(world["plan"]), json.loads(world["plan"].read_text())):
+        apply(pipe, given)
+        assert state_of(pipe).plan == Plan.load(world["plan"])
+        remove(pipe)
+
+
+def test_a_profile_or_plan_made_in_fp32_runs_in_bf16(world, tmp_path, capsys):
+    # the README's flow with --dtype auto on a bf16-native CPU: same weights, another precision
+    argv = _gen(world, tmp_path, "--plan", str(world["plan"]), "--out", str(tmp_path / "g.png"))
+    argv[argv.index("fp32")] = "bf16"
+    assert main(argv) == 0, capsys.readouterr().err
+    assert main(["plan", "--profile", str(world["profile"]), "--speedup", "1.5", "--model", str(world["pipe"]),
+                 "--out", str(tmp_path / "o.json")]) == 0
+
+
+def _nan_weights_folder(w, t):
+    from ditaccel.registry import load_pipeline
+
+    pipe = load_pipeline(str(w["pipe"]))
+    with torch.no_grad():
+        pipe.transformer.proj_out_2.weight[0, 0] = float("nan")
+    pipe.save_pretrained(t / "nan-model", safe_serialization=True)
+    return t / "nan-model"
+
+
+def test_nan_weights_without_a_plan_fail_loudly(world, tmp_path, capsys):
+    """No plan runs (so no NaN guard in the runtime): the images are checked all the same."""
+    folder = _nan_weights_folder(world, tmp_path)
+    argv = ["generate", "--model", str(folder), "--steps", "3", "--classes", "0", "--n", "1", "--dtype", "fp32",
+            "--out", str(tmp_path / "g.png"), "--json", str(tmp_path / "s.json")]
+    capsys.readouterr()
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert "weights are not finite (proj_out_2.weight)" in err and "\n" not in err, err
+    assert not (tmp_path / "g.png").exists() and not (tmp_path / "s.json").exists()
+
+
+def test_json_outputs_are_strict(tmp_path):
+    io.write_json(tmp_path / "a.json", {"psnr": float("inf"), "x": [float("nan"), 1.5], "n": 3})
+    text = (tmp_path / "a.json").read_text()
+    assert json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in strict JSON")) == {
+        "psnr": None, "x": [None, 1.5], "n": 3}

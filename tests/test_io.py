@@ -72,6 +72,22 @@ def test_fingerprint_tracks_weights_and_config():
     assert io.model_fingerprint(a) != io.model_fingerprint(tiny_dit(out_channels=2))
 
 
+def test_fingerprint_is_the_same_in_every_floating_dtype_and_refuses_other_weights():
+    from tests.conftest import tiny_dit
+
+    fp = io.model_fingerprint(tiny_dit(seed=0))
+    for dtype in (torch.bfloat16, torch.float16, torch.float64):
+        assert io.model_fingerprint(tiny_dit(seed=0).to(dtype)) == fp, dtype
+    assert io.model_fingerprint(tiny_dit(seed=1)) != fp
+    assert io.model_fingerprint(tiny_dit(seed=1).to(torch.bfloat16)) != fp
+    tuned = tiny_dit(seed=0)
+    with torch.no_grad():  # a small fine-tune of one layer: other weights, so another model
+        g = torch.Generator().manual_seed(0)
+        w = tuned.transformer_blocks[1].ff.net[2].weight
+        w.add_(torch.randn(w.shape, generator=g) * 0.1 * w.abs().mean())
+    assert io.model_fingerprint(tuned) != fp
+
+
 def test_fingerprint_is_the_same_wherever_the_model_was_saved_or_loaded_from(tmp_path):
     from diffusers import DiTTransformer2DModel
 

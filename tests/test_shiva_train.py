@@ -118,6 +118,22 @@ def test_artifact_applies_to_a_pipeline_and_comes_off_exactly(trained, tiny_pipe
     assert "peft_config" not in vars(tiny_pipe.transformer), "peft's config is taken off with the adapters"
 
 
+def test_an_artifact_trained_in_fp32_applies_to_the_model_in_bf16(trained, tiny_pipe):
+    stem, _ = trained
+    tiny_pipe.transformer.to(torch.bfloat16)
+    assert load_shiva(stem, tiny_pipe.transformer).fingerprint == io.model_fingerprint(tiny_dit())
+    try:
+        with torch.no_grad():
+            apply_shiva(tiny_pipe, stem, 4)
+            out = tiny_pipe(class_labels=[0, 3], num_inference_steps=4, guidance_scale=2.0,
+                            generator=torch.Generator().manual_seed(0), output_type="pt").images
+    finally:
+        remove_shiva(tiny_pipe)
+    assert torch.isfinite(out).all()
+    with pytest.raises(io.ArtifactError, match="another model"):
+        load_shiva(stem, tiny_dit(seed=3).to(torch.bfloat16))
+
+
 def test_a_second_artifact_goes_on_cleanly_after_the_first(trained, tiny_pipe):
     """Applying, removing and re-applying gives the same images, with no peft state carried over
     (peft warns of 'multiple adapters' when its config is left behind)."""

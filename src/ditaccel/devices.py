@@ -55,3 +55,15 @@ def synchronize(device: torch.device | str | None) -> None:
     measures the launches, not the work).  A no-op on the CPU."""
     if device is not None and torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def check_memory(nbytes: float, what: str, fix: str) -> None:
+    """Refuse work whose buffers would not fit: ``nbytes`` (an estimate of what the run keeps in
+    host memory at once) against the memory available now; a one-line ValueError
+    ``"{what} would need about 12.3 GiB of memory, 3.1 GiB is available; {fix}"``."""
+    import psutil
+
+    free = psutil.virtual_memory().available
+    if nbytes > free:
+        raise ValueError(f"{what} would need about {nbytes / 2 ** 30:.3g} GiB of memory, "
+                         f"{free / 2 ** 30:.1f} GiB is available; {fix}")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import tempfile
@@ -109,8 +110,21 @@ def check_writable(path: str | Path, *, folder: bool = False, flag: str = "--out
                             "choose another path") from None
 
 
+def strict_json(obj: Any) -> Any:
+    """``obj`` with every non-finite float (NaN, inf, which JSON cannot hold) replaced by None,
+    so that ``json.dumps(..., allow_nan=False)`` writes strict JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    return obj
+
+
 def write_json(path: str | Path, obj: Any) -> None:
-    data = (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
+    """Write ``obj`` as strict JSON (non-finite floats become ``null``), atomically."""
+    data = (json.dumps(strict_json(obj), indent=2, sort_keys=True, allow_nan=False) + "\n").encode()
     _atomic_replace(Path(path), lambda f: f.write(data))
 
 
@@ -119,15 +133,31 @@ def write_text(path: str | Path, text: str) -> None:
     _atomic_replace(Path(path), lambda f: f.write(data))
 
 
-def read_json(path: str | Path) -> Any:
+MAX_JSON_BYTES = 64 * 2 ** 20  # a plan for 1000 steps x 100 layers is about 2 MB
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def read_json(path: str | Path, max_bytes: int = MAX_JSON_BYTES) -> Any:
+    """The strict JSON document at ``path`` (no NaN or Infinity), at most ``max_bytes`` long;
+    an :class:`ArtifactError` with one line saying what is wrong otherwise."""
     path = Path(path)
     if not path.is_file():
         raise ArtifactError(f"{path}: file not found; check the path")
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise ArtifactError(f"{path}: {size / 2 ** 20:.0f} MiB is too large for a ditaccel JSON file "
+                            f"(at most {max_bytes / 2 ** 20:.0f} MiB); pass the right file")
     try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        return json.loads(path.read_text(), parse_constant=_no_constant)
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as e:
         raise ArtifactError(f"{path}: not valid JSON ({e.msg if hasattr(e, 'msg') else e}); "
                             "the file is damaged, regenerate it") from None
+    except RecursionError:
+        raise ArtifactError(f"{path}: not valid JSON for ditaccel (nested too deeply); the file is damaged, "
+                            "regenerate it") from None
 
 
 def write_tensors(path: str | Path, tensors: Mapping[str, torch.Tensor],
@@ -182,9 +212,9 @@ def save_artifact(stem: str | Path, kind: str, tensors: Mapping[str, torch.Tenso
     stem = Path(stem)
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     # this write's own keys last: the metadata of a loaded artifact carries the old digest
-    full = {**meta, "schema_version": SCHEMA_VERSION, "kind": kind,
-            "tensors_sha256": tensors_digest(tensors)}
-    text = json.dumps(full, sort_keys=True)
+    full = strict_json({**meta, "schema_version": SCHEMA_VERSION, "kind": kind,
+                        "tensors_sha256": tensors_digest(tensors)})
+    text = json.dumps(full, sort_keys=True, allow_nan=False)
     write_tensors(_with(stem, ".safetensors"), tensors, {META_KEY: text})
     write_json(_with(stem, ".json"), full)
 
@@ -262,7 +292,17 @@ def load_optimizer(opt: torch.optim.Optimizer, tensors: Mapping[str, torch.Tenso
 
 def model_fingerprint(model: torch.nn.Module) -> str:
     """A short digest of a model's class, config and weights: artifacts carry it to refuse a
-    profile or plan made for another model."""
+    profile, plan or Shiva artifact made for another model.
+
+    The same weights in another floating dtype are the same model: a profile made in fp32 fits
+    the model loaded in bf16 or fp16.  So the weights enter through what every rounding keeps,
+    the sign bit of each value (a strided sample of up to 4096 values per tensor), beside every
+    tensor's name and shape; integer buffers enter whole.  Other weights (another training run,
+    a fine-tune) differ in thousands of those signs.
+
+    >>> model_fingerprint(model) == model_fingerprint(copy.deepcopy(model).to(torch.bfloat16))
+    True
+    """
     h = hashlib.sha256(type(model).__name__.encode())
     config = getattr(model, "config", None)
     if config is not None:
@@ -272,8 +312,11 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     for name, p in sorted(model.state_dict().items()):
         h.update(name.encode())
         h.update(str(tuple(p.shape)).encode())
-        # A strided sample of each tensor keeps this fast on multi-GB models.
         flat = p.detach().reshape(-1)
-        sample = flat[:: max(1, flat.numel() // 4096)].float().cpu()
-        h.update(sample.numpy().tobytes())
+        sample = flat[:: max(1, flat.numel() // 4096)]  # keeps this fast on multi-GB models
+        if p.is_floating_point():
+            h.update(b"sign")
+            h.update(torch.signbit(sample).cpu().numpy().tobytes())
+        else:
+            h.update(sample.cpu().numpy().tobytes())
     return h.hexdigest()[:16]

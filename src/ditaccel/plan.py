@@ -168,11 +168,24 @@ class Plan:
         if d.get("schema_version") != io.SCHEMA_VERSION:
             raise PlanError(f"plan schema version {d.get('schema_version')} is not "
                             f"{io.SCHEMA_VERSION}; regenerate the plan with this ditaccel")
+        meta = d.get("meta")
+        if not isinstance(meta, dict):
+            raise PlanError("plan is missing the field 'meta' (or it is not an object): it records the model "
+                            "and sampler the plan was made for; regenerate the plan")
+        if d.get("method") in PROFILED_METHODS and not {"fingerprint", "sampler"} <= meta.keys():
+            raise PlanError(f"plan meta is missing the model fingerprint or sampler a {d['method']} plan records; "
+                            "regenerate the plan")
+        for name, bools in (("anchors", True), ("tokens", False), ("route", False)):
+            if name in d and d[name] is not None:
+                _check_grid(d[name], name, bools)
+        for name in ("num_tokens", "forecast"):
+            if name in d and (type(d[name]) is not int):
+                raise PlanError(f"plan field {name!r} must be an integer, got {d[name]!r}; regenerate it")
         try:
             return cls(num_tokens=d["num_tokens"], modules=tuple(d["modules"]),
                        anchors=d["anchors"], tokens=d["tokens"], route=d.get("route"),
                        token_score=d.get("token_score", "delta"), method=d.get("method", "custom"),
-                       meta=dict(d.get("meta") or {}), forecast=d.get("forecast", 0))
+                       meta=dict(meta), forecast=d.get("forecast", 0))
         except PlanError:
             raise
         except KeyError as e:
@@ -188,7 +201,24 @@ class Plan:
         return cls.from_dict(io.read_json(path))
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict())
+        return json.dumps(io.strict_json(self.to_dict()), allow_nan=False)
+
+
+# methods whose plans are made from a model's profile, so record its fingerprint and sampler
+PROFILED_METHODS = ("soda", "soda-cache")
+
+
+def _check_grid(value, name: str, bools: bool) -> None:
+    """A plan's nested list ``value`` holds only integers (or booleans where ``bools``): a value
+    such as 20.5 or "3" is refused, not truncated."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, list):
+            stack.extend(v)
+        elif not (type(v) is int or (bools and type(v) is bool)):
+            kind = "booleans" if bools else "integers"
+            raise PlanError(f"plan field {name!r} must hold {kind}, found {v!r}; regenerate the plan")
 
 
 def full_plan(num_steps: int, num_layers: int, num_tokens: int,

@@ -320,12 +320,17 @@ def _jsonable(kwargs: dict) -> dict:
 
 
 def _resume(stem, settings: dict, rec: _Recorder, captured: dict) -> int:
-    tensors, meta = io.load_artifact(stem, PARTIAL_KIND)
+    try:
+        tensors, meta = io.load_artifact(stem, PARTIAL_KIND)
+    except io.ArtifactError as e:
+        files = f"{stem}.safetensors and {stem}.json"
+        raise ProfileError(f"the checkpoint of an interrupted profile cannot be read ({str(e).split('; ')[0]}); "
+                           f"delete {files} (or run `ditaccel profile` with --restart) to start over") from None
     if meta.get("settings") != settings:
         theirs = meta.get("settings") or {}
         diff = sorted(k for k in settings if theirs.get(k) != settings[k])
         raise ProfileError(f"the partial profile {stem} was made with other settings ({', '.join(diff)}); "
-                           "run with the same settings to resume, or delete it to start over")
+                           "run with the same settings to resume, or delete it (`ditaccel profile --restart`) to start over")
     rec.load_sums({k[5:]: v for k, v in tensors.items() if k.startswith("sums.")})
     cap = meta.get("captured")
     if cap:
@@ -495,6 +500,9 @@ def profile(pipe, run: Callable[[Any], Any] | None = None, *, num_steps: int | N
     from .runtime import apply, remove, state_of
     from .runtime.adapters import block_modules, find_blocks
 
+    from .runtime.adapters import transformer_of
+
+    transformer_of(pipe, "profiling")  # a pipeline without a transformer is refused in one line
     bad = [s for s in token_scores if s not in TOKEN_SCORES]
     if bad or not token_scores:
         raise ProfileError(f"token scores must be among {TOKEN_SCORES}, got {token_scores}")

@@ -16,6 +16,7 @@ from .devices import synchronize
 from .metrics import transformer_flops
 from .pipeline import SAMPLERS, default_sampler, make_scheduler
 from .runtime.apply import state_of
+from .runtime.state import NonFiniteOutput
 from .runtime.summary import per_step
 
 
@@ -57,9 +58,45 @@ class CallCounter:
         self._handle.remove()
 
 
+SEED_LIMIT = 2 ** 64  # torch.Generator.manual_seed takes 0 .. 2**64 - 1
+
+
 def generators(seed: int, n: int) -> list[torch.Generator]:
     """One generator per image: image i is the same whatever the batch it is made in."""
     return [torch.Generator().manual_seed(seed + i) for i in range(n)]
+
+
+def image_numel(pipe) -> int:
+    """Values in one output image of ``pipe`` (channels x height x width): a pixel-space DiT's
+    own sample size, or a latent one's times its VAE's scale factor (3 channels)."""
+    cfg = pipe.transformer.config
+    size = cfg.get("sample_size") or 64
+    size = size if isinstance(size, int) else int(np.prod(size)) ** 0.5
+    if getattr(pipe, "vae", None) is not None:
+        return 3 * int(size * getattr(pipe, "vae_scale_factor", 8)) ** 2
+    return int(cfg.get("out_channels") or cfg.get("in_channels") or 3) * int(size) ** 2
+
+
+def check_run(pipe, count: int, *, steps: int, guidance_scale: float, seed: int, scheduler) -> None:
+    """One-line ValueErrors for a run :func:`sample` cannot make well: a non-finite guidance
+    scale, seeds past what a generator takes, more steps than the scheduler's training
+    timesteps, or more images than host memory holds (they are all kept)."""
+    import math
+
+    from .devices import check_memory
+
+    if not math.isfinite(guidance_scale):
+        raise ValueError(f"the guidance scale must be a finite number, got {guidance_scale}")
+    if not (isinstance(seed, int) and 0 <= seed and seed + count <= SEED_LIMIT):
+        raise ValueError(f"the seed must be an integer with 0 <= seed and seed + images <= 2**64 (image i "
+                         f"uses seed + i), got {seed}")
+    train_steps = scheduler.config.get("num_train_timesteps")
+    if train_steps and steps > train_steps:
+        raise ValueError(f"{steps} sampling steps is more than the scheduler's {train_steps} training "
+                         f"timesteps; sample with at most {train_steps}")
+    # the images as float32, twice (the batches and their concatenation)
+    check_memory(count * image_numel(pipe) * 4 * 2, f"{count} images",
+                 "make fewer images per run (the run keeps them all)")
 
 
 def is_text_pipeline(pipe) -> bool:
@@ -111,6 +148,9 @@ def sample(pipe, class_labels, *, sampler: str | None = None, steps: int | None 
     The pipeline's scheduler is swapped for ``sampler`` (default: the model's own kind, see
     :func:`ditaccel.pipeline.default_sampler`) during the call and restored after.
     """
+    from .runtime.adapters import transformer_of
+
+    transformer_of(pipe, "sampling")
     sampler = sampler or default_sampler(pipe.scheduler)
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
@@ -120,8 +160,9 @@ def sample(pipe, class_labels, *, sampler: str | None = None, steps: int | None 
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
     labels = conditions_for(pipe, class_labels)
-    gens = generators(seed, len(labels))
     original = pipe.scheduler
+    check_run(pipe, len(labels), steps=steps, guidance_scale=guidance_scale, seed=seed,
+              scheduler=make_scheduler(sampler, original.config))
     pipe.scheduler = make_scheduler(sampler, original.config)
     counter = CallCounter(pipe.transformer)
     out = []
@@ -132,9 +173,11 @@ def sample(pipe, class_labels, *, sampler: str | None = None, steps: int | None 
         for i in tqdm(range(0, len(labels), batch_size), desc=f"{sampler} x{steps}",
                       disable=not progress or len(labels) <= batch_size):
             res = call_pipe(pipe, labels[i:i + batch_size], guidance_scale=guidance_scale,
-                            generator=gens[i:i + batch_size], num_inference_steps=steps,
-                            output_type="np")
+                            generator=generators(seed + i, len(labels[i:i + batch_size])),
+                            num_inference_steps=steps, output_type="np")
             out.append(torch.from_numpy(np.asarray(res.images)).permute(0, 3, 1, 2).float())
+            if not torch.isfinite(out[-1]).all():
+                raise NonFiniteOutput(_non_finite_message(pipe, i, state_of(pipe.transformer)))
         synchronize(dev)
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     finally:
@@ -148,7 +191,7 @@ def sample(pipe, class_labels, *, sampler: str | None = None, steps: int | None 
         state.count_flops = True
         try:
             pipe.scheduler = make_scheduler(sampler, original.config)
-            call_pipe(pipe, labels[:1], guidance_scale=guidance_scale, generator=gens[:1],
+            call_pipe(pipe, labels[:1], guidance_scale=guidance_scale, generator=generators(seed, 1),
                       num_inference_steps=steps, output_type="np")
         finally:
             state.count_flops = False
@@ -166,6 +209,19 @@ def sample(pipe, class_labels, *, sampler: str | None = None, steps: int | None 
                      guidance_scale=guidance_scale, seed=seed,
                      method=state.plan.method if state is not None else "full", per_step=steps_info)
     return torch.cat(out), stats
+
+
+def _non_finite_message(pipe, first: int, state) -> str:
+    """What to say when a batch's images hold NaN or inf (the plan's NaN guard, where a plan runs
+    with it, names the step and module first)."""
+    where = f"the images from image {first} on hold NaN or inf"
+    bad = next((name for name, p in pipe.transformer.named_parameters()
+                if p.is_floating_point() and not torch.isfinite(p).all()), None)
+    if bad is not None:
+        return f"{where}: the model's weights are not finite ({bad}); the weights are damaged, load good ones"
+    how = "the full model" if state is None else f"the plan ({state.plan.method})"
+    return (f"{where}, computed by {how}: the model overflowed in this precision or with this guidance "
+            "scale; try --dtype fp32 or a smaller guidance scale")
 
 
 def speedup_pairs(pipe, timed, attach, repeats: int = 3) -> list[float]:

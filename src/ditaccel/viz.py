@@ -61,8 +61,13 @@ def load_images(folder: Path) -> tuple[list[str], torch.Tensor]:
         raise ValueError(f"{folder}: no .png/.jpg images in it")
     arrays = []
     for p in files:
-        with Image.open(p) as im:
-            a = np.asarray(im.convert("L") if im.mode in ("L", "I", "1") else im.convert("RGB"))
+        try:
+            with Image.open(p) as im:
+                a = np.asarray(im.convert("L") if im.mode in ("L", "I", "1") else im.convert("RGB"))
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            # (PIL raises UnidentifiedImageError, an OSError, for a file that is not an image)
+            raise ValueError(f"{p}: not a readable image ({' '.join(str(e).split())[:120]}); "
+                             "remove it or replace it with the right file") from None
         arrays.append(a[..., None] if a.ndim == 2 else a)
     shapes = {a.shape for a in arrays}
     if len(shapes) > 1:

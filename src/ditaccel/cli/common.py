@@ -45,3 +45,66 @@ def cached_profile(pipe, *, sampler: str, steps: int, cfg: float, samples: int, 
         prof.save(stem)
     dist.barrier()
     return prof
+
+
+# -- numeric options: checked where argparse reads them, so a bad value names its flag -------------
+
+INT64 = 2 ** 63
+
+
+def number(kind: type = float, lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
+           hi_open: bool = False, what: str | None = None):
+    """An argparse ``type=`` that reads an ``int`` or a finite ``float`` in ``[lo, hi]`` (ends
+    open where asked) and otherwise raises ``ArgumentTypeError`` with what it must be; argparse
+    adds the flag's name.  ``what`` replaces the generated description of the range.
+
+    >>> number(float, 1)("inf")
+    Traceback (most recent call last):
+    argparse.ArgumentTypeError: must be a finite number >= 1, got 'inf'
+    """
+    import argparse
+    import math
+
+    noun = "an integer" if kind is int else "a finite number"
+    parts = []
+    if lo is not None:
+        parts.append(f"{'>' if lo_open else '>='} {lo:g}")
+    if hi is not None:
+        parts.append(f"{'<' if hi_open else '<='} {hi:g}")
+    rule = what or " ".join([noun, " and ".join(parts)]).strip()
+
+    def parse(text: str):
+        try:
+            value = int(text, 10) if kind is int else float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text!r}") from None
+        if kind is int and not -INT64 <= value < INT64:
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text!r} (too large)")
+        if (kind is float and not math.isfinite(value)) or (
+                lo is not None and (value <= lo if lo_open else value < lo)) or (
+                hi is not None and (value >= hi if hi_open else value > hi)):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text!r}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its own messages
+    return parse
+
+
+# what a bare ``type=int`` / ``type=float`` means on ditaccel's command line (see ``register``)
+ANY_INT = number(int, what="an integer")
+FINITE_FLOAT = number(float, what="a finite number")
+SEED = number(int, 0, INT64 - 1, what="an integer in [0, 2**63)")
+
+
+def floats_list(text: str, flag: str) -> tuple[float, ...]:
+    """Comma-separated finite numbers, e.g. ``1,2,3``; a one-line ValueError naming ``flag`` else."""
+    import math
+
+    try:
+        values = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ValueError(f"{flag} must be comma-separated numbers, got {text!r}") from None
+    if not all(math.isfinite(v) for v in values):
+        raise ValueError(f"{flag} must be finite numbers, got {text!r}")
+    return values
+

@@ -11,22 +11,24 @@ HELP = "generate samples for classes or prompts with a diffusers sampler; save a
 def add_arguments(p) -> None:
     from ..pipeline import SAMPLERS
     from ..registry import DTYPES
+    from .common import SEED, number
 
     p.add_argument("--model", default="fmnist-dit",
                    help="bundled model name or a local diffusers pipeline folder (default %(default)s)")
     p.add_argument("--sampler", default=None, choices=list(SAMPLERS),
                    help="default: the model's kind (ddim; euler for flow-matching models)")
-    p.add_argument("--steps", type=int, default=None,
+    p.add_argument("--steps", type=number(int, 1), default=None,
                    help="sampling steps (default: ddim 50, ddpm 250, dpm++ 20, euler 28)")
-    p.add_argument("--cfg", type=float, default=1.5, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--cfg", type=number(float, 1), default=1.5,
+                   help="classifier-free guidance scale, >= 1 (1 = off; default %(default)s)")
     p.add_argument("--classes", default="0,1,2,3,4,5,6,7,8,9",
                    help="comma-separated class ids; one grid row per class (text models: the prompt "
                         "'a photo of a <class name>')")
     p.add_argument("--prompt", action="append", default=None,
                    help="text models: a prompt (repeat for several); one grid row per prompt, instead of --classes")
-    p.add_argument("--n", type=int, default=8, help="images per class (default %(default)s)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--n", type=number(int, 1), default=8, help="images per class (default %(default)s)")
+    p.add_argument("--seed", type=SEED, default=0, help="image i uses seed + i (default %(default)s)")
+    p.add_argument("--batch-size", type=number(int, 1), default=64)
     p.add_argument("--dtype", default="auto", choices=list(DTYPES),
                    help="transformer dtype; auto: bf16 where it is native (CUDA, AMX, AVX512-BF16), else "
                         "fp32; the sample itself stays float32 (default %(default)s)")
@@ -43,11 +45,11 @@ def add_arguments(p) -> None:
     acc.add_argument("--method", default=None, choices=["fora", "toca", "delta-dit"],
                      help="plan with a baseline method: fora (--interval), toca (--interval, "
                           "--ratio, --token-score), delta-dit (--interval, --cached-blocks, --boundary)")
-    acc.add_argument("--interval", type=int, default=None, help="full-compute every N steps")
-    acc.add_argument("--ratio", type=float, default=None, help="toca: fraction of tokens recomputed")
+    acc.add_argument("--interval", type=number(int, 1), default=None, help="full-compute every N steps")
+    acc.add_argument("--ratio", type=number(float, 0, 1, hi_open=True, what="a fraction in [0, 1)"), default=None, help="toca: fraction of tokens recomputed")
     acc.add_argument("--token-score", default=None, choices=["delta", "feature_mean"])
-    acc.add_argument("--cached-blocks", type=float, default=None, help="delta-dit: fraction of blocks cached")
-    acc.add_argument("--boundary", type=float, default=None, help="delta-dit: early-stage fraction of steps")
+    acc.add_argument("--cached-blocks", type=number(float, 0, 1, what="a fraction in [0, 1]"), default=None, help="delta-dit: fraction of blocks cached")
+    acc.add_argument("--boundary", type=number(float, 0, 1, what="a fraction in [0, 1]"), default=None, help="delta-dit: early-stage fraction of steps")
     acc.add_argument("--forecast", type=int, default=None, choices=[0, 1],
                      help="steps that reuse a module get its last output (0, default) or the first-order "
                           "forecast from its last two full outputs (1)")
@@ -147,6 +149,10 @@ def run(args) -> int:
         rows = list(args.prompt)
     else:
         rows = parse_classes(args.classes, classes_of(pipe))
+    from ..sampling import check_run
+
+    check_run(pipe, len(rows) * args.n, steps=args.steps or SAMPLERS[args.sampler][2], guidance_scale=args.cfg,
+              seed=args.seed, scheduler=make_scheduler(args.sampler, pipe.scheduler.config))
     labels = [c for c in rows for _ in range(args.n)]
     pipe.set_progress_bar_config(disable=False, leave=False)
     plan = build_plan(args, pipe)

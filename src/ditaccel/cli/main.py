@@ -43,21 +43,50 @@ COMPUTES = ("generate", "profile", "plan", "bench", "demo", "train-shiva")
 
 
 def check_outputs(args) -> None:
+    """Every output path of the command can be written, and no two of them are the same file."""
+    import os
+
     from ..io import check_writable
 
+    seen: dict[str, str] = {}
     for name, kind in OUTPUTS.get(args.command, {}).items():
         value = getattr(args, name, None)
         if value:
-            path = f"{value}.safetensors" if kind == "stem" else value
-            check_writable(path, folder=kind == "folder", flag="--" + name.replace("_", "-"))
+            flag = "--" + name.replace("_", "-")
+            paths = [f"{value}.safetensors", f"{value}.json"] if kind == "stem" else [value]
+            check_writable(paths[0], folder=kind == "folder", flag=flag)
+            for path in paths:
+                key = os.path.realpath(path)
+                if key in seen:
+                    raise UsageError(f"{seen[key]} and {flag} both name {path}; give them different paths")
+                seen[key] = flag
 
 
 class UsageError(Exception):
     """Raised by a subcommand for bad input: printed as one line, exit code 2."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (raised, so :func:`main` returns 2 instead of exiting) and
+    bare ``type=int`` / ``type=float`` options read as 64-bit integers and finite numbers."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        from .common import ANY_INT, FINITE_FLOAT
+
+        self.register("type", int, ANY_INT)
+        self.register("type", float, FINITE_FLOAT)
+
+    def error(self, message):
+        raise ArgumentError(f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)")
+
+
+class ArgumentError(Exception):
+    """A command line argparse could not read: the message is the whole line to print."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ditaccel", description=__doc__)
+    parser = _Parser(prog="ditaccel", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, mod in COMMANDS.items():
         p = sub.add_parser(name, help=mod.HELP, description=mod.HELP)
@@ -76,7 +105,11 @@ def main(argv: list[str] | None = None) -> int:
     from ..registry import ModelNotFound
     from ..runtime.state import NonFiniteOutput
 
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except ArgumentError as e:
+        print(e, file=sys.stderr)
+        return 2
     try:
         check_outputs(args)
         if args.command in COMPUTES:

@@ -6,11 +6,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 
-def _floats(text: str, name: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise ValueError(f"{name} must be comma-separated numbers, got {text!r}") from None
+from .common import SEED, floats_list as _floats, number
 
 
 class Profile:
@@ -25,11 +21,11 @@ class Profile:
         p.add_argument("--model", default="fmnist-dit", help="bundled model name or a diffusers folder")
         p.add_argument("--sampler", default=None, choices=list(SAMPLERS),
                        help="default: the model's kind (ddim; euler for flow-matching models)")
-        p.add_argument("--steps", type=int, default=None, help="default: the sampler's")
-        p.add_argument("--cfg", type=float, default=3.0, help="guidance scale (default %(default)s)")
-        p.add_argument("--samples", type=int, default=32, help="trajectories (classes cycled; default %(default)s)")
-        p.add_argument("--seed", type=int, default=1000, help="first seed (default %(default)s, apart from evaluation seeds)")
-        p.add_argument("--batch-size", type=int, default=32)
+        p.add_argument("--steps", type=number(int, 1), default=None, help="default: the sampler's")
+        p.add_argument("--cfg", type=number(float, 1), default=3.0, help="guidance scale, >= 1 (1 = off; default %(default)s)")
+        p.add_argument("--samples", type=number(int, 1), default=32, help="trajectories (classes cycled; default %(default)s)")
+        p.add_argument("--seed", type=SEED, default=1000, help="first seed (default %(default)s, apart from evaluation seeds)")
+        p.add_argument("--batch-size", type=number(int, 1), default=32)
         p.add_argument("--dtype", default="auto", choices=list(DTYPES),
                        help="transformer dtype; auto: bf16 where it is native (CUDA, AMX, AVX512-BF16), else fp32")
         p.add_argument("--intervals", default=None,
@@ -40,6 +36,9 @@ class Profile:
         p.add_argument("--token-scores", default="delta,feature_mean")
         p.add_argument("--out", required=True, help="artifact stem: writes OUT.safetensors and OUT.json")
         p.add_argument("--plot", default=None, help="also write heatmaps (PNG) into this folder")
+        p.add_argument("--restart", action="store_true",
+                       help="delete the checkpoint of an interrupted profile (OUT.partial.*) and start over "
+                            "(default: resume from it)")
 
     @staticmethod
     def run(args) -> int:
@@ -53,6 +52,8 @@ class Profile:
         if intervals is not None and any(x != int(x) for x in intervals):
             raise ValueError(f"--intervals must be whole steps (e.g. 1,2,3,4,5), got {args.intervals}")
         intervals = None if intervals is None else tuple(int(x) for x in intervals)
+        if intervals is not None and args.steps is not None and max(intervals, default=0) > args.steps:
+            raise ValueError(f"--intervals are cache ages in steps: at most --steps {args.steps}, got {args.intervals}")
         ratios = _floats(args.ratios, "--ratios")
         scores = tuple(s.strip() for s in args.token_scores.split(",") if s.strip())
         args.dtype = resolve_dtype(args.dtype, args.device)  # what ran is recorded, not 'auto'
@@ -60,13 +61,19 @@ class Profile:
         from ..sampling import num_classes as classes_of
 
         num_classes = classes_of(pipe)
+        from ..devices import check_memory
+
+        # the sample list and its copy in the profile's metadata
+        check_memory(args.samples * 64.0, f"--samples {args.samples}", "profile fewer samples")
         labels = [i % num_classes for i in range(args.samples)]
         from .. import distributed as dist
         from .. import io
 
         partial = Path(f"{args.out}.partial")  # resumable: the error sums after every batch
+        if args.restart and dist.is_main():
+            io.remove_artifact(partial)
         if io.artifact_exists(partial) and dist.is_main():
-            print(f"resuming the interrupted profile from {partial}.safetensors")
+            print(f"resuming the interrupted profile from {partial}.safetensors (--restart starts over)")
         prof = profile(pipe, class_labels=labels, sampler=args.sampler, steps=args.steps,
                        guidance_scale=args.cfg, seed=args.seed, batch_size=args.batch_size,
                        intervals=intervals, ratios=ratios, token_scores=scores, checkpoint=partial)
@@ -95,14 +102,14 @@ class Plan:
         d = __import__("ditaccel.methods.soda", fromlist=["Config"]).Config
         p.add_argument("--profile", required=True, help="profile stem (from `ditaccel profile --out`)")
         budget = p.add_mutually_exclusive_group(required=True)
-        budget.add_argument("--speedup", type=float, help="target FLOP speedup")
-        budget.add_argument("--latency-speedup", type=float,
+        budget.add_argument("--speedup", type=number(float, 1, lo_open=True), help="target FLOP speedup (> 1)")
+        budget.add_argument("--latency-speedup", type=number(float, 1, lo_open=True),
                             help="target wall-clock speedup: with --calibrate, measured on the calibration "
                                  "samples; without, predicted by the profile's latency model")
-        budget.add_argument("--anchors", type=int, help="number of full-compute steps")
+        budget.add_argument("--anchors", type=number(int, 1), help="number of full-compute steps")
         p.add_argument("--no-prune", action="store_true", help="caching only (OFS+DCS)")
         p.add_argument("--schedule", default="dp", choices=["dp", "uniform"])
-        p.add_argument("--spread", type=float, default=None,
+        p.add_argument("--spread", type=number(float, 1), default=None,
                        help="dp: keep anchors at most SPREAD x the even gap apart (>= 1; --calibrate "
                             "measures free, 2, 1.5 and 1 unless given)")
         p.add_argument("--forecast", type=int, default=None, choices=[0, 1],
@@ -110,15 +117,17 @@ class Plan:
                             "first-order forecast from its last two full outputs (default 0; "
                             "--calibrate measures both unless given)")
         p.add_argument("--token-score", default=None, choices=["delta", "feature_mean"])
-        p.add_argument("--lam", type=float, default=d.lam)
-        p.add_argument("--rho-max", type=float, default=d.rho_max)
+        p.add_argument("--lam", type=number(float, 0), default=d.lam,
+                       help="slope of the pruned fraction in the step's relative cache error (>= 0; default %(default)s)")
+        p.add_argument("--rho-max", type=number(float, 0, 1, lo_open=True, hi_open=True, what="a fraction in (0, 1)"),
+                       default=d.rho_max, help="largest fraction of tokens pruned (default %(default)s)")
         p.add_argument("--model", default=None, help="check the profile belongs to this model (and "
                        "calibrate on it; default: the profile's model)")
-        p.add_argument("--calibrate", type=int, default=0, metavar="N",
+        p.add_argument("--calibrate", type=number(int, 0), default=0, metavar="N",
                        help="measure SODA's candidate plans for the budget on N samples (seeds from "
                             "--calibrate-seed) and keep the one closest to the full model (with "
                             "--latency-speedup: the closest one that reaches the target speed)")
-        p.add_argument("--calibrate-seed", type=int, default=500_000)
+        p.add_argument("--calibrate-seed", type=SEED, default=500_000)
         p.add_argument("--out", required=True, help="plan JSON")
         p.add_argument("--plot", default=None, help="also write the schedule plot (PNG)")
 
@@ -170,6 +179,11 @@ def _calibrated(pipe, prof, cfg, n: int, seed: int):
     if prof.meta.get("class_labels") is None or not prof.meta.get("sampler"):
         raise ValueError("this profile was made with a custom run function; calibrate it in Python "
                          "with ditaccel.calibrate_soda(pipe, run, profile, speedup=...)")
+    from ..devices import check_memory
+    from ..sampling import image_numel
+
+    # the full model's images and a candidate's (float32), and the batch being made
+    check_memory(n * image_numel(pipe) * 4 * 3.0, f"--calibrate {n}", "calibrate on fewer samples")
     classes = sorted(set(prof.meta["class_labels"]))
     labels = [classes[i % len(classes)] for i in range(n)]
 

@@ -53,20 +53,22 @@ class Config:
             raise ValueError("give at most one of speedup / latency_speedup")
         if not budgets and self.anchors is None:
             raise ValueError("give a budget: speedup, latency_speedup or anchors")
-        if any(b <= 1.0 for b in budgets):
-            raise ValueError(f"a target speedup must be > 1, got {budgets[0]}")
-        if self.anchors is not None and self.anchors < 1:
-            raise ValueError(f"anchors must be >= 1, got {self.anchors}")
+        if any(not (1.0 < b < math.inf) for b in budgets):  # (NaN fails too)
+            raise ValueError(f"a target speedup must be a finite number > 1, got {budgets[0]}")
+        if self.anchors is not None and (isinstance(self.anchors, bool) or self.anchors != int(self.anchors)
+                                         or self.anchors < 1):
+            raise ValueError(f"anchors must be an integer >= 1, got {self.anchors}")
         if self.schedule not in ("dp", "uniform"):
             raise ValueError(f"schedule must be 'dp' or 'uniform', got {self.schedule!r}")
-        if self.spread is not None and not self.spread >= 1.0:
+        if self.spread is not None and not 1.0 <= self.spread < math.inf:
             raise ValueError(f"spread must be >= 1 (1 = as even as possible), got {self.spread}")
         if self.token_score is not None and self.token_score not in TOKEN_SCORES:
             raise ValueError(f"unknown token score {self.token_score!r}; choose one of {TOKEN_SCORES}")
         if self.forecast is not None:
             check_forecast(self.forecast)
-        if not 0 < self.rho_max < 1 or self.lam < 0 or not 0 <= self.margin < 1:
-            raise ValueError("need 0 < rho_max < 1, lam >= 0 and 0 <= margin < 1")
+        if not (0 < self.rho_max < 1 and 0 <= self.lam < math.inf and 0 <= self.margin < 1):
+            raise ValueError(f"need 0 < rho_max < 1, 0 <= lam < inf and 0 <= margin < 1, got rho_max "
+                             f"{self.rho_max}, lam {self.lam}, margin {self.margin}")
 
     def tag(self) -> str:
         target = (f"x{self.speedup:g}" if self.speedup else f"lat{self.latency_speedup:g}"

@@ -94,6 +94,23 @@ class UnsupportedModel(ValueError):
     pass
 
 
+def transformer_of(target, what: str = "ditaccel") -> torch.nn.Module:
+    """The transformer of ``target`` (a diffusers pipeline, or the transformer module itself);
+    an :class:`UnsupportedModel` naming what the pipeline has instead (a UNet, say) otherwise."""
+    transformer = getattr(target, "transformer", None)
+    if isinstance(transformer, torch.nn.Module):
+        return transformer
+    if isinstance(target, torch.nn.Module):
+        return target
+    if hasattr(target, "components") and isinstance(getattr(target, "components", None), dict):
+        nets = [f"{k}: {type(v).__name__}" for k, v in target.components.items() if isinstance(v, torch.nn.Module)]
+        raise UnsupportedModel(f"{type(target).__name__} has no transformer to accelerate (it has "
+                               f"{', '.join(nets) or 'no model'}); {what} works on DiT pipelines, whose "
+                               f"denoiser is pipe.transformer (supported blocks: {', '.join(sorted(BLOCKS))})")
+    raise UnsupportedModel(f"expected a diffusers pipeline or its transformer, got {type(target).__name__}; "
+                           "pass the pipeline (e.g. ditaccel.load_pipeline(...)) or pipe.transformer")
+
+
 def find_blocks(transformer: torch.nn.Module) -> list[tuple[str, torch.nn.Module, BlockSpec]]:
     """The transformer's blocks in execution order, with their specs."""
     blocks = [(name, m, BLOCKS[type(m).__name__]) for name, m in transformer.named_modules()

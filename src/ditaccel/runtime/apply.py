@@ -8,7 +8,7 @@ import torch
 
 from ..io import model_fingerprint
 from ..plan import FULL, REUSE, Plan
-from .adapters import block_modules, find_blocks
+from .adapters import block_modules, find_blocks, transformer_of
 from .hooks import (MODULE_HOOK, NORM_HOOK, ROUTE_HOOK, STEP_HOOK, ModuleHook, NormSkipHook, RouteHook,
                     StepHook, register, unregister)
 from .state import PlanMismatch, RunState
@@ -17,12 +17,22 @@ _STATE_ATTR = "_ditaccel_state"
 
 
 def _split(target) -> tuple[torch.nn.Module, object | None]:
-    transformer = getattr(target, "transformer", None)
-    if isinstance(transformer, torch.nn.Module):
-        return transformer, target
-    if isinstance(target, torch.nn.Module):
-        return target, None
-    raise TypeError(f"expected a diffusers pipeline or transformer, got {type(target).__name__}")
+    transformer = transformer_of(target)
+    return transformer, (None if transformer is target else target)
+
+
+def as_plan(plan) -> Plan:
+    """``plan`` as a :class:`Plan`: a Plan, the path of a plan JSON, or its dict."""
+    import os
+
+    if isinstance(plan, Plan):
+        return plan
+    if isinstance(plan, (str, os.PathLike)):
+        return Plan.load(plan)
+    if isinstance(plan, dict):
+        return Plan.from_dict(plan)
+    raise TypeError(f"plan must be a ditaccel Plan, the path of a plan JSON or its dict, got "
+                    f"{type(plan).__name__}")
 
 
 def apply(target, plan: Plan, router=None, check_fingerprint: bool = True, skip_reused_norms: bool = True,
@@ -61,7 +71,12 @@ def apply(target, plan: Plan, router=None, check_fingerprint: bool = True, skip_
     ``nan_guard``: if a call's output is not finite, raise
     :class:`~ditaccel.runtime.state.NonFiniteOutput` naming the sampling step and the first
     accelerated module (layer, role) whose output was not, instead of returning a black image.
-    It costs one device sync per transformer call."""
+    It costs one device sync per transformer call.
+
+    ``plan`` may also be the path of a plan JSON (``ditaccel plan --out``, :meth:`Plan.save`) or its
+    dict.  A plan that records its sampler (SODA's do) is refused on a pipeline whose scheduler is
+    of another kind, now or when the scheduler is swapped later."""
+    plan = as_plan(plan)
     transformer, pipe = _split(target)
     routes = plan.route is not None and bool((plan.route != FULL).any())
     if routes and not callable(router):
@@ -98,9 +113,15 @@ def apply(target, plan: Plan, router=None, check_fingerprint: bool = True, skip_
         state.scheduler = scheduler
         _follow_scheduler(scheduler, state)
 
+        made_for = plan.meta.get("sampler")
+        checked = [None]  # the scheduler whose kind was checked against the plan's sampler
+
         def check():
             # A scheduler swapped in after apply (``pipe.scheduler = ...``) is followed from its
             # first transformer call on: its set_timesteps already ran for this pipeline call.
+            if pipe.scheduler is not checked[0]:
+                _check_sampler(made_for, pipe.scheduler)
+                checked[0] = pipe.scheduler
             if pipe.scheduler is not state.scheduler:
                 _unfollow_scheduler(state.scheduler)
                 state.scheduler = pipe.scheduler
@@ -131,6 +152,20 @@ def apply(target, plan: Plan, router=None, check_fingerprint: bool = True, skip_
                              NORM_HOOK)
     setattr(transformer, _STATE_ATTR, state)
     return target
+
+
+def _check_sampler(made_for: str | None, scheduler) -> None:
+    """Refuse to run a plan made for one sampler (its step-by-step errors were measured there)
+    under a scheduler of another kind."""
+    from ..pipeline import SAMPLERS
+
+    if made_for not in SAMPLERS:
+        return
+    kind = SAMPLERS[made_for][0]
+    if type(scheduler) is not kind:
+        raise PlanMismatch(f"the plan was made for the {made_for} sampler ({kind.__name__}) but the pipeline's "
+                           f"scheduler is a {type(scheduler).__name__}; sample with "
+                           f"ditaccel.make_scheduler({made_for!r}, pipe.scheduler.config) or plan for this sampler")
 
 
 def compile_count(plan: Plan) -> int:
