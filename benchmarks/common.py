@@ -74,3 +74,22 @@ def resume_partial(partial: Path, settings: dict) -> tuple[dict, list[dict]]:
     partial.parent.mkdir(parents=True, exist_ok=True)
     partial.write_text(json.dumps({"settings": settings}) + "\n")
     return {"settings": settings}, []
+
+
+def all_anchor_entry(pipe, steps: int):
+    """The bench entry that runs our runtime with nothing to skip (every step an anchor): its cost."""
+    from ditaccel.bench import Entry
+    from ditaccel.methods import model_shape
+    from ditaccel.plan import full_plan
+    from ditaccel.runtime import apply, remove
+
+    shape = model_shape(pipe.transformer, steps)
+    plan = full_plan(steps, shape.num_layers, shape.num_tokens, shape.modules)
+
+    def prepare(p):
+        def attach(q):
+            apply(q, plan)
+            return lambda: remove(q)
+        return attach
+
+    return Entry("all-anchor", "ours", "-", 0.0, prepare)

@@ -29,7 +29,7 @@ import statistics
 import time
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from ditaccel.metrics import flop_counter
 
 from common import machine, replace_block, save_json
 from xl_latency import build, trajectory
@@ -99,7 +99,7 @@ def main() -> None:
     free = lambda x, call: fixed  # noqa: E731
 
     def flops() -> int:
-        with FlopCounterMode(display=False) as c:
+        with flop_counter() as c:
             trajectory(tf, 1, dtype)
         return int(c.get_total_flops())
 

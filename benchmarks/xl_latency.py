@@ -31,13 +31,11 @@ import time
 import torch
 from diffusers import DDIMScheduler, DiTTransformer2DModel
 
-from common import RESULTS, machine, replace_block, resume_partial, save_json
-from ditaccel.bench import Entry, _counted, method_entries
+from common import RESULTS, all_anchor_entry, machine, replace_block, resume_partial, save_json
+from ditaccel.bench import _counted, method_entries
 from ditaccel.io import write_text
 from ditaccel.pipeline import DiTPixelPipeline
-from ditaccel.methods import model_shape
-from ditaccel.plan import full_plan
-from ditaccel.runtime import RUNTIME_REVISION, apply, remove
+from ditaccel.runtime import RUNTIME_REVISION
 from ditaccel.sampling import sample, speedup_pairs
 
 # each method at the values that land near 2x and 3x on the bundled model (one for the methods
@@ -121,17 +119,7 @@ def main() -> None:
                              profile=functools.cache(make_profile), calibration_run=cal_run,
                              plan_dir=RESULTS / "plans" / ("xl-latency" + ("" if args.layers == 28 else f"-l{args.layers}")
                                                            + ("" if args.steps == 20 else f"-s{args.steps}")))
-    tf = pipe.transformer
-    shape = model_shape(tf, args.steps)
-    steps_plan = full_plan(args.steps, shape.num_layers, shape.num_tokens, shape.modules)
-
-    def all_anchor(p):
-        def attach(q):
-            apply(q, steps_plan)
-            return lambda: remove(q)
-        return attach
-
-    entries.insert(0, Entry("all-anchor", "ours", "-", 0.0, all_anchor))
+    entries.insert(0, all_anchor_entry(pipe, args.steps))
 
     settings = {"steps": args.steps, "repeats": args.repeats, "layers": args.layers, "cpu": machine(),
                 "threads": torch.get_num_threads(), "runtime": RUNTIME_REVISION}

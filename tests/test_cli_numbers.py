@@ -50,7 +50,9 @@ def _check(argv, outputs, t, capsys):
             if name.endswith(".json") and (t / name).exists():
                 json.loads((t / name).read_text(), parse_constant=lambda c: pytest.fail(f"{c} in {name}: {argv}"))
         return
-    assert err.startswith(f"ditaccel {argv[0]}: error: ") and "\n" not in err and "Traceback" not in err, (argv, err)
+    # (a run that failed part way leaves its cleared progress bar before the line: "...\r")
+    line = err.split("\r")[-1].strip()
+    assert line.startswith(f"ditaccel {argv[0]}: error: ") and "\n" not in line and "Traceback" not in err, (argv, err)
     for name in outputs:
         assert not (t / name).exists(), f"{name} written by a failed run {argv}"
 

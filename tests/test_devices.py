@@ -11,11 +11,15 @@ from tests.conftest import tiny_dit
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only answers")
 
 
-def test_cpu_and_auto():
+def test_cpu_and_auto(monkeypatch):
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_device(torch.device("cpu")) == torch.device("cpu")
     expected = "cuda" if torch.cuda.is_available() else "cpu"
-    assert resolve_device("auto").type == expected and resolve_device(None).type == expected
+    assert resolve_device("auto").type == expected
+    # no spec: $DITACCEL_DEVICE (conftest sets cpu for the default run), else auto
+    assert resolve_device(None).type == "cpu"
+    monkeypatch.delenv("DITACCEL_DEVICE")
+    assert resolve_device(None).type == expected
 
 
 @no_cuda

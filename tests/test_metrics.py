@@ -87,3 +87,27 @@ def test_features_are_fp32_whatever_the_cpu(monkeypatch):
     assert not fx.bf16 and torch.equal(fx(x), ref)
     fast = metrics.FeatureExtractor(bf16=True)
     assert fast.bf16 and not torch.equal(fast(x), ref)  # opting in does change the numbers
+
+
+def test_flops_count_attention_on_every_backend():
+    """The CPU's fused attention kernel is counted like CUDA's and like the math fallback."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from ditaccel.metrics import flop_counter
+
+    q, k, v = torch.randn(2, 3, 16, 8), torch.randn(2, 3, 20, 8), torch.randn(2, 3, 20, 8)
+    expected = 4 * 2 * 3 * 16 * 20 * 8  # Q K^T and P V
+    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.MATH):
+        with sdpa_kernel(backend), flop_counter() as c:
+            torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        assert c.get_total_flops() == expected, backend
+
+
+def test_op_counter_counts_dispatched_ops():
+    from ditaccel.metrics import OpCounter
+
+    x = torch.randn(4, 4)
+    with OpCounter() as c:
+        y = x @ x
+        (y + 1).relu_()
+    assert c.counts["mm"] == 1 and c.counts["add"] == 1 and c.counts["relu_"] == 1 and c.total == 3

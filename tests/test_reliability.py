@@ -155,23 +155,36 @@ def test_nan_guard_names_the_step_and_layer_of_an_accelerated_step(tiny_pipe):
     remove(tiny_pipe)
 
 
-def test_nan_guard_watches_forecasts_but_not_plain_reuse(tiny_pipe, monkeypatch):
+@pytest.mark.parametrize("collapse", [False, True])  # block by block, or collapsed reusing steps
+def test_nan_guard_watches_forecasts_but_not_plain_reuse(tiny_pipe, monkeypatch, collapse):
     from ditaccel.methods import make_plan, model_shape
     from ditaccel.runtime import apply, remove, state_of
     from ditaccel.runtime.state import ModuleCache, NonFiniteOutput
     from ditaccel.sampling import sample
 
     shape = model_shape(tiny_pipe.transformer, 6)
-    apply(tiny_pipe, make_plan("fora", shape, interval=3))
+    apply(tiny_pipe, make_plan("fora", shape, interval=3), collapse=collapse)
     sample(tiny_pipe, [0, 1], steps=6, guidance_scale=2.0)
     # reused outputs were computed on a full step, whose output was checked: nothing to watch
     assert state_of(tiny_pipe).finite_checks == []
-    apply(tiny_pipe, make_plan("fora", shape, interval=3, forecast=1))
+    apply(tiny_pipe, make_plan("fora", shape, interval=3, forecast=1), collapse=collapse)
     sample(tiny_pipe, [0, 1], steps=6, guidance_scale=2.0)
     assert state_of(tiny_pipe).finite_checks, "a forecast is new values: watched"
-    real = ModuleCache.forecast
-    monkeypatch.setattr(ModuleCache, "forecast", lambda self, step: real(self, step) * float("nan"))
-    with pytest.raises(NonFiniteOutput, match=r"sampling step 1 of 6: layer 0 \(attn\)"):
+    if collapse:  # the older of the two full outputs a collapsed step forecasts from
+        real_store = ModuleCache.store
+
+        def poisoned(self, *args, **kwargs):
+            real_store(self, *args, **kwargs)
+            if self.prev is not None:
+                self.prev = self.prev * float("nan")
+
+        monkeypatch.setattr(ModuleCache, "store", poisoned)
+        where = "sampling step 4 of 6"  # the first forecast from two full outputs (steps 0, 3)
+    else:
+        real = ModuleCache.forecast
+        monkeypatch.setattr(ModuleCache, "forecast", lambda self, step: real(self, step) * float("nan"))
+        where = "sampling step 1 of 6"
+    with pytest.raises(NonFiniteOutput, match=where + r": layer 0 \(attn\)"):
         sample(tiny_pipe, [0, 1], steps=6, guidance_scale=2.0)
     remove(tiny_pipe)
 

@@ -47,7 +47,7 @@ def _module_outputs(pipe, role_attr="ff"):
 
 
 def test_reuse_returns_the_cached_output(tiny_pipe):
-    apply(tiny_pipe, _plan(REUSE))
+    apply(tiny_pipe, _plan(REUSE), collapse=False)
     outs, handle = _module_outputs(tiny_pipe)
     _run(tiny_pipe)
     handle.remove()
@@ -216,7 +216,7 @@ def test_step_context_follows_the_pipeline_scheduler(tiny_pipe):
 def test_branches_of_a_step_called_one_by_one_share_the_step(tiny_pipe):
     """Pipelines that call the transformer once per guidance branch (Wan, Flux true CFG): both
     calls of a step are that step, each branch keeps its own cache."""
-    apply(tiny_pipe, _plan(REUSE))
+    apply(tiny_pipe, _plan(REUSE), collapse=False)
     tf, sched = tiny_pipe.transformer, tiny_pipe.scheduler
     sched.set_timesteps(T)
     x = torch.randn(1, 1, 8, 8)
@@ -343,10 +343,10 @@ def _later_steps(attn, mlp):
 @pytest.mark.parametrize("mlp", [REUSE, 4])  # the MLP reused, or 4 of its tokens recomputed
 def test_batched_conditioning_gives_the_same_images(tiny_pipe, mlp):
     plan = _later_steps(REUSE, mlp)
-    apply(tiny_pipe, plan, batch_conditioning=False)
+    apply(tiny_pipe, plan, batch_conditioning=False, collapse=False)
     ref = _direct(tiny_pipe)
     assert not state_of(tiny_pipe).conditioning
-    apply(tiny_pipe, plan)
+    apply(tiny_pipe, plan, collapse=False)
     # the same values (a batched matmul may round differently in the last bit: not bit-identical
     # on this tiny fp32 model; on the bundled one it is, see benchmarks)
     torch.testing.assert_close(_direct(tiny_pipe), ref, atol=1e-5, rtol=0)
@@ -378,13 +378,13 @@ def test_conditioning_the_table_cannot_predict_is_computed_as_usual(tiny_pipe, c
         return kwargs
 
     plan = _later_steps(REUSE, REUSE)
-    apply(tiny_pipe, plan)
+    apply(tiny_pipe, plan, collapse=False)
     plain = _direct(tiny_pipe)
     handle = _shifted(tiny_pipe, change)
     try:
-        apply(tiny_pipe, plan, batch_conditioning=False)
+        apply(tiny_pipe, plan, batch_conditioning=False, collapse=False)
         ref = _direct(tiny_pipe)
-        apply(tiny_pipe, plan)
+        apply(tiny_pipe, plan, collapse=False)
         torch.testing.assert_close(_direct(tiny_pipe), ref, atol=1e-5, rtol=0)
         tables = list(state_of(tiny_pipe).conditioning.values())
     finally:
@@ -398,7 +398,7 @@ def test_conditioning_the_table_cannot_predict_is_computed_as_usual(tiny_pipe, c
 
 @pytest.mark.parametrize("batch_conditioning", [False, True])
 def test_norms_feeding_reused_modules_run_on_one_token(tiny_pipe, batch_conditioning):
-    apply(tiny_pipe, _plan(REUSE), batch_conditioning=batch_conditioning)
+    apply(tiny_pipe, _plan(REUSE), batch_conditioning=batch_conditioning, collapse=False)
     block = tiny_pipe.transformer.transformer_blocks[0]
     seen = {"norm1": [], "norm3": []}
     hooks = [block.norm1.norm.register_forward_pre_hook(lambda m, a: seen["norm1"].append(a[0].shape[:2])),
@@ -489,7 +489,7 @@ def _forecast_plan(fill, anchors=(True, True, False, False)):
 
 
 def test_forecast_extrapolates_the_last_two_full_outputs(tiny_pipe):
-    apply(tiny_pipe, _forecast_plan(REUSE))
+    apply(tiny_pipe, _forecast_plan(REUSE), collapse=False)
     outs, handle = _module_outputs(tiny_pipe)
     _run(tiny_pipe)
     handle.remove()
@@ -497,7 +497,7 @@ def test_forecast_extrapolates_the_last_two_full_outputs(tiny_pipe):
     torch.testing.assert_close(outs[2].float(), y1 + (y1 - y0), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(outs[3].float(), y1 + 2 * (y1 - y0), atol=1e-5, rtol=1e-5)
     # uneven gaps are measured in steps; with one full output so far it is plain reuse
-    apply(tiny_pipe, _forecast_plan(REUSE, anchors=(True, False, True, False)))
+    apply(tiny_pipe, _forecast_plan(REUSE, anchors=(True, False, True, False)), collapse=False)
     outs, handle = _module_outputs(tiny_pipe)
     _run(tiny_pipe)
     handle.remove()

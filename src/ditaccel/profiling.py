@@ -362,8 +362,7 @@ def measure_costs(transformer, shape, ratios, call_inputs: tuple[tuple, dict], r
     """FLOPs (per module and layer, per sample row) and latency (per role, averaged over layers)
     of partial recompute at every ratio, measured through the runtime itself on a captured
     transformer call's inputs."""
-    from torch.utils.flop_counter import FlopCounterMode
-
+    from .metrics import flop_counter
     from .runtime import apply, remove, state_of
     from .runtime.adapters import block_modules, find_blocks
 
@@ -388,7 +387,7 @@ def measure_costs(transformer, shape, ratios, call_inputs: tuple[tuple, dict], r
         t = kwargs.get("timestep")
         try:
             transformer(*args, **{**kwargs, "timestep": t})
-            with FlopCounterMode(display=False) as counter:
+            with flop_counter() as counter:
                 transformer(*args, **{**kwargs, "timestep": t - 1})
             return counter
         finally:
@@ -401,7 +400,7 @@ def measure_costs(transformer, shape, ratios, call_inputs: tuple[tuple, dict], r
         for (layer, role), module in names.items():
             key = _flop_key(per_module, fqn[module], type(transformer).__name__)
             flops[layer, shape.modules.index(role), ki] = sum(per_module.get(key, {}).values()) / rows
-    full = FlopCounterMode(display=False)
+    full = flop_counter()
     with full:
         transformer(*args, **kwargs)
     step_flops = full.get_total_flops() / rows

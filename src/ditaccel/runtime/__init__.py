@@ -11,8 +11,11 @@ from .apply import apply, remove, state_of
 # took about 4% of a FORA-3-with-forecasts run on the bundled model, bf16, batch 8; now about 1%);
 # fp32 runs as in 2.  4: DiT blocks' conditioning (timestep and label embedding, adaLN) on the steps
 # that reuse their attention is computed once per trajectory, batched (a reusing call of FORA-3 on
-# the bundled model, bf16, batch 8: about a quarter less time); every dtype.
-RUNTIME_REVISION = 4
+# the bundled model, bf16, batch 8: about a quarter less time); every dtype.  5: steps that reuse
+# every module of every DiT / PixArt block are collapsed into one weighted sum (runtime.collapse);
+# plans are looked up in Python lists, cached outputs no longer detached (an anchor call dispatches
+# the plain model's ops); every dtype.
+RUNTIME_REVISION = 5
 # per dtype, the oldest revision whose timings are this one's
 SAME_SPEED_SINCE: dict = {}
 

@@ -13,6 +13,28 @@ import torch
 
 
 @dataclass(frozen=True)
+class Residual:
+    """How a block's output is made from its modules' outputs, ``x + sum_r gate_r * out_r``, so
+    that a step reusing every module of every block can be computed as one weighted sum of the
+    cached outputs (``runtime.collapse``).  The gates of role ``r`` are:
+
+    - ``source="norm"``: output ``index[r]`` (rows, D) of the block's conditioning norm ``norm``,
+      called as ``norm(x, **{arg: the block's arg for arg in norm_args}, <dtype_kwarg>=x.dtype)``;
+    - ``source="table"``: chunk ``index[r]`` (rows, 1, D) of
+      ``block.<table>[None] + <the block's table_arg>.reshape(rows, chunks, -1)``;
+
+    and a role without an index is added ungated."""
+    source: str
+    index: dict[str, int]
+    norm: str | None = None
+    norm_args: tuple[str, ...] = ()
+    dtype_kwarg: str | None = None
+    table: str | None = None
+    table_arg: str | None = None
+    chunks: int = 0
+
+
+@dataclass(frozen=True)
 class BlockSpec:
     # role ("attn", "cross", "mlp") -> attribute of the block holding that module.  Hooking the
     # modules themselves caches their outputs before the block applies the current step's gate.
@@ -49,6 +71,9 @@ class BlockSpec:
     # the module it feeds, the runtime computes them for all such steps of a trajectory in one
     # batched call of the norm (see ``apply(..., batch_conditioning=...)``).
     conditioning_norm: dict[str, str] = field(default_factory=dict)
+    # Per variant, how the block's output is made from its modules' outputs (see Residual); a
+    # block without one runs every reusing step through its own forward.
+    residual: dict[str, Residual] = field(default_factory=dict)
 
     def _variant(self, block: torch.nn.Module):
         return getattr(block, self.variant_attr, None) if self.variant_attr else None
@@ -59,6 +84,9 @@ class BlockSpec:
     def conditioning_of(self, block: torch.nn.Module) -> str | None:
         return self.conditioning_norm.get(self._variant(block))
 
+    def residual_of(self, block: torch.nn.Module) -> Residual | None:
+        return self.residual.get(self._variant(block))
+
 
 BLOCKS: dict[str, BlockSpec] = {
     # DiT (ada_norm_zero) and PixArt (ada_norm_single): attn1 -> gate -> residual, attn2 (cross,
@@ -68,7 +96,14 @@ BLOCKS: dict[str, BlockSpec] = {
         input_norms={"ada_norm_zero": {"attn": "norm1", "cross": "norm2", "mlp": "norm3"},
                      "ada_norm_single": {"attn": "norm1", "mlp": "norm2"}},
         # DiT: each block embeds the timestep and class label again in norm1 (AdaLayerNormZero)
-        conditioning_norm={"ada_norm_zero": "norm1"}),
+        conditioning_norm={"ada_norm_zero": "norm1"},
+        # DiT: x + gate_msa * attn1 + gate_mlp * ff, the gates from norm1 (its outputs 1 and 4);
+        # PixArt: the gates from the block's scale_shift_table and the embedded timestep (chunks 2
+        # and 5 of 6), attn2's output added ungated
+        residual={"ada_norm_zero": Residual("norm", {"attn": 1, "mlp": 4}, norm="norm1",
+                                            norm_args=("timestep", "class_labels"), dtype_kwarg="hidden_dtype"),
+                  "ada_norm_single": Residual("table", {"attn": 2, "mlp": 5}, table="scale_shift_table",
+                                              table_arg="timestep", chunks=6)}),
     # SD3 / SD3.5 MMDiT: joint attention over [image; text], then image MLP ``ff`` (the text MLP
     # ``ff_context`` is always computed: text tokens are few and never pruned).  Returns
     # (text, image).

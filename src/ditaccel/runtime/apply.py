@@ -36,7 +36,8 @@ def as_plan(plan) -> Plan:
 
 
 def apply(target, plan: Plan, router=None, check_fingerprint: bool = True, skip_reused_norms: bool = True,
-          compile: bool | dict = False, nan_guard: bool = True, batch_conditioning: bool = True):
+          compile: bool | dict = False, nan_guard: bool = True, batch_conditioning: bool = True,
+          collapse: bool = True):
     """Execute ``plan`` on every call of the target's transformer (a diffusers pipeline or the
     transformer itself).  Applying again replaces the previous plan; :func:`remove` restores the
     original forward functions.
@@ -72,6 +73,12 @@ def apply(target, plan: Plan, router=None, check_fingerprint: bool = True, skip_
     :class:`~ditaccel.runtime.state.NonFiniteOutput` naming the sampling step and the first
     accelerated module (layer, role) whose output was not, instead of returning a black image.
     It costs one device sync per transformer call.
+
+    ``collapse``: a step on which every module of every block reuses its cache computes the
+    blocks as one weighted sum of the cached outputs with this step's gates, in the first block,
+    the others passing it through (:mod:`ditaccel.runtime.collapse`; blocks whose registry entry
+    says how their output is made: DiT's and PixArt's).  The same values as the block-by-block
+    path, summed in another order.
 
     ``plan`` may also be the path of a plan JSON (``ditaccel plan --out``, :meth:`Plan.save`) or its
     dict.  A plan that records its sampler (SODA's do) is refused on a pipeline whose scheduler is
@@ -150,6 +157,14 @@ def apply(target, plan: Plan, router=None, check_fingerprint: bool = True, skip_
                 if norm is not None and bool((plan.tokens[:, layer, m] == REUSE).any()):
                     register(norm, NormSkipHook(state, layer, role, m, norm, conditioning=norms[role] == conditioning),
                              NORM_HOOK)
+    if collapse:
+        from .collapse import COLLAPSE_HOOK, Collapse, CollapseHook
+
+        program = Collapse.build(state, blocks, per_block, NORM_HOOK, batched=batch_conditioning)
+        if program is not None:
+            state.collapse_steps = program.steps
+            for layer, (_, block, spec) in enumerate(blocks):
+                register(block, CollapseHook(state, layer, program, block, spec.image_arg), COLLAPSE_HOOK)
     setattr(transformer, _STATE_ATTR, state)
     return target
 
@@ -226,7 +241,10 @@ def remove(target):
     if pipe is not None and getattr(pipe, "scheduler", None) is not None:
         _unfollow_scheduler(pipe.scheduler)
     unregister(transformer, STEP_HOOK)
+    from .collapse import COLLAPSE_HOOK
+
     for module in transformer.modules():
+        unregister(module, COLLAPSE_HOOK)
         unregister(module, MODULE_HOOK)
         unregister(module, ROUTE_HOOK)
         unregister(module, NORM_HOOK)

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
-from torch.utils.flop_counter import FlopCounterMode
 
 from ..devices import synchronize
+from ..metrics import flop_counter
 from ..plan import FULL, REUSE
 from .adapters import BlockSpec
 from .state import ModuleCache, PlanMismatch, RunState, _into
@@ -43,7 +43,7 @@ class StepHook(ModelHook):
         synchronize(dev)  # a CUDA call's time is its work, not its launch
         t0 = time.perf_counter()
         if self.state.count_flops:
-            with FlopCounterMode(display=False) as counter:
+            with flop_counter() as counter:
                 out = original(*args, **kwargs)
             record.flops = int(counter.get_total_flops())
         else:
@@ -390,8 +390,10 @@ class NormSkipHook(ModelHook):
 
         if not torch.equal(timestep, expected(st.step)):  # the pipeline passes something else
             return None
-        steps = [s for s in range(st.step, plan.num_steps)
-                 if not bool(plan.anchors[s]) and int(plan.tokens[s, self.layer, self.m]) == REUSE]
+        # collapsed steps get their gates there (this one too, unless it fell back to the blocks)
+        collapsed = st.collapse_steps or [False] * plan.num_steps
+        steps = [s for s in range(st.step, plan.num_steps) if not bool(plan.anchors[s])
+                 and (s == st.step or not collapsed[s]) and int(plan.tokens[s, self.layer, self.m]) == REUSE]
         timesteps = torch.cat([expected(s) for s in steps])
         batched = {**named, next(iter(named)): x[:, :1].repeat(len(steps), 1, 1), "timestep": timesteps,
                    "class_labels": None if labels is None else labels.repeat(len(steps))}
@@ -441,7 +443,7 @@ class RouteHook(ModelHook):
         st = self.state
         original = self._forward()
         route = st.plan.route
-        k = FULL if route is None or st.step < 0 else int(route[st.step, self.layer])
+        k = FULL if route is None or st.step < 0 else st.route_list[st.step][self.layer]
         if k == FULL:  # (no record needed: a module without one ran in full)
             if original is not self.fn_ref.original_forward:
                 # compiled: the first block's input comes strided from the patch embedding; one

@@ -67,9 +67,11 @@ def _versions(value):
 
 
 def _detached(value):
+    """``value`` cut from autograd (a tensor that records no graph is kept as it is: a detach is
+    one more dispatched op per cached output)."""
     if isinstance(value, tuple):
         return tuple(_detached(v) for v in value)
-    return None if value is None else value.detach()
+    return value.detach() if value is not None and value.requires_grad else value
 
 
 def _has_none(versions, value) -> bool:
@@ -189,6 +191,10 @@ class RunState:
         if source not in ("scheduler", "timestep"):
             raise ValueError(f"unknown step source {source!r}")
         self.plan = plan
+        # the plan as Python lists: a lookup per module call, not an indexing op on a tensor
+        self.anchor_list: list[bool] = plan.anchors.tolist()
+        self.token_list: list[list[list[int]]] = plan.tokens.tolist()
+        self.route_list: list[list[int]] | None = None if plan.route is None else plan.route.tolist()
         self.source = source
         self.scheduler = None  # the scheduler the context follows (source "scheduler")
         self.call_kwargs: dict = {}  # the running transformer call's keyword arguments
@@ -196,10 +202,14 @@ class RunState:
         self.routed_tokens: int | None = None  # set while a routed block runs
         self.skipped_inputs: set[tuple[int, str]] = set()  # (layer, role) whose norm was skipped
         self.count_flops = False
+        self.collapsed = False  # this call's blocks were collapsed into the first one's output
+        self.collapse_steps: list[bool] | None = None  # the steps apply() collapses, if any
         # NaN guard: every accelerated module output is checked on the device (no sync), the
         # transformer output once per call; the first non-finite one is named in the error
         self.nan_guard = True
-        self.finite_checks: list[tuple[int, str, torch.Tensor]] = []
+        # ([(layer, role), ...], finite flags (or a function computing them): one per name) per
+        # watched output or group of outputs
+        self.finite_checks: list[tuple[list[tuple[int, str]], torch.Tensor]] = []
         self.reset()
 
     def reset(self) -> None:
@@ -237,6 +247,7 @@ class RunState:
                                "pipeline (the scheduler's set_timesteps was not called); apply "
                                "the plan to the transformer itself to drive it by hand")
         self.branch += 1
+        self.collapsed = False
         self.skipped_inputs.clear()
         self.finite_checks = []
         if self.step >= self.plan.num_steps:
@@ -265,8 +276,15 @@ class RunState:
         if self.nan_guard:
             t = out[0] if isinstance(out, tuple) else out
             if torch.is_tensor(t) and t.is_floating_point():
-                self.finite_checks.append((layer, role, torch.isfinite(finite_probe(t))))
+                self.finite_checks.append(([(layer, role)], torch.isfinite(finite_probe(t))))
         return out
+
+    def watch_lazily(self, slots: list[tuple[int, str]], flags) -> None:
+        """:meth:`watch` for the outputs of many modules at once, computed only if the
+        transformer output turns out not finite: ``flags()`` gives one flag per (layer, role) of
+        ``slots``, in order."""
+        if self.nan_guard:
+            self.finite_checks.append((slots, flags))
 
     def check_finite(self, out) -> None:
         """After a transformer call: raise :class:`NonFiniteOutput` naming the step and the first
@@ -279,8 +297,10 @@ class RunState:
         if not torch.is_tensor(t) or bool(torch.isfinite(t).all()):
             return
         step = f"sampling step {self.step} of {self.plan.num_steps}"
-        for layer, role, ok in self.finite_checks:
-            if not bool(ok):
+        for names, ok in self.finite_checks:
+            ok = ok() if callable(ok) else ok
+            if not bool(ok.all()):
+                layer, role = names[int((~ok.reshape(-1)).nonzero()[0])]
                 raise NonFiniteOutput(
                     f"{step}: layer {layer} ({role}) produced NaN/Inf on an accelerated step; plan a "
                     "smaller speedup for this model, or run it in fp32 (disable the check: "
@@ -292,7 +312,7 @@ class RunState:
 
     @property
     def is_anchor(self) -> bool:
-        return bool(self.plan.anchors[self.step])
+        return self.anchor_list[self.step]
 
     def tokens_for(self, layer: int, module_index: int) -> int:
-        return FULL if self.is_anchor else int(self.plan.tokens[self.step, layer, module_index])
+        return FULL if self.anchor_list[self.step] else self.token_list[self.step][layer][module_index]

@@ -1,0 +1,234 @@
+"""Collapsed reusing steps: a step on which every module of every block returns its cache (FORA's,
+Δ-DiT's and SODA's cache-only steps) computes the transformer body as one weighted sum.
+
+A block whose registry entry has a :class:`~ditaccel.runtime.adapters.Residual` form computes
+``x + sum_r gate_r * out_r`` from its modules' outputs ``out_r``.  When every module of every block
+reuses its cache, the whole stack of blocks is therefore
+
+    x_L = x_0 + sum_{l, r} gate_{l, r}(t) * C_{l, r}
+
+with this step's gates and the cached (or forecast) outputs ``C``.  The first block's hook
+computes that sum over all layers at once (one fused multiply-add per cached output, two with
+forecasts; the gates of a whole trajectory's collapsed steps computed in one batched call of each
+block's conditioning norm), and the other blocks pass their input through: one or two ops per
+cached output instead of a dozen per block.  The values are the ones the block-by-block path computes, summed in another order
+(fp32: within rounding; bf16: the sum rounds once instead of after every block).
+
+Falls back to the blocks' own forwards (the per-module path) for a call it cannot serve: a cache
+that is missing or invalid, gates that cannot be computed ahead, GLIGEN inputs.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from diffusers.hooks import ModelHook
+
+from ..plan import FULL, REUSE, Plan
+from .adapters import Residual
+from .state import RunState, finite_probe
+
+COLLAPSE_HOOK = "ditaccel.collapse"
+
+
+def collapsible_steps(plan: Plan) -> list[bool]:
+    """Per step, whether every module of every block reuses its cache (and nothing is routed)."""
+    steps = (~plan.anchors) & (plan.tokens == REUSE).flatten(1).all(1)
+    if plan.route is not None:
+        steps &= (plan.route == FULL).all(1)
+    return [bool(s) for s in steps]
+
+
+def _beneath(module: torch.nn.Module, hook_name: str):
+    """``module``'s forward beneath ditaccel's hook ``hook_name`` (the module itself where that
+    hook is not registered): a call the runtime makes for itself is not one the hook should act on."""
+    registry = getattr(module, "_diffusers_hook", None)
+    hook = registry.get_hook(hook_name) if registry is not None else None
+    return hook.fn_ref.original_forward if hook is not None else module
+
+
+def _history(cache):
+    """(b, a): the steps of a cache's two last full outputs, for a first-order forecast; None
+    where it has only one."""
+    if cache.prev is None or cache.out_step is None or cache.prev_step is None or cache.out_step <= cache.prev_step:
+        return None
+    return cache.prev_step, cache.out_step
+
+
+class Collapse:
+    """What the block hooks of one applied plan share: which steps collapse, the slots (layer,
+    role) in summing order, and the gate tables per guidance branch."""
+
+    def __init__(self, state: RunState, blocks: list[torch.nn.Module], residual: Residual,
+                 roles: tuple[str, ...], norm_hook: str, batched: bool = True):
+        self.state, self.blocks, self.residual, self.roles = state, blocks, residual, roles
+        self.norm_hook, self.batched = norm_hook, batched
+        self.steps = collapsible_steps(state.plan)
+        self.slots = [(layer, role) for layer in range(len(blocks)) for role in roles]
+        self._gates: dict[int, tuple] = {}
+
+    @classmethod
+    def build(cls, state: RunState, blocks, per_block: list[dict], norm_hook: str,
+              batched: bool = True) -> "Collapse | None":
+        """The collapse for this plan on these blocks (``(name, block, spec)``), or None where no
+        step collapses or the blocks do not say how their output is made.  ``batched``: compute
+        the gates of a trajectory's collapsed steps in one call per block (else step by step)."""
+        plan = state.plan
+        if not any(collapsible_steps(plan)):
+            return None
+        forms = [spec.residual_of(block) for _, block, spec in blocks]
+        if any(f is None for f in forms) or len(set(map(id, forms))) != 1:
+            return None
+        # every module a block has must be one the plan caches (else it would compute fresh)
+        roles = tuple(r for r in plan.modules if r in per_block[0])
+        if any(set(mods) - set(plan.modules) for mods in per_block) or any(set(mods) != set(roles) for mods in per_block):
+            return None
+        return cls(state, [b for _, b, _ in blocks], forms[0], roles, norm_hook, batched)
+
+    # -- the step ---------------------------------------------------------------------------------
+    def run(self, named: dict, image_arg: str) -> torch.Tensor | None:
+        """The output of the last block for this call, or None to run the blocks as usual.
+
+        ``x + sum_k gate_k * C_k`` as one fused multiply-add per slot into one buffer, straight
+        from the caches (no stacked copy, no temporary the size of all caches); a forecast
+        ``C_k = prev_k + w_k (out_k - prev_k)`` is two, with the gates scaled by ``1 - w_k`` and
+        ``w_k`` (two ops for all slots)."""
+        st = self.state
+        x = named.get(image_arg)
+        kwargs = named.get("cross_attention_kwargs") or {}
+        if not torch.is_tensor(x) or x.ndim != 3 or "gligen" in kwargs:
+            return None
+        caches = [st.caches.get((st.branch, layer, role)) for layer, role in self.slots]
+        if any(c is None or isinstance(c.out, tuple) or not c.valid(x, st.generation) for c in caches):
+            return None
+        gates = self._gates_now(named, x)
+        if gates is None:
+            return None
+        g = gates.to(x.dtype).unsqueeze(2)                                     # (K, B, 1, D)
+        history = [_history(c) for c in caches] if st.plan.forecast else [None] * len(caches)
+        if any(h is not None for h in history):
+            w = torch.tensor([0.0 if h is None else (st.step - h[0]) / (h[1] - h[0]) for h in history],
+                             dtype=torch.float32).to(device=x.device)
+            g_new = g * w.to(x.dtype)[:, None, None, None]                      # weight of out_k
+            g_old = g - g_new                                                    # weight of prev_k
+            terms = [(a, c.prev if h is not None else c.out) for a, c, h in zip(g_old.unbind(0), caches, history)]
+            terms += [(b, c.out) for b, c, h in zip(g_new.unbind(0), caches, history) if h is not None]
+            # read only after a non-finite transformer output, to name the slot
+            st.watch_lazily(self.slots, lambda: torch.stack([
+                torch.isfinite(finite_probe(c.prev + wk * (c.out - c.prev))) if h is not None else torch.isfinite(finite_probe(c.out))
+                for c, h, wk in zip(caches, history, w.tolist())]))
+        else:
+            terms = list(zip(g.unbind(0), (c.out for c in caches)))
+        out = torch.addcmul(x, terms[0][0], terms[0][1])
+        for gate, value in terms[1:]:
+            out.addcmul_(gate, value)
+        record = st.records[-1].computed
+        for slot in self.slots:
+            record[slot] = 0
+        return out
+
+    # -- gates ------------------------------------------------------------------------------------
+    def _gates_now(self, named: dict, x: torch.Tensor) -> torch.Tensor | None:
+        """(K, B, D) gates of every slot at this step (ones for ungated roles)."""
+        res = self.residual
+        if res.source == "table":
+            emb = named.get(res.table_arg)
+            if not torch.is_tensor(emb):
+                return None
+            rows = x.shape[0]
+            table = torch.stack([getattr(b, res.table) for b in self.blocks])    # (L, chunks, D)
+            chunks = table[:, None] + emb.reshape(rows, res.chunks, -1)[None]     # (L, B, chunks, D)
+            return self._assemble(lambda role: chunks[:, :, res.index[role]], x)
+        if res.source == "norm":
+            return self._norm_gates(named, x)
+        return None
+
+    def _assemble(self, gate_of, x: torch.Tensor) -> torch.Tensor:
+        """(K, B, D) in slot order from ``gate_of(role) -> (L, B, D)``."""
+        per_role = [gate_of(r) if r in self.residual.index else x.new_ones(len(self.blocks), x.shape[0], x.shape[-1])
+                    for r in self.roles]
+        return torch.stack(per_role, dim=1).flatten(0, 1)
+
+    def _norm_gates(self, named: dict, x: torch.Tensor) -> torch.Tensor | None:
+        """From each block's conditioning norm: the gates of all this trajectory's collapsed steps,
+        computed at the first of them in one batched call per block (where the pipeline's
+        scheduler says which timesteps are coming), looked up after; a call whose timestep or
+        labels differ from the predicted ones computes its own."""
+        st, res = self.state, self.residual
+        args = {a: named.get(a) for a in res.norm_args}
+        t = args.get("timestep")
+        if not torch.is_tensor(t) or t.ndim != 1:
+            return None
+        labels = args.get("class_labels")
+        if not self.batched:
+            return self._norm_call(x[:, :1], args, x.dtype, 1)[0]
+        held = self._gates.get(st.branch)
+        if held is None or held[0] != st.generation:
+            held = (st.generation, self._gate_table(x, args))
+            self._gates[st.branch] = held
+        table = held[1]
+        if table is not None:
+            steps, timesteps, held_labels, gates = table
+            i = steps.get(st.step)
+            rows = x.shape[0]
+            if (i is not None and torch.equal(t, timesteps[i * rows:(i + 1) * rows])
+                    and (labels is None) == (held_labels is None)
+                    and (labels is None or torch.equal(labels, held_labels))):
+                return gates[i]
+        return self._norm_call(x[:, :1], args, x.dtype, 1)[0]
+
+    def _gate_table(self, x: torch.Tensor, args: dict):
+        st = self.state
+        sched = getattr(st.scheduler, "timesteps", None)
+        t = args["timestep"]
+        if not torch.is_tensor(sched) or len(sched) != st.plan.num_steps:
+            return None
+        if not torch.equal(t, sched[st.step].to(t).expand_as(t)):
+            return None
+        steps = [s for s in range(st.step, st.plan.num_steps) if self.steps[s]]
+        timesteps = torch.cat([sched[s].to(t).expand_as(t) for s in steps])
+        labels = args.get("class_labels")
+        batched = {**args, "timestep": timesteps}
+        if torch.is_tensor(labels):
+            batched["class_labels"] = labels.repeat(len(steps))
+        gates = self._norm_call(x[:, :1].repeat(len(steps), 1, 1), batched, x.dtype, len(steps))
+        return ({s: i for i, s in enumerate(steps)}, timesteps, None if labels is None else labels.clone(), gates)
+
+    def _norm_call(self, x1: torch.Tensor, args: dict, dtype, steps: int) -> torch.Tensor:
+        """(steps, K, B, D): each block's norm on ``x1`` (one token per row) and ``args``."""
+        res = self.residual
+        extra = {res.dtype_kwarg: dtype} if res.dtype_kwarg else {}
+        per_layer = []
+        for block in self.blocks:
+            outs = _beneath(getattr(block, res.norm), self.norm_hook)(x1, **args, **extra)
+            per_layer.append(outs)
+        rows = x1.shape[0] // steps
+        gates = self._assemble(lambda role: torch.stack([o[res.index[role]] for o in per_layer]), x1[:, 0])
+        return gates.unflatten(1, (steps, rows)).transpose(0, 1)                  # (steps, K, B, D)
+
+
+class CollapseHook(ModelHook):
+    """On each block: on a collapsed step, the first block returns the whole stack's output
+    (:meth:`Collapse.run`) and the others pass it through; elsewhere the block runs as usual."""
+
+    def __init__(self, state: RunState, layer: int, collapse: Collapse, block: torch.nn.Module, image_arg: str):
+        super().__init__()
+        self.state, self.layer, self.collapse, self.image_arg = state, layer, collapse, image_arg
+        sig = inspect.signature(type(block).forward)
+        self.signature = sig.replace(parameters=list(sig.parameters.values())[1:])
+
+    def new_forward(self, block, *args, **kwargs):
+        st = self.state
+        original = self.fn_ref.original_forward
+        if st.step >= 0 and st.routed_tokens is None and self.collapse.steps[st.step]:
+            if self.layer == 0:
+                from .hooks import _named
+
+                out = self.collapse.run(_named(self.signature, args, kwargs), self.image_arg)
+                st.collapsed = out is not None
+                if out is not None:
+                    return out
+            elif st.collapsed:
+                return args[0] if args else kwargs[self.image_arg]
+        return original(*args, **kwargs)

@@ -1,0 +1,188 @@
+"""Collapsed reusing steps (runtime.collapse): a step reusing every module of every block is one
+weighted sum of the cached outputs.  Same images as the block-by-block path (within rounding), on
+DiT and PixArt, batched CFG or one call per branch, with forecasts, under timesteps or labels the
+gate table could not predict; and a collapsed call's dispatched ops grow by one or two per cached
+output with depth (counted exactly), not by a block's dozens."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from ditaccel.methods import make_plan, model_shape
+from ditaccel.metrics import OpCounter
+from ditaccel.plan import FULL, REUSE, Plan
+from ditaccel.runtime import apply, remove, state_of
+from ditaccel.runtime.collapse import collapsible_steps
+from tests import archs
+
+T = 6
+
+
+def _images(pipe, call, plan, collapse: bool, **options):
+    apply(pipe, plan, collapse=collapse, **options)
+    try:
+        with torch.no_grad():
+            return torch.as_tensor(call(pipe, 2, 0, T))
+    finally:
+        remove(pipe)
+
+
+PLANS = {
+    "fora-2": lambda shape: make_plan("fora", shape, interval=2),
+    "fora-3-forecast": lambda shape: make_plan("fora", shape, interval=3, forecast=1),
+    "delta-dit": lambda shape: make_plan("delta-dit", shape, interval=3, cached_blocks=1.0),
+}
+
+
+@pytest.mark.parametrize("arch", ["dit_pixel", "dit_diffusers", "pixart"])
+@pytest.mark.parametrize("name", list(PLANS))
+def test_collapsed_steps_give_the_block_by_block_images(arch, name):
+    pipe, call = getattr(archs, arch)()
+    pipe.set_progress_bar_config(disable=True)
+    plan = PLANS[name](model_shape(pipe.transformer, T))
+    assert any(collapsible_steps(plan))
+    ref = _images(pipe, call, plan, collapse=False)
+    got = _images(pipe, call, plan, collapse=True)
+    torch.testing.assert_close(got, ref, atol=2e-5, rtol=0)
+    full = _images(pipe, call, dataclasses.replace(plan, anchors=torch.ones(T, dtype=torch.bool),
+                                                   tokens=torch.full_like(plan.tokens, FULL)), collapse=True)
+    assert not torch.equal(got, full)  # the plan did reuse something
+
+
+def test_collapse_runs_only_where_every_module_reuses(tiny_pipe):
+    shape = model_shape(tiny_pipe.transformer, T)
+    plan = make_plan("toca", shape, interval=3, ratio=0.5)  # partial steps: nothing collapses
+    assert not any(collapsible_steps(plan))
+    tokens = plan.tokens.clone()
+    tokens[2] = REUSE
+    mixed = dataclasses.replace(plan, tokens=tokens)
+    assert collapsible_steps(mixed) == [False, False, True, False, False, False]
+    ref = _images(tiny_pipe, archs.dit_pixel()[1], mixed, collapse=False)
+    calls = []
+    apply(tiny_pipe, mixed)
+    handle = tiny_pipe.transformer.transformer_blocks[1].register_forward_pre_hook(
+        lambda m, a: calls.append(state_of(tiny_pipe).step))
+    with torch.no_grad():
+        got = torch.as_tensor(archs.dit_pixel()[1](tiny_pipe, 2, 0, T))
+    handle.remove()
+    remove(tiny_pipe)
+    torch.testing.assert_close(got, ref, atol=2e-5, rtol=0)
+    # block 1's own computation is skipped (its hook passes the input through) only at step 2
+    assert calls == [0, 1, 2, 3, 4, 5]  # (a forward pre-hook runs before the diffusers hooks)
+    assert state_of(tiny_pipe) is None
+
+
+def _call_ops(pipe, plan, labels=(0, 1)):
+    """Ops dispatched by each transformer call of one trajectory under ``plan``."""
+    per_call = []
+
+    def pre(m, a, k):
+        m._ops = OpCounter()
+        m._ops.__enter__()
+
+    def post(m, a, k, o):
+        m._ops.__exit__(None, None, None)
+        per_call.append(m._ops.total)
+
+    tf = pipe.transformer
+    apply(pipe, plan)
+    handles = [tf.register_forward_pre_hook(pre, with_kwargs=True), tf.register_forward_hook(post, with_kwargs=True)]
+    try:
+        with torch.no_grad():
+            pipe(class_labels=list(labels), guidance_scale=2.0, num_inference_steps=T, output_type="np",
+                 generator=torch.Generator().manual_seed(0))
+    finally:
+        for h in handles:
+            h.remove()
+        remove(pipe)
+    return per_call
+
+
+@pytest.mark.parametrize("forecast", [0, 1])
+def test_a_collapsed_call_dispatches_the_same_ops_whatever_the_depth(forecast):
+    """Counted exactly: a reusing call after the first costs what the patch embedding, the
+    output head and the weighted sum cost, the same with 2 blocks or 6; an anchor call grows
+    with depth."""
+    from diffusers import DDIMScheduler
+
+    from ditaccel.models.reference import NOISE_SCHEDULE
+    from ditaccel.pipeline import DiTPixelPipeline
+    from tests.conftest import tiny_dit
+
+    ops = {}
+    for layers in (2, 6):
+        tf = tiny_dit()
+        if layers != 2:
+            torch.manual_seed(0)
+            from diffusers import DiTTransformer2DModel
+
+            tf = DiTTransformer2DModel(**{**dict(tf.config), "num_layers": layers}).eval()
+        pipe = DiTPixelPipeline(transformer=tf, scheduler=DDIMScheduler(**NOISE_SCHEDULE))
+        pipe.set_progress_bar_config(disable=True)
+        plan = make_plan("fora", model_shape(tf, T), interval=3, forecast=forecast)
+        ops[layers] = _call_ops(pipe, plan)
+    two, six = ops[2], ops[6]
+    assert six[0] > two[0] + 4 * 40  # an anchor: dozens of ops per block
+    # steps 2, 4, 5 reuse after the gate table was built at step 1: one fused multiply-add per
+    # cached output (2 per block), two per cached output where it forecasts from two full outputs
+    # (steps 4 and 5, after anchors 0 and 3)
+    per_output = {2: 1, 4: 1 + forecast, 5: 1 + forecast}
+    for s, k in per_output.items():
+        assert six[s] - two[s] == (6 - 2) * 2 * k, (s, six[s], two[s])
+    assert max(six[s] for s in (2, 4, 5)) < six[0] / 6
+
+
+def test_collapse_follows_calls_the_gate_table_cannot_predict(tiny_pipe):
+    """Timesteps other than the scheduler's, and labels that change part way: the gates are
+    computed for the call itself, and the images match the block-by-block path."""
+    call = archs.dit_pixel()[1]
+    plan = make_plan("fora", model_shape(tiny_pipe.transformer, T), interval=3)
+
+    for change in (lambda i, kw: {**kw, "timestep": kw["timestep"] + 1},
+                   lambda i, kw: {**kw, "class_labels": kw["class_labels"].flip(0) if i % T >= 3 else kw["class_labels"]}):
+        seen = []
+
+        def pre(m, args, kwargs, change=change):
+            seen.append(None)
+            return args, change(len(seen) - 1, dict(kwargs))
+
+        handle = tiny_pipe.transformer.register_forward_pre_hook(pre, with_kwargs=True)
+        try:
+            seen.clear()
+            ref = _images(tiny_pipe, call, plan, collapse=False)
+            seen.clear()
+            got = _images(tiny_pipe, call, plan, collapse=True)
+        finally:
+            handle.remove()
+        torch.testing.assert_close(got, ref, atol=2e-5, rtol=0)
+
+
+def test_collapse_with_one_call_per_guidance_branch(tiny_pipe):
+    """Pipelines calling the transformer once per branch: each branch stacks its own caches."""
+    plan = make_plan("fora", model_shape(tiny_pipe.transformer, T), interval=3, forecast=1)
+    tf, sched = tiny_pipe.transformer, tiny_pipe.scheduler
+    results = {}
+    for collapse in (False, True):
+        apply(tiny_pipe, plan, collapse=collapse)
+        sched.set_timesteps(T)
+        x = torch.randn(1, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            for t in sched.timesteps:
+                cond, uncond = (tf(x, timestep=t[None], class_labels=torch.tensor([c])).sample for c in (1, 4))
+                x = sched.step(uncond + 2.0 * (cond - uncond), t, x).prev_sample
+        results[collapse] = x
+        remove(tiny_pipe)
+    torch.testing.assert_close(results[True], results[False], atol=2e-5, rtol=0)
+
+
+def test_per_step_records_say_what_was_reused(tiny_pipe):
+    from ditaccel.sampling import sample
+
+    plan = make_plan("fora", model_shape(tiny_pipe.transformer, T), interval=3)
+    apply(tiny_pipe, plan)
+    _, stats = sample(tiny_pipe, [0], steps=T, guidance_scale=2.0, progress=False)
+    remove(tiny_pipe)
+    assert [r["anchor"] for r in stats.per_step] == [s % 3 == 0 for s in range(T)]
+    assert all(r["attn"] == 0.0 and r["mlp"] == 0.0 for r in stats.per_step if not r["anchor"])
+    assert stats.per_step[1]["flops"] > stats.per_step[2]["flops"]  # the gate table, built at step 1
