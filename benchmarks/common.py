@@ -93,3 +93,27 @@ def all_anchor_entry(pipe, steps: int):
         return attach
 
     return Entry("all-anchor", "ours", "-", 0.0, prepare)
+
+
+def measure_entry(pipe, timed, entry, repeats: int, while_on=None):
+    """One bench entry on ``pipe``: switched on, ``timed`` run once to warm up (and do a plan's
+    one-off work), its FLOPs counted on a second run, ``while_on(pipe)`` (further measures, or
+    None) taken while it is on; switched off; then ``repeats`` interleaved pairs with the full
+    model.  Returns (flops, what while_on returned, ratios full / method)."""
+    import torch
+
+    from ditaccel.bench import _counted
+    from ditaccel.sampling import speedup_pairs
+
+    attach = entry.prepare(pipe)
+    detach = attach(pipe)
+    try:
+        with torch.no_grad():
+            timed(pipe)
+            _, flops = _counted(timed, pipe)
+            extra = while_on(pipe) if while_on is not None else None
+    finally:
+        detach()
+    with torch.no_grad():
+        ratios = speedup_pairs(pipe, timed, attach, repeats)
+    return flops, extra, ratios

@@ -41,7 +41,7 @@ import time
 import torch
 from diffusers import DDIMScheduler, DiTTransformer2DModel
 
-from common import RESULTS, all_anchor_entry, machine, replace_block, resume_partial, save_json
+from common import RESULTS, all_anchor_entry, machine, measure_entry, replace_block, resume_partial, save_json
 from ditaccel.bench import Entry, _counted, method_entries
 from ditaccel.io import write_text
 from ditaccel.methods import model_shape
@@ -49,7 +49,7 @@ from ditaccel.metrics import OpCounter
 from ditaccel.pipeline import DiTPixelPipeline
 from ditaccel.registry import DTYPES, load_pipeline, resolve_dtype
 from ditaccel.runtime import RUNTIME_REVISION, apply, remove
-from ditaccel.sampling import sample, speedup_pairs
+from ditaccel.sampling import sample
 
 SWEEPS = {"fora": (2.0, 3.0), "fora-forecast": (3.0,), "toca": (3.0,), "soda": (2.0, 3.0)}
 SHIVA_KEEP = 0.6
@@ -137,18 +137,8 @@ def measure(name: str, args, dtype: str, done: dict, partial) -> list[dict]:
             if key in done:
                 rows.append(done[key])
                 continue
-            attach = e.prepare(pipe)
-            detach = attach(pipe)
-            try:
-                with torch.no_grad():
-                    timed(pipe)  # warm-up (and a plan's one-off work)
-                    _, flops = _counted(timed, pipe)
-                ops = ops_of(timed, pipe)
-                plan = _plan_of(pipe)
-            finally:
-                detach()
-            with torch.no_grad():
-                ratios = speedup_pairs(pipe, timed, attach, args.repeats)
+            flops, (ops, plan), ratios = measure_entry(pipe, timed, e, args.repeats,
+                                                       lambda p: (ops_of(timed, p), _plan_of(p)))
             row = {"model": tag, "method": e.method, "knob": e.knob, "value": e.value,
                    "cache_only": e.method in CACHE_ONLY or (e.method == "soda" and plan is not None
                                                               and not bool(((plan.tokens > 0)).any())),

@@ -104,8 +104,8 @@ def run_size(size: str, args, device, dtype, report: Report, deadline: float) ->
     from ditaccel.bench import _counted, method_entries
     from ditaccel.peers import PEERS as AVAILABLE
     from ditaccel.pipeline import DiTPixelPipeline
-    from ditaccel.sampling import sample, speedup_pairs
-    from common import all_anchor_entry
+    from ditaccel.sampling import sample
+    from common import all_anchor_entry, measure_entry
     from efficiency import shiva_entry
 
     side, images = SIZES[size]
@@ -143,17 +143,7 @@ def run_size(size: str, args, device, dtype, report: Report, deadline: float) ->
             print(f"time budget spent: skipping {e.method} {e.value:g} at {size}", flush=True)
             continue
         try:
-            attach = e.prepare(pipe)
-            detach = attach(pipe)
-            try:
-                with torch.no_grad():
-                    timed(pipe)  # warm-up (and a plan's one-off work)
-                    _, flops = _counted(timed, pipe)
-                    ms = timed_ms(timed, pipe, 1, device)
-            finally:
-                detach()
-            with torch.no_grad():
-                ratios = speedup_pairs(pipe, timed, attach, args.repeats)
+            flops, ms, ratios = measure_entry(pipe, timed, e, args.repeats, lambda p: timed_ms(timed, p, 1, device))
         except Exception as err:  # a peer failing on this machine is reported, not fatal
             print(f"{e.method} {e.value:g} at {size} failed: {type(err).__name__}: {err}", flush=True)
             continue

@@ -161,9 +161,9 @@ def sample(pipe, class_labels, *, sampler: str | None = None, steps: int | None 
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
     labels = conditions_for(pipe, class_labels)
     original = pipe.scheduler
-    check_run(pipe, len(labels), steps=steps, guidance_scale=guidance_scale, seed=seed,
-              scheduler=make_scheduler(sampler, original.config))
-    pipe.scheduler = make_scheduler(sampler, original.config)
+    scheduler = make_scheduler(sampler, original.config)
+    check_run(pipe, len(labels), steps=steps, guidance_scale=guidance_scale, seed=seed, scheduler=scheduler)
+    pipe.scheduler = scheduler
     counter = CallCounter(pipe.transformer)
     out = []
     try:

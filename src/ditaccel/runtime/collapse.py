@@ -82,7 +82,7 @@ class Collapse:
             return None
         # every module a block has must be one the plan caches (else it would compute fresh)
         roles = tuple(r for r in plan.modules if r in per_block[0])
-        if any(set(mods) - set(plan.modules) for mods in per_block) or any(set(mods) != set(roles) for mods in per_block):
+        if any(set(mods) != set(roles) for mods in per_block):
             return None
         return cls(state, [b for _, b, _ in blocks], forms[0], roles, norm_hook, batched)
 
