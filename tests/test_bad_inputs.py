@@ -192,6 +192,8 @@ CASES = [
      "--intervals must be finite numbers", "p.json"),
     ("profile-steps-huge-int", lambda w, t: ["profile", "--model", str(w["pipe"]), "--steps", HUGE_INT, "--out", str(t / "p")],
      "--steps: must be an integer >= 1", "p.json"),
+    ("profile-steps-huge", lambda w, t: ["profile", "--model", str(w["pipe"]), "--steps", str(2 ** 62), "--out", str(t / "p")],
+     "more than the scheduler's 1000 training timesteps", "p.json"),
     ("plan-calibrate-negative", lambda w, t: _plan_cmd(w["profile"], "--calibrate", "-3", "--out", str(t / "o.json")),
      "--calibrate: must be an integer >= 0", "o.json"),
     # one output path given twice

@@ -514,6 +514,12 @@ def profile(pipe, run: Callable[[Any], Any] | None = None, *, num_steps: int | N
         if sampler not in SAMPLERS:
             raise ProfileError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
         num_steps = SAMPLERS[sampler][2] if steps is None else steps
+        from .sampling import check_steps
+
+        try:
+            check_steps(pipe.scheduler, num_steps)
+        except ValueError as e:
+            raise ProfileError(str(e)) from None
     elif num_steps is None:
         raise ProfileError("with a run function, give num_steps (the pipeline's step count)")
     if checkpoint is not None and run is not None:

@@ -77,6 +77,15 @@ def image_numel(pipe) -> int:
     return int(cfg.get("out_channels") or cfg.get("in_channels") or 3) * int(size) ** 2
 
 
+def check_steps(scheduler, steps: int) -> None:
+    """A one-line ValueError when ``steps`` is more than ``scheduler``'s training timesteps (a
+    sampler cannot space more steps than it was trained with)."""
+    train_steps = scheduler.config.get("num_train_timesteps")
+    if train_steps and steps > train_steps:
+        raise ValueError(f"{steps} sampling steps is more than the scheduler's {train_steps} training "
+                         f"timesteps; sample with at most {train_steps}")
+
+
 def check_run(pipe, count: int, *, steps: int, guidance_scale: float, seed: int, scheduler) -> None:
     """One-line ValueErrors for a run :func:`sample` cannot make well: a non-finite guidance
     scale, seeds past what a generator takes, more steps than the scheduler's training
@@ -90,10 +99,7 @@ def check_run(pipe, count: int, *, steps: int, guidance_scale: float, seed: int,
     if not (isinstance(seed, int) and 0 <= seed and seed + count <= SEED_LIMIT):
         raise ValueError(f"the seed must be an integer with 0 <= seed and seed + images <= 2**64 (image i "
                          f"uses seed + i), got {seed}")
-    train_steps = scheduler.config.get("num_train_timesteps")
-    if train_steps and steps > train_steps:
-        raise ValueError(f"{steps} sampling steps is more than the scheduler's {train_steps} training "
-                         f"timesteps; sample with at most {train_steps}")
+    check_steps(scheduler, steps)
     # the images as float32, twice (the batches and their concatenation)
     check_memory(count * image_numel(pipe) * 4 * 2, f"{count} images",
                  "make fewer images per run (the run keeps them all)")
