@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -27,7 +28,6 @@ def test_generate_writes_grid_and_stats(tiny_pipe_dir, tmp_path, capsys):
     (["--n", "0"], "--n: must be an integer >= 1"),
     (["--steps", "0"], "--steps: must be an integer >= 1"),
     (["--out", "grid.jpg"], ".png"),
-    (["--compile", "--classes", "0"], "--compile needs --shiva"),
 ])
 def test_generate_bad_input_is_one_line_exit_2(tiny_pipe_dir, tmp_path, capsys, argv, needle):
     rc = main(["generate", "--model", str(tiny_pipe_dir), "--out", str(tmp_path / "g.png"), *argv])
@@ -35,6 +35,20 @@ def test_generate_bad_input_is_one_line_exit_2(tiny_pipe_dir, tmp_path, capsys, 
     assert rc == 2
     assert needle in err and "\n" not in err and "Traceback" not in err
     assert not (tmp_path / "g.png").exists()
+
+
+def test_generate_compile_runs_a_plan_as_compiled_programs(tiny_pipe_dir, tmp_path, capsys):
+    """``--compile`` with a caching plan (it used to need --shiva): the programs compile in the
+    warm-up batch, and the images are the eager run's."""
+    base = ["generate", "--model", str(tiny_pipe_dir), "--steps", "4", "--classes", "0,1", "--dtype", "fp32",
+            "--method", "fora", "--interval", "2"]
+    assert main([*base, "--out", str(tmp_path / "e.png")]) == 0
+    assert main([*base, "--compile", "--out", str(tmp_path / "c.png"), "--json", str(tmp_path / "c.json")]) == 0
+    assert "compiled in" in capsys.readouterr().out
+    with Image.open(tmp_path / "e.png") as a, Image.open(tmp_path / "c.png") as b:
+        diff = np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16))
+    assert diff.max() <= 1  # (fused kernels round differently; 8-bit images)
+    assert json.loads((tmp_path / "c.json").read_text())["plan"].startswith("fora")
 
 
 def test_generate_unknown_model(tmp_path, capsys):

@@ -65,13 +65,15 @@ def test_compiled_routing_compiles_once_per_token_count_and_matches_eager():
     assert compiled_steps[0]["attn"] == 1.0 and compiled_steps[3]["attn"] == pytest.approx((16 + 4) / 32)
 
 
-def test_compile_refuses_plans_that_cache():
+def test_block_compilation_refuses_plans_that_cache():
+    """(Caching plans compile by steps: tests/test_programs.py.)"""
     from ditaccel.methods import make_plan
+    from ditaccel.runtime.program import CompileConfig
 
     pipe, _ = ARCHS["dit-pixel"]()
     shape = model_shape(pipe.transformer, STEPS)
     with pytest.raises(PlanMismatch, match="only route tokens"):
-        apply(pipe, make_plan("fora", shape, interval=2), compile=True)
+        apply(pipe, make_plan("fora", shape, interval=2), compile=CompileConfig(scope="blocks"))
     assert state_of(pipe) is None
     route = _plan(shape).route
     assert (route[:, 0] == FULL).all()

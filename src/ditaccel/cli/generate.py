@@ -39,8 +39,10 @@ def add_arguments(p) -> None:
     acc.add_argument("--shiva", default=None, metavar="ARTIFACT",
                      help="a trained Shiva artifact (the stem written by `ditaccel train-shiva`)")
     acc.add_argument("--compile", action="store_true",
-                     help="with --shiva: run the blocks through torch.compile (one graph per distinct "
-                          "token count of the plan, compiled on the first run)")
+                     help="run through torch.compile: a plan's step patterns as whole compiled programs "
+                          "(--shiva: the blocks, one graph per token count); without a plan the full model. "
+                          "One warm-up batch compiles first (minutes on a CPU), not counted in the times; "
+                          "--compare then times the full model compiled too")
     acc.add_argument("--plan", default=None, help="a plan JSON (from `ditaccel plan` or Plan.save)")
     acc.add_argument("--method", default=None, choices=["fora", "toca", "delta-dit"],
                      help="plan with a baseline method: fora (--interval), toca (--interval, "
@@ -82,8 +84,6 @@ def build_plan(args, pipe):
                                              "boundary", "forecast") if getattr(args, k) is not None}
     if sum(bool(a) for a in (args.plan, args.method, args.shiva)) > 1:
         raise ValueError("give one of --plan, --method or --shiva, not several")
-    if args.compile and not args.shiva:
-        raise ValueError("--compile needs --shiva (caching plans change shapes from step to step)")
     if args.compare and not (args.plan or args.method or args.shiva):
         raise ValueError("--compare needs --plan, --method or --shiva (there is nothing to compare)")
     if args.plan:
@@ -118,7 +118,7 @@ def run(args) -> int:
     import torch
 
     from ..metrics import psnr, ssim
-    from ..runtime import apply
+    from ..runtime import apply, remove
     from ..runtime.summary import format_table
 
     from .. import io
@@ -162,17 +162,25 @@ def run(args) -> int:
     run = dict(sampler=args.sampler, steps=args.steps, guidance_scale=args.cfg, seed=args.seed,
                batch_size=args.batch_size)
     full = None
+    steps = args.steps or SAMPLERS[args.sampler][2]
     if (plan is not None or shiva is not None) and args.compare:
+        if args.compile:  # compiled against compiled
+            _compile_full(pipe, steps, labels, run)
         full_images, full = sample(pipe, labels, **run)
+        remove(pipe)
     if plan is not None:
-        apply(pipe, plan)
+        apply(pipe, plan, compile=args.compile)
+    elif shiva is None and args.compile:
+        _compile_full(pipe, steps, labels, run)
     if shiva is not None:
         from ..methods.shiva.inference import apply_shiva
 
         from ..pipeline import make_scheduler
 
-        plan = apply_shiva(pipe, shiva, args.steps or SAMPLERS[args.sampler][2],
-                           scheduler=make_scheduler(args.sampler, pipe.scheduler.config), compile=args.compile)
+        plan = apply_shiva(pipe, shiva, steps, scheduler=make_scheduler(args.sampler, pipe.scheduler.config),
+                           compile=args.compile)
+    if args.compile and (plan is not None):
+        _warm_up(pipe, labels, run)
     images, stats = sample(pipe, labels, **run)
     save_grid(images, out, nrow=args.n)
     if args.save_dir:
@@ -193,3 +201,28 @@ def run(args) -> int:
     print(f"{len(labels)} images, {stats.calls} transformer calls, {stats.flops / 1e9:.1f} GFLOP, "
           f"{stats.wall_s:.2f} s -> {out}")
     return 0
+
+
+def _warm_up(pipe, labels: list, run: dict) -> None:
+    """One batch (and the smaller last one, if any), untimed: the compiled programs of these batch
+    sizes are made here."""
+    import time
+
+    from ..sampling import sample
+
+    t0 = time.perf_counter()
+    sizes = {min(len(labels), run["batch_size"]), len(labels) % run["batch_size"]} - {0}
+    for n in sorted(sizes):
+        sample(pipe, labels[:n], **{**run, "progress": False, "count_flops": False})
+    print(f"compiled in {time.perf_counter() - t0:.0f} s (one warm-up batch, not counted below)")
+
+
+def _compile_full(pipe, steps: int, labels: list, run: dict) -> None:
+    """The unaccelerated model, compiled the same way (the full plan: one program)."""
+    from ..methods import model_shape
+    from ..plan import full_plan
+    from ..runtime import apply
+
+    shape = model_shape(pipe.transformer, steps)
+    apply(pipe, full_plan(steps, shape.num_layers, shape.num_tokens, shape.modules), compile=True)
+    _warm_up(pipe, labels, run)

@@ -11,6 +11,7 @@ from ..plan import FULL, REUSE, Plan
 from .adapters import block_modules, find_blocks, transformer_of
 from .hooks import (MODULE_HOOK, NORM_HOOK, ROUTE_HOOK, STEP_HOOK, ModuleHook, NormSkipHook, RouteHook,
                     StepHook, register, unregister)
+from .program import CompileConfig
 from .state import PlanMismatch, RunState
 
 _STATE_ATTR = "_ditaccel_state"
@@ -61,13 +62,21 @@ def apply(target, plan: Plan, router=None, check_fingerprint: bool = True, skip_
     operations on more rows; a batched matmul may round the last bit differently: the bundled
     model's images are bit-identical at the benchmarks' batch sizes on the CPU tested).
 
-    ``compile``: for plans that only route tokens through blocks (Shiva), run every block through
-    ``torch.compile`` (True, or a dict of its options; default ``dynamic=False``) while the hooks
-    stay eager: regional compilation, one compiled graph per distinct block input shape, which
-    all blocks share.  A route plan's shapes are static per (step, layer), so a generation
-    compiles once per distinct token count (:func:`compile_count`) and batch size, and never
-    again; dynamo's recompile limit is raised to four times that count if it is lower (raise
-    ``torch._dynamo.config.recompile_limit`` yourself to sample at more batch sizes).
+    ``compile``: run the plan compiled by ``torch.compile`` (True, a dict of its options, or a
+    :class:`~ditaccel.runtime.program.CompileConfig`; default ``dynamic=False``).  By steps (the
+    default, :mod:`ditaccel.runtime.program`): each distinct step pattern of the plan is one
+    program, the whole transformer call compiled once (per call shape) and replayed on every step
+    of that pattern; everything that depends on the data is decided before the call, so each
+    program traces without graph breaks (``fullgraph=True`` holds) and on CUDA
+    ``{"mode": "reduce-overhead"}`` captures it as a CUDA graph.  :func:`program_count` bounds
+    how many programs a plan has; the full plan (``ditaccel.plan.full_plan``) is one, which
+    compiles the unaccelerated model the same way.  By blocks (plans that only route tokens
+    through blocks, Shiva's, by default): every block runs through ``torch.compile`` while the
+    hooks stay eager, one compiled graph per distinct block input shape shared by all blocks
+    (:func:`compile_count` per batch size); a route plan's steps are typically all distinct
+    patterns, which whole-step programs would compile one by one.  Dynamo's recompile limit is
+    raised to fit either (raise ``torch._dynamo.config.recompile_limit`` yourself to sample at
+    many batch sizes).
 
     ``nan_guard``: if a call's output is not finite, raise
     :class:`~ditaccel.runtime.state.NonFiniteOutput` naming the sampling step and the first
@@ -89,16 +98,16 @@ def apply(target, plan: Plan, router=None, check_fingerprint: bool = True, skip_
     if routes and not callable(router):
         raise PlanMismatch("this plan routes tokens through blocks (plan.route); pass the router "
                            "that scores them: apply(pipe, plan, router=...)")
-    compile_options = None
-    if compile:
-        if not routes or bool((plan.tokens != FULL).any()):
-            raise PlanMismatch("compile= supports plans that only route tokens through blocks (Shiva): "
-                               "caching plans change what a block computes from step to step; apply "
-                               "this plan without compile")
-        compile_options = {"dynamic": False, **(compile if isinstance(compile, dict) else {})}
-        limit = 4 * compile_count(plan) + 1  # room for a few batch sizes (each is its own shape)
-        if torch._dynamo.config.recompile_limit < limit:
-            torch._dynamo.config.recompile_limit = limit
+    compile_options, config = None, CompileConfig.of(compile)
+    route_only = routes and not bool((plan.tokens != FULL).any())
+    scope = None if config is None else config.scope if config.scope != "auto" else "blocks" if route_only else "steps"
+    if scope == "blocks":
+        if not route_only:
+            raise PlanMismatch("compile scope 'blocks' supports plans that only route tokens through blocks "
+                               "(Shiva): caching plans change what a block computes from step to step; "
+                               "compile them by steps (CompileConfig(scope='steps'))")
+        compile_options = config.torch_options()
+        _raise_recompile_limit(4 * compile_count(plan) + 1)  # room for a few batch sizes (each is its own shape)
     blocks = find_blocks(transformer)
     if len(blocks) != plan.num_layers:
         raise PlanMismatch(f"the plan has {plan.num_layers} layers but {type(transformer).__name__} "
@@ -138,7 +147,10 @@ def apply(target, plan: Plan, router=None, check_fingerprint: bool = True, skip_
         state = RunState(plan, source="timestep")
         check = lambda: None  # noqa: E731
     state.nan_guard = nan_guard
-    register(transformer, StepHook(state, check), STEP_HOOK)
+    step_hook = StepHook(state, check)
+    register(transformer, step_hook, STEP_HOOK)
+    if scope == "steps":  # the hooks below follow the programs' patterns; the eager-only ones are left out
+        skip_reused_norms = collapse = False
     for layer, ((_, block, spec), mods) in enumerate(zip(blocks, per_block)):
         # in a route plan, a module computed in full at every step needs no module hook (the route
         # hook records what it ran on); elsewhere the module hook also checks the token count
@@ -165,8 +177,32 @@ def apply(target, plan: Plan, router=None, check_fingerprint: bool = True, skip_
             state.collapse_steps = program.steps
             for layer, (_, block, spec) in enumerate(blocks):
                 register(block, CollapseHook(state, layer, program, block, spec.image_arg), COLLAPSE_HOOK)
+    if scope == "steps":
+        from .program import Programs
+
+        later = plan.tokens[~plan.anchors]                                        # (steps, L, M)
+        keep_out = (later != FULL).any(0)
+        keep_ref = keep_out & (later > 0).any(0) if plan.token_score == "delta" else keep_out & False
+        step_hook.programs = Programs(state, step_hook.fn_ref.original_forward, tuple(plan.modules),
+                                      keep_out.tolist(), keep_ref.tolist(), config.torch_options())
+        _raise_recompile_limit(4 * program_count(plan) + 8)
     setattr(transformer, _STATE_ATTR, state)
     return target
+
+
+def program_count(plan: Plan) -> int:
+    """Distinct step patterns of ``plan`` (what ``apply(..., compile=True)`` compiles by steps, per
+    guidance layout: each pattern once without and once with forecast histories at most)."""
+    rows = {(bool(a), tuple(t.flatten().tolist()) if not a else None,
+             None if plan.route is None else tuple(r.tolist()))
+            for a, t, r in zip(plan.anchors, plan.tokens,
+                               plan.route if plan.route is not None else [None] * plan.num_steps)}
+    return len(rows) * (2 if plan.forecast else 1)
+
+
+def _raise_recompile_limit(limit: int) -> None:
+    if torch._dynamo.config.recompile_limit < limit:
+        torch._dynamo.config.recompile_limit = limit
 
 
 def _check_sampler(made_for: str | None, scheduler) -> None:

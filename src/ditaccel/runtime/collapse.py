@@ -20,7 +20,6 @@ that is missing or invalid, gates that cannot be computed ahead, GLIGEN inputs.
 
 from __future__ import annotations
 
-import inspect
 
 import torch
 from diffusers.hooks import ModelHook
@@ -215,13 +214,14 @@ class CollapseHook(ModelHook):
     def __init__(self, state: RunState, layer: int, collapse: Collapse, block: torch.nn.Module, image_arg: str):
         super().__init__()
         self.state, self.layer, self.collapse, self.image_arg = state, layer, collapse, image_arg
-        sig = inspect.signature(type(block).forward)
-        self.signature = sig.replace(parameters=list(sig.parameters.values())[1:])
+        from .hooks import positional
+
+        self.signature = positional(type(block))
 
     def new_forward(self, block, *args, **kwargs):
         st = self.state
         original = self.fn_ref.original_forward
-        if st.step >= 0 and st.routed_tokens is None and self.collapse.steps[st.step]:
+        if st.program is None and st.step >= 0 and st.routed_tokens is None and self.collapse.steps[st.step]:
             if self.layer == 0:
                 from .hooks import _named
 

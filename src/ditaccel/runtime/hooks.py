@@ -28,6 +28,7 @@ class StepHook(ModelHook):
     def __init__(self, state: RunState, check=lambda: None, timestep_arg: str = "timestep"):
         super().__init__()
         self.state, self.check, self.timestep_arg = state, check, timestep_arg
+        self.programs = None  # runtime.program.Programs when the plan runs as compiled step programs
 
     def new_forward(self, module, *args, **kwargs):
         self.check()
@@ -46,6 +47,8 @@ class StepHook(ModelHook):
             with flop_counter() as counter:
                 out = original(*args, **kwargs)
             record.flops = int(counter.get_total_flops())
+        elif self.programs is not None:
+            out = self.programs.call(args, kwargs)
         else:
             out = original(*args, **kwargs)
         synchronize(dev)
@@ -195,12 +198,17 @@ def _rope_wan(x, cos, sin):
     return out.type_as(x)
 
 
-def _named(signature: inspect.Signature, args: tuple, kwargs: dict) -> dict:
-    """A call's arguments by name (positional ones named from the forward's signature)."""
-    names = [p.name for p in signature.parameters.values()
-             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+def positional(cls) -> tuple[str, ...]:
+    """The names of ``cls.forward``'s positional parameters after ``self`` (kept as a tuple: a
+    compiled program reads it without touching ``inspect``'s mapping proxies)."""
+    params = list(inspect.signature(cls.forward).parameters.values())[1:]
+    return tuple(p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
+
+
+def _named(names: tuple[str, ...], args: tuple, kwargs: dict) -> dict:
+    """A call's arguments by name (positional ones named from the forward's ``positional`` names)."""
     if len(args) > len(names):
-        raise PlanMismatch(f"unexpected positional arguments for {signature}")
+        raise PlanMismatch(f"unexpected positional arguments: {len(args)} for ({', '.join(names)})")
     return {**dict(zip(names, args)), **kwargs}
 
 
@@ -217,12 +225,14 @@ class ModuleHook(ModelHook):
         self.keep_out = bool((later != FULL).any())
         self.keep_ref = self.keep_out and plan.token_score == "delta" and bool((later > 0).any())
         self.forecast = self.keep_out and plan.forecast > 0  # keep the last two full outputs
-        self.signature = inspect.signature(type(module).forward)
-        self.signature = self.signature.replace(parameters=list(self.signature.parameters.values())[1:])
+        self.signature = positional(type(module))
+        self.slot = f"{layer}.{role}"
 
     def new_forward(self, module, *args, **kwargs):
         st = self.state
         original = self.fn_ref.original_forward
+        if st.program is not None:
+            return self._program_forward(st.program, module, original, args, kwargs)
         if st.step < 0:  # called outside a transformer call (e.g. a user probing the module)
             return original(*args, **kwargs)
         record = st.records[-1].computed
@@ -254,7 +264,29 @@ class ModuleHook(ModelHook):
             record[(self.layer, self.role)] = 0
             return self._reused(cache)
         ref = cache.ref if cache.ref is not None else x
-        idx = token_scores(x[:, text:], ref[:, text:], st.plan.token_score).topk(k, dim=1).indices + text
+        idx, x_sel, fresh, text_out = self._fresh(module, original, x, rest, kwargs, k, ref, text)
+        if cache.ref is not None:  # where the fresh tokens were computed from
+            cache.ref.scatter_(1, idx[..., None].expand(-1, -1, x_sel.shape[-1]), x_sel)
+        record[(self.layer, self.role)] = k
+        if self.forecast:  # the fresh tokens over this step's forecast; the cache keeps full outputs
+            out = cache.forecast(st.step)
+            image = out[0] if isinstance(out, tuple) else out
+            image.scatter_(1, idx[..., None].expand(-1, -1, fresh.shape[-1]), fresh.to(image.dtype))
+            if isinstance(out, tuple) and text_out is not None:
+                out = (out[0], text_out, *out[2:])
+            return st.watch(self.layer, self.role, out)
+        # patch the cache in place: the fresh tokens
+        cache.image_out.scatter_(1, idx[..., None].expand(-1, -1, fresh.shape[-1]), fresh.to(cache.image_out.dtype))
+        if isinstance(cache.out, tuple) and text_out is not None:
+            cache.out = (cache.out[0], _into(cache.out[1], text_out), *cache.out[2:])
+        cache.touched()
+        return st.watch(self.layer, self.role, cache.give())
+
+    def _fresh(self, module, original, x, rest, kwargs, k: int, ref: torch.Tensor, text: int):
+        """Partial recompute: the ``k`` image tokens whose input moved most (by the plan's token
+        score against ``ref``), and the module's output for them (and for every text token).
+        Returns (indices (B, k'), their inputs, their outputs, the text tokens' output or None)."""
+        idx = token_scores(x[:, text:], ref[:, text:], self.state.plan.token_score).topk(k, dim=1).indices + text
         if text:  # text tokens are always computed
             idx = torch.cat([torch.arange(text, device=idx.device).expand(x.shape[0], text), idx], dim=1)
         x_sel = _gather(x, idx)                                                   # (B, k, D)
@@ -277,22 +309,47 @@ class ModuleHook(ModelHook):
                 fresh = partial_wan_attention(module, x, idx, named.get("rotary_emb"))
             else:
                 raise PlanMismatch(f"unknown partial attention kind {self.spec.partial_attn!r}")
-        if cache.ref is not None:  # where the fresh tokens were computed from
-            cache.ref.scatter_(1, idx[..., None].expand(-1, -1, x_sel.shape[-1]), x_sel)
-        record[(self.layer, self.role)] = k
-        if self.forecast:  # the fresh tokens over this step's forecast; the cache keeps full outputs
-            out = cache.forecast(st.step)
-            image = out[0] if isinstance(out, tuple) else out
-            image.scatter_(1, idx[..., None].expand(-1, -1, fresh.shape[-1]), fresh.to(image.dtype))
-            if isinstance(out, tuple) and text_out is not None:
-                out = (out[0], text_out, *out[2:])
-            return st.watch(self.layer, self.role, out)
-        # patch the cache in place: the fresh tokens
-        cache.image_out.scatter_(1, idx[..., None].expand(-1, -1, fresh.shape[-1]), fresh.to(cache.image_out.dtype))
-        if isinstance(cache.out, tuple) and text_out is not None:
-            cache.out = (cache.out[0], _into(cache.out[1], text_out), *cache.out[2:])
-        cache.touched()
-        return st.watch(self.layer, self.role, cache.give())
+        return idx, x_sel, fresh, text_out
+
+    def _program_forward(self, ctx, module, original, args, kwargs):
+        """The step-program path (``runtime.program``): the action is the program's, a constant;
+        cached outputs come from and go to the context, never waiting for the device."""
+        from .program import forecast_of
+
+        program = ctx.program
+        if program.route is not None and program.route[self.layer] != FULL:
+            return original(*args, **kwargs)  # inside a routed block: it runs on the routed tokens
+        action = program.modules[self.layer][self.m]
+        x = args[0] if args else kwargs.pop("hidden_states")
+        rest = args[1:]
+        n_all, n = x.shape[1], self.state.plan.num_tokens
+        text = n_all - n if self.spec.module_tokens == "text_prefix" else 0
+        if text < 0 or (self.spec.module_tokens == "image" and n_all != n):
+            raise PlanMismatch(f"the plan is for {n} image tokens but layer {self.layer} sees "
+                               f"{n_all - max(text, 0)}; make the plan for this image size")
+        name = self.slot
+        if action.tokens == FULL:
+            out = original(x, *rest, **kwargs)
+            if action.store:
+                ctx.new[name] = out
+            if action.ref:  # a copy: two modules may share one input (Flux's single blocks)
+                ctx.new[name + ":ref"] = x.clone()
+            return out
+        base = forecast_of(ctx, name, action)
+        if action.tokens == REUSE:
+            return base
+        ref = ctx.bank.get(name + ":ref", x)
+        idx, x_sel, fresh, text_out = self._fresh(module, original, x, rest, kwargs, action.tokens, ref, text)
+        image = base[0] if isinstance(base, tuple) else base
+        patched = _scatter(image, idx, fresh.to(image.dtype))
+        out = patched
+        if isinstance(base, tuple):
+            out = (patched, base[1] if text_out is None else text_out, *base[2:])
+        if action.ref:
+            ctx.new[name + ":ref"] = _scatter(ref, idx, x_sel)
+        if action.patch:  # the patched output is the cache (a forecasting module's keeps full outputs)
+            ctx.new[name] = out
+        return out
 
     def _reused(self, cache: ModuleCache):
         """The cached output, or its forecast.  Only a forecast is watched for NaN/Inf: a plain
@@ -348,12 +405,13 @@ class NormSkipHook(ModelHook):
         self.state, self.layer, self.role, self.m = state, layer, role, module_index
         self.conditioning = conditioning
         if conditioning:
-            sig = inspect.signature(type(module).forward)
-            self.signature = sig.replace(parameters=list(sig.parameters.values())[1:])
+            self.signature = positional(type(module))
 
     def new_forward(self, module, *args, **kwargs):
         st = self.state
         original = self.fn_ref.original_forward
+        if st.program is not None:  # a step program: the compiler drops what the reused module ignores
+            return original(*args, **kwargs)
         if st.step >= 0 and st.routed_tokens is None and args and st.tokens_for(self.layer, self.m) == REUSE:
             x = args[0]
             cache = st.caches.get((st.branch, self.layer, self.role))
@@ -406,11 +464,12 @@ class NormSkipHook(ModelHook):
 
 @dataclass
 class RouteCall:
-    """What a router is told about the block call it scores tokens for."""
+    """What a router is told about the block call it scores tokens for (``step`` and ``branch``
+    are None when the plan runs as compiled step programs: one program serves several steps)."""
     layer: int
-    step: int
+    step: int | None
     num_steps: int
-    branch: int
+    branch: int | None
     block_kwargs: dict   # the block's arguments by name (timestep / temb, text tokens, ...)
     call_kwargs: dict    # the transformer call's keyword arguments (timestep, class labels, ...)
     cfg_paired: bool     # the batch is [branch A; branch B] of the same latents (batched CFG)
@@ -425,8 +484,7 @@ class RouteHook(ModelHook):
                  compile_options: dict | None = None, roles: tuple[str, ...] = ()):
         super().__init__()
         self.state, self.layer, self.spec, self.router = state, layer, spec, router
-        sig = inspect.signature(type(block).forward)
-        self.signature = sig.replace(parameters=list(sig.parameters.values())[1:])
+        self.signature = positional(type(block))
         self.compile_options, self._compiled = compile_options, None
         self.roles = roles  # this block's modules that carry no module hook (see apply): recorded here
 
@@ -441,6 +499,8 @@ class RouteHook(ModelHook):
 
     def new_forward(self, block, *args, **kwargs):
         st = self.state
+        if st.program is not None:
+            return self._program_forward(st.program, args, kwargs)
         original = self._forward()
         route = st.plan.route
         k = FULL if route is None or st.step < 0 else st.route_list[st.step][self.layer]
@@ -464,10 +524,7 @@ class RouteHook(ModelHook):
         if tuple(scores.shape) != (b, n):
             raise PlanMismatch(f"the router returned scores of shape {tuple(scores.shape)}, "
                                f"expected (batch, image tokens) = {(b, n)}")
-        if st.cfg_paired:
-            half = scores[: b // 2].maximum(scores[b // 2:])
-            scores = torch.cat([half, half])
-        idx = scores.topk(k, dim=1).indices.sort(dim=1).values                   # (B, k)
+        idx = self._select(scores, k, st.cfg_paired)
         st.records[-1].computed.update({(self.layer, r): k for r in self.roles})
         st.routed_tokens = k
         try:
@@ -475,6 +532,33 @@ class RouteHook(ModelHook):
         finally:
             st.routed_tokens = None
         return st.watch(self.layer, "block", out)
+
+    @staticmethod
+    def _select(scores: torch.Tensor, k: int, cfg_paired: bool) -> torch.Tensor:
+        """(B, k) indices of the ``k`` highest scores, in token order; with batched classifier-free
+        guidance both halves keep the same tokens (max of their scores)."""
+        if cfg_paired:
+            b = scores.shape[0]
+            half = scores[: b // 2].maximum(scores[b // 2:])
+            scores = torch.cat([half, half])
+        return scores.topk(k, dim=1).indices.sort(dim=1).values
+
+    def _program_forward(self, ctx, args, kwargs):
+        """The step-program path (``runtime.program``): the routed count is the program's."""
+        original = self.fn_ref.original_forward
+        k = ctx.program.route[self.layer]
+        if k == FULL:
+            return original(*args, **kwargs)
+        st = self.state
+        named = _named(self.signature, args, kwargs)
+        x = named[self.spec.image_arg]
+        if x.shape[1] != st.plan.num_tokens:
+            raise PlanMismatch(f"the plan is for {st.plan.num_tokens} image tokens but layer "
+                               f"{self.layer} sees {x.shape[1]}; make the plan for this image size")
+        # (a program serves every step of its pattern: the step and branch are not the router's to read)
+        call = RouteCall(self.layer, None, st.plan.num_steps, None, named, st.call_kwargs, ctx.program.cfg_paired)
+        idx = self._select(self.router(x, call), k, ctx.program.cfg_paired)
+        return self._run(original, named, x, idx)
 
     def _run(self, original, named, x, idx):
         spec = self.spec

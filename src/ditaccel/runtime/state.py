@@ -202,6 +202,8 @@ class RunState:
         self.routed_tokens: int | None = None  # set while a routed block runs
         self.skipped_inputs: set[tuple[int, str]] = set()  # (layer, role) whose norm was skipped
         self.count_flops = False
+        # the running step program's context (runtime.program), None on the eager path
+        self.program = None
         self.collapsed = False  # this call's blocks were collapsed into the first one's output
         self.collapse_steps: list[bool] | None = None  # the steps apply() collapses, if any
         # NaN guard: every accelerated module output is checked on the device (no sync), the

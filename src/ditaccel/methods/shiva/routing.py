@@ -16,13 +16,12 @@ reach the router's scores and, through the continuous count ``N r``, the policy.
 
 from __future__ import annotations
 
-import inspect
 
 import torch
 from diffusers.hooks import ModelHook
 
 from ...runtime.adapters import find_blocks
-from ...runtime.hooks import RouteCall, _named, register, unregister
+from ...runtime.hooks import RouteCall, _named, positional, register, unregister
 from .policy import round_counts
 from .topk import residual_topk
 
@@ -47,8 +46,7 @@ class _BlockHook(ModelHook):
     def __init__(self, routing: TrainRouting, layer: int, spec, block):
         super().__init__()
         self.routing, self.layer, self.spec = routing, layer, spec
-        sig = inspect.signature(type(block).forward)
-        self.signature = sig.replace(parameters=list(sig.parameters.values())[1:])
+        self.signature = positional(type(block))
 
     def new_forward(self, block, *args, **kwargs):
         rt, spec = self.routing, self.spec
