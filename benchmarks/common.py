@@ -76,8 +76,9 @@ def resume_partial(partial: Path, settings: dict) -> tuple[dict, list[dict]]:
     return {"settings": settings}, []
 
 
-def all_anchor_entry(pipe, steps: int):
-    """The bench entry that runs our runtime with nothing to skip (every step an anchor): its cost."""
+def all_anchor_entry(pipe, steps: int, compile=False):
+    """The bench entry that runs our runtime with nothing to skip (every step an anchor): its cost
+    (``compile``: as compiled programs, the full model compiled)."""
     from ditaccel.bench import Entry
     from ditaccel.methods import model_shape
     from ditaccel.plan import full_plan
@@ -88,18 +89,19 @@ def all_anchor_entry(pipe, steps: int):
 
     def prepare(p):
         def attach(q):
-            apply(q, plan)
+            apply(q, plan, compile=compile)
             return lambda: remove(q)
         return attach
 
     return Entry("all-anchor", "ours", "-", 0.0, prepare)
 
 
-def measure_entry(pipe, timed, entry, repeats: int, while_on=None):
+def measure_entry(pipe, timed, entry, repeats: int, while_on=None, baseline=None):
     """One bench entry on ``pipe``: switched on, ``timed`` run once to warm up (and do a plan's
     one-off work), its FLOPs counted on a second run, ``while_on(pipe)`` (further measures, or
     None) taken while it is on; switched off; then ``repeats`` interleaved pairs with the full
-    model.  Returns (flops, what while_on returned, ratios full / method)."""
+    model (``baseline``: an attach for the full side, see ``speedup_pairs``).  Returns (flops, what
+    while_on returned, ratios full / method)."""
     import torch
 
     from ditaccel.bench import _counted
@@ -115,5 +117,5 @@ def measure_entry(pipe, timed, entry, repeats: int, while_on=None):
     finally:
         detach()
     with torch.no_grad():
-        ratios = speedup_pairs(pipe, timed, attach, repeats)
+        ratios = speedup_pairs(pipe, timed, attach, repeats, baseline=baseline)
     return flops, extra, ratios

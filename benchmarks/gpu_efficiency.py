@@ -7,7 +7,9 @@ Per size: the eager full model's time per trajectory; per method: FLOP speedup (
 under ``ditaccel.metrics.flop_counter``) and measured speedup against the eager full model (median
 of ``--repeats`` back-to-back pairs, order alternating, after a warm-up); with ``--capture`` (the
 default on CUDA) the full model captured as a CUDA graph through ``torch.compile(mode=
-"reduce-overhead", fullgraph=True)`` beside it.  Methods: ours (all-anchor, FORA 2 and 3,
+"reduce-overhead", fullgraph=True)`` beside it, and then our plans as captured step programs
+(``apply(..., compile=...)``, ``--capture-backend``), each against the full plan captured the same
+way (rows "(captured)"; their measured speedup is against that captured full model).  Methods: ours (all-anchor, FORA 2 and 3,
 FORA-forecast 3, ToCa 3, SODA 2 and 3 profiled and calibrated on this model, Shiva routing at keep
 0.6 with an untrained router) and the peers users have (diffusers' TaylorSeer 2 and 3, MagCache
 0.04, first-block cache 0.2; cache-dit's DBCache 0.2 where cache-dit is installed).
@@ -73,7 +75,8 @@ class Report:
         h = self.header
         lines = [f"{h['device_name']}, torch {h['torch']}, bf16 (fp32 where the device has no native bf16: "
                  f"{h['dtype']}), DDIM-{h['steps']}, {h['layers']} layers, random weights; median of "
-                 f"{h['repeats']} interleaved pairs against the eager full model.", "",
+                 f"{h['repeats']} interleaved pairs against the eager full model (rows '(captured)': against "
+                 "the full model captured as our programs).", "",
                  "| size | method | library | knob | FLOP speedup | measured speedup | measured / FLOP | ms per trajectory |",
                  "|---|---|---|---|---|---|---|---|"]
         for r in self.rows:
@@ -125,8 +128,10 @@ def run_size(size: str, args, device, dtype, report: Report, deadline: float) ->
 
     peers = [m for m in PEERS if m in args.methods and m in AVAILABLE and _available(AVAILABLE[m].library)]
     ours = [m for m in OURS if m in args.methods]
+    profiled = functools.cache(make_profile)
+    plan_dir = Path(args.out) / "plans" / size  # SODA's calibrated plans, shared by eager and captured rows
     entries = method_entries(pipe, args.steps, methods=ours + peers, sweeps={**OURS, **PEERS},
-                             profile=functools.cache(make_profile), calibration_run=cal_run)
+                             profile=profiled, calibration_run=cal_run, plan_dir=plan_dir)
     entries = [all_anchor_entry(pipe, args.steps), *entries]
     if "shiva" in args.methods:
         entries.append(shiva_entry(pipe, args.steps))
@@ -150,6 +155,58 @@ def run_size(size: str, args, device, dtype, report: Report, deadline: float) ->
         report.add({"size": size, "method": e.method, "library": e.family, "knob": e.knob, "value": e.value,
                     "speedup_flops": full_flops / flops, "speedup_measured": statistics.median(ratios),
                     "ratios": ratios, "ms": ms})
+    if args.capture:
+        captured_plans(pipe, timed, full_ms, full_flops, size, args, device, report, deadline,
+                       dict(methods=ours, sweeps=OURS, profile=profiled, calibration_run=cal_run, plan_dir=plan_dir))
+
+
+def captured_plans(pipe, timed, full_ms: float, full_flops: int, size: str, args, device, report: Report,
+                   deadline: float, entry_args: dict) -> None:
+    """Our plans as captured step programs (``apply(..., compile=...)`` with ``--capture-backend``),
+    each against the full plan captured the same way (one program: the full model)."""
+    from ditaccel.bench import method_entries
+    from ditaccel.runtime.program import CompileConfig
+    from common import all_anchor_entry, measure_entry
+    from efficiency import shiva_entry
+
+    options = {"backend": "cudagraphs"} if args.capture_backend == "cudagraphs" else {"mode": "reduce-overhead"}
+    config = CompileConfig(options=options)
+    full = all_anchor_entry(pipe, args.steps, compile=config)
+    baseline = full.prepare(pipe)
+    detach = baseline(pipe)
+    try:
+        compile_s, base_ms = warm_and_time(pipe, timed, args.repeats, device)
+    finally:
+        detach()
+    report.add({"size": size, "method": "full (captured programs)", "library": f"ours/{args.capture_backend}",
+                "knob": None, "value": None, "speedup_flops": 1.0, "speedup_measured": full_ms / base_ms,
+                "ms": base_ms, "compile_s": compile_s})
+    entries = method_entries(pipe, args.steps, **entry_args, compile=config)
+    if "shiva" in args.methods:
+        entries.append(shiva_entry(pipe, args.steps, compile=config))
+    for e in entries:
+        if time.time() > deadline:
+            print(f"time budget spent: skipping captured {e.method} {e.value:g} at {size}", flush=True)
+            continue
+        try:
+            flops, ms, ratios = measure_entry(pipe, timed, e, args.repeats, lambda p: timed_ms(timed, p, 1, device),
+                                              baseline=baseline)
+        except Exception as err:  # reported, not fatal: the eager rows stand
+            print(f"captured {e.method} {e.value:g} at {size} failed: {type(err).__name__}: {err}", flush=True)
+            continue
+        report.add({"size": size, "method": f"{e.method} (captured)", "library": e.family, "knob": e.knob,
+                    "value": e.value, "speedup_flops": full_flops / flops, "speedup_measured": statistics.median(ratios),
+                    "against": "captured full", "ratios": ratios, "ms": ms})
+
+
+def warm_and_time(pipe, timed, repeats: int, device) -> tuple[float, float]:
+    """(seconds to compile, record and replay once; then ms per run, median of ``repeats``)."""
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for _ in range(3):  # compile, record, replay
+            timed(pipe)
+        compile_s = time.perf_counter() - t0
+        return compile_s, timed_ms(timed, pipe, repeats, device)
 
 
 def captured(pipe, timed, full_ms: float, size: str, args, device, report: Report) -> None:
@@ -157,14 +214,9 @@ def captured(pipe, timed, full_ms: float, size: str, args, device, report: Repor
     CUDA graph per input shape."""
     tf = pipe.transformer
     original = tf.forward
-    t0 = time.perf_counter()
     tf.forward = torch.compile(original, mode="reduce-overhead", fullgraph=True)
     try:
-        with torch.no_grad():
-            for _ in range(3):  # compile, record, replay
-                timed(pipe)
-            compile_s = time.perf_counter() - t0
-            ms = timed_ms(timed, pipe, args.repeats, device)
+        compile_s, ms = warm_and_time(pipe, timed, args.repeats, device)
     finally:
         tf.forward = original
     report.add({"size": size, "method": "full (captured)", "library": "torch", "knob": None, "value": None,
@@ -187,6 +239,10 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join([*OURS, "shiva", *PEERS]))
     ap.add_argument("--capture", default=None, choices=["on", "off"],
                     help="time the full model captured as a CUDA graph (default: on with CUDA)")
+    ap.add_argument("--capture-backend", default="cudagraphs", choices=["cudagraphs", "inductor"],
+                    help="our captured step programs: torch.compile backend cudagraphs (eager kernels in CUDA "
+                         "graphs; compiles in seconds) or inductor with mode reduce-overhead (fused, slower to "
+                         "compile)")
     ap.add_argument("--budget-s", type=float, default=330.0, help="skip rows that would start after this")
     ap.add_argument("--out", default=os.environ.get("OUT") or str(Path(__file__).resolve().parent / "results"))
     args = ap.parse_args()

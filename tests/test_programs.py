@@ -218,3 +218,43 @@ def test_a_call_without_its_caches_computes_and_a_new_batch_size_starts_over(tin
     remove(tiny_pipe)
     assert plan.tokens[1].eq(REUSE).all() and not plan.anchors[1]
     assert all(a.tokens == FULL for row in program.modules for a in row) and program.reads == () and weights == []
+
+
+def test_programs_can_keep_private_copies_of_what_they_store(tiny_pipe):
+    """Where the programs are CUDA graphs, a replay overwrites the memory of the outputs the last
+    replay of the same graph returned: the bank then holds copies (same images, no shared memory)."""
+    shape = model_shape(tiny_pipe.transformer, T)
+    plan = make_plan("fora", shape, interval=3, forecast=1)
+    call = archs.dit_pixel()[1]
+    assert CompileConfig(options={"mode": "reduce-overhead"}).copies and CompileConfig(options={"backend": "cudagraphs"}).copies
+    assert not CompileConfig().copies
+    images, outputs = {}, {}
+    for copies in (False, True):
+        torch._dynamo.reset()
+        apply(tiny_pipe, plan, compile=CompileConfig(options={"backend": CountingBackend()}, copy_caches=copies))
+        programs = tiny_pipe.transformer._diffusers_hook.get_hook("ditaccel.step").programs
+        stored = []
+        commit = programs._commit
+        programs._commit = lambda bank, program, new: (stored.append(dict(new)), commit(bank, program, new))
+        with torch.no_grad():
+            images[copies] = torch.as_tensor(np.asarray(call(tiny_pipe, 1, 0, T)))
+        banked = programs.banks[0]
+        last = [new for new in stored if new][-1]  # the last anchor's outputs (they are still banked)
+        outputs[copies] = all(banked[name].out is value for name, value in last.items())
+        remove(tiny_pipe)
+    assert torch.equal(images[True], images[False])
+    assert outputs[False] and not outputs[True], "copies only where asked"
+
+
+def test_a_plan_for_another_image_size_is_refused_in_a_program(tiny_pipe):
+    """The token-count check runs while the program is traced: the same one-line PlanMismatch as
+    the eager path, not a compiler error."""
+    shape = model_shape(tiny_pipe.transformer, T)
+    plan = make_plan("toca", dataclasses.replace(shape, num_tokens=shape.num_tokens * 4), interval=2, ratio=0.5)
+    torch._dynamo.reset()
+    apply(tiny_pipe, plan, compile={"backend": CountingBackend(), "fullgraph": True})
+    try:
+        with pytest.raises(PlanMismatch, match="make the plan for this image size"), torch.no_grad():
+            archs.dit_pixel()[1](tiny_pipe, 1, 0, T)
+    finally:
+        remove(tiny_pipe)

@@ -87,7 +87,7 @@ def check_methods(methods: list[str]) -> list[str]:
 def method_entries(pipe, num_steps: int, *, methods: list[str] | None = None, quick: bool = False,
                    sweeps: dict[str, tuple[float, ...]] | None = None, profile=None,
                    calibration_run: Callable | None = None, timed_run: Callable | None = None,
-                   plan_dir=None) -> list[Entry]:
+                   plan_dir=None, compile=False) -> list[Entry]:
     """The configurations to measure: each method (default: all) at each value of its sweep.
     SODA needs ``profile`` (for this pipeline, sampler and step count; or a function that makes it,
     called when a SODA entry is first prepared, so a resumed run that has measured every SODA row
@@ -97,7 +97,8 @@ def method_entries(pipe, num_steps: int, *, methods: list[str] | None = None, qu
     more on a small batch, so a budget met on another batch size is missed on the timed one;
     default: the calibration run).  ``plan_dir``: keep SODA's
     calibrated plans there and reuse them on later runs with the same profile and calibration run
-    (delete the folder when any of them changes)."""
+    (delete the folder when any of them changes).  ``compile``: our plans are applied with
+    ``apply(..., compile=compile)`` (peers run as they are)."""
     methods = check_methods(list(METHOD_NAMES) if methods is None else methods)
     sweeps = sweeps or {}
     if any(m.startswith("soda") for m in methods) and (profile is None or calibration_run is None):
@@ -107,7 +108,7 @@ def method_entries(pipe, num_steps: int, *, methods: list[str] | None = None, qu
 
     def planned(plan):
         def attach(p):
-            apply(p, plan)
+            apply(p, plan, compile=compile)
             return lambda: remove(p)
         return attach
 

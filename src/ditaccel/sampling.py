@@ -230,17 +230,18 @@ def _non_finite_message(pipe, first: int, state) -> str:
             "scale; try --dtype fp32 or a smaller guidance scale")
 
 
-def speedup_pairs(pipe, timed, attach, repeats: int = 3) -> list[float]:
+def speedup_pairs(pipe, timed, attach, repeats: int = 3, baseline=None) -> list[float]:
     """Wall-clock ratios (full model / method) of ``timed(pipe)``: the full model and the method
     back to back, ``repeats`` times with the order alternating (take the median).  ``attach(pipe)``
     switches the method on and returns the function that switches it off; the method is off
-    between and after the pairs.  Warm the pipeline up before the first call."""
+    between and after the pairs.  ``baseline``: an attach like it for the full side (e.g. the full
+    plan compiled; default the pipeline as it is).  Warm the pipeline up before the first call."""
     dev = getattr(pipe, "_execution_device", None)
     ratios = []
     for r in range(repeats):
         walls = {}
         for which in (("full", "method") if r % 2 == 0 else ("method", "full")):
-            detach = attach(pipe) if which == "method" else None
+            detach = attach(pipe) if which == "method" else baseline(pipe) if baseline is not None else None
             try:
                 synchronize(dev)
                 t = time.perf_counter()

@@ -184,7 +184,8 @@ def apply(target, plan: Plan, router=None, check_fingerprint: bool = True, skip_
         keep_out = (later != FULL).any(0)
         keep_ref = keep_out & (later > 0).any(0) if plan.token_score == "delta" else keep_out & False
         step_hook.programs = Programs(state, step_hook.fn_ref.original_forward, tuple(plan.modules),
-                                      keep_out.tolist(), keep_ref.tolist(), config.torch_options())
+                                      keep_out.tolist(), keep_ref.tolist(), config)
+        state.compiled = True
         _raise_recompile_limit(4 * program_count(plan) + 8)
     setattr(transformer, _STATE_ATTR, state)
     return target
@@ -200,9 +201,11 @@ def program_count(plan: Plan) -> int:
     return len(rows) * (2 if plan.forecast else 1)
 
 
-def _raise_recompile_limit(limit: int) -> None:
-    if torch._dynamo.config.recompile_limit < limit:
-        torch._dynamo.config.recompile_limit = limit
+def _raise_recompile_limit(needed: int) -> None:
+    """Room for ``needed`` more compiled graphs: dynamo counts them per code object (the
+    transformer's forward, shared by every plan applied to it in this process) and past its limit
+    runs the code uncompiled."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8) + needed
 
 
 def _check_sampler(made_for: str | None, scheduler) -> None:

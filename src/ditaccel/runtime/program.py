@@ -102,12 +102,17 @@ class CompileConfig:
     ``{"mode": "reduce-overhead"}`` to capture CUDA graphs, ``{"backend": "eager",
     "fullgraph": True}`` to check a plan's programs trace without graph breaks).
 
+    ``copy_caches``: keep private copies of the outputs a program stores for later steps (None:
+    where the programs are CUDA graphs, ``mode="reduce-overhead"`` or ``backend="cudagraphs"``, whose
+    outputs live in memory the next replay of the same graph overwrites).
+
     Example::
 
         ditaccel.apply(pipe, plan, compile=CompileConfig(options={"mode": "reduce-overhead"}))
     """
     scope: str = "auto"
     options: dict = field(default_factory=dict)
+    copy_caches: bool | None = None
 
     def __post_init__(self):
         if self.scope not in ("auto", "steps", "blocks"):
@@ -132,13 +137,23 @@ class CompileConfig:
     def torch_options(self) -> dict:
         return {"dynamic": False, **self.options}
 
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether the compiled programs are CUDA graphs (on a CUDA device)."""
+        return self.options.get("mode") in ("reduce-overhead", "max-autotune") or self.options.get("backend") == "cudagraphs"
+
+    @property
+    def copies(self) -> bool:
+        return self.cuda_graphs if self.copy_caches is None else bool(self.copy_caches)
+
 
 class Programs:
     """The host side of step programs for one applied plan: choosing the program of each call,
     the bank of cached outputs, and the compiled transformer forward."""
 
-    def __init__(self, state, forward, roles: tuple[str, ...], keep_out, keep_ref, options: dict):
+    def __init__(self, state, forward, roles: tuple[str, ...], keep_out, keep_ref, config: CompileConfig):
         self.state, self.roles = state, roles
+        self.copies, self.cuda_graphs = config.copies, config.cuda_graphs
         self.keep_out, self.keep_ref = keep_out, keep_ref    # [layer][m]: later steps read it
         self.ctx = ProgramContext()
         self.programs: dict[tuple, StepProgram] = {}
@@ -146,7 +161,7 @@ class Programs:
         self._generation, self._signature = None, None
         # (program, call signature) pairs run so far: each is one graph the compiler made
         self.variants: set[tuple[int, tuple]] = set()
-        self.forward = torch.compile(forward, **options)
+        self.eager, self.forward = forward, torch.compile(forward, **config.torch_options())
 
     # -- choosing ---------------------------------------------------------------------------------
     def program_for(self, bank: dict[str, BankEntry]) -> tuple[StepProgram, list[float]]:
@@ -204,8 +219,18 @@ class Programs:
         ctx.weights = torch.tensor(weights, dtype=torch.float32) if weights else None
         ctx.new = {}
         st.program = ctx
+        if self.cuda_graphs:  # the bank holds copies: earlier replays' outputs may be overwritten
+            torch.compiler.cudagraph_mark_step_begin()
         try:
             out = self.forward(*args, **kwargs)
+        except torch._dynamo.exc.Unsupported as e:
+            # an exception raised while the program is traced (a check of ours: a plan for another
+            # image size) reaches here wrapped by the compiler; the same call run eagerly raises it
+            # as it is, the one line the eager path gives
+            if not isinstance(e.__cause__, torch._dynamo.exc.ObservedException):
+                raise
+            self.eager(*args, **kwargs)
+            raise
         finally:
             st.program = None
         self._commit(bank, program, ctx.new)
@@ -215,6 +240,8 @@ class Programs:
 
     def _commit(self, bank: dict[str, BankEntry], program: StepProgram, new: dict) -> None:
         st = self.state
+        if self.copies:
+            new = {name: _copy(value) for name, value in new.items()}
         for layer, actions in enumerate(program.modules):
             for role, a in zip(self.roles, actions):
                 name = slot_name(layer, role)
@@ -227,6 +254,12 @@ class Programs:
                     entry.out = new[name]
                 if name + ":ref" in new:
                     bank.setdefault(name, BankEntry()).ref = new[name + ":ref"]
+
+
+def _copy(value):
+    if isinstance(value, tuple):
+        return tuple(_copy(v) for v in value)
+    return None if value is None else value.clone()
 
 
 def _read(bank: dict[str, BankEntry], name: str):

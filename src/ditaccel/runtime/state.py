@@ -202,8 +202,10 @@ class RunState:
         self.routed_tokens: int | None = None  # set while a routed block runs
         self.skipped_inputs: set[tuple[int, str]] = set()  # (layer, role) whose norm was skipped
         self.count_flops = False
-        # the running step program's context (runtime.program), None on the eager path
+        # the running step program's context (runtime.program), None on the eager path; whether
+        # the plan runs as compiled step programs at all
         self.program = None
+        self.compiled = False
         self.collapsed = False  # this call's blocks were collapsed into the first one's output
         self.collapse_steps: list[bool] | None = None  # the steps apply() collapses, if any
         # NaN guard: every accelerated module output is checked on the device (no sync), the
@@ -308,6 +310,10 @@ class RunState:
                     "smaller speedup for this model, or run it in fp32 (disable the check: "
                     "apply(..., nan_guard=False))")
         where = "a full-compute step" if self.is_anchor else "an accelerated step"
+        if self.compiled and not self.is_anchor:  # programs record no per-module checks
+            raise NonFiniteOutput(
+                f"{step}: the transformer output has NaN/Inf on an accelerated step of a compiled plan; "
+                "apply it without compile to name the module, plan a smaller speedup, or run in fp32")
         raise NonFiniteOutput(
             f"{step}: the transformer output has NaN/Inf on {where} and no accelerated module "
             "produced them; the model itself overflows here (try fp32), not the plan")
