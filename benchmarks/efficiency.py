@@ -181,6 +181,7 @@ def _plan_of(pipe):
     return None if state is None else state.plan
 
 
+MODELS = ("narrow", "bundled", "xl")
 TARGETS = {"narrow": 0.85, "bundled": 0.9}
 COMPILED_TARGET = 0.85  # compiled plans against the compiled full model (the issue's captured target)
 
@@ -237,6 +238,22 @@ def write_table(out: dict, name: str) -> None:
         replace_block(name, text)
 
 
+def kept_rows(name: str, settings: dict, models: list[str]) -> tuple[list[dict], dict]:
+    """The rows (and dtypes) of the models this run does not measure, from the last result of the
+    same name when it was measured with the same settings (so ``--models narrow`` adds to a table
+    with ``bundled`` in it instead of replacing it)."""
+    path = RESULTS / f"{name}.json"
+    if not path.exists():
+        return [], {}
+    old = json.loads(path.read_text())
+    same = ("steps", "repeats", "xl_layers", "cpu", "threads", "runtime", "compiled")
+    if any(old.get(k) != settings[k] for k in same):
+        return [], {}
+    rows = [r for r in old["rows"] if r["model"].split("-")[0] not in models]
+    dtypes = {m: d for m, d in old["dtypes"].items() if m not in models}
+    return rows, dtypes
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="narrow,bundled,xl")
@@ -257,7 +274,7 @@ def main() -> None:
         write_table(json.loads((RESULTS / f"{args.out_name}.json").read_text()), args.out_name)
         return
     models = [m for m in args.models.split(",") if m]
-    bad = [m for m in models if m not in ("narrow", "bundled", "xl")]
+    bad = [m for m in models if m not in MODELS]
     if bad or args.steps < 4 or args.repeats < 1:
         raise SystemExit(f"--models from narrow, bundled, xl (got {bad}); --steps >= 4, --repeats >= 1")
     dtype = resolve_dtype(args.dtype)
@@ -272,7 +289,9 @@ def main() -> None:
     rows = []
     for m in models:
         rows += measure(m, args, dtypes[m], done, partial)
-    out = {**settings, "total_s": time.time() - t0, "rows": rows}
+    kept, kept_dtypes = kept_rows(args.out_name, settings, models)
+    out = {**settings, "dtypes": {**kept_dtypes, **dtypes}, "total_s": time.time() - t0,
+           "rows": sorted(kept + rows, key=lambda r: MODELS.index(r["model"].split("-")[0]))}
     save_json(args.out_name, out)
     write_table(out, args.out_name)
     partial.unlink(missing_ok=True)

@@ -71,6 +71,12 @@ class BlockSpec:
     # the module it feeds, the runtime computes them for all such steps of a trajectory in one
     # batched call of the norm (see ``apply(..., batch_conditioning=...)``).
     conditioning_norm: dict[str, str] = field(default_factory=dict)
+    # Per variant, the submodules (dotted paths in the block) that make the block's conditioning
+    # from the call's timestep and class labels alone: the first is called as
+    # ``emb(timestep, class_labels, ...)``, each next one on the previous one's output alone.  On
+    # the steps a plan accelerates they are served from a table built once per trajectory
+    # (runtime.embed).
+    conditioning_chain: dict[str, tuple[str, ...]] = field(default_factory=dict)
     # Per variant, how the block's output is made from its modules' outputs (see Residual); a
     # block without one runs every reusing step through its own forward.
     residual: dict[str, Residual] = field(default_factory=dict)
@@ -83,6 +89,13 @@ class BlockSpec:
 
     def conditioning_of(self, block: torch.nn.Module) -> str | None:
         return self.conditioning_norm.get(self._variant(block))
+
+    def chain_of(self, block: torch.nn.Module) -> tuple[torch.nn.Module, ...]:
+        """The block's conditioning chain (empty where it has none, or not all of it)."""
+        try:
+            return tuple(block.get_submodule(p) for p in self.conditioning_chain.get(self._variant(block), ()))
+        except AttributeError:
+            return ()
 
     def residual_of(self, block: torch.nn.Module) -> Residual | None:
         return self.residual.get(self._variant(block))
@@ -97,6 +110,7 @@ BLOCKS: dict[str, BlockSpec] = {
                      "ada_norm_single": {"attn": "norm1", "mlp": "norm2"}},
         # DiT: each block embeds the timestep and class label again in norm1 (AdaLayerNormZero)
         conditioning_norm={"ada_norm_zero": "norm1"},
+        conditioning_chain={"ada_norm_zero": ("norm1.emb", "norm1.silu", "norm1.linear")},
         # DiT: x + gate_msa * attn1 + gate_mlp * ff, the gates from norm1 (its outputs 1 and 4);
         # PixArt: the gates from the block's scale_shift_table and the embedded timestep (chunks 2
         # and 5 of 6), attn2's output added ungated

@@ -11,6 +11,7 @@ from ..plan import FULL, REUSE, Plan
 from .adapters import block_modules, find_blocks, transformer_of
 from .hooks import (MODULE_HOOK, NORM_HOOK, ROUTE_HOOK, STEP_HOOK, ModuleHook, NormSkipHook, RouteHook,
                     StepHook, register, unregister)
+from .embed import EMBED_HOOK, ChainHook
 from .program import CompileConfig
 from .state import PlanMismatch, RunState
 
@@ -161,6 +162,14 @@ def apply(target, plan: Plan, router=None, check_fingerprint: bool = True, skip_
         # (chunked feed-forward splits the MLP input along tokens: it needs all of them)
         norms = spec.norms_of(block) if skip_reused_norms and getattr(block, "_chunk_size", None) is None else {}
         conditioning = spec.conditioning_of(block) if batch_conditioning else None
+        # (eager only: compiled code would specialise on the step)
+        chain = spec.chain_of(block) if batch_conditioning and scope is None else ()
+        if chain and state.source == "scheduler" and any(state.accelerated_list):
+            cond_roles = [r for r, n in norms.items() if n == conditioning and r in plan.modules]
+            norm_served = [any(state.token_list[s][layer][plan.module_index(r)] == REUSE for r in cond_roles)
+                           and not state.anchor_list[s] for s in range(plan.num_steps)]
+            for position, module in enumerate(chain):
+                register(module, ChainHook(state, layer, position, chain, norm_served), EMBED_HOOK)
         for role, module in mods.items():
             if role in plan.modules and role not in unhooked:
                 m = plan.module_index(role)
@@ -287,6 +296,7 @@ def remove(target):
         unregister(module, MODULE_HOOK)
         unregister(module, ROUTE_HOOK)
         unregister(module, NORM_HOOK)
+        unregister(module, EMBED_HOOK)
     if hasattr(transformer, _STATE_ATTR):
         delattr(transformer, _STATE_ATTR)
     return target

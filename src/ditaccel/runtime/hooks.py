@@ -71,6 +71,11 @@ def _gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))
 
 
+def _widened(wide: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``wide`` (an index expanded along the last dim) for ``values``' width."""
+    return wide if wide.shape[-1] == values.shape[-1] else wide[..., :1].expand(-1, -1, values.shape[-1])
+
+
 def _scatter(into: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     return into.scatter(1, idx[..., None].expand(-1, -1, values.shape[-1]), values)
 
@@ -264,19 +269,19 @@ class ModuleHook(ModelHook):
             record[(self.layer, self.role)] = 0
             return self._reused(cache)
         ref = cache.ref if cache.ref is not None else x
-        idx, x_sel, fresh, text_out = self._fresh(module, original, x, rest, kwargs, k, ref, text)
+        wide, x_sel, fresh, text_out = self._fresh(module, original, x, rest, kwargs, k, ref, text)
         if cache.ref is not None:  # where the fresh tokens were computed from
-            cache.ref.scatter_(1, idx[..., None].expand(-1, -1, x_sel.shape[-1]), x_sel)
+            cache.ref.scatter_(1, _widened(wide, x_sel), x_sel)
         record[(self.layer, self.role)] = k
         if self.forecast:  # the fresh tokens over this step's forecast; the cache keeps full outputs
             out = cache.forecast(st.step)
             image = out[0] if isinstance(out, tuple) else out
-            image.scatter_(1, idx[..., None].expand(-1, -1, fresh.shape[-1]), fresh.to(image.dtype))
+            image.scatter_(1, _widened(wide, fresh), fresh.to(image.dtype))
             if isinstance(out, tuple) and text_out is not None:
                 out = (out[0], text_out, *out[2:])
             return st.watch(self.layer, self.role, out)
         # patch the cache in place: the fresh tokens
-        cache.image_out.scatter_(1, idx[..., None].expand(-1, -1, fresh.shape[-1]), fresh.to(cache.image_out.dtype))
+        cache.image_out.scatter_(1, _widened(wide, fresh), fresh.to(cache.image_out.dtype))
         if isinstance(cache.out, tuple) and text_out is not None:
             cache.out = (cache.out[0], _into(cache.out[1], text_out), *cache.out[2:])
         cache.touched()
@@ -285,11 +290,15 @@ class ModuleHook(ModelHook):
     def _fresh(self, module, original, x, rest, kwargs, k: int, ref: torch.Tensor, text: int):
         """Partial recompute: the ``k`` image tokens whose input moved most (by the plan's token
         score against ``ref``), and the module's output for them (and for every text token).
-        Returns (indices (B, k'), their inputs, their outputs, the text tokens' output or None)."""
-        idx = token_scores(x[:, text:], ref[:, text:], self.state.plan.token_score).topk(k, dim=1).indices + text
+        Returns (the indices as a (B, k', D) index of ``x``'s width, their inputs, their outputs,
+        the text tokens' output or None)."""
         if text:  # text tokens are always computed
+            idx = token_scores(x[:, text:], ref[:, text:], self.state.plan.token_score).topk(k, dim=1).indices + text
             idx = torch.cat([torch.arange(text, device=idx.device).expand(x.shape[0], text), idx], dim=1)
-        x_sel = _gather(x, idx)                                                   # (B, k, D)
+        else:
+            idx = token_scores(x, ref, self.state.plan.token_score).topk(k, dim=1).indices
+        wide = idx[..., None].expand(-1, -1, x.shape[-1])  # made once: the gather and the scatters
+        x_sel = x.gather(1, wide)                                                  # (B, k, D)
         text_out = None
         if self.role != "attn":
             fresh = original(x_sel, *rest, **kwargs)                              # (B, k, D')
@@ -309,7 +318,7 @@ class ModuleHook(ModelHook):
                 fresh = partial_wan_attention(module, x, idx, named.get("rotary_emb"))
             else:
                 raise PlanMismatch(f"unknown partial attention kind {self.spec.partial_attn!r}")
-        return idx, x_sel, fresh, text_out
+        return wide, x_sel, fresh, text_out
 
     def _program_forward(self, ctx, module, original, args, kwargs):
         """The step-program path (``runtime.program``): the action is the program's, a constant;
@@ -339,14 +348,14 @@ class ModuleHook(ModelHook):
         if action.tokens == REUSE:
             return base
         ref = ctx.bank.get(name + ":ref", x)
-        idx, x_sel, fresh, text_out = self._fresh(module, original, x, rest, kwargs, action.tokens, ref, text)
+        wide, x_sel, fresh, text_out = self._fresh(module, original, x, rest, kwargs, action.tokens, ref, text)
         image = base[0] if isinstance(base, tuple) else base
-        patched = _scatter(image, idx, fresh.to(image.dtype))
+        patched = image.scatter(1, _widened(wide, fresh), fresh.to(image.dtype))
         out = patched
         if isinstance(base, tuple):
             out = (patched, base[1] if text_out is None else text_out, *base[2:])
         if action.ref:
-            ctx.new[name + ":ref"] = _scatter(ref, idx, x_sel)
+            ctx.new[name + ":ref"] = ref.scatter(1, _widened(wide, x_sel), x_sel)
         if action.patch:  # the patched output is the cache (a forecasting module's keeps full outputs)
             ctx.new[name] = out
         return out
@@ -473,6 +482,9 @@ class RouteCall:
     block_kwargs: dict   # the block's arguments by name (timestep / temb, text tokens, ...)
     call_kwargs: dict    # the transformer call's keyword arguments (timestep, class labels, ...)
     cfg_paired: bool     # the batch is [branch A; branch B] of the same latents (batched CFG)
+    # a dict that lives for this transformer call (None in compiled programs): a router keeps
+    # there what every block of the call shares (its timestep features)
+    memo: dict | None = None
 
 
 class RouteHook(ModelHook):
@@ -519,7 +531,7 @@ class RouteHook(ModelHook):
             raise PlanMismatch(f"the plan is for {st.plan.num_tokens} image tokens but layer "
                                f"{self.layer} sees {n}; make the plan for this image size")
         call = RouteCall(self.layer, st.step, st.plan.num_steps, st.branch, named, st.call_kwargs,
-                         st.cfg_paired)
+                         st.cfg_paired, st.call_memo)
         scores = self.router(x, call)
         if tuple(scores.shape) != (b, n):
             raise PlanMismatch(f"the router returned scores of shape {tuple(scores.shape)}, "
@@ -537,10 +549,9 @@ class RouteHook(ModelHook):
     def _select(scores: torch.Tensor, k: int, cfg_paired: bool) -> torch.Tensor:
         """(B, k) indices of the ``k`` highest scores, in token order; with batched classifier-free
         guidance both halves keep the same tokens (max of their scores)."""
-        if cfg_paired:
-            b = scores.shape[0]
-            half = scores[: b // 2].maximum(scores[b // 2:])
-            scores = torch.cat([half, half])
+        if cfg_paired:  # one choice for both halves, repeated
+            b, n = scores.shape
+            return scores.view(2, b // 2, n).amax(0).topk(k, dim=1).indices.sort(dim=1).values.repeat(2, 1)
         return scores.topk(k, dim=1).indices.sort(dim=1).values
 
     def _program_forward(self, ctx, args, kwargs):
@@ -567,17 +578,22 @@ class RouteHook(ModelHook):
         if rope is not None and spec.rope_layout == "flux" and not bool((idx == idx[:1]).all()):
             # Flux positions have no batch dimension: run each sample's token set on its own
             groups = [(slice(i, i + 1), idx[i:i + 1]) for i in range(x.shape[0])]
+        wide = idx[..., None].expand(-1, -1, x.shape[-1])  # made once: the gather and the scatter
         outs = []
         for rows, sel in groups:
-            args = {name: (v[rows] if torch.is_tensor(v) and v.shape[:1] == x.shape[:1] and name != spec.rope_arg
-                           else v) for name, v in named.items()}
-            args[spec.image_arg] = _gather(x[rows], sel)
+            if len(groups) == 1:  # every row: the call's own tensors, not views of them (an embedder table knows them)
+                args = dict(named)
+                args[spec.image_arg] = x.gather(1, wide)
+            else:
+                args = {name: (v[rows] if torch.is_tensor(v) and v.shape[:1] == x.shape[:1] and name != spec.rope_arg
+                               else v) for name, v in named.items()}
+                args[spec.image_arg] = _gather(x[rows], sel)
             if rope is not None:
                 args[spec.rope_arg] = self._gather_rope(rope, sel, args)
             outs.append(original(**args))
         out = outs[0] if len(outs) == 1 else _cat_outputs(outs)
         image = out if spec.image_output is None else out[spec.image_output]
-        merged = _scatter(x, idx, image.to(x.dtype))
+        merged = x.scatter(1, _widened(wide, image), image.to(x.dtype))
         if spec.image_output is None:
             return merged
         out = list(out)

@@ -195,9 +195,13 @@ class RunState:
         self.anchor_list: list[bool] = plan.anchors.tolist()
         self.token_list: list[list[list[int]]] = plan.tokens.tolist()
         self.route_list: list[list[int]] | None = None if plan.route is None else plan.route.tolist()
+        # the steps on which the plan computes anything differently from the plain model
+        self.accelerated_list: list[bool] = [not a or (self.route_list is not None and any(k != FULL for k in r))
+                                             for a, r in zip(self.anchor_list, self.route_list or self.anchor_list)]
         self.source = source
         self.scheduler = None  # the scheduler the context follows (source "scheduler")
         self.call_kwargs: dict = {}  # the running transformer call's keyword arguments
+        self.call_memo: dict = {}  # facts about the running call, found once (see on_schedule)
         self.cfg_paired = False  # its batch is two guidance branches of the same latents
         self.routed_tokens: int | None = None  # set while a routed block runs
         self.skipped_inputs: set[tuple[int, str]] = set()  # (layer, role) whose norm was skipped
@@ -223,6 +227,9 @@ class RunState:
         # (layer, branch) -> the block's conditioning for this trajectory's reusing steps, batched
         # (hooks.ConditioningTable), or None where it cannot be predicted
         self.conditioning: dict[tuple[int, int], object] = {}
+        # (layer, branch, the block runs its chain) -> the block's conditioning chain outputs for
+        # this trajectory's accelerated steps (embed.ChainTable), or False where they cannot be predicted
+        self.embed_tables: dict[tuple[int, int], object] = {}
         self.generation = getattr(self, "generation", -1) + 1
         if not hasattr(self, "caches"):
             self.caches: dict[tuple[int, int, str], ModuleCache] = {}
@@ -254,6 +261,7 @@ class RunState:
         self.collapsed = False
         self.skipped_inputs.clear()
         self.finite_checks = []
+        self.call_memo = {}
         if self.step >= self.plan.num_steps:
             raise PlanMismatch(f"the sampler ran more than the plan's {self.plan.num_steps} "
                                "steps; make the plan for the step count you sample with")
@@ -273,14 +281,15 @@ class RunState:
         self.last_t = t
 
     def watch(self, layer: int, role: str, out):
-        """Note (without waiting for the device) whether an accelerated module's output is finite.
-        One fp32 sum per output (NaN and Inf carry through a sum; five elementwise passes of
-        ``isfinite().all()`` cost several times more); read only after a transformer output was
-        not finite, to name the module, so an overflowing sum of finite values cannot raise."""
+        """Keep an accelerated module's output to check, should this call's transformer output
+        not be finite, whether it was the first non-finite one (one sum of it then: NaN and Inf
+        carry through a sum); nothing is computed while the outputs are finite.  The output is
+        checked as it is at the end of the call (the runtime changes cached outputs in place only
+        on later steps)."""
         if self.nan_guard:
             t = out[0] if isinstance(out, tuple) else out
             if torch.is_tensor(t) and t.is_floating_point():
-                self.finite_checks.append(([(layer, role)], torch.isfinite(finite_probe(t))))
+                self.finite_checks.append(([(layer, role)], lambda: torch.isfinite(finite_probe(t))))
         return out
 
     def watch_lazily(self, slots: list[tuple[int, str]], flags) -> None:
@@ -317,6 +326,18 @@ class RunState:
         raise NonFiniteOutput(
             f"{step}: the transformer output has NaN/Inf on {where} and no accelerated module "
             "produced them; the model itself overflows here (try fp32), not the plan")
+
+    def on_schedule(self, t) -> bool:
+        """Whether ``t`` is the followed scheduler's timestep of this step in every row (found
+        once per transformer call)."""
+        key = ("on_schedule", id(t))
+        ok = self.call_memo.get(key)
+        if ok is None:
+            sched = getattr(self.scheduler, "timesteps", None)
+            ok = (torch.is_tensor(t) and torch.is_tensor(sched) and len(sched) == self.plan.num_steps
+                  and 0 <= self.step < len(sched) and torch.equal(t, sched[self.step].to(t).expand_as(t)))
+            self.call_memo[key] = ok
+        return ok
 
     @property
     def is_anchor(self) -> bool:

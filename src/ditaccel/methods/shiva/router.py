@@ -107,26 +107,73 @@ class ShivaRouter(nn.Module):
             raise ValueError(f"the transformer call has no {self.condition.arg!r}; Shiva's router needs it")
         return torch.as_tensor(t).reshape(-1) * self.condition.timestep_scale, value
 
-    def scores(self, x: torch.Tensor, layer: int, timestep: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
-        """(B, N) scores of the (B, N, D) tokens ``x`` entering ``layer``."""
+    def scores(self, x: torch.Tensor, layer: int, timestep: torch.Tensor, condition: torch.Tensor,
+               memo: dict | None = None) -> torch.Tensor:
+        """(B, N) scores of the (B, N, D) tokens ``x`` entering ``layer``.  ``memo``: a dict that
+        lives for one transformer call (``RouteCall.memo``), where the part of the scores that
+        depends on the timestep and condition alone is kept for the call's other layers."""
         b = x.shape[0]
         g = layer // self.share
         w = self.proj_x[g].weight
-        t = timestep.to(x.device)
-        t = t.expand(b) if t.numel() == 1 else t
-        h = self.proj_t[g](timestep_embedding(t, self.t_dim).to(w.dtype))
-        if self.condition.kind == "class":
-            c = self.proj_c[g](condition.reshape(-1).long().to(x.device))
-        elif self.condition.kind == "tokens":
-            c = self.proj_c[g](condition.to(w.dtype).mean(1))
+        if memo is not None and not torch.is_grad_enabled():  # every layer's context at once, once per call
+            key = (id(self), id(timestep), id(condition), b)
+            if key not in memo:
+                memo[key] = self._layer_contexts(b, timestep, condition, x.device, w.dtype)
+            h = memo[key][layer]
         else:
-            c = self.proj_c[g](condition.to(w.dtype))
-        if c.shape[0] != b:
-            c = c.expand(b, -1)
-        h = h + c + self.layer_emb.weight[layer]
-        z = self.proj_x[g](x.to(w.dtype)) + h[:, None, :]
+            h = (self._context(b, g, timestep, condition, x.device, w.dtype) + self.layer_emb.weight[layer])[:, None]
+        z = self.proj_x[g](x.to(w.dtype)) + h
         return self.out[g](self.norm[g](nn.functional.silu(z))).squeeze(-1)
 
+    def _context(self, b: int, g: int, timestep, condition, device, dtype) -> torch.Tensor:
+        """(B, bottleneck): router group ``g``'s projection of the timestep and the condition."""
+        t = timestep.to(device)
+        t = t.expand(b) if t.numel() == 1 else t
+        h = self.proj_t[g](timestep_embedding(t, self.t_dim).to(dtype))
+        if self.condition.kind == "class":
+            c = self.proj_c[g](condition.reshape(-1).long().to(device))
+        elif self.condition.kind == "tokens":
+            c = self.proj_c[g](condition.to(dtype).mean(1))
+        else:
+            c = self.proj_c[g](condition.to(dtype))
+        return h + (c.expand(b, -1) if c.shape[0] != b else c)
+
+    def _layer_contexts(self, b: int, timestep, condition, device, dtype) -> torch.Tensor:
+        """(layers, B, 1, bottleneck): :meth:`_context` of every layer's group plus its layer
+        embedding, computed for all groups at once from their weights stacked (kept while the
+        parameters are unchanged)."""
+        wt, bt, wc, bc, group = self._stacked()
+        t = timestep.to(device)
+        t = t.expand(b) if t.numel() == 1 else t
+        h = torch.matmul(timestep_embedding(t, self.t_dim).to(dtype), wt.transpose(1, 2)) + bt  # (G, B, bn)
+        if self.condition.kind == "class":
+            c = wc[:, condition.reshape(-1).long().to(device)]
+        else:
+            v = condition.to(dtype).mean(1) if self.condition.kind == "tokens" else condition.to(dtype)
+            c = torch.matmul(v, wc.transpose(1, 2)) + bc
+        h = h + (c.expand(-1, b, -1) if c.shape[1] != b else c)
+        return (h[group] + self.layer_emb.weight[:, None]).unsqueeze(2)
+
+    def _stacked(self):
+        key = tuple((p.data_ptr(), p._version) for p in self.parameters())
+        cached = getattr(self, "_stack", None)
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                stack = (torch.stack([m.weight for m in self.proj_t]), torch.stack([m.bias for m in self.proj_t])[:, None],
+                         torch.stack([m.weight for m in self.proj_c]),
+                         None if self.condition.kind == "class" else torch.stack([m.bias for m in self.proj_c])[:, None],
+                         torch.arange(self.num_layers, device=self.layer_emb.weight.device) // self.share)
+            cached = self._stack = (key, stack)
+        return cached[1]
+
     def forward(self, x: torch.Tensor, call) -> torch.Tensor:
-        t, cond = self.context(call)
-        return self.scores(x, call.layer, t, cond)
+        memo = getattr(call, "memo", None)
+        if memo is None:
+            return self.scores(x, call.layer, *self.context(call))
+        # one context per transformer call (the same timestep and condition objects)
+        arg = self.condition.arg
+        key = (id(self), id(call.call_kwargs.get("timestep")),
+               id(call.call_kwargs.get(arg, call.block_kwargs.get(arg))))
+        if key not in memo:
+            memo[key] = self.context(call)
+        return self.scores(x, call.layer, *memo[key], memo)
