@@ -1,10 +1,13 @@
-"""Shared by the benchmark scripts: where results go and how README blocks are regenerated."""
+"""Shared by the benchmark scripts: where results go and how the blocks of README and docs/ pages
+are regenerated."""
 
 from __future__ import annotations
 
 import json
 import re
 from pathlib import Path
+
+from ditaccel.io import write_text
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -30,13 +33,17 @@ def save_json(name: str, data: dict) -> None:
     (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=2) + "\n")
 
 
-def replace_block(name: str, text: str, readme: Path = ROOT / "README.md") -> None:
-    """Replace what stands between ``<!-- name:begin -->`` and ``<!-- name:end -->`` in README."""
-    src = readme.read_text()
+def replace_block(name: str, text: str, pages: list[Path] | None = None) -> None:
+    """Replace what stands between ``<!-- name:begin -->`` and ``<!-- name:end -->`` in the page
+    that holds them (README.md or one under docs/; ``pages``: where to look instead)."""
     pattern = re.compile(rf"(<!-- {name}:begin -->\n).*?(<!-- {name}:end -->)", re.S)
-    if not pattern.search(src):
-        raise SystemExit(f"README.md has no <!-- {name}:begin/end --> block")
-    readme.write_text(pattern.sub(lambda m: m.group(1) + text.rstrip() + "\n" + m.group(2), src))
+    pages = pages if pages is not None else [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    for page in pages:
+        src = page.read_text()
+        if pattern.search(src):
+            write_text(page, pattern.sub(lambda m: m.group(1) + text.rstrip() + "\n" + m.group(2), src))
+            return
+    raise SystemExit(f"no page has a <!-- {name}:begin/end --> block (README.md, docs/*.md)")
 
 
 def real_test_features(fx, n: int = 10_000):

@@ -1,4 +1,4 @@
-"""How much of a plan's saved work becomes saved time (issue 33): for each of our methods, the FLOP
+"""How much of a plan's saved work becomes saved time: for each of our methods, the FLOP
 speedup, the op speedup (aten ops dispatched by the full model over those of the plan, counted by
 ``ditaccel.metrics.OpCounter`` over one trajectory: a hardware-independent proxy for kernel
 launches and Python/dispatcher work) and the measured speedup (median of ``--repeats``
@@ -28,7 +28,7 @@ model against the eager one); ops are not counted (compiled code calls its kerne
 dispatcher); target: measured >= 0.85 x FLOP speedup for the cache-only plans.
 
 Rows are kept in ``results/<out-name>.partial.jsonl`` as they finish; the same command resumes.
-Rewrites README's ``efficiency`` (``efficiency-compiled``) block.
+Rewrites its page's ``efficiency`` (``efficiency-compiled``) block.
 
     python benchmarks/efficiency.py [--models narrow,bundled,xl --steps 20 --repeats 5]
     python benchmarks/efficiency.py --compile --models narrow,bundled
@@ -183,11 +183,11 @@ def _plan_of(pipe):
 
 MODELS = ("narrow", "bundled", "xl")
 TARGETS = {"narrow": 0.85, "bundled": 0.9}
-COMPILED_TARGET = 0.85  # compiled plans against the compiled full model (the issue's captured target)
+COMPILED_TARGET = 0.85  # compiled plans against the compiled full model (the captured target)
 
 
 def checks(rows: list[dict], compiled: bool = False) -> list[str]:
-    """The issue's targets, one line per miss (an empty list: all met)."""
+    """The targets, one line per miss (an empty list: all met)."""
     out = []
     for r in rows:
         if not r["cache_only"]:

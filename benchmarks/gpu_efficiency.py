@@ -1,4 +1,4 @@
-"""One prepared run for a machine with a GPU (issue 33): how much of each method's saved work
+"""One prepared run for a machine with a GPU: how much of each method's saved work
 becomes saved time on the DiT-XL/2 shape (28 layers, 1152 wide, random weights, bf16), ours beside
 the peers, at two sizes: 256 tokens x 1 image (CFG: 2 rows per call) and 1024 tokens x 4 images
 (8 rows).  DDIM-20.

@@ -1,12 +1,12 @@
-"""SODA against every peer at matched measured speedups (issue 5), on a bundled model
+"""SODA against every peer at matched measured speedups, on a bundled model
 (``--model``: the class-conditional fmnist-dit, default, or the text-conditioned fmnist-pixart).
 
 Methods, each swept over its knob from light to aggressive:
 - ours: FORA (interval), ToCa-style (interval, 10% of tokens recomputed), Δ-DiT-style (interval),
   SODA (target FLOP speedup) and SODA budgeted by measured latency (target latency speedup), both
   calibrated on 8 samples of other seeds;
-- diffusers' hooks and cache-dit, attached by ``ditaccel.peers`` (see its docstring and
-  notes/peers/REPORT.md for the plumbing they need on DiT).
+- diffusers' hooks and cache-dit, attached by ``ditaccel.peers`` (see its docstring for the plumbing
+  they need on DiT).
 
 Per configuration:
 - fidelity: ``--n`` images (seeds 0..n-1, classes cycled) in batches of ``--batch``, under torch's
@@ -18,12 +18,12 @@ Per configuration:
   per-pair ratios; execution efficiency = measured / FLOP speedup.
 
 The measurement itself is ``ditaccel.bench`` (also behind ``ditaccel bench``); this script adds
-quality vs real data (FD vs the Fashion-MNIST test set, classifier agreement) and README's block.
-Writes results/peers-<sampler>[-quick].{json,md,png} and README's ``peers-<sampler>`` block.
+quality vs real data (FD vs the Fashion-MNIST test set, classifier agreement) and its page's block.
+Writes results/peers-<sampler>[-quick].{json,md,png} and its page's ``peers-<sampler>`` block.
 
     python benchmarks/peers.py                        # DDIM-50, the full sweep
     python benchmarks/peers.py --sampler ddpm --n 32 --timed-batch 4 --dtype fp32   # DDPM-250 (as in
-                                                      # README; about 7 h on a 2-core fp32 CPU: stopped,
+                                                      # docs; about 7 h on a 2-core fp32 CPU: stopped,
                                                       # it resumes from results/peers-ddpm.partial.jsonl,
                                                       # which is committed while the sweep is part way)
     python benchmarks/peers.py --sampler ddpm --n 32 --timed-batch 4 --dtype fp32 --retime
@@ -36,7 +36,7 @@ Writes results/peers-<sampler>[-quick].{json,md,png} and README's ``peers-<sampl
     python benchmarks/peers.py --seed 10000 --repeats 0   # fidelity only on other seeds (FD ranking check)
     python benchmarks/peers.py --only soda,soda-latency --merge   # re-measure some methods, keep the rest
     python benchmarks/peers.py --model fmnist-pixart --n 32 --timed-batch 4 --sweep fora=2,3 ...
-                                                      # the PixArt-style text model (issue 7; README's
+                                                      # the PixArt-style text model (its page's
                                                       # command, two points per method)
 """
 

@@ -1,8 +1,8 @@
 """Issue 5's benchmark in one command: SODA against every peer on the bundled DiT at DDIM-50 and
 DDPM-250, each with its seed check (a fidelity-only run on other seeds and the ranking's stability
 across the two seed sets), then the execution-efficiency study at DiT-XL/2 size.  Every step is
-one of the scripts beside this one, run as its README section names it; each writes its results
-under ``results/`` and its README block, and resumes its own partial file when stopped, so running
+one of the scripts beside this one, run as its docs section names it; each writes its results
+under ``results/`` and its docs block, and resumes its own partial file when stopped, so running
 this command again continues where it stopped (``--from`` skips the steps already done).
 
     python benchmarks/peers_all.py           # everything: hours on a 2-core CPU

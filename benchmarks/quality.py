@@ -1,4 +1,4 @@
-"""Quality bar of the bundled reference DiT against real Fashion-MNIST (issue 2).
+"""Quality bar of the bundled reference DiT against real Fashion-MNIST.
 
 For each sampler setting: generate N class-conditioned samples (classes cycled, seeds 0..N-1),
 measure how many the bundled classifier assigns to their conditioning class, and the Fréchet
@@ -6,7 +6,7 @@ distance on EfficientNet-lite0 features between the samples and the real test se
 the same distance between N real *train* images and the test set (what a perfect model would
 score at this N).
 
-    python benchmarks/quality.py --cfg 3.0 --sweep 1.5,3.0,4.5   # what README shows
+    python benchmarks/quality.py --cfg 3.0 --sweep 1.5,3.0,4.5   # what docs/ shows
     python benchmarks/quality.py --extra         # also DPM-Solver++-20 and DDPM-250 on fewer samples
 
 ``--sweep`` first measures classifier agreement for several guidance scales on ``--sweep-n``

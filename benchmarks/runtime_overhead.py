@@ -1,9 +1,9 @@
-"""Runtime overhead of plan execution on the bundled model (issue 3): FORA with interval 2 and 3,
+"""Runtime overhead of plan execution on the bundled model: FORA with interval 2 and 3,
 measured wall-clock speedup vs its FLOP-ideal speedup (goal: measured >= 95% of ideal at 2x), and
 an all-anchor plan (every hook attached, nothing skipped: ideal 1.00x) for the hooks' own cost.
 
 Full and planned runs are interleaved in one process, after a warm-up, and the median of the
-repeats is used, so that machine noise affects all alike.  Rewrites README's runtime block.
+repeats is used, so that machine noise affects all alike.  Rewrites its page's runtime block.
 
     python benchmarks/runtime_overhead.py [--n 16 --repeats 7]
 """

@@ -1,4 +1,4 @@
-"""Shiva on a bundled model (issue 6; ``--model fmnist-mmdit``, the SD3-style text model: issue 7):
+"""Shiva on a bundled model (``--model fmnist-mmdit``, the SD3-style text model):
 trained artifacts against non-learned token routing.
 
 Methods (every block but the first routes exactly k tokens per (step, layer); the rest skip it):
@@ -21,7 +21,7 @@ results/shiva_keep_map.png.
     python benchmarks/shiva.py                  # 64 images, DDIM-50, CFG 3
     MODEL=fmnist-mmdit bash scripts/train_shiva_fmnist.sh
     python benchmarks/shiva.py --model fmnist-mmdit   # euler-28
-    python benchmarks/shiva.py --model fmnist-mmdit --replot   # table, README block and map from the JSON
+    python benchmarks/shiva.py --model fmnist-mmdit --replot   # table, docs block and map from the JSON
 
 ToMe (tomesd) patches diffusers' BasicTransformerBlock only (DiT, PixArt); on SD3's joint blocks
 ``ditaccel.peers.attach_tome`` runs tomesd's merge on the image tokens through hooks (the text
@@ -185,7 +185,7 @@ def main() -> None:
     ap.add_argument("--merge", action="store_true", help="merge these rows into the existing results "
                     "(re-measure some methods with --only without re-running the rest)")
     ap.add_argument("--replot", action="store_true",
-                    help="rewrite the table, README's block and the keep map from the saved JSON (no measuring)")
+                    help="rewrite the table, its page's block and the keep map from the saved JSON (no measuring)")
     ap.add_argument("--keeps", default="", help="also run every artifact (and top-k) at these mean keeps, "
                     "e.g. 0.8,0.9: the learned ratios shifted to that budget")
     args = ap.parse_args()
@@ -280,7 +280,7 @@ def command_of(args, tag: str) -> str:
 
 
 def report(args, stem: str, tag: str, joint: bool, tomesd_ok: bool, out: dict) -> None:
-    """The Markdown table with its notes, written to results/<stem>.md and README's block."""
+    """The Markdown table with its notes, written to results/<stem>.md and its page's block."""
     graphs = out["compiled_graphs"]
     chosen = {r["method"]: r["tome"] for r in out["rows"] if "tome" in r}
     head = ["method", "mean keep (routed blocks) / ToMe merge ratio", "policy's own mean keep", "measured speedup", "FLOP speedup", "PSNR vs full", "SSIM vs full",

@@ -1,4 +1,4 @@
-"""Shiva's differentiable top-k on a synthetic task whose best budget is known (issue 6).
+"""Shiva's differentiable top-k on a synthetic task whose best budget is known.
 
 Tokens (N = 64, width 16) carry a marker in feature 0; the target is a fixed random residual
 block's output for the 20 marked tokens and the input for the others, so the loss is lowest at

@@ -1,4 +1,4 @@
-"""What a Shiva training iteration costs against a plain one (issue 6; the paper: 1.07x), on the
+"""What a Shiva training iteration costs against a plain one (the paper: 1.07x), on the
 bundled DiT, at the same batch, fp32 (what ``ditaccel train-shiva`` runs), interleaved.
 
 - ``plain, full fine-tune``: the diffusion loss (Min-SNR, as the reference recipe), forward and
@@ -9,7 +9,7 @@ bundled DiT, at the same batch, fp32 (what ``ditaccel train-shiva`` runs), inter
   top-k, router / policy / adapter updates).
 
 Each iteration is timed alone; rows alternate between a plain and a Shiva iteration; the first
-iterations of each kind are dropped (warm-up); medians.  Rewrites README's ``shiva-train-cost``
+iterations of each kind are dropped (warm-up); medians.  Rewrites its page's ``shiva-train-cost``
 block.
 
     python benchmarks/shiva_train_cost.py [--iters 8 --batch 32 --keep 0.6]

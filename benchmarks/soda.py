@@ -1,4 +1,4 @@
-"""SODA on the bundled model (issue 4): the paper's ablation at one FLOP budget, and SODA with
+"""SODA on the bundled model: the paper's ablation at one FLOP budget, and SODA with
 other samplers.
 
 Variants, all at the same FLOP budget (that of K evenly spaced anchors, K = round(T / speedup)):
@@ -18,7 +18,7 @@ Every variant samples the same seeds as the full model; fidelity is measured aga
 model's images (PSNR, SSIM, Fréchet distance) and against real data (FD vs the real test set,
 classifier agreement).  Profiles are made with other seeds than the evaluation.
 
-    python benchmarks/soda.py                  # DDIM-50, what README shows
+    python benchmarks/soda.py                  # DDIM-50, what docs/ shows
     python benchmarks/soda.py --extra          # also DDPM-250 and DPM-Solver++-20 (fewer samples)
     python benchmarks/soda.py --only ddim      # rerun one sampler, keep the others' results
 """

@@ -4,7 +4,7 @@ On the bundled model (DDIM-50, CFG 3, the fixed schedule of 17 evenly spaced anc
 non-anchor step runs one of these module choices in every layer, and the result is compared with
 the full model.  A per-(layer, module) error table adds the modules' errors independently and
 predicts that computing more always helps; measured, recomputing the MLP on top of a cached
-attention output is worse than reusing both.  Rewrites README's ``soda-interaction`` block.
+attention output is worse than reusing both.  Rewrites its page's ``soda-interaction`` block.
 
     python benchmarks/soda_interaction.py [--n 40]
 """

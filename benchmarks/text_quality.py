@@ -1,4 +1,4 @@
-"""Quality bar of the bundled text-conditioned models (issue 7), like benchmarks/quality.py for the
+"""Quality bar of the bundled text-conditioned models, like benchmarks/quality.py for the
 class-conditional DiT:
 
 - class agreement: N samples for the evaluation prompts "a photo of a <class name>" (classes
@@ -13,7 +13,7 @@ class-conditional DiT:
     python benchmarks/text_quality.py --model fmnist-mmdit
 
 Writes benchmarks/results/text_quality_<model>.{json,md}, a sample grid, the loss curve, and the
-README block ``text-quality-<model>``.
+docs block ``text-quality-<model>``.
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def main() -> None:
     ap.add_argument("--real", type=int, default=2000, help="Fashion-MNIST test images for FD vs real data")
     ap.add_argument("--sampler", default=None, choices=list(SAMPLERS))
     ap.add_argument("--steps", type=int, default=None)
-    ap.add_argument("--render", action="store_true", help="rewrite the README block from the saved JSON")
+    ap.add_argument("--render", action="store_true", help="rewrite the docs block from the saved JSON")
     args = ap.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     if args.render:

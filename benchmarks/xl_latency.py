@@ -1,4 +1,4 @@
-"""Execution efficiency at realistic size (issue 5): the peers benchmark's methods, ours and the
+"""Execution efficiency at realistic size: the peers benchmark's methods, ours and the
 peers, on a DiT-XL/2-shaped diffusers transformer (28 layers, 1152 wide, 16 heads, 256 tokens =
 32x32 latents with patch 2, random weights, bf16) in ditaccel's DiT pipeline: DDIM-20, one image,
 classifier-free guidance as one batch of 2 rows.
@@ -14,7 +14,7 @@ residuals say so.  Each row's FLOP speedup says how much was skipped; efficiency
 study is for.  ``all-anchor`` runs our runtime with nothing to skip (its own cost).
 
 Every finished row is kept in ``results/xl_latency.partial.jsonl`` and SODA's plans under
-``results/plans/xl-latency/``; the same command resumes.  Rewrites README's ``xl-latency`` block.
+``results/plans/xl-latency/``; the same command resumes.  Rewrites its page's ``xl-latency`` block.
 
     python benchmarks/xl_latency.py [--steps 20 --repeats 3]
     python benchmarks/xl_latency.py --replot  # the table again from results/xl_latency.json
@@ -59,7 +59,7 @@ FAMILIES = ("ours", "diffusers", "cache-dit")
 
 
 def write_table(out: dict, name: str) -> None:
-    """``results/<name>.md`` (and README's block for the default name) from the saved results:
+    """``results/<name>.md`` (and its page's block for the default name) from the saved results:
     ours first, then diffusers' hooks, then cache-dit."""
     rows = out["rows"]
     key = lambda r: (r["method"] != "all-anchor", FAMILIES.index(r["family"]), r["method"], r["value"])  # noqa: E731
@@ -88,7 +88,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--layers", type=int, default=28, help="fewer for a quick check of the script")
     ap.add_argument("--out-name", default="xl_latency",
-                    help="results/<name>.json; only the default rewrites README's block")
+                    help="results/<name>.json; only the default rewrites its page's block")
     ap.add_argument("--replot", action="store_true", help="rewrite the table from results/<name>.json")
     args = ap.parse_args()
     if args.replot:

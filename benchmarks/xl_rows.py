@@ -1,5 +1,5 @@
 """Why module-level caching and partial recompute fall short of their FLOP speedup at one image
-per call (issue 5, beside ``xl_latency.py``): the time of the DiT-XL/2 block's matmuls at the row
+per call (beside ``xl_latency.py``): the time of the DiT-XL/2 block's matmuls at the row
 counts a sampling step gives them, against their FLOPs.
 
 Rows: 512 = a full call (classifier-free guidance: 2 rows x 256 tokens); 52 = a tenth of the

@@ -365,6 +365,24 @@ def goal_check(rows: list[dict], lo: float = 1.5, hi: float = 3.0, tol: float = 
     return lines
 
 
+def curve_at(rows: list[dict], method: str, x: float, keys=("psnr", "fd_vs_full")) -> dict | None:
+    """``method``'s ``keys`` at measured speedup ``x``, interpolated linearly between its two timed
+    rows that bracket ``x``; None where its rows do not reach ``x``.
+
+    Example::
+
+        curve_at(out["rows"], "fora", 2.0)  # {"psnr": ..., "fd_vs_full": ...} or None
+    """
+    pts = sorted((r for r in rows if r["method"] == method and r["speedup_measured"] is not None),
+                 key=lambda r: r["speedup_measured"])
+    pair = next(((a, b) for a, b in zip(pts, pts[1:]) if a["speedup_measured"] <= x <= b["speedup_measured"]), None)
+    if pair is None:
+        return None
+    a, b = pair
+    w = (x - a["speedup_measured"]) / max(b["speedup_measured"] - a["speedup_measured"], 1e-12)
+    return {k: a[k] + w * (b[k] - a[k]) for k in keys}
+
+
 def curve_check(rows: list[dict], lo: float = 1.5, hi: float = 3.0, tol: float = 0.05) -> list[str]:
     """Where SODA (either budget) is below another method's speed/quality curve: at each SODA point
     in [lo, hi] measured speedup, each other method's PSNR and FD interpolated linearly between its
@@ -374,14 +392,9 @@ def curve_check(rows: list[dict], lo: float = 1.5, hi: float = 3.0, tol: float =
     for s in _soda_points(timed, lo, hi, tol):
         x = s["speedup_measured"]
         for m in sorted({r["method"] for r in timed} - set(SODA)):
-            pts = sorted((r for r in timed if r["method"] == m), key=lambda r: r["speedup_measured"])
-            pair = next(((a, b) for a, b in zip(pts, pts[1:])
-                         if a["speedup_measured"] <= x <= b["speedup_measured"]), None)
-            if pair is None:
+            at = curve_at(timed, m, x)
+            if at is None:
                 continue
-            a, b = pair
-            w = (x - a["speedup_measured"]) / max(b["speedup_measured"] - a["speedup_measured"], 1e-12)
-            at = {k: a[k] + w * (b[k] - a[k]) for k in ("psnr", "fd_vs_full")}
             worse = [f"PSNR {s['psnr']:.2f} < {at['psnr']:.2f}" if at["psnr"] > s["psnr"] else None,
                      f"FD {s['fd_vs_full']:.2f} > {at['fd_vs_full']:.2f}" if at["fd_vs_full"] < s["fd_vs_full"] else None]
             worse = [v for v in worse if v]

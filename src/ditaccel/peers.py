@@ -10,8 +10,10 @@ What the plumbing adds (``DiTTransformer2DModel`` has no ``CacheMixin``; DiT pip
 context and expose no current timestep): a cache context around every transformer call (one name:
 classifier-free guidance runs both branches in one batched call), the current timestep read from
 the call, and a reset of the hooks' state at the start of every trajectory (the timestep goes up,
-or the batch changes).  How each was worked out, with the failures of the defaults, is in
-``notes/peers/REPORT.md``.
+or the batch changes).  Where a library's defaults fail on a DiT: TaylorSeer's default block
+patterns hook nothing (the blocks are named), FasterCache assumes ``[uncond, cond]`` batches
+(DiT pipelines batch ``[cond, uncond]``), and cache-dit's default DBCache computes every block of
+a shallow model (F1B0 with warm-up steps is used).
 
     handle = attach_peer(pipe, "fbc", 0.2, num_steps=50)
     images = pipe(...)

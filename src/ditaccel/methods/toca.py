@@ -3,7 +3,7 @@ full compute every ``interval`` steps; on the steps between, every module recomp
 fraction ``ratio`` of its tokens (chosen at run time by ``token_score``) and reuses the rest.
 
 ToCa ranks tokens with attention-map scores and tunes ratios per layer; we keep one ratio and an
-attention-free score so fused attention kernels stay in use (see SODA.md, section 3)."""
+attention-free score so fused attention kernels stay in use."""
 
 from __future__ import annotations
 

@@ -40,7 +40,7 @@ class BlockSpec:
     # modules themselves caches their outputs before the block applies the current step's gate.
     modules: dict[str, str]
     # How self-attention is asked for the outputs of a subset of query tokens while keys and
-    # values come from all tokens (see hooks.PARTIAL_ATTENTION):
+    # values come from all tokens (see the partial attention functions in runtime.hooks):
     #   "kv_from_encoder_states": diffusers ``Attention`` without ``norm_cross``: the selected tokens
     #       as ``hidden_states``, all tokens as ``encoder_hidden_states``.
     #   "joint": SD3 joint attention over [image; text] (text tokens always computed).

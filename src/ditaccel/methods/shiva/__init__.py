@@ -1,4 +1,4 @@
-"""Shiva: learned static-budget token routing (``shared/papers/SHIVA-DIT.md``).
+"""Shiva: learned static-budget token routing (the Shiva-DiT paper).
 
 :mod:`.topk` (the residual-based differentiable top-k), :mod:`.router` (the context-aware
 router), :mod:`.policy` (the adaptive keep-ratio policy and budget), :mod:`.routing` (routing

@@ -1,4 +1,4 @@
-"""Shiva's adaptive keep-ratio policy and budget (section 3 of ``shared/papers/SHIVA-DIT.md``).
+"""Shiva's adaptive keep-ratio policy and budget (Shiva-DiT, section 3).
 
 ``logit r(t, l) = Phi_time(MLP(t_emb)) + Phi_layer(e_l) + b_anchor`` with ``b_anchor`` starting
 at ``logit(target)`` (the other terms start at zero, so the policy starts at the target

@@ -1,4 +1,4 @@
-"""Shiva's context-aware token router (section 2 of ``shared/papers/SHIVA-DIT.md``).
+"""Shiva's context-aware token router (Shiva-DiT, section 2).
 
 Per token ``i`` of a block's image tokens ``x``::
 

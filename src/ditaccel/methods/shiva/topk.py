@@ -1,4 +1,4 @@
-"""Residual-based differentiable top-k (Shiva-DiT, section 1 of ``shared/papers/SHIVA-DIT.md``).
+"""Residual-based differentiable top-k (Shiva-DiT, section 1).
 
 Forward: exactly ``k`` tokens (hard top-k of the scores) go through the block, the others skip it
 unchanged, so shapes are static.  Backward: a soft descending rank of the (noisy) scores gives each

@@ -1,4 +1,4 @@
-"""Shiva training (section 4 of ``shared/papers/SHIVA-DIT.md``) on a frozen DiT: class-conditional
+"""Shiva training (Shiva-DiT, section 4) on a frozen DiT: class-conditional
 (``DiTTransformer2DModel``) or text-conditioned (PixArt, SD3: the bundled text models, captions from
 :mod:`ditaccel.captions` encoded by MiniLM-L6, as they were trained).
 
