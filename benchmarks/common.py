@@ -111,7 +111,7 @@ def measure_entry(pipe, timed, entry, repeats: int, while_on=None, baseline=None
     while_on returned, ratios full / method)."""
     import torch
 
-    from ditaccel.bench import _counted
+    from ditaccel.bench import counted
     from ditaccel.sampling import speedup_pairs
 
     attach = entry.prepare(pipe)
@@ -119,7 +119,7 @@ def measure_entry(pipe, timed, entry, repeats: int, while_on=None, baseline=None
     try:
         with torch.no_grad():
             timed(pipe)
-            _, flops = _counted(timed, pipe)
+            _, flops = counted(timed, pipe)
             extra = while_on(pipe) if while_on is not None else None
     finally:
         detach()

@@ -48,7 +48,7 @@ import torch
 from diffusers import DDIMScheduler, DiTTransformer2DModel
 
 from common import RESULTS, all_anchor_entry, machine, measure_entry, replace_block, resume_partial, save_json
-from ditaccel.bench import Entry, _counted, method_entries
+from ditaccel.bench import Entry, counted, method_entries
 from ditaccel.io import write_text
 from ditaccel.methods import model_shape
 from ditaccel.metrics import OpCounter
@@ -147,7 +147,7 @@ def measure(name: str, args, dtype: str, done: dict, partial) -> list[dict]:
         entries.append(shiva_entry(pipe, args.steps, compile=args.compile))
         with torch.no_grad():
             timed(pipe)  # warm-up
-            _, full_flops = _counted(timed, pipe)
+            _, full_flops = counted(timed, pipe)
         full_ops = ops_of(timed, pipe)
         rows = []
         for e in entries:

@@ -104,7 +104,7 @@ def timed_ms(run, pipe, repeats: int, device) -> float:
 def run_size(size: str, args, device, dtype, report: Report, deadline: float) -> None:
     from diffusers import DDIMScheduler
 
-    from ditaccel.bench import _counted, method_entries
+    from ditaccel.bench import counted, method_entries
     from ditaccel.peers import PEERS as AVAILABLE
     from ditaccel.pipeline import DiTPixelPipeline
     from ditaccel.sampling import sample
@@ -137,7 +137,7 @@ def run_size(size: str, args, device, dtype, report: Report, deadline: float) ->
         entries.append(shiva_entry(pipe, args.steps))
     with torch.no_grad():
         timed(pipe)  # warm-up
-        _, full_flops = _counted(timed, pipe)
+        _, full_flops = counted(timed, pipe)
         full_ms = timed_ms(timed, pipe, args.repeats, device)
     report.add({"size": size, "method": "full (eager)", "library": "diffusers", "knob": None, "value": None,
                 "speedup_flops": 1.0, "speedup_measured": 1.0, "ms": full_ms})

@@ -37,7 +37,7 @@ from ditaccel.methods.shiva.policy import plan_from_ratios
 from ditaccel.methods.shiva.router import ShivaRouter
 from ditaccel.registry import resolve_dtype
 from ditaccel.runtime import apply, remove
-from ditaccel.runtime.hooks import _gather, _scatter
+from ditaccel.tokens import gather_tokens, scatter_tokens
 from diffusers import DDIMScheduler
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -85,7 +85,7 @@ def routing_ops_seconds(n: int, k: int, width: int, dtype, repeats: int = 50) ->
     for _ in range(repeats):
         t0 = time.perf_counter()
         idx = scores.topk(k, dim=1).indices.sort(dim=1).values
-        _scatter(x, idx, _gather(x, idx) + out)
+        scatter_tokens(x, idx, gather_tokens(x, idx) + out)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 

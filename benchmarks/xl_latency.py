@@ -32,7 +32,7 @@ import torch
 from diffusers import DDIMScheduler, DiTTransformer2DModel
 
 from common import RESULTS, all_anchor_entry, machine, replace_block, resume_partial, save_json
-from ditaccel.bench import _counted, method_entries
+from ditaccel.bench import counted, method_entries
 from ditaccel.io import write_text
 from ditaccel.pipeline import DiTPixelPipeline
 from ditaccel.runtime import RUNTIME_REVISION
@@ -129,7 +129,7 @@ def main() -> None:
 
     with torch.no_grad():
         timed(pipe)  # warm-up
-        _, full_flops = _counted(timed, pipe)
+        _, full_flops = counted(timed, pipe)
     from tqdm.auto import tqdm
 
     for e in tqdm(entries, desc="configurations"):
@@ -139,7 +139,7 @@ def main() -> None:
         detach = attach(pipe)
         try:
             with torch.no_grad():
-                _, flops = _counted(timed, pipe)
+                _, flops = counted(timed, pipe)
         finally:
             detach()
         with torch.no_grad():

@@ -154,7 +154,8 @@ def test_accounting_counts_plan_flops_per_step(tiny_pipe):
 def test_partial_joint_attention_matches_full_attention_at_selected_tokens():
     from diffusers import SD3Transformer2DModel
 
-    from ditaccel.runtime.hooks import _gather, partial_joint_attention
+    from ditaccel.runtime.hooks import partial_joint_attention
+    from ditaccel.tokens import gather_tokens as _gather
 
     torch.manual_seed(0)
     tf = SD3Transformer2DModel(sample_size=4, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
@@ -249,7 +250,8 @@ def _flux_inputs():
 
 
 def test_partial_flux_attention_matches_full_attention_at_selected_tokens():
-    from ditaccel.runtime.hooks import _gather, partial_flux_attention
+    from ditaccel.runtime.hooks import partial_flux_attention
+    from ditaccel.tokens import gather_tokens as _gather
 
     tf, x, ctx, rope = _flux_inputs()
     idx = torch.tensor([[0, 5, 9, 15], [2, 3, 4, 11]])
@@ -271,7 +273,8 @@ def test_partial_flux_attention_matches_full_attention_at_selected_tokens():
 
 
 def test_partial_wan_attention_matches_full_attention_at_selected_tokens():
-    from ditaccel.runtime.hooks import _gather, partial_wan_attention
+    from ditaccel.runtime.hooks import partial_wan_attention
+    from ditaccel.tokens import gather_tokens as _gather
     from tests.archs import wan
 
     pipe, _ = wan()

@@ -141,7 +141,8 @@ def method_entries(pipe, num_steps: int, *, methods: list[str] | None = None, qu
     return out
 
 
-def _counted(run, pipe) -> tuple[torch.Tensor, int]:
+def counted(run, pipe) -> tuple[torch.Tensor, int]:
+    """``run(pipe)``'s images (as a tensor) and the FLOPs it took (``metrics.flop_counter``)."""
     from .metrics import flop_counter
 
     with flop_counter() as counter:
@@ -205,7 +206,7 @@ def measure(pipe, run: Callable, timed: Callable, entries: list[Entry], *, repea
         if repeats:
             timed(pipe)  # warm-up
         if full is None:
-            full, full_flops = _counted(run, pipe)
+            full, full_flops = counted(run, pipe)
             if on_full:
                 on_full(full, full_flops)
         else:
@@ -249,7 +250,7 @@ def measure(pipe, run: Callable, timed: Callable, entries: list[Entry], *, repea
             continue
         try:
             with torch.no_grad():
-                images, flops = _counted(run, pipe)
+                images, flops = counted(run, pipe)
         finally:
             detach()
         with torch.no_grad():

@@ -81,9 +81,9 @@ class FeatureExtractor:
         self.net.load_state_dict(state)
         self.net.eval()
         self.batch_size = batch_size
-        # fp32 unless asked: a metric must not depend on the machine it runs on (bf16 features on a
-        # bf16-native CPU moved FD vs the Fashion-MNIST test set by about 5% here), and FD compares
-        # numbers measured in different sessions. bf16=True is faster on AMX / AVX512-BF16 CPUs.
+        # fp32 unless asked: a metric must not depend on the machine it runs on (bf16 features
+        # move FD by several percent), and FD compares numbers measured on different machines.
+        # bf16=True is faster on AMX / AVX512-BF16 CPUs.
         self.bf16 = bf16
 
     @torch.no_grad()

@@ -48,6 +48,14 @@ def check_forecast(value) -> int:
     return value
 
 
+def check_schedule(method: str, interval, forecast) -> None:
+    """The options every interval planner shares (FORA, ToCa, Δ-DiT): ``interval`` an integer >= 1
+    and ``forecast`` a forecast order, else a one-line ValueError naming ``method``."""
+    check_forecast(forecast)
+    if not isinstance(interval, int) or isinstance(interval, bool) or interval < 1:
+        raise ValueError(f"{method} interval must be an integer >= 1, got {interval!r}")
+
+
 @dataclass(frozen=True, eq=False)
 class Plan:
     num_tokens: int

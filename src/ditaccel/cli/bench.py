@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .common import parse_classes
+
 HELP = "benchmark SODA, FORA, ToCa, Δ-DiT and peer caches (diffusers, cache-dit) on a model"
 
 
@@ -76,7 +78,7 @@ def run(args) -> int:
     except ValueError:
         raise ValueError(f"{args.model} is neither class- nor text-conditioned; benchmark it in Python "
                          "with ditaccel.bench.measure(pipe, run, timed, entries)") from None
-    classes = _classes(args.classes, num_classes)
+    classes = parse_classes(args.classes, num_classes, default=list(range(min(10, num_classes))))
     opts = dict(sampler=args.sampler, steps=steps, guidance_scale=args.cfg, progress=False, count_flops=False)
     labels = [classes[i % len(classes)] for i in range(args.n)]
     cal_labels = [classes[i % len(classes)] for i in range(args.calibrate)]
@@ -129,14 +131,3 @@ def run(args) -> int:
     return 0
 
 
-def _classes(text: str | None, num_classes: int) -> list[int]:
-    if text is None:
-        return list(range(min(10, num_classes)))
-    try:
-        classes = [int(c) for c in text.split(",") if c.strip()]
-    except ValueError:
-        raise ValueError(f"--classes must be comma-separated integers, got {text!r}") from None
-    bad = [c for c in classes if not 0 <= c < num_classes]
-    if not classes or bad:
-        raise ValueError(f"--classes must be in 0..{num_classes - 1}, got {text!r}")
-    return classes

@@ -1,9 +1,33 @@
-"""Shared by subcommands: the per-user cache folder and a profile reused from it when it fits."""
+"""Shared by subcommands: the class-list option, the per-user cache folder and a profile reused
+from it when it fits."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+
+
+def parse_classes(text: str | None, num_classes: int, default: list[int] | None = None) -> list[int]:
+    """``--classes`` (comma-separated class ids, each in ``0..num_classes-1``) as a list; ``default``
+    where the option was not given.  Raises ValueError with the one line to show.
+
+    Example::
+
+        parse_classes("0,7,9", 10)  # [0, 7, 9]
+    """
+    if text is None and default is not None:
+        return default
+    try:
+        classes = [int(c) for c in (text or "").split(",") if c.strip() != ""]
+    except ValueError:
+        raise ValueError(f"--classes must be comma-separated integers like 0,1,2, got {text!r}") from None
+    if not classes:
+        raise ValueError("--classes is empty; give at least one class id, e.g. --classes 0,1,2")
+    bad = [c for c in classes if not 0 <= c < num_classes]
+    if bad:
+        raise ValueError(f"--classes must be in 0..{num_classes - 1} (this model's classes); "
+                         f"{', '.join(map(str, bad))} out of range")
+    return classes
 
 
 def cache_dir(arg: str | None) -> Path:

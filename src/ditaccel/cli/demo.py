@@ -36,10 +36,9 @@ def run(args) -> int:
     from ..runtime import apply, remove
     from ..sampling import sample
     from ..viz import plot_profile, plot_schedule, save_grid
-    from .common import cache_dir, cached_profile
-    from .soda import _floats
+    from .common import cache_dir, cached_profile, floats_list
 
-    speedups = _floats(args.speedups, "--speedups")
+    speedups = floats_list(args.speedups, "--speedups")
     if not speedups or any(s <= 1 for s in speedups):
         raise ValueError(f"--speedups must be numbers > 1, got {args.speedups}")
     if args.n < 1 or args.profile_samples < 1 or args.calibrate < 0:

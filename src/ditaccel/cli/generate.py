@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from .common import parse_classes
+
 HELP = "generate samples for classes or prompts with a diffusers sampler; save a grid and stats"
 
 
@@ -58,19 +60,6 @@ def add_arguments(p) -> None:
     acc.add_argument("--compare", action="store_true",
                      help="also run the full model on the same seeds: speedups, PSNR, SSIM")
     acc.add_argument("--show-steps", action="store_true", help="print what was computed per step")
-
-
-def parse_classes(text: str, num_classes: int) -> list[int]:
-    try:
-        classes = [int(c) for c in text.split(",") if c.strip() != ""]
-    except ValueError:
-        raise ValueError(f"--classes must be comma-separated integers like 0,1,2, got {text!r}") from None
-    if not classes:
-        raise ValueError("--classes is empty; give at least one class id, e.g. --classes 0,1,2")
-    bad = [c for c in classes if not 0 <= c < num_classes]
-    if bad:
-        raise ValueError(f"--classes {bad} out of range: this model has classes 0..{num_classes - 1}")
-    return classes
 
 
 def build_plan(args, pipe):

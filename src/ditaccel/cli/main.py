@@ -1,11 +1,12 @@
-"""``ditaccel`` command line: one module per subcommand, each with ``add_parser`` and ``run``."""
+"""``ditaccel`` command line: one module per subcommand, each with ``HELP``, ``add_arguments`` and ``run``."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from . import bench, demo, env, generate, metrics, soda, train
+from . import (bench, demo, env, generate, metrics, plan, profile, train_classifier, train_reference, train_shiva,
+               train_text_reference)
 
 COMMANDS = {
     "bench": bench,
@@ -13,12 +14,12 @@ COMMANDS = {
     "env": env,
     "generate": generate,
     "metrics": metrics,
-    "profile": soda.Profile,
-    "plan": soda.Plan,
-    "train-reference": train.Reference,
-    "train-classifier": train.Classifier,
-    "train-shiva": train.Shiva,
-    "train-text-reference": train.TextReference,
+    "profile": profile,
+    "plan": plan,
+    "train-reference": train_reference,
+    "train-classifier": train_classifier,
+    "train-shiva": train_shiva,
+    "train-text-reference": train_text_reference,
 }
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..plan import FULL, REUSE, Plan, check_forecast
+from ..plan import FULL, REUSE, Plan, check_schedule
 from .fora import anchors_every
 
 
@@ -23,9 +23,7 @@ class Config:
     forecast: int = 0            # Plan.forecast: 0 reuse, 1 first-order forecast
 
     def __post_init__(self):
-        check_forecast(self.forecast)
-        if not isinstance(self.interval, int) or self.interval < 1:
-            raise ValueError(f"Δ-DiT interval must be an integer >= 1, got {self.interval!r}")
+        check_schedule("Δ-DiT", self.interval, self.forecast)
         if not 0 < self.cached_blocks <= 1:
             raise ValueError(f"cached_blocks is a fraction in (0, 1], got {self.cached_blocks}")
         if not 0 <= self.boundary <= 1:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..plan import FULL, REUSE, Plan, check_forecast
+from ..plan import FULL, REUSE, Plan, check_schedule
 
 
 @dataclass(frozen=True)
@@ -16,9 +16,7 @@ class Config:
     forecast: int = 0            # Plan.forecast: 0 reuse, 1 first-order forecast
 
     def __post_init__(self):
-        check_forecast(self.forecast)
-        if not isinstance(self.interval, int) or self.interval < 1:
-            raise ValueError(f"FORA interval must be an integer >= 1, got {self.interval!r}")
+        check_schedule("FORA", self.interval, self.forecast)
 
     def tag(self) -> str:
         return ("f1-" if self.forecast else "") + f"fora-n{self.interval}"

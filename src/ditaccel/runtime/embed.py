@@ -73,6 +73,12 @@ class ChainHook(ModelHook):
         if table is False or not st.on_schedule(t) or not table.serves(labels, st.call_memo) \
                 or st.step not in table.rows:
             return original(*args, **kwargs)
+        # once per call: a second request (DiT's output head embeds again with block 0's embedder)
+        # computes as the model does, so a trajectory's FLOPs stay those of step-by-step conditioning
+        served = ("chain served", self.layer)
+        if served in st.call_memo:
+            return original(*args, **kwargs)
+        st.call_memo[served] = True
         return table.rows[st.step][0]
 
     def _build(self, original, named: dict, t: torch.Tensor, labels, kind: bool):

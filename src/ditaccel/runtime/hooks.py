@@ -12,6 +12,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from ..devices import synchronize
 from ..metrics import flop_counter
 from ..plan import FULL, REUSE
+from ..tokens import gather_tokens
 from .adapters import BlockSpec
 from .state import ModuleCache, PlanMismatch, RunState, _into
 
@@ -67,17 +68,9 @@ def token_scores(x: torch.Tensor, ref: torch.Tensor, score: str) -> torch.Tensor
     raise ValueError(f"unknown token score {score!r}")
 
 
-def _gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    return x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))
-
-
 def _widened(wide: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """``wide`` (an index expanded along the last dim) for ``values``' width."""
     return wide if wide.shape[-1] == values.shape[-1] else wide[..., :1].expand(-1, -1, values.shape[-1])
-
-
-def _scatter(into: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    return into.scatter(1, idx[..., None].expand(-1, -1, values.shape[-1]), values)
 
 
 def partial_joint_attention(attn, x: torch.Tensor, x_sel: torch.Tensor, ctx: torch.Tensor):
@@ -147,7 +140,7 @@ def partial_flux_attention(attn, x: torch.Tensor, rows: torch.Tensor, ctx: torch
                            f"fused projections, not {type(attn.processor).__name__}; use a plan "
                            "without partial attention (reuse or full) for this model")
     b = x.shape[0]
-    q = attn.norm_q(_heads_flux(attn, attn.to_q(_gather(x, rows))))
+    q = attn.norm_q(_heads_flux(attn, attn.to_q(gather_tokens(x, rows))))
     k = attn.norm_k(_heads_flux(attn, attn.to_k(x)))
     v = _heads_flux(attn, attn.to_v(x))
     tc = 0
@@ -182,7 +175,7 @@ def partial_wan_attention(attn, x: torch.Tensor, rows: torch.Tensor, rope):
     def heads(t):
         return t.unflatten(2, (attn.heads, -1))
 
-    q = heads(attn.norm_q(attn.to_q(_gather(x, rows))))
+    q = heads(attn.norm_q(attn.to_q(gather_tokens(x, rows))))
     k, v = heads(attn.norm_k(attn.to_k(x))), heads(attn.to_v(x))
     if rope is not None:
         cos, sin = rope  # (1, n, 1, d)
@@ -362,9 +355,7 @@ class ModuleHook(ModelHook):
 
     def _reused(self, cache: ModuleCache):
         """The cached output, or its forecast.  Only a forecast is watched for NaN/Inf: a plain
-        reuse gives values computed on a full step, whose transformer output was checked then
-        (watching every reused output cost about a seventh of a FORA-4 run at DDPM, batch 4, fp32
-        on a CPU, more than any other part of a reusing step)."""
+        reuse gives values computed on a full step, whose transformer output was checked then."""
         if self.forecast:
             return self.state.watch(self.layer, self.role, cache.forecast(self.state.step))
         return cache.give()
@@ -587,7 +578,7 @@ class RouteHook(ModelHook):
             else:
                 args = {name: (v[rows] if torch.is_tensor(v) and v.shape[:1] == x.shape[:1] and name != spec.rope_arg
                                else v) for name, v in named.items()}
-                args[spec.image_arg] = _gather(x[rows], sel)
+                args[spec.image_arg] = gather_tokens(x[rows], sel)
             if rope is not None:
                 args[spec.rope_arg] = self._gather_rope(rope, sel, args)
             outs.append(original(**args))

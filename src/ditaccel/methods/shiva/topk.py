@@ -30,6 +30,8 @@ from typing import Callable
 
 import torch
 
+from ...tokens import gather_tokens, scatter_tokens
+
 ESTIMATORS = ("residual", "input-scaling", "dual")
 
 
@@ -52,14 +54,6 @@ def inclusion_probability(scores: torch.Tensor, k_soft, tau_rank: float = 0.2, t
 def select(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices (B, k) of the ``k`` highest scores per row, in token order."""
     return scores.topk(k, dim=1).indices.sort(dim=1).values
-
-
-def _take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    return x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))
-
-
-def _put(x: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    return x.scatter(1, idx[..., None].expand(-1, -1, x.shape[-1]), values)
 
 
 def residual_topk(x: torch.Tensor, scores: torch.Tensor, k: int, block: Callable[[torch.Tensor], torch.Tensor], *,
@@ -87,10 +81,10 @@ def residual_topk(x: torch.Tensor, scores: torch.Tensor, k: int, block: Callable
     if estimator == "dual":
         chosen = torch.zeros(b, n, dtype=x.dtype, device=x.device).scatter(1, idx, 1.0)
         return x + (chosen + ste)[..., None] * (block(x) - x)
-    xs = _take(x, idx)
+    xs = gather_tokens(x, idx)
     if estimator == "input-scaling":
         ys = block(xs * (1 + ste.gather(1, idx))[..., None])
-        return _put(x * (1 - ste)[..., None], idx, ys)
+        return scatter_tokens(x * (1 - ste)[..., None], idx, ys)
     fs = block(xs) - xs
     out = x + ste[..., None] * fs.mean(1, keepdim=True).detach()   # rejected: mean residual stands in
-    return _put(out, idx, xs + (1 + ste.gather(1, idx))[..., None] * fs)
+    return scatter_tokens(out, idx, xs + (1 + ste.gather(1, idx))[..., None] * fs)

@@ -1,0 +1,19 @@
+"""SODA (Sensitivity-Oriented Dynamic Acceleration; CVPR 2026, arXiv 2603.07057).
+
+- :mod:`.planner`: pure functions, a profile (``ditaccel.profiling``) and a budget -> a Plan.
+- :mod:`.calibration`: the planner's candidates run on a few samples of your pipeline, the one
+  closest to the full model kept (these functions run the pipeline).
+
+Example::
+
+    from ditaccel.methods import soda
+    plan = soda.plan_soda(profile, speedup=2.5)                     # pure
+    plan = soda.calibrate_soda(pipe, run, profile, speedup=2.5)     # measured on run(pipe)
+"""
+
+from .calibration import calibrate, calibrate_soda
+from .planner import (SPREADS, BudgetUnreachable, Config, ages_of, candidates, dp_schedule, plan, plan_soda, predict,
+                      schedules, segment_costs, uniform_schedule)
+
+__all__ = ["SPREADS", "BudgetUnreachable", "Config", "ages_of", "calibrate", "calibrate_soda", "candidates",
+           "dp_schedule", "plan", "plan_soda", "predict", "schedules", "segment_costs", "uniform_schedule"]

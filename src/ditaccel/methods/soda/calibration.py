@@ -1,0 +1,138 @@
+"""SODA's calibration: its candidate plans run on a few samples of the user's pipeline and the one
+closest to the full model kept (optionally under a measured wall-clock budget).  Unlike the
+planner, these functions run the pipeline."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, replace
+
+import torch
+
+from ...plan import FORECAST_ORDERS, Plan
+from ...sampling import as_images
+from .planner import SPREADS, BudgetUnreachable, Config, candidates, plan, predict, schedules
+
+def calibrate(pipe, run, plans: list[Plan], progress: bool = True,
+              reference: torch.Tensor | None = None) -> tuple[Plan, list[dict]]:
+    """Run the full model and each plan through ``run(pipe)`` (same seeds every time; images in
+    [0, 1]) and return the plan with the smallest mean squared error to the full model, with one
+    row per plan (anchors, how many modules prune, predicted error, measured MSE and PSNR).  Ties
+    go to the earlier plan.  The chosen plan's metadata records the calibration.  ``reference``:
+    the full model's images from an earlier call (skips that run)."""
+    from tqdm.auto import tqdm
+
+    from ...runtime import apply, remove
+
+    if not plans:
+        raise ValueError("give at least one plan to calibrate")
+    with torch.no_grad():
+        reference = as_images(run(pipe)) if reference is None else reference
+        rows = []
+        for p in tqdm(plans, desc="calibrating", disable=not progress):
+            apply(pipe, p)
+            try:
+                images = as_images(run(pipe))
+            finally:
+                remove(pipe)
+            if images.shape != reference.shape:
+                raise ValueError("run(pipe) returned images of another shape under a plan; it must "
+                                 "sample the same seeds every call")
+            mse = float((images.double() - reference.double()).pow(2).mean())
+            config = p.meta.get("config", {})
+            rows.append({"anchors": int(p.anchors.sum()), "pruned_modules": p.pruned_modules(), "method": p.method,
+                         "schedule": config.get("schedule", "dp"), "spread": config.get("spread"), "forecast": p.forecast, "predicted_error": p.meta.get("predicted", {}).get("error"),
+                         "speedup_flops": p.meta.get("predicted", {}).get("speedup_flops"),
+                         "mse": mse, "psnr": 10 * math.log10(1 / mse) if mse > 0 else math.inf})
+    best = min(range(len(plans)), key=lambda i: (rows[i]["mse"], i))
+    calibration = {"rows": rows, "chosen": best, "samples": int(reference.shape[0])}
+    return replace(plans[best], meta={**plans[best].meta, "calibration": calibration}), rows
+
+
+def calibrate_soda(pipe, run, profile, fewer: int = 3, spreads=SPREADS, forecasts=FORECAST_ORDERS,
+                   progress: bool = True, timed=None, repeats: int = 3, tolerance: float = 0.03,
+                   more: int = 2, **options) -> Plan:
+    """``calibrate_soda(pipe, run, profile, speedup=2.5)``: SODA with its choices measured on
+    ``run(pipe)`` (a few samples on seeds other than those you evaluate on; images in [0, 1]).
+
+    Two rounds, each keeping the plan closest to the full model: the anchor schedule and what the
+    other steps get (caching-only plans with the DP's schedule free, held to a ``spread`` or evenly
+    spaced, each reusing or forecasting module outputs; :func:`schedules`), then, on the kept
+    schedule and forecast order, whether fewer anchors plus token pruning beat it
+    (:func:`candidates`).  The kept plan's metadata lists every measured candidate.
+
+    ``timed`` (with ``latency_speedup``): budget by measured wall-clock time instead of the
+    latency model.  The second round also offers caching-only plans with up to ``more`` anchors
+    more or fewer than the model's budget affords; from the closest to the full model on, each
+    candidate's speedup is measured on ``timed(pipe)`` (median of ``repeats`` back-to-back pairs
+    with the full model) until one reaches ``latency_speedup`` within ``tolerance``; if none
+    does, the fastest is kept."""
+    config = Config(**options)
+    if config.speedup is None and config.latency_speedup is None:
+        raise ValueError("calibration needs a speedup or latency_speedup budget")
+    if timed is not None and config.latency_speedup is None:
+        raise ValueError("a timed calibration budgets by measured wall-clock time: give latency_speedup, "
+                         "not speedup")
+    if config.spread is not None:
+        spreads = (config.spread,)
+    first = schedules(config, profile, spreads, forecasts, uniform=config.spread is None)
+    if not first:
+        raise BudgetUnreachable()
+    with torch.no_grad():
+        reference = as_images(run(pipe))
+    best, rows = calibrate(pipe, run, first, progress, reference)
+    chosen = best.meta["calibration"]["chosen"]
+    kept = replace(config, spread=best.meta["config"]["spread"], schedule=best.meta["config"]["schedule"],
+                   forecast=best.forecast)
+    more_plans = candidates(kept, profile, fewer)[1:] if config.prune else []
+    if timed is not None:
+        k0 = int(best.anchors.sum())
+        fixed = {**asdict(kept), "latency_speedup": None, "prune": False}
+        for k in [k for k in range(k0 - more, k0 + more + 1) if k != k0 and 1 <= k <= profile.num_steps]:
+            try:
+                more_plans.append(plan(Config(**{**fixed, "anchors": k}), profile))
+            except ValueError:
+                continue
+    if more_plans:
+        second, more_rows = calibrate(pipe, run, more_plans, progress, reference)
+        j = second.meta["calibration"]["chosen"]
+        if timed is None and more_rows[j]["mse"] < rows[chosen]["mse"]:
+            best, chosen = second, len(rows) + j
+        rows = rows + more_rows
+    if timed is not None:
+        pool = [(chosen, best)] + [(len(rows) - len(more_plans) + i, p) for i, p in enumerate(more_plans)]
+        best, chosen = _fastest_enough(pipe, timed, pool, rows, config.latency_speedup * (1 - tolerance),
+                                       repeats, progress)
+    from ...runtime import RUNTIME_REVISION  # what the timings were measured with
+
+    calibration = {"rows": rows, "chosen": chosen, "samples": int(reference.shape[0]),
+                   **({"timed": {"target": config.latency_speedup, "tolerance": tolerance, "repeats": repeats,
+                                 "runtime": RUNTIME_REVISION}} if timed is not None else {})}
+    return replace(best, meta={**best.meta, "calibration": calibration})
+
+
+def _fastest_enough(pipe, timed, pool: list[tuple[int, Plan]], rows: list[dict], floor: float, repeats: int,
+                    progress: bool) -> tuple[Plan, int]:
+    """From the lowest measured MSE up, the first plan of ``pool`` (row index, plan) whose measured
+    speedup reaches ``floor`` (recorded in its row as ``speedup_measured``); the fastest if none."""
+    import statistics
+
+    from tqdm.auto import tqdm
+
+    from ...runtime import apply, remove
+    from ...sampling import speedup_pairs
+
+    def attach(p):
+        def on(q):
+            apply(q, p)
+            return lambda: remove(q)
+        return on
+
+    with torch.no_grad():
+        timed(pipe)  # warm-up
+        for i, p in tqdm(sorted(pool, key=lambda ip: (rows[ip[0]]["mse"], ip[0])), desc="timing", disable=not progress):
+            rows[i]["speedup_measured"] = statistics.median(speedup_pairs(pipe, timed, attach(p), repeats))
+            if rows[i]["speedup_measured"] >= floor:
+                return p, i
+    i, p = max(pool, key=lambda ip: rows[ip[0]]["speedup_measured"])
+    return p, i
