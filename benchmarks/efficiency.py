@@ -123,10 +123,11 @@ def measure(name: str, args, dtype: str, done: dict, partial) -> list[dict]:
         cal_run = lambda p: sample(p, cal_labels, seed=500_000, batch_size=len(cal_labels), **opts)[0]  # noqa: E731
 
         def make_profile():
-            from ditaccel.profiling import profile
+            from ditaccel.profiling import ProfileConfig, profile
 
-            return profile(pipe, class_labels=[cal_labels[0], labels[0]] * 2, sampler="ddim", steps=args.steps,
-                           guidance_scale=GUIDANCE, seed=100_000, batch_size=4, progress=True)
+            return profile(pipe, config=ProfileConfig(class_labels=[cal_labels[0], labels[0]] * 2, sampler="ddim",
+                                                      steps=args.steps, guidance_scale=GUIDANCE, seed=100_000,
+                                                      batch_size=4))
 
         tag = name if name != "xl" or args.xl_layers == 28 else f"xl-l{args.xl_layers}"
         entries = method_entries(pipe, args.steps, methods=list(SWEEPS), sweeps=SWEEPS,

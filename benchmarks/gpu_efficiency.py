@@ -121,10 +121,11 @@ def run_size(size: str, args, device, dtype, report: Report, deadline: float) ->
     cal_run = lambda p: sample(p, [CAL_LABEL], seed=500_000, batch_size=1, **opts)[0]  # noqa: E731
 
     def make_profile():
-        from ditaccel.profiling import profile
+        from ditaccel.profiling import ProfileConfig, profile
 
-        return profile(pipe, class_labels=[CAL_LABEL, LABEL], sampler="ddim", steps=args.steps,
-                       guidance_scale=GUIDANCE, seed=100_000, batch_size=2, timing_repeats=2, progress=False)
+        return profile(pipe, config=ProfileConfig(class_labels=[CAL_LABEL, LABEL], sampler="ddim", steps=args.steps,
+                                                  guidance_scale=GUIDANCE, seed=100_000, batch_size=2,
+                                                  timing_repeats=2, progress=False))
 
     peers = [m for m in PEERS if m in args.methods and m in AVAILABLE and _available(AVAILABLE[m].library)]
     ours = [m for m in OURS if m in args.methods]

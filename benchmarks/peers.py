@@ -51,8 +51,8 @@ from collections import Counter
 import torch
 
 from common import RESULTS, ROOT, machine, real_test_features, replace_block, resume_partial, save_json
-from ditaccel.bench import (SODA, measure, merge, method_entries, parse_sweeps, plan_path, plot, report, retime,
-                            stale_timing)
+from ditaccel.bench import (SODA, MeasureConfig, measure, merge, method_entries, parse_sweeps, plan_path, plot,
+                            report, retime, stale_timing)
 from ditaccel.io import artifact_exists, load_artifact, remove_artifact, save_artifact, write_text
 from ditaccel.metrics import feature_extractor, frechet_distance
 from ditaccel.models.classifier import predict
@@ -125,20 +125,6 @@ def describe(out: dict) -> str:
                + f"; calibration: {out.get('calibration_samples', 8)} more"
                + ("; soda-latency's budget timed on the timed batch." if "profile_ages" in out else ".")
                if "profile_samples" in out else "")
-            + "".join(f" Rows of {', '.join(m['methods'])} re-measured in a later run (`--only "
-                      f"{','.join(m['methods'])} --merge`), timed against the full model in that run."
-                      for m in out.get("merged", []))
-            + (f" {out['resumed_rows']} of the {len(out['rows']) - 1} method rows were scored by an earlier run "
-               "of this command (resumed from its results; each row is timed against the full model in its own "
-               "pairs)." if out.get("resumed_rows") else "")
-            + (f" Every row was timed again in one pass started {out['retime_pass'].replace('T', ' ')} (`--retime all`: "
-               "their images and FLOPs kept; soda-latency, which calibrates by the clock, measured again in full), so "
-               "every speedup here is timed on one machine with the current runtime."
-               if out.get("retime_pass") else
-               f" {out['retimed_rows']} of those were timed again (`--retime`: timed on another CPU, or ours with an "
-               "older, slower runtime; their images and FLOPs kept), so every speedup here is timed on one machine"
-               + (" with the current runtime." if "runtime_revision" in out else ".")
-               if out.get("retimed_rows") else "")
             + _machines(out))
 
 
@@ -352,8 +338,8 @@ def main() -> None:
         retime(pipe, timed, entries, todo, repeats=args.repeats, on_row=keep_retimed)
         resumed = list(kept.values())
 
-    res = measure(pipe, run, timed, entries, repeats=args.repeats, extra=extra, feature_extractor=fx, on_row=show,
-                  resumed=resumed, full=full, on_full=keep_full)
+    res = measure(pipe, run, timed, entries, MeasureConfig(repeats=args.repeats, extra=extra, feature_extractor=fx,
+                                                           on_row=show, resumed=resumed, full=full, on_full=keep_full))
     res["resumed_rows"] = sum("skipped" not in r for r in resumed)
     res["retimed_rows"] = sum("timed_before" in r for r in res["rows"])
     out = {"model": args.model, "dtype": args.dtype, "sampler": args.sampler, "steps": steps, "n": args.n, "seed": args.seed, "batch": args.batch,

@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from common import RESULTS, ROOT, machine, real_test_features, replace_block, save_json
-from ditaccel.bench import Entry, measure
+from ditaccel.bench import Entry, MeasureConfig, measure
 from ditaccel.metrics import feature_extractor, frechet_distance
 from ditaccel.methods.shiva.inference import apply_shiva, load_shiva, remove_shiva, shiva_plan
 from ditaccel.methods.shiva.policy import plan_from_ratios
@@ -245,7 +245,8 @@ def main() -> None:
         print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()
                           if k != "ratios"}), flush=True)
 
-    res = measure(pipe, run, timed, entries, repeats=args.repeats, extra=extra, feature_extractor=fx, on_row=show)
+    res = measure(pipe, run, timed, entries,
+                  MeasureConfig(repeats=args.repeats, extra=extra, feature_extractor=fx, on_row=show))
     maps, learned, graphs = keep_map(stems, pipe, args.sampler, steps, RESULTS / f"shiva_keep_map{tag}.png")
     for r in res["rows"]:
         base = r["method"].split("@")[0]

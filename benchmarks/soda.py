@@ -38,7 +38,7 @@ from ditaccel.methods import soda
 from ditaccel.metrics import feature_extractor, frechet_distance, psnr, ssim
 from ditaccel.models.classifier import predict
 from ditaccel.pipeline import SAMPLERS
-from ditaccel.profiling import Profile, ages_suffix, profile
+from ditaccel.profiling import Profile, ProfileConfig, ages_suffix, profile
 from ditaccel.registry import load_classifier_asset, load_pipeline
 from ditaccel.runtime import apply, remove
 from ditaccel.sampling import sample
@@ -67,8 +67,8 @@ def get_profile(pipe, sampler: str, steps: int, cfg: float, samples: int, reprof
     # 2-core CPU) stopped part way resumes where it stopped when the benchmark is run again
     PROFILES.mkdir(parents=True, exist_ok=True)
     partial = stem.with_name(stem.name + "-partial")
-    prof = profile(pipe, class_labels=labels, sampler=sampler, steps=steps, guidance_scale=cfg,
-                   seed=100_000, batch_size=min(8, samples), checkpoint=partial)
+    prof = profile(pipe, config=ProfileConfig(class_labels=labels, sampler=sampler, steps=steps, guidance_scale=cfg,
+                                              seed=100_000, batch_size=min(8, samples), checkpoint=partial))
     prof.save(stem)
     remove_artifact(partial)
     return prof

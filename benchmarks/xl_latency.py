@@ -108,10 +108,10 @@ def main() -> None:
     cal_run = lambda p: sample(p, [360], seed=500_000, batch_size=1, **opts)[0]  # noqa: E731
 
     def make_profile():
-        from ditaccel.profiling import profile
+        from ditaccel.profiling import ProfileConfig, profile
 
-        return profile(pipe, class_labels=[360, 88], sampler="ddim", steps=args.steps, guidance_scale=GUIDANCE,
-                       seed=100_000, batch_size=2, progress=True)
+        return profile(pipe, config=ProfileConfig(class_labels=[360, 88], sampler="ddim", steps=args.steps,
+                                                  guidance_scale=GUIDANCE, seed=100_000, batch_size=2))
 
     import functools
 

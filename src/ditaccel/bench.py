@@ -178,23 +178,47 @@ def _calibrated(pipe, calibration_run, timed_run, profile, plan_dir, method: str
     profile = profile() if callable(profile) else profile
     # soda-latency: the budget is measured wall-clock time, on the run the benchmark times
     timed = timed_run if method == "soda-latency" else None
-    plan = soda.calibrate_soda(pipe, calibration_run, profile, progress=False, timed=timed, **{knob: value})
+    plan = soda.calibrate_soda(pipe, calibration_run, profile, soda.CalibrationConfig(progress=False, timed=timed),
+                               **{knob: value})
     if path is not None:
         write_json(path, plan.to_dict())
     return plan
 
 
-def measure(pipe, run: Callable, timed: Callable, entries: list[Entry], *, repeats: int = 3,
-            extra: Callable[[torch.Tensor], dict] | None = None, feature_extractor=None,
-            progress: bool = True, on_row: Callable[[dict], None] | None = None,
-            resumed: list[dict] | None = None, full: tuple[torch.Tensor, int] | None = None,
-            on_full: Callable[[torch.Tensor, int], None] | None = None) -> dict:
-    """Measure the full model and every entry (see the module docstring); returns ``{"rows": [...],
-    "skipped": [...]}``, the first row the full model's.  ``resumed``: rows an interrupted run of
-    the same settings already measured (``on_row``'s, skip records included); their entries are not run again (each row's
-    speedup is timed against the full model within its own pairs, so it keeps).  ``full``: the full
-    model's scored images and FLOPs from such a run (``on_full``'s), so a resumed run does not
-    sample them again."""
+@dataclass
+class MeasureConfig:
+    """How :func:`measure` measures: ``repeats`` timed pairs per entry (0: fidelity only),
+    ``extra(images) -> dict`` for more columns, the ``feature_extractor`` for Fréchet distances
+    (default ``metrics.feature_extractor()``), ``progress``; to resume a stopped run,
+    ``on_row(row)`` / ``on_full(images, flops)`` are told each row and the full model's result as
+    they come, and ``resumed`` (those rows, skip records included; their entries are not run again:
+    each row's speedup is timed against the full model within its own pairs, so it keeps) and
+    ``full`` ((images, flops) from ``on_full``) give them back.
+
+    Example::
+
+        bench.measure(pipe, run, timed, entries, MeasureConfig(repeats=5, on_row=print))
+    """
+    repeats: int = 3
+    extra: Callable[[torch.Tensor], dict] | None = None
+    feature_extractor: Any = None
+    progress: bool = True
+    on_row: Callable[[dict], None] | None = None
+    resumed: list[dict] | None = None
+    full: tuple[torch.Tensor, int] | None = None
+    on_full: Callable[[torch.Tensor, int], None] | None = None
+
+
+def measure(pipe, run: Callable, timed: Callable, entries: list[Entry], config: MeasureConfig | None = None,
+            **options) -> dict:
+    """Measure the full model and every entry (see the module docstring) as ``config`` says (the
+    keyword form of its fields still works, with a DeprecationWarning); returns ``{"rows": [...],
+    "skipped": [...]}``, the first row the full model's."""
+    from .options import resolve
+
+    cfg = resolve(MeasureConfig, config, options, "measure")
+    repeats, extra, feature_extractor, progress = cfg.repeats, cfg.extra, cfg.feature_extractor, cfg.progress
+    on_row, resumed, full, on_full = cfg.on_row, cfg.resumed, cfg.full, cfg.on_full
     from tqdm.auto import tqdm
 
     from .metrics import feature_extractor as default_fx

@@ -472,27 +472,61 @@ def ages_suffix(num_steps: int) -> str:
     return f"-age{ages[-1]}" if ages != DEFAULT_INTERVALS else ""
 
 
-def profile(pipe, run: Callable[[Any], Any] | None = None, *, num_steps: int | None = None,
-            class_labels: list[int] | None = None, sampler: str | None = None, steps: int | None = None,
-            guidance_scale: float = 3.0, seed: int = 0, batch_size: int = 32,
-            intervals: tuple[int, ...] | None = None, ratios: tuple[float, ...] = DEFAULT_RATIOS,
-            token_scores: tuple[str, ...] = TOKEN_SCORES, num_tokens: int | None = None,
-            timing_repeats: int = 5, progress: bool = True, description: dict | None = None,
-            checkpoint: str | Path | None = None) -> Profile:
-    """Profile ``pipe`` along full-model trajectories.
+@dataclass
+class ProfileConfig:
+    """What :func:`profile` measures.  Class-conditional pipelines (the bundled ones,
+    ``DiTPipeline``): ``class_labels`` (one sample each, seeds ``seed + i``), ``sampler``, ``steps``
+    and ``guidance_scale``; any other pipeline: ``num_steps`` (its step count) beside the run
+    function, and ``description`` for the profile's metadata.  ``intervals``: the cache ages to
+    measure (default :func:`default_intervals` of the step count); ``ratios`` and ``token_scores``:
+    the partial-recompute grid; ``checkpoint``: an artifact stem the error sums are saved to after
+    every batch of ``batch_size`` samples (class-conditional or prompted profiling), resumed from.
 
-    Class-conditional pipelines (the bundled one, ``DiTPipeline``): give ``class_labels`` (one
-    sample each, seeds ``seed + i``), ``sampler``, ``steps`` and ``guidance_scale``.  Any other
-    pipeline: give ``run(pipe)``, which calls the pipeline on the samples to profile, and
-    ``num_steps`` (its step count); ``description`` goes into the profile's metadata.
+    Example::
 
-    ``checkpoint`` (an artifact stem; class-conditional/prompted profiling only): the error sums
-    are saved there after every batch of ``batch_size`` samples, and a run started again with the
-    same settings resumes from it.  Samples run in the same batches with the same seeds either
-    way, so a resumed profile has exactly the error tables of an uninterrupted one (the measured
-    timings are measured again).  Remove the checkpoint once the profile is saved.
+        ProfileConfig(class_labels=list(range(10)) * 3, sampler="ddim", steps=50, guidance_scale=3.0)
+    """
+    class_labels: list[int] | None = None
+    sampler: str | None = None
+    steps: int | None = None
+    guidance_scale: float = 3.0
+    seed: int = 0
+    batch_size: int = 32
+    num_steps: int | None = None
+    intervals: tuple[int, ...] | None = None
+    ratios: tuple[float, ...] = DEFAULT_RATIOS
+    token_scores: tuple[str, ...] = TOKEN_SCORES
+    num_tokens: int | None = None
+    timing_repeats: int = 5
+    progress: bool = True
+    description: dict | None = None
+    checkpoint: str | Path | None = None
 
-    ``intervals``: the cache ages to measure; default :func:`default_intervals` of the step count."""
+
+def profile(pipe, run: Callable[[Any], Any] | None = None, config: ProfileConfig | None = None,
+            **options) -> Profile:
+    """Profile ``pipe`` along full-model trajectories, as ``config`` (a :class:`ProfileConfig`)
+    says: class-conditional pipelines sample its ``class_labels``; any other pipeline gives
+    ``run(pipe)``, which calls the pipeline on the samples to profile.  The keyword form
+    (``profile(pipe, class_labels=..., steps=...)``) still works, with a DeprecationWarning.
+
+    With ``config.checkpoint`` the samples run in the same batches with the same seeds whether or
+    not the run was interrupted, so a resumed profile has exactly the error tables of an
+    uninterrupted one (the timings are measured again).  Remove the checkpoint once the profile is
+    saved.
+
+    Example::
+
+        prof = ditaccel.profile(pipe, config=ProfileConfig(class_labels=list(range(32)), sampler="ddim", steps=50))
+    """
+    from .options import resolve
+
+    cfg = resolve(ProfileConfig, config, options, "profile")
+    (num_steps, class_labels, sampler, steps, guidance_scale, seed, batch_size, intervals, ratios, token_scores,
+     num_tokens, timing_repeats, progress, description, checkpoint) = (
+        cfg.num_steps, cfg.class_labels, cfg.sampler, cfg.steps, cfg.guidance_scale, cfg.seed, cfg.batch_size,
+        cfg.intervals, cfg.ratios, cfg.token_scores, cfg.num_tokens, cfg.timing_repeats, cfg.progress,
+        cfg.description, cfg.checkpoint)
     from .io import model_fingerprint
     from .methods import model_shape
     from .pipeline import SAMPLERS, default_sampler

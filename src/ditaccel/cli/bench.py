@@ -113,7 +113,7 @@ def run(args) -> int:
     if dist.is_main():
         print(f"{len(entries)} configurations, {args.n} scored images each, {args.repeats} timing pairs on "
               f"{args.timed_batch} images" + (f", split over {dist.size()} processes" if dist.size() > 1 else ""))
-    res = bench.measure(pipe, scored, timed, entries, repeats=args.repeats)
+    res = bench.measure(pipe, scored, timed, entries, bench.MeasureConfig(repeats=args.repeats))
     if not dist.is_main():  # the main process gathered every row and writes them
         return 0
     result = {"model": args.model, "sampler": args.sampler, "steps": steps, "cfg": args.cfg, "n": args.n,

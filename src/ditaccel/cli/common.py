@@ -45,7 +45,7 @@ def cached_profile(pipe, *, sampler: str, steps: int, cfg: float, samples: int, 
     trajectories, classes cycled, seeds from 100000) and kept there."""
     from .. import io
     from ..io import model_fingerprint
-    from ..profiling import Profile, ProfileError, ages_suffix, profile
+    from ..profiling import Profile, ProfileConfig, ProfileError, ages_suffix, profile
 
     classes = classes or list(range(10))
     fp = model_fingerprint(pipe.transformer)
@@ -62,8 +62,9 @@ def cached_profile(pipe, *, sampler: str, steps: int, cfg: float, samples: int, 
     from .. import distributed as dist
 
     # one batch per process (one in all on a single process): the samples are split, not repeated
-    prof = profile(pipe, class_labels=[classes[i % len(classes)] for i in range(samples)], sampler=sampler,
-                   steps=steps, guidance_scale=cfg, seed=100_000, batch_size=-(-samples // dist.size()))
+    prof = profile(pipe, config=ProfileConfig(
+        class_labels=[classes[i % len(classes)] for i in range(samples)], sampler=sampler, steps=steps,
+        guidance_scale=cfg, seed=100_000, batch_size=-(-samples // dist.size())))
     if dist.is_main():
         stem.parent.mkdir(parents=True, exist_ok=True)
         prof.save(stem)

@@ -105,7 +105,8 @@ def _calibrated(pipe, prof, cfg, n: int, seed: int):
                       guidance_scale=prof.meta["guidance_scale"], seed=seed, batch_size=n, progress=False)[0]
 
     # a wall-clock budget is measured on the calibration samples themselves
-    best = soda.calibrate_soda(pipe, run, prof, timed=run if cfg.latency_speedup else None, **asdict(cfg))
+    best = soda.calibrate_soda(pipe, run, prof, soda.CalibrationConfig(timed=run if cfg.latency_speedup else None),
+                               **asdict(cfg))
     cal = best.meta["calibration"]
     print(f"{'candidate':>10} {'anchors':>8} {'schedule':>9} {'forecast':>9} {'pruned':>7} {'predicted err':>14} "
           f"{'PSNR vs full':>13}" + (f" {'measured speedup':>17}" if "timed" in cal else ""))

@@ -39,7 +39,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from ..profiling import profile
+    from ..profiling import ProfileConfig, profile
     from ..registry import load_pipeline, resolve_dtype
     from ..viz import plot_profile
 
@@ -71,9 +71,9 @@ def run(args) -> int:
         io.remove_artifact(partial)
     if io.artifact_exists(partial) and dist.is_main():
         print(f"resuming the interrupted profile from {partial}.safetensors (--restart starts over)")
-    prof = profile(pipe, class_labels=labels, sampler=args.sampler, steps=args.steps,
-                   guidance_scale=args.cfg, seed=args.seed, batch_size=args.batch_size,
-                   intervals=intervals, ratios=ratios, token_scores=scores, checkpoint=partial)
+    prof = profile(pipe, config=ProfileConfig(
+        class_labels=labels, sampler=args.sampler, steps=args.steps, guidance_scale=args.cfg, seed=args.seed,
+        batch_size=args.batch_size, intervals=intervals, ratios=ratios, token_scores=scores, checkpoint=partial))
     if not dist.is_main():  # the main process writes; the others only profiled their share
         return 0
     prof.meta["model_name"] = args.model

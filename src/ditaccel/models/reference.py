@@ -57,13 +57,20 @@ class TrainConfig:
     ckpt_every: int = 100
 
     def __post_init__(self):
-        if self.preset not in PRESETS:
-            raise ValueError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
-        for name in ("steps", "batch_size", "ckpt_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not 0 <= self.label_dropout < 1:
-            raise ValueError(f"label_dropout must be in [0, 1), got {self.label_dropout}")
+        check_training(self, PRESETS, "label_dropout")
+
+
+def check_training(config, presets, dropout: str) -> None:
+    """The checks every reference-model training config shares: a known ``preset``, positive step,
+    batch and checkpoint counts, and the condition-dropout field ``dropout`` in [0, 1); else a
+    one-line ValueError."""
+    if config.preset not in presets:
+        raise ValueError(f"unknown preset {config.preset!r}; choose one of {', '.join(presets)}")
+    for name in ("steps", "batch_size", "ckpt_every"):
+        if getattr(config, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}")
+    if not 0 <= getattr(config, dropout) < 1:
+        raise ValueError(f"{dropout} must be in [0, 1), got {getattr(config, dropout)}")
 
 
 def build_transformer(preset: str = "fmnist-dit") -> DiTTransformer2DModel:

@@ -68,13 +68,9 @@ class TextTrainConfig:
     ckpt_every: int = 50
 
     def __post_init__(self):
-        if self.preset not in PRESETS:
-            raise ValueError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
-        for name in ("steps", "batch_size", "ckpt_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not 0 <= self.caption_dropout < 1:
-            raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
+        from .reference import check_training
+
+        check_training(self, PRESETS, "caption_dropout")
 
     @property
     def objective(self) -> str:

@@ -11,9 +11,9 @@ Example::
     plan = soda.calibrate_soda(pipe, run, profile, speedup=2.5)     # measured on run(pipe)
 """
 
-from .calibration import calibrate, calibrate_soda
+from .calibration import CalibrationConfig, calibrate, calibrate_soda
 from .planner import (SPREADS, BudgetUnreachable, Config, ages_of, candidates, dp_schedule, plan, plan_soda, predict,
                       schedules, segment_costs, uniform_schedule)
 
-__all__ = ["SPREADS", "BudgetUnreachable", "Config", "ages_of", "calibrate", "calibrate_soda", "candidates",
+__all__ = ["SPREADS", "BudgetUnreachable", "CalibrationConfig", "Config", "ages_of", "calibrate", "calibrate_soda", "candidates",
            "dp_schedule", "plan", "plan_soda", "predict", "schedules", "segment_costs", "uniform_schedule"]

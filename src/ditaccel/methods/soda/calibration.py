@@ -5,7 +5,8 @@ planner, these functions run the pipeline."""
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Callable
 
 import torch
 
@@ -49,11 +50,33 @@ def calibrate(pipe, run, plans: list[Plan], progress: bool = True,
     return replace(plans[best], meta={**plans[best].meta, "calibration": calibration}), rows
 
 
-def calibrate_soda(pipe, run, profile, fewer: int = 3, spreads=SPREADS, forecasts=FORECAST_ORDERS,
-                   progress: bool = True, timed=None, repeats: int = 3, tolerance: float = 0.03,
-                   more: int = 2, **options) -> Plan:
+@dataclass
+class CalibrationConfig:
+    """How :func:`calibrate_soda` measures SODA's candidates: ``fewer`` (how many anchors fewer the
+    pruning candidates may have), ``spreads`` and ``forecasts`` (the schedules and forecast orders
+    of the first round), ``timed`` (a run to time, for a wall-clock budget), ``repeats``,
+    ``tolerance`` and ``more`` (the timed search), ``progress``.
+
+    Example::
+
+        calibrate_soda(pipe, run, profile, speedup=2.5, calibration=CalibrationConfig(fewer=2))
+    """
+    fewer: int = 3
+    spreads: tuple = SPREADS
+    forecasts: tuple = FORECAST_ORDERS
+    progress: bool = True
+    timed: Callable | None = None
+    repeats: int = 3
+    tolerance: float = 0.03
+    more: int = 2
+
+
+def calibrate_soda(pipe, run, profile, calibration: CalibrationConfig | None = None, **options) -> Plan:
     """``calibrate_soda(pipe, run, profile, speedup=2.5)``: SODA with its choices measured on
     ``run(pipe)`` (a few samples on seeds other than those you evaluate on; images in [0, 1]).
+    ``options``: the plan's, as :func:`~ditaccel.methods.soda.plan_soda` takes them (a budget:
+    ``speedup=`` or ``latency_speedup=``); ``calibration``: how to measure (the keyword form of its
+    fields, ``calibrate_soda(..., timed=run)``, still works, with a DeprecationWarning).
 
     Two rounds, each keeping the plan closest to the full model: the anchor schedule and what the
     other steps get (caching-only plans with the DP's schedule free, held to a ``spread`` or evenly
@@ -67,6 +90,14 @@ def calibrate_soda(pipe, run, profile, fewer: int = 3, spreads=SPREADS, forecast
     candidate's speedup is measured on ``timed(pipe)`` (median of ``repeats`` back-to-back pairs
     with the full model) until one reaches ``latency_speedup`` within ``tolerance``; if none
     does, the fastest is kept."""
+    from ...options import resolve
+
+    measure_names = {f.name for f in fields(CalibrationConfig)}
+    cal = resolve(CalibrationConfig, calibration, {k: v for k, v in options.items() if k in measure_names},
+                  "calibrate_soda")
+    options = {k: v for k, v in options.items() if k not in measure_names}
+    fewer, spreads, forecasts, progress, timed = cal.fewer, cal.spreads, cal.forecasts, cal.progress, cal.timed
+    repeats, tolerance, more = cal.repeats, cal.tolerance, cal.more
     config = Config(**options)
     if config.speedup is None and config.latency_speedup is None:
         raise ValueError("calibration needs a speedup or latency_speedup budget")
