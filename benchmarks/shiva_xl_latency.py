@@ -185,7 +185,7 @@ def render(out: dict) -> None:
                   f"({c['speedup']:.2f}x vs compiled full) |"]
     goal = out["speedup"] >= 1.5
     lines += ["", f"Goal: at least 1.5x at keep 0.6: **{'met' if goal else 'missed'}** ({out['speedup']:.2f}x "
-              f"measured, {out['flops_speedup']:.2f}x in FLOPs, {out['dtype']} on this CPU).", ""]
+              f"measured, {out['flops_speedup']:.2f}x in FLOPs, {out['dtype']} on the CPU named below).", ""]
     lines += [f"Overheads inside the Shiva row: router {router:.2f} s ({pct(router):.1f}%: its calls timed in the "
               f"run), gather/scatter/top-k {ops:.2f} s ({pct(ops):.1f}%: those ops timed alone at the same shapes x "
               f"{out['steps'] * 27} routed block calls). FLOPs: {out['flops_speedup']:.2f}x fewer. {k} of {n} tokens "

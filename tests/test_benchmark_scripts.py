@@ -38,3 +38,10 @@ def test_every_block_a_script_writes_is_in_a_page():
     for link in re.findall(r"\]\((docs/[\w.-]+\.md)\)", readme):
         assert (root / link).exists(), link
     assert all(f"docs/{p.name}" in readme for p in (root / "docs").glob("*.md")), "every docs page linked from README"
+
+
+def test_every_relative_link_in_the_pages_resolves():
+    root = BENCH.parent
+    for page in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        for target in re.findall(r"\]\(([^)#:\s]+)\)", page.read_text()):
+            assert (page.parent / target).exists(), f"{page.name} links {target}, which does not exist"

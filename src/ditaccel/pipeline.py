@@ -53,7 +53,12 @@ def default_sampler(scheduler_or_config) -> str:
 
 
 def make_scheduler(sampler: str, base_config) -> object:
-    """A diffusers scheduler of the named kind sharing ``base_config``'s noise schedule."""
+    """A diffusers scheduler of the named kind sharing ``base_config``'s noise schedule.
+
+    Example::
+
+        pipe.scheduler = ditaccel.make_scheduler("dpm++", pipe.scheduler.config)
+    """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     flow = is_flow_config(base_config)

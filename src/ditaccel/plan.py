@@ -231,6 +231,12 @@ def _check_grid(value, name: str, bools: bool) -> None:
 
 def full_plan(num_steps: int, num_layers: int, num_tokens: int,
               modules: tuple[str, ...] = ("attn", "mlp")) -> Plan:
-    """Every step an anchor: executes exactly like no plan at all."""
+    """Every step an anchor: executes exactly like no plan at all.
+
+    Example::
+
+        plan = full_plan(50, shape.num_layers, shape.num_tokens, shape.modules)
+        ditaccel.apply(pipe, plan, compile=True)  # the plain model, compiled
+    """
     return Plan(num_tokens=num_tokens, modules=modules, anchors=torch.ones(num_steps, dtype=torch.bool),
                 tokens=torch.full((num_steps, num_layers, len(modules)), FULL), method="full")

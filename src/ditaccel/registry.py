@@ -93,7 +93,13 @@ def load_pipeline(model: str, dtype: str = "fp32", device: torch.device | str | 
     """Load a pipeline the way a diffusers user would: our pixel DiT pipeline for folders saved
     by it, ``DiffusionPipeline.from_pretrained`` (e.g. ``DiTPipeline``) for anything else.
     ``device``: move it there (:func:`ditaccel.devices.resolve_device`; default: leave it where
-    diffusers loads it, the CPU)."""
+    diffusers loads it, the CPU).
+
+    Example::
+
+        pipe = ditaccel.load_pipeline("fmnist-dit", dtype="fp32")
+        images = pipe(class_labels=[0, 7], num_inference_steps=20).images
+    """
     from diffusers import DiffusionPipeline
     from diffusers.utils import logging as dlogging
 

@@ -25,7 +25,12 @@ METHODS = {"fora": fora, "toca": toca, "delta-dit": delta_dit}
 
 def model_shape(transformer, num_steps: int, num_tokens: int | None = None) -> ModelShape:
     """The shape of ``transformer`` sampled in ``num_steps`` steps; ``num_tokens`` (image tokens per
-    sample) defaults to the model's configured sample size where it has one."""
+    sample) defaults to the model's configured sample size where it has one.
+
+    Example::
+
+        shape = ditaccel.model_shape(pipe.transformer, num_steps=50)  # layers, tokens, modules
+    """
     from ..runtime.adapters import find_blocks, image_tokens, modules_of
 
     return ModelShape(num_steps=num_steps, num_layers=len(find_blocks(transformer)),
@@ -34,7 +39,12 @@ def model_shape(transformer, num_steps: int, num_tokens: int | None = None) -> M
 
 
 def make_plan(method: str, shape: ModelShape, **options):
-    """Plan ``method`` with the given config options (unknown options are an error)."""
+    """Plan ``method`` with the given config options (unknown options are an error).
+
+    Example::
+
+        plan = ditaccel.make_plan("toca", ditaccel.model_shape(pipe.transformer, 50), interval=3, ratio=0.25)
+    """
     import dataclasses
 
     if method not in METHODS:

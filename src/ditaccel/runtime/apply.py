@@ -92,7 +92,14 @@ def apply(target, plan: Plan, router=None, check_fingerprint: bool = True, skip_
 
     ``plan`` may also be the path of a plan JSON (``ditaccel plan --out``, :meth:`Plan.save`) or its
     dict.  A plan that records its sampler (SODA's do) is refused on a pipeline whose scheduler is
-    of another kind, now or when the scheduler is swapped later."""
+    of another kind, now or when the scheduler is swapped later.
+
+    Example::
+
+        ditaccel.apply(pipe, ditaccel.make_plan("fora", shape, interval=2))
+        images = pipe(class_labels=[0, 7], num_inference_steps=50).images
+        ditaccel.remove(pipe)
+    """
     plan = as_plan(plan)
     transformer, pipe = _split(target)
     routes = plan.route is not None and bool((plan.route != FULL).any())
@@ -281,7 +288,12 @@ def _unfollow_scheduler(scheduler) -> None:
 
 
 def remove(target):
-    """Take every ditaccel hook off; the model then computes exactly as before ``apply``."""
+    """Take every ditaccel hook off; the model then computes exactly as before ``apply``.
+
+    Example::
+
+        ditaccel.remove(pipe)  # the pipeline computes exactly as before apply
+    """
     transformer, pipe = _split(target)
     state = getattr(transformer, _STATE_ATTR, None)
     if state is not None and state.scheduler is not None:
@@ -303,5 +315,13 @@ def remove(target):
 
 
 def state_of(target) -> RunState | None:
+    """The applied plan's run state of a pipeline or transformer (None without a plan): the plan,
+    the step and branch of the running call, and one record per transformer call of what it
+    computed.
+
+    Example::
+
+        ditaccel.state_of(pipe).records[:2]  # what each transformer call computed
+    """
     transformer, _ = _split(target)
     return getattr(transformer, _STATE_ATTR, None)

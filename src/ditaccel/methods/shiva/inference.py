@@ -45,7 +45,13 @@ class ShivaArtifact:
 
 def load_shiva(stem, transformer) -> ShivaArtifact:
     """Read an artifact (safetensors + JSON only) for ``transformer``, refusing one trained for
-    another model."""
+    another model.
+
+    Example::
+
+        artifact = ditaccel.load_shiva("runs/shiva/shiva", pipe.transformer)
+        ditaccel.apply_shiva(pipe, artifact, num_inference_steps=50)
+    """
     tensors, meta = io.load_artifact(stem, KIND)
     fp = io.model_fingerprint(transformer)
     if fp != meta.get("fingerprint"):
@@ -160,7 +166,13 @@ def apply_shiva(pipe, artifact, num_inference_steps: int, num_tokens: int | None
     :class:`ShivaArtifact`) for ``num_inference_steps`` steps of ``scheduler`` (default: the
     pipeline's; pass the one you will sample with if you swap it); returns the plan.
     :func:`remove_shiva` undoes it.  ``compile``: run the blocks through ``torch.compile``
-    (see :func:`ditaccel.runtime.apply`): one graph per distinct token count of the plan."""
+    (see :func:`ditaccel.runtime.apply`): one graph per distinct token count of the plan.
+
+    Example::
+
+        plan = ditaccel.apply_shiva(pipe, "runs/shiva/shiva", num_inference_steps=50)
+        images = pipe(class_labels=[0, 7], num_inference_steps=50).images
+    """
     from ...runtime import apply
     from ...runtime.adapters import image_tokens, modules_of
 
@@ -188,7 +200,12 @@ def apply_shiva(pipe, artifact, num_inference_steps: int, num_tokens: int | None
 
 
 def remove_shiva(pipe) -> None:
-    """Take a Shiva artifact off ``pipe``: hooks removed, adapter merges undone (exact)."""
+    """Take a Shiva artifact off ``pipe``: hooks removed, adapter merges undone (exact).
+
+    Example::
+
+        ditaccel.remove_shiva(pipe)
+    """
     from ...runtime import remove
 
     remove(pipe)

@@ -453,7 +453,15 @@ def train_shiva(transformer, out_dir, cfg: ShivaTrainConfig, data, progress: boo
                 stop_after: int | None = None) -> Path:
     """Train (or resume) Shiva on ``transformer`` (frozen; adapters are added to it in place when
     ``cfg.adapter`` is not "none"); returns the artifact stem (or the checkpoint's, when stopped
-    early by ``stop_after``)."""
+    early by ``stop_after``).  ``data``: (images in [-1, 1] (N, C, H, W), class labels (N,)).
+    Running it again on the same ``out_dir`` resumes from its checkpoint.
+
+    Example::
+
+        from ditaccel.data import load_fashion_mnist
+        stem = ditaccel.train_shiva(pipe.transformer, "runs/shiva", ShivaTrainConfig(keep=0.6),
+                                    load_fashion_mnist("train"))
+    """
     trainer = ShivaTrainer(transformer, cfg, data)
     try:
         return trainer.run(Path(out_dir), progress=progress, stop_after=stop_after)

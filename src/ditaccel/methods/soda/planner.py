@@ -321,7 +321,12 @@ def _solve_beta(profile, anchors, cfg: Config, score: int, target: float, make) 
 
 
 def plan_soda(profile, **options) -> Plan:
-    """``plan_soda(profile, speedup=2.5)``: the SODA plan; options are :class:`Config`'s."""
+    """``plan_soda(profile, speedup=2.5)``: the SODA plan; options are :class:`Config`'s.
+
+    Example::
+
+        plan = ditaccel.plan_soda(profile, speedup=2.5)          # or latency_speedup=..., anchors=...
+    """
     return plan(Config(**options), profile)
 
 
