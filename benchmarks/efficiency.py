@@ -224,7 +224,7 @@ def write_table(out: dict, name: str) -> None:
                     "warm-up run, not timed.")
     else:
         caption += "Op speedup: aten ops dispatched over one trajectory, full / plan."
-    if out.get("xl_layers", 28) != 28:
+    if out.get("xl_layers", 28) != 28 and any(r["model"].startswith("xl") for r in out["rows"]):
         caption += f" xl: {out['xl_layers']} of DiT-XL/2's 28 layers (a CPU run; the GPU run has all 28)."
     lines += ["", caption, ""]
     if compiled:

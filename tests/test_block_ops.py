@@ -1,9 +1,10 @@
 """A partially recomputed or routed block dispatches fewer ops than the same block computed in
 full (counted exactly, with ``OpCounter``, per block and step over one trajectory): the tokens it
 skips save compute, and its own bookkeeping (scores, one token index per module, the router) costs
-less than the conditioning the runtime serves from a per-trajectory table on accelerated steps
-(runtime.embed).  Full-compute steps stay the plain model's computation: the conditioning chain
-there is the model's own, and the images of the plan under test match a run without the tables."""
+less than the conditioning the runtime serves from a per-trajectory table (runtime.embed).  Under
+a plan that accelerates any step the table serves full-compute steps too, so after the first step
+(which builds it) every block dispatches fewer ops than the plain model's; the images match a run
+without the tables."""
 
 import pytest
 import torch
@@ -78,19 +79,16 @@ def test_partial_and_routed_blocks_dispatch_fewer_ops_than_full_ones(method):
         if not tables:
             continue
         touched = [s for s in range(T) if not plan.anchors[s] or (plan.route is not None and (plan.route[s] >= 0).any())]
-        first, later = touched[0], touched[1:]
-        assert later, "the plan accelerates more than one step"
-        for s in later:  # after the first accelerated step, which builds the tables for the rest
-            if method == "toca":  # every block recomputes part of its tokens
+        assert len(touched) > 1 and (method != "toca" or len(touched) < T)  # toca: full steps between
+        for s in range(1, T):  # after the first step, which builds the tables for the trajectory
+            if s not in touched or method == "toca":  # full compute or part of every block's tokens
                 assert (ops[s] < plain[s]).all(), (s, ops[s].tolist(), plain[s].tolist())
             else:  # every routed block but the call's first, which embeds the router's context for all
                 routed = (plan.route[s] >= 0).nonzero().flatten().tolist()
                 assert all(ops[s, i] < plain[s, i] for i in routed[1:]), (s, ops[s].tolist())
             assert ops[s].sum() < plain[s].sum()
-        # full-compute steps are the plain model's blocks, plus the stores later steps read
-        for s in range(T):
-            if s not in touched:
-                assert (ops[s] >= plain[s]).all() and (ops[s] <= plain[s] + 4).all(), (s, ops[s].tolist())
+        if method == "toca":  # (six steps of routing at 0.5 do not pay for the router's first call)
+            assert ops.sum() < plain.sum()
     torch.testing.assert_close(images[True], images[False], atol=1e-5, rtol=0)
 
 

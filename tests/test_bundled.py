@@ -11,8 +11,8 @@ from ditaccel.registry import ASSETS, load_classifier_asset
 
 
 @pytest.fixture(scope="module")
-def pipe():
-    return load_pipeline("fmnist-dit", "bf16")
+def pipe():  # the dtype a user gets by default: bf16 where the CPU has native bf16, else fp32
+    return load_pipeline("fmnist-dit", "auto")
 
 
 def test_bundled_model_geometry_and_size(pipe):

@@ -439,13 +439,14 @@ def test_an_unreachable_budget_fails_before_sampling_and_the_bench_skips_it_once
     entries = bench.method_entries(pipe, STEPS, methods=["soda"], sweeps={"soda": (1.6, 50.0)}, profile=prof,
                                    calibration_run=run)
     seen = []
-    out = bench.measure(pipe, run, None, entries, repeats=0, progress=False, on_row=seen.append)
+    out = bench.measure(pipe, run, None, entries,
+                        config=bench.MeasureConfig(repeats=0, progress=False, on_row=seen.append))
     assert [(r["method"], r["value"]) for r in out["rows"]] == [("full", None), ("soda", 1.6)]
     assert out["skipped"] == ["soda: speedup=50: no plan meets this budget with the profiled cache ages; "
                               "profile longer intervals or ask for a smaller speedup"]
     assert seen[-1] == {"method": "soda", "value": 50.0, "skipped": out["skipped"][0]}
     # resumed from what on_row saw: neither configuration is tried again, the skip is reported again
     n = len(calls)
-    again = bench.measure(pipe, run, None, entries, repeats=0, progress=False, resumed=seen)
+    again = bench.measure(pipe, run, None, entries, config=bench.MeasureConfig(repeats=0, progress=False, resumed=seen))
     assert again["skipped"] == out["skipped"] and len(again["rows"]) == 2
     assert len(calls) == n + 1, "only the full model's scored run"

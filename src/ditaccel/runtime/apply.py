@@ -61,7 +61,13 @@ def apply(target, plan: Plan, router=None, check_fingerprint: bool = True, skip_
     (applied to a pipeline), and a call whose timestep or class labels differ from the ones
     predicted computes as usual.  Same values as computing them step by step (the same
     operations on more rows; a batched matmul may round the last bit differently: the bundled
-    model's images are bit-identical at the benchmarks' batch sizes on the CPU tested).
+    model's images are bit-identical at the benchmarks' batch sizes on the CPU tested).  Under a
+    plan that accelerates any step, each block's timestep and label embedding and its adaLN
+    projection (registry data ``BlockSpec.conditioning_chain``) are likewise served on every step,
+    full-compute steps included, from one batched call per trajectory
+    (:mod:`ditaccel.runtime.embed`): a full-compute step then dispatches a third fewer ops than the
+    plain model, whose values it keeps up to that rounding.  A plan that accelerates nothing
+    (``plan.full_plan``) stays the plain model's computation bit for bit.
 
     ``compile``: run the plan compiled by ``torch.compile`` (True, a dict of its options, or a
     :class:`~ditaccel.runtime.program.CompileConfig`; default ``dynamic=False``).  By steps (the

@@ -1,15 +1,18 @@
-"""Per-block conditioning served from a table on a trajectory's accelerated steps.
+"""Per-block conditioning served from a table for a whole trajectory.
 
 DiT's blocks each embed the call's timestep and class label again and project the embedding to
 their adaLN parameters (``norm1.emb``, ``norm1.silu``, ``norm1.linear`` of every
-``AdaLayerNormZero``: sinusoidal projection, three linears, a label lookup: about twenty ops per
-block, the same number however few tokens the block computes).  Those outputs depend on the
-timestep and the labels alone, both known for the whole trajectory once the scheduler has set its
-timesteps.  On the steps a plan accelerates (never on full-compute steps, which stay the plain
-model's computation), :class:`ChainHook` serves each module of that chain from one batched call
-made at the first such step for all of them: a partially recomputed or routed block then
-dispatches fewer ops than the block computed in full.  Which submodules form the chain is
-registry data (``BlockSpec.conditioning_chain``).
+``AdaLayerNormZero``: sinusoidal projection, three linears, a label lookup: about twenty-five ops per
+block, the same number however few tokens the block computes; in a full DiT call, about a third of
+its ops).  Those outputs depend on the timestep and the labels alone, both known for the whole
+trajectory once the scheduler has set its timesteps.  Under a plan that accelerates any step,
+:class:`ChainHook` serves each module of that chain, on every step, from one batched call made at
+the trajectory's first step for all of them: a partially recomputed or routed block then
+dispatches fewer ops than the block computed in full, and so does a full-compute step (its
+conditioning then differs from the plain model's by the rounding of one batched matmul against
+several small ones).  A plan that accelerates nothing (``plan.full_plan``) registers no hook: it
+stays the plain model's computation, bit for bit.  Which submodules form the chain is registry
+data (``BlockSpec.conditioning_chain``).
 """
 
 from __future__ import annotations
@@ -25,12 +28,12 @@ EMBED_HOOK = "ditaccel.embed"
 class ChainHook(ModelHook):
     """On module ``position`` of one block's conditioning chain: the first module takes
     ``(timestep, class_labels, ...)`` (one row per batch row), each later one the previous one's
-    output alone.  On an accelerated step of a trajectory that follows the scheduler, the first
-    module called with the transformer call's own timestep and labels returns that step's rows of a
-    table built at the first accelerated step for the rest of them (the chain run once on all
-    their timesteps), and each later module called with exactly the tensor the table gave the one
-    before returns its own rows.  Every other call (full-compute steps, a timestep off the
-    schedule, other labels, the runtime's own batched calls, compiled programs) runs the module."""
+    output alone.  On a step of a trajectory that follows the scheduler, the first module called
+    with the transformer call's own timestep and labels returns that step's rows of a table built
+    at the first call for the rest of the trajectory (the chain run once on all their timesteps),
+    and each later module called with exactly the tensor the table gave the one before returns
+    its own rows.  Every other call (a timestep off the schedule, other labels, the runtime's own
+    batched calls, compiled programs) runs the module."""
 
     def __init__(self, state, layer: int, position: int, chain: tuple[torch.nn.Module, ...],
                  norm_served: list[bool], timestep_arg: str = "timestep", labels_arg: str = "class_labels"):
@@ -51,7 +54,7 @@ class ChainHook(ModelHook):
     def new_forward(self, module, *args, **kwargs):
         st = self.state
         original = self.fn_ref.original_forward
-        if st.program is not None or st.step < 0 or st.scheduler is None or not st.accelerated_list[st.step]:
+        if st.program is not None or st.step < 0 or st.scheduler is None:
             return original(*args, **kwargs)
         kind = self._runs_chain(st.step)
         key = (self.layer, st.branch, kind)
@@ -82,14 +85,14 @@ class ChainHook(ModelHook):
         return table.rows[st.step][0]
 
     def _build(self, original, named: dict, t: torch.Tensor, labels, kind: bool):
-        """The table for this and the later accelerated steps of the same kind (the block runs
-        its chain there, or not: then the first module only), so nothing is computed that no
-        call will ask for."""
+        """The table for this and the later steps of the same kind (the block runs its chain
+        there, or not: then the first module only), so nothing is computed that no call will ask
+        for."""
         st, plan = self.state, self.state.plan
         if not torch.is_tensor(t) or t.ndim != 1 or (labels is not None and not torch.is_tensor(labels)) \
                 or not st.on_schedule(t):
             return False
-        steps = [s for s in range(st.step, plan.num_steps) if st.accelerated_list[s] and self._runs_chain(s) == kind]
+        steps = [s for s in range(st.step, plan.num_steps) if self._runs_chain(s) == kind]
         sched = st.scheduler.timesteps
         batched = {**named, self.timestep_arg: torch.cat([sched[s].to(t).expand_as(t) for s in steps])}
         if labels is not None:
@@ -104,7 +107,7 @@ class ChainHook(ModelHook):
 
 
 class ChainTable:
-    """One block's conditioning chain outputs per accelerated step (``rows``: step -> one
+    """One block's conditioning chain outputs per step (``rows``: step -> one
     (batch rows, D) tensor per module), for the class labels it was built with (kept by reference;
     other labels are compared by value once per transformer call)."""
 
