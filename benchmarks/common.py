@@ -42,8 +42,8 @@ def replace_block(name: str, text: str, pages: list[Path] | None = None) -> None
         src = page.read_text()
         if pattern.search(src):
             # the scripts link files from the repository root; a page under docs/ links from there
-            rooted = page.resolve().parent != ROOT
-            text = text.replace("](benchmarks/", "](../benchmarks/") if rooted else text
+            if page.resolve().parent != ROOT:
+                text = text.replace("](benchmarks/", "](../benchmarks/")
             write_text(page, pattern.sub(lambda m: m.group(1) + text.rstrip() + "\n" + m.group(2), src))
             return
     raise SystemExit(f"no page has a <!-- {name}:begin/end --> block (README.md, docs/*.md)")

@@ -26,7 +26,8 @@ def test_measure_scores_each_methods_own_images(tiny_pipe):
     full = _run(tiny_pipe)
     entries = bench.method_entries(tiny_pipe, STEPS, methods=["fora", "delta-dit"], sweeps={"fora": (2,), "delta-dit": (2,)})
     assert [(e.method, e.value) for e in entries] == [("fora", 2), ("delta-dit", 2)]
-    out = bench.measure(tiny_pipe, _run, lambda p: _run(p, (0, 1)), entries, config=bench.MeasureConfig(repeats=2, progress=False))
+    out = bench.measure(tiny_pipe, _run, lambda p: _run(p, (0, 1)), entries,
+                        config=bench.MeasureConfig(repeats=2, progress=False))
     rows = out["rows"]
     assert [r["method"] for r in rows] == ["full", "fora", "delta-dit"]
     assert rows[0]["psnr"] == math.inf or rows[0]["psnr"] > 99  # the full model against itself
@@ -46,8 +47,9 @@ def test_measure_scores_each_methods_own_images(tiny_pipe):
 def test_measure_without_timing_and_the_report(tiny_pipe):
     entries = bench.method_entries(tiny_pipe, STEPS, methods=["fbc"], sweeps={"fbc": (0.5,)})
     seen = []
-    out = bench.measure(tiny_pipe, _run, None, entries, config=bench.MeasureConfig(repeats=0, progress=False, on_row=seen.append,
-                        extra=lambda images: {"class_agreement": 0.5}))
+    out = bench.measure(tiny_pipe, _run, None, entries,
+                        config=bench.MeasureConfig(repeats=0, progress=False, on_row=seen.append,
+                                                   extra=lambda images: {"class_agreement": 0.5}))
     row = out["rows"][1]
     assert row["speedup_measured"] is None and row["efficiency"] is None and seen == [row]
     text = bench.report({**out, "command": "x"})
@@ -62,8 +64,9 @@ def test_measure_resumes_rows_an_interrupted_run_measured(tiny_pipe):
     first = bench.measure(tiny_pipe, _run, None, entries, config=bench.MeasureConfig(repeats=0, progress=False))["rows"]
     old = {**first[2], "psnr": -1.0}  # interval 3's row as an earlier run wrote it (marked)
     seen = []
-    rows = bench.measure(tiny_pipe, _run, None, entries, config=bench.MeasureConfig(repeats=0, progress=False, on_row=seen.append,
-                         resumed=[old]))["rows"]
+    rows = bench.measure(tiny_pipe, _run, None, entries,
+                         config=bench.MeasureConfig(repeats=0, progress=False, on_row=seen.append,
+                                                    resumed=[old]))["rows"]
     assert [(r["method"], r["value"]) for r in rows] == [("full", None), ("fora", 2), ("fora", 3)]
     assert rows[2] is old and rows[1]["psnr"] == pytest.approx(first[1]["psnr"])
     assert seen == [rows[1]], "only the entry not measured before runs (and is reported)"
@@ -72,8 +75,10 @@ def test_measure_resumes_rows_an_interrupted_run_measured(tiny_pipe):
 def test_measure_reuses_a_kept_full_model_reference(tiny_pipe):
     entries = bench.method_entries(tiny_pipe, STEPS, methods=["fora"], sweeps={"fora": (2,)})
     kept = []
-    first = bench.measure(tiny_pipe, _run, None, entries, config=bench.MeasureConfig(repeats=0, progress=False,
-                          on_full=lambda images, flops: kept.append((images, flops))))["rows"]
+    first = bench.measure(tiny_pipe, _run, None, entries,
+                          config=bench.MeasureConfig(
+                              repeats=0, progress=False,
+                              on_full=lambda images, flops: kept.append((images, flops))))["rows"]
     assert len(kept) == 1 and kept[0][1] == first[0]["flops"]
     assert torch.equal(kept[0][0], _run(tiny_pipe)), "the kept reference is the full model's scored images"
     calls = []
@@ -84,8 +89,10 @@ def test_measure_reuses_a_kept_full_model_reference(tiny_pipe):
 
     # a resumed run scores against the kept images (shifted here, so it shows) and samples only the method
     images, flops = kept[0]
-    again = bench.measure(tiny_pipe, run, None, entries, config=bench.MeasureConfig(repeats=0, progress=False, full=(images + 0.01, flops),
-                          on_full=lambda *a: pytest.fail("a kept reference is not written again")))["rows"]
+    again = bench.measure(tiny_pipe, run, None, entries,
+                          config=bench.MeasureConfig(
+                              repeats=0, progress=False, full=(images + 0.01, flops),
+                              on_full=lambda *a: pytest.fail("a kept reference is not written again")))["rows"]
     assert len(calls) == 1, "the full model is not sampled again"
     assert again[0]["flops"] == first[0]["flops"] and again[1]["flops"] == first[1]["flops"]
     assert again[1]["psnr"] != pytest.approx(first[1]["psnr"], abs=0.1), "scored against the kept images"
@@ -108,7 +115,8 @@ def test_a_profile_function_is_called_only_when_a_soda_row_is_measured(tiny_pipe
     first = bench.measure(tiny_pipe, _run, None, entries, config=bench.MeasureConfig(repeats=0, progress=False))["rows"]
     assert made == [1] and [r["method"] for r in first] == ["full", "fora", "soda"]
     # every SODA row resumed: the profile is not made again
-    bench.measure(tiny_pipe, _run, None, entries, config=bench.MeasureConfig(repeats=0, progress=False, resumed=[first[2]]))
+    bench.measure(tiny_pipe, _run, None, entries,
+                  config=bench.MeasureConfig(repeats=0, progress=False, resumed=[first[2]]))
     assert made == [1]
 
 
@@ -214,7 +222,8 @@ def test_retime_times_rows_again_and_keeps_their_scores(tiny_pipe):
     entries = bench.method_entries(tiny_pipe, STEPS, methods=["fora"], sweeps={"fora": (2, 3)})
     timed = lambda p: _run(p, (0, 1))  # noqa: E731
     full = _run(tiny_pipe)
-    rows = bench.measure(tiny_pipe, _run, timed, entries, config=bench.MeasureConfig(repeats=1, progress=False))["rows"][1:]
+    rows = bench.measure(tiny_pipe, _run, timed, entries,
+                         config=bench.MeasureConfig(repeats=1, progress=False))["rows"][1:]
     old = [{**r, "cpu": "elsewhere", "speedup_measured": 9.0, "ratios": [9.0], "runtime": RUNTIME_REVISION - 1}
            for r in rows]
     seen = []

@@ -65,8 +65,8 @@ def apply(target, plan: Plan, router=None, check_fingerprint: bool = True, skip_
     plan that accelerates any step, each block's timestep and label embedding and its adaLN
     projection (registry data ``BlockSpec.conditioning_chain``) are likewise served on every step,
     full-compute steps included, from one batched call per trajectory
-    (:mod:`ditaccel.runtime.embed`): a full-compute step then dispatches a third fewer ops than the
-    plain model, whose values it keeps up to that rounding.  A plan that accelerates nothing
+    (:mod:`ditaccel.runtime.embed`): a full-compute step then dispatches fewer ops than the plain
+    model, whose values it keeps up to that rounding.  A plan that accelerates nothing
     (``plan.full_plan``) stays the plain model's computation bit for bit.
 
     ``compile``: run the plan compiled by ``torch.compile`` (True, a dict of its options, or a

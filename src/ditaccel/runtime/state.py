@@ -228,7 +228,7 @@ class RunState:
         # (hooks.ConditioningTable), or None where it cannot be predicted
         self.conditioning: dict[tuple[int, int], object] = {}
         # (layer, branch, the block runs its chain) -> the block's conditioning chain outputs for
-        # this trajectory's accelerated steps (embed.ChainTable), or False where they cannot be predicted
+        # this trajectory's steps (embed.ChainTable), or False where they cannot be predicted
         self.embed_tables: dict[tuple[int, int], object] = {}
         self.generation = getattr(self, "generation", -1) + 1
         if not hasattr(self, "caches"):
