@@ -124,7 +124,10 @@ def test_a_collapsed_call_dispatches_the_same_ops_whatever_the_depth(forecast):
         ops[layers] = _call_ops(pipe, plan)
     two, six = ops[2], ops[6]
     assert six[0] > two[0] + 4 * 40  # an anchor: dozens of ops per block
-    # steps 2, 4, 5 reuse after the gate table was built at step 1: one fused multiply-add per
+    # step 1 reads the gates of all reusing steps from the conditioning chain tables built at
+    # step 0: a handful of ops per block, no call of its conditioning norm
+    assert six[1] - two[1] <= (6 - 2) * (2 + 6), (six[1], two[1])
+    # steps 2, 4, 5 reuse after that: one fused multiply-add per
     # cached output (2 per block), two per cached output where it forecasts from two full outputs
     # (steps 4 and 5, after anchors 0 and 3)
     per_output = {2: 1, 4: 1 + forecast, 5: 1 + forecast}

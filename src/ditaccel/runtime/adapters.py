@@ -23,7 +23,10 @@ class Residual:
     - ``source="table"``: chunk ``index[r]`` (rows, 1, D) of
       ``block.<table>[None] + <the block's table_arg>.reshape(rows, chunks, -1)``;
 
-    and a role without an index is added ungated."""
+    and a role without an index is added ungated.  With ``chain_index`` (``source="norm"``), role
+    ``r``'s gate is also chunk ``chain_index[r]`` of the last output of the block's conditioning
+    chain (``BlockSpec.conditioning_chain``) split in ``chunks``: the collapse then reads the gates
+    of all collapsed steps from the chain's table (``runtime.embed``) instead of calling the norm."""
     source: str
     index: dict[str, int]
     norm: str | None = None
@@ -32,6 +35,7 @@ class Residual:
     table: str | None = None
     table_arg: str | None = None
     chunks: int = 0
+    chain_index: dict[str, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -111,11 +115,13 @@ BLOCKS: dict[str, BlockSpec] = {
         # DiT: each block embeds the timestep and class label again in norm1 (AdaLayerNormZero)
         conditioning_norm={"ada_norm_zero": "norm1"},
         conditioning_chain={"ada_norm_zero": ("norm1.emb", "norm1.silu", "norm1.linear")},
-        # DiT: x + gate_msa * attn1 + gate_mlp * ff, the gates from norm1 (its outputs 1 and 4);
+        # DiT: x + gate_msa * attn1 + gate_mlp * ff, the gates from norm1 (its outputs 1 and 4:
+        # chunks 2 and 5 of 6 of norm1.linear's output);
         # PixArt: the gates from the block's scale_shift_table and the embedded timestep (chunks 2
         # and 5 of 6), attn2's output added ungated
         residual={"ada_norm_zero": Residual("norm", {"attn": 1, "mlp": 4}, norm="norm1",
-                                            norm_args=("timestep", "class_labels"), dtype_kwarg="hidden_dtype"),
+                                            norm_args=("timestep", "class_labels"), dtype_kwarg="hidden_dtype",
+                                            chunks=6, chain_index={"attn": 2, "mlp": 5}),
                   "ada_norm_single": Residual("table", {"attn": 2, "mlp": 5}, table="scale_shift_table",
                                               table_arg="timestep", chunks=6)}),
     # SD3 / SD3.5 MMDiT: joint attention over [image; text], then image MLP ``ff`` (the text MLP

@@ -9,9 +9,11 @@ reuses its cache, the whole stack of blocks is therefore
 
 with this step's gates and the cached (or forecast) outputs ``C``.  The first block's hook
 computes that sum over all layers at once (one fused multiply-add per cached output, two with
-forecasts; the gates of a whole trajectory's collapsed steps computed in one batched call of each
-block's conditioning norm), and the other blocks pass their input through: one or two ops per
-cached output instead of a dozen per block.  The values are the ones the block-by-block path computes, summed in another order
+forecasts; the gates of a whole trajectory's collapsed steps read at once from the blocks'
+conditioning chain tables built at its first step (``runtime.embed``), or, where the registry
+names no chunks for them, computed in one batched call of each block's conditioning norm), and
+the other blocks pass their input through: one or two ops per cached output instead of a dozen
+per block.  The values are the ones the block-by-block path computes, summed in another order
 (fp32: within rounding; bf16: the sum rounds once instead of after every block).
 
 Falls back to the blocks' own forwards (the per-module path) for a call it cannot serve: a cache
@@ -26,6 +28,7 @@ from diffusers.hooks import ModelHook
 
 from ..plan import FULL, REUSE, Plan
 from .adapters import Residual
+from .embed import ChainTable
 from .state import RunState, finite_probe
 
 COLLAPSE_HOOK = "ditaccel.collapse"
@@ -66,6 +69,7 @@ class Collapse:
         self.steps = collapsible_steps(state.plan)
         self.slots = [(layer, role) for layer in range(len(blocks)) for role in roles]
         self._gates: dict[int, tuple] = {}
+        self._chain: dict[int, tuple] = {}
 
     @classmethod
     def build(cls, state: RunState, blocks, per_block: list[dict], norm_hook: str,
@@ -162,6 +166,9 @@ class Collapse:
         labels = args.get("class_labels")
         if not self.batched:
             return self._norm_call(x[:, :1], args, x.dtype, 1)[0]
+        gates = self._chain_gates(t, labels)
+        if gates is not None:
+            return gates
         held = self._gates.get(st.branch)
         if held is None or held[0] != st.generation:
             held = (st.generation, self._gate_table(x, args))
@@ -177,6 +184,50 @@ class Collapse:
                 return gates[i]
         return self._norm_call(x[:, :1], args, x.dtype, 1)[0]
 
+    def _chain_gates(self, t: torch.Tensor, labels) -> torch.Tensor | None:
+        """(K, B, D) gates of this step read from the blocks' conditioning chain tables
+        (``runtime.embed``: built at the trajectory's first step, collapsed steps included), for
+        all collapsed steps at once at the first of them; None where the registry names no chunks
+        or a table does not serve this call.  Each table then counts as asked for in this call
+        (the output head's embedding is computed again, as the model does)."""
+        st, res = self.state, self.residual
+        if not res.chain_index:
+            return None
+        tables = [st.embed_tables.get((layer, st.branch, True)) for layer in range(len(self.blocks))]
+        if any(not isinstance(tb, ChainTable) or not tb.outputs or st.step not in tb.rows
+               or tb.labels is not tables[0].labels for tb in tables):
+            return None
+        if not st.on_schedule(t) or not tables[0].serves(labels, st.call_memo):
+            return None
+        held = self._chain.get(st.branch)
+        if held is None or held[0] is not tables[0]:
+            held = (tables[0], *self._chain_table(tables))
+            self._chain[st.branch] = held
+        _, index, gates = held
+        i = index.get(st.step)
+        if i is None:
+            return None
+        for layer in range(len(self.blocks)):
+            st.call_memo[("chain served", layer)] = True
+        return gates[i]
+
+    def _chain_table(self, tables: list) -> tuple[dict[int, int], torch.Tensor]:
+        """(step -> i, (steps, K, B, D) gates) of the collapsed steps the tables hold."""
+        res = self.residual
+        steps = [s for s in tables[0].steps if self.steps[s]]
+        per_layer = []
+        for tb in tables:
+            last = tb.outputs[-1]
+            at = {s: i for i, s in enumerate(tb.steps)}
+            rows = last.shape[0] // len(tb.steps)
+            chunks = last.unflatten(0, (len(tb.steps), rows)).unflatten(-1, (res.chunks, -1))  # (n, B, C, D)
+            per_layer.append(chunks[[at[s] for s in steps]])                     # (steps, B, C, D)
+        stacked = torch.stack(per_layer, dim=1)                                   # (steps, L, B, C, D)
+        ones = stacked.new_ones(stacked.shape[:3] + stacked.shape[-1:])
+        per_role = [stacked[..., res.chain_index[r], :] if r in res.chain_index else ones for r in self.roles]
+        gates = torch.stack(per_role, dim=2).flatten(1, 2)                        # (steps, K, B, D)
+        return {s: i for i, s in enumerate(steps)}, gates
+
     def _gate_table(self, x: torch.Tensor, args: dict):
         st = self.state
         sched = getattr(st.scheduler, "timesteps", None)
@@ -186,7 +237,7 @@ class Collapse:
         if not torch.equal(t, sched[st.step].to(t).expand_as(t)):
             return None
         steps = [s for s in range(st.step, st.plan.num_steps) if self.steps[s]]
-        timesteps = torch.cat([sched[s].to(t).expand_as(t) for s in steps])
+        timesteps = st.timesteps_at(steps, t)
         labels = args.get("class_labels")
         batched = {**args, "timestep": timesteps}
         if torch.is_tensor(labels):

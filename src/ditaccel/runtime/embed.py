@@ -10,9 +10,11 @@ trajectory once the scheduler has set its timesteps.  Under a plan that accelera
 the trajectory's first step for all of them: a partially recomputed or routed block then
 dispatches fewer ops than the block computed in full, and so does a full-compute step (its
 conditioning then differs from the plain model's by the rounding of one batched matmul against
-several small ones).  A plan that accelerates nothing (``plan.full_plan``) registers no hook: it
-stays the plain model's computation, bit for bit.  Which submodules form the chain is registry
-data (``BlockSpec.conditioning_chain``).
+several small ones).  The table covers the collapsed steps too (``runtime.collapse``): their gates
+are chunks of the chain's last output, read from it for all of them at once.  A plan that
+accelerates nothing (``plan.full_plan``) registers no hook: it stays the plain model's
+computation, bit for bit.  Which submodules form the chain is registry data
+(``BlockSpec.conditioning_chain``).
 """
 
 from __future__ import annotations
@@ -46,10 +48,11 @@ class ChainHook(ModelHook):
         self.timestep_arg, self.labels_arg = timestep_arg, labels_arg
 
     def _runs_chain(self, step: int) -> bool:
-        """Whether the block itself runs its chain at ``step`` (else only the first module may be
-        asked for, by the transformer: DiT's final layer reads block 0's embedding)."""
+        """Whether the whole chain is asked for at ``step``: by the block itself, or on a collapsed
+        step by the collapse for its gates (else only the first module may be asked for, by the
+        transformer: DiT's final layer reads block 0's embedding)."""
         collapsed = self.state.collapse_steps
-        return not (collapsed is not None and collapsed[step]) and not self.norm_served[step]
+        return (collapsed is not None and collapsed[step]) or not self.norm_served[step]
 
     def new_forward(self, module, *args, **kwargs):
         st = self.state
@@ -77,42 +80,57 @@ class ChainHook(ModelHook):
                 or st.step not in table.rows:
             return original(*args, **kwargs)
         # once per call: a second request (DiT's output head embeds again with block 0's embedder)
-        # computes as the model does, so a trajectory's FLOPs stay those of step-by-step conditioning
+        # computes as the model does, so a trajectory's FLOPs stay those of step-by-step
+        # conditioning (what SODA's FLOP budget counts); on a collapsed step, whose gates were read
+        # from the table, it is served from a table of its own (the embedding computed once more,
+        # for all collapsed steps at once)
         served = ("chain served", self.layer)
-        if served in st.call_memo:
+        if served not in st.call_memo:
+            st.call_memo[served] = True
+            return table.rows[st.step][0]
+        if not (st.collapsed and kind):
             return original(*args, **kwargs)
-        st.call_memo[served] = True
+        again = (self.layer, st.branch, "again")
+        if again not in st.embed_tables:
+            st.embed_tables[again] = self._build(original, named, t, labels, kind, first_only=True,
+                                                 steps=[s for s in table.rows if s >= st.step and st.collapse_steps[s]])
+        table = st.embed_tables[again]
+        if table is False or st.step not in table.rows:
+            return original(*args, **kwargs)
         return table.rows[st.step][0]
 
-    def _build(self, original, named: dict, t: torch.Tensor, labels, kind: bool):
-        """The table for this and the later steps of the same kind (the block runs its chain
+    def _build(self, original, named: dict, t: torch.Tensor, labels, kind: bool, first_only: bool = False,
+               steps: list[int] | None = None):
+        """The table for this and the later steps of the same kind (the whole chain is asked for
         there, or not: then the first module only), so nothing is computed that no call will ask
-        for."""
+        for; ``steps``: for these steps instead, ``first_only``: the first module only."""
         st, plan = self.state, self.state.plan
         if not torch.is_tensor(t) or t.ndim != 1 or (labels is not None and not torch.is_tensor(labels)) \
                 or not st.on_schedule(t):
             return False
-        steps = [s for s in range(st.step, plan.num_steps) if self._runs_chain(s) == kind]
-        sched = st.scheduler.timesteps
-        batched = {**named, self.timestep_arg: torch.cat([sched[s].to(t).expand_as(t) for s in steps])}
+        if steps is None:
+            steps = [s for s in range(st.step, plan.num_steps) if self._runs_chain(s) == kind]
+        batched = {**named, self.timestep_arg: st.timesteps_at(steps, t)}
         if labels is not None:
             batched[self.labels_arg] = labels.repeat(len(steps))
         outs = [original(**batched)]
-        for module in self.chain[1:] if kind else ():  # (their hooks see a tensor of no step: they run the module)
-            outs.append(module(outs[-1]))
+        for module in self.chain[1:] if kind and not first_only else ():
+            outs.append(module(outs[-1]))  # (their hooks see a tensor of no step: they run the module)
         if any(not torch.is_tensor(o) or o.shape[0] != len(steps) * t.shape[0] for o in outs):
             return False
         per_step = zip(*(o.split(t.shape[0]) for o in outs))
-        return ChainTable(dict(zip(steps, per_step)), labels)
+        return ChainTable(dict(zip(steps, per_step)), labels, steps, tuple(outs))
 
 
 class ChainTable:
     """One block's conditioning chain outputs per step (``rows``: step -> one
     (batch rows, D) tensor per module), for the class labels it was built with (kept by reference;
-    other labels are compared by value once per transformer call)."""
+    other labels are compared by value once per transformer call).  ``outputs``: each module's
+    output for all of ``steps`` (step-major rows), of which ``rows`` are views."""
 
-    def __init__(self, rows: dict[int, tuple[torch.Tensor, ...]], labels):
-        self.rows, self.labels = rows, labels
+    def __init__(self, rows: dict[int, tuple[torch.Tensor, ...]], labels, steps: list[int] = (),
+                 outputs: tuple[torch.Tensor, ...] = ()):
+        self.rows, self.labels, self.steps, self.outputs = rows, labels, list(steps), outputs
 
     def serves(self, labels, memo: dict) -> bool:
         if labels is self.labels:

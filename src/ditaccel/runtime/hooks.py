@@ -452,7 +452,7 @@ class NormSkipHook(ModelHook):
         collapsed = st.collapse_steps or [False] * plan.num_steps
         steps = [s for s in range(st.step, plan.num_steps) if not bool(plan.anchors[s])
                  and (s == st.step or not collapsed[s]) and int(plan.tokens[s, self.layer, self.m]) == REUSE]
-        timesteps = torch.cat([expected(s) for s in steps])
+        timesteps = st.timesteps_at(steps, timestep)
         batched = {**named, next(iter(named)): x[:, :1].repeat(len(steps), 1, 1), "timestep": timesteps,
                    "class_labels": None if labels is None else labels.repeat(len(steps))}
         out = original(**batched)

@@ -230,6 +230,7 @@ class RunState:
         # (layer, branch, the block runs its chain) -> the block's conditioning chain outputs for
         # this trajectory's steps (embed.ChainTable), or False where they cannot be predicted
         self.embed_tables: dict[tuple[int, int], object] = {}
+        self.trajectory_memo: dict = {}  # facts about this trajectory, found once (see timesteps_at)
         self.generation = getattr(self, "generation", -1) + 1
         if not hasattr(self, "caches"):
             self.caches: dict[tuple[int, int, str], ModuleCache] = {}
@@ -326,6 +327,17 @@ class RunState:
         raise NonFiniteOutput(
             f"{step}: the transformer output has NaN/Inf on {where} and no accelerated module "
             "produced them; the model itself overflows here (try fp32), not the plan")
+
+    def timesteps_at(self, steps: list[int], like: torch.Tensor) -> torch.Tensor:
+        """The followed scheduler's timesteps at ``steps``, each repeated for every row of ``like``
+        (a call's 1-D timestep) in its dtype and device, step-major: what the pipeline passes at
+        those steps, concatenated (found once per trajectory)."""
+        key = ("timesteps", tuple(steps), like.shape[0], like.dtype, like.device)
+        out = self.trajectory_memo.get(key)
+        if out is None:
+            at = self.scheduler.timesteps.to(like)[torch.tensor(steps, device=like.device)]
+            out = self.trajectory_memo[key] = at[:, None].expand(len(steps), like.shape[0]).reshape(-1)
+        return out
 
     def on_schedule(self, t) -> bool:
         """Whether ``t`` is the followed scheduler's timestep of this step in every row (found
