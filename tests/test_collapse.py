@@ -28,8 +28,17 @@ def _images(pipe, call, plan, collapse: bool, **options):
         remove(pipe)
 
 
+def _mixed_fill(shape):
+    """FORA interval 2 with only the first block's first module forecasting (Plan.fill)."""
+    plan = make_plan("fora", shape, interval=2)
+    fill = torch.zeros_like(plan.tokens)
+    fill[:, 0, 0] = 1
+    return dataclasses.replace(plan, fill=fill)
+
+
 PLANS = {
     "fora-2": lambda shape: make_plan("fora", shape, interval=2),
+    "fora-2-mixed-fill": _mixed_fill,
     "fora-3-forecast": lambda shape: make_plan("fora", shape, interval=3, forecast=1),
     "delta-dit": lambda shape: make_plan("delta-dit", shape, interval=3, cached_blocks=1.0),
 }
@@ -48,6 +57,21 @@ def test_collapsed_steps_give_the_block_by_block_images(arch, name):
     full = _images(pipe, call, dataclasses.replace(plan, anchors=torch.ones(T, dtype=torch.bool),
                                                    tokens=torch.full_like(plan.tokens, FULL)), collapse=True)
     assert not torch.equal(got, full)  # the plan did reuse something
+
+
+def test_a_per_entry_fill_forecasts_exactly_where_it_says(tiny_pipe):
+    """``Plan.fill`` all ones runs as ``forecast=1``, all zeros as ``forecast=0`` (bit for bit),
+    and a mixed one is neither, on both paths."""
+    call = archs.dit_pixel()[1]
+    shape = model_shape(tiny_pipe.transformer, T)
+    base = make_plan("fora", shape, interval=2)
+    for collapse in (False, True):
+        run = {f: _images(tiny_pipe, call, dataclasses.replace(base, forecast=f), collapse) for f in (0, 1)}
+        ones = _images(tiny_pipe, call, dataclasses.replace(base, fill=torch.ones_like(base.tokens)), collapse)
+        zeros = _images(tiny_pipe, call, dataclasses.replace(base, fill=torch.zeros_like(base.tokens)), collapse)
+        mixed = _images(tiny_pipe, call, _mixed_fill(shape), collapse)
+        assert torch.equal(ones, run[1]) and torch.equal(zeros, run[0])
+        assert not torch.equal(mixed, run[0]) and not torch.equal(mixed, run[1])
 
 
 def test_collapse_runs_only_where_every_module_reuses(tiny_pipe):

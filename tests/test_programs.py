@@ -86,6 +86,26 @@ def test_step_programs_trace_whole_once_per_pattern_and_give_the_eager_images(ar
     assert programs == {"fora-2": 2, "fora-3-forecast": 3, "delta-dit": 2, "toca": 2, "toca-forecast": 3}[name]
 
 
+def test_a_per_entry_fill_in_step_programs_gives_the_eager_images():
+    """ToCa with only the first block's first module forecasting (``Plan.fill``): its cache keeps
+    full outputs on the steps it does not forecast too, in programs as in the eager path."""
+    import dataclasses
+
+    torch._dynamo.reset()
+    pipe, call = ARCHS["dit-pixel"]()
+    pipe.set_progress_bar_config(disable=True)
+    plan = PLANS["toca"](model_shape(pipe.transformer, T))
+    fill = torch.zeros_like(plan.tokens)
+    fill[:, 0, 0] = 1
+    plan = dataclasses.replace(plan, fill=fill)
+    ref, ref_records, *_ = _run(pipe, call, plan)
+    got, records, first, total, programs = _run(pipe, call, plan, counted=True)
+    torch.testing.assert_close(got, ref, atol=2e-6, rtol=0)
+    assert records == ref_records and first == programs == total
+    plain, *_ = _run(pipe, call, PLANS["toca"](model_shape(pipe.transformer, T)))
+    assert not torch.equal(plain, ref)
+
+
 @pytest.mark.parametrize("arch", ["StableDiffusion3Pipeline", "FluxPipeline", "WanPipeline", "PixArtSigmaPipeline"])
 def test_step_programs_of_every_family_trace_whole(arch):
     """Joint (SD3), Flux (single- and double-stream, RoPE) and Wan attention, partially recomputed

@@ -38,7 +38,7 @@ def test_dp_schedule_matches_brute_force(seed):
     t_steps, ages = 9, 3
     e_cache = torch.rand(t_steps, 2, 2, ages, generator=g) * torch.linspace(2, 0.1, t_steps)[:, None, None, None]
     e_cache[0] = float("nan")  # nothing cached before step 0
-    cost = soda.segment_costs(e_cache, ages + 1)
+    cost = soda.segment_costs(e_cache, ages + 1)[0][..., 0]  # reuse only: no gap dimension
     for k in range(3, 7):
         anchors, value = soda.dp_schedule(cost, k)
         expected, best = _brute_force(cost, k)
@@ -51,16 +51,127 @@ def test_dp_schedule_matches_brute_force(seed):
         soda.dp_schedule(cost, 2)  # segments of at most 4 steps cannot cover 9 with 2 anchors
 
 
+def _brute_force_gaps(cost, k):
+    """Least sum of cost[a, n, g] over schedules with k anchors (g: the previous segment's length)."""
+    t_steps, max_len, n_g = cost.shape[0], cost.shape[1] - 1, cost.shape[2]
+    best = math.inf
+    for rest in itertools.combinations(range(1, t_steps), k - 1):
+        bounds = [0, *rest, t_steps]
+        lens = [b - a for a, b in zip(bounds, bounds[1:])]
+        if max(lens) > max_len:
+            continue
+        gaps = [0] + [min(n, n_g - 1) for n in lens[:-1]]
+        best = min(best, sum(float(cost[a, n, g]) for a, n, g in zip(bounds, lens, gaps)))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_dp_with_the_previous_gap_matches_brute_force(seed):
+    """The forecast's cost depends on the previous segment's length: the DP over (step, gap) finds
+    the least total for every anchor count from one table, and its segments say which gap each had."""
+    g = torch.Generator().manual_seed(seed)
+    t_steps, max_len = 9, 3
+    cost = torch.rand(t_steps, max_len + 1, max_len + 1, generator=g).double()
+    table = soda.planner.Schedules(cost)
+    for k in range(3, 8):
+        anchors, value, segments = table.anchors(k)
+        assert anchors.sum() == k and anchors[0]
+        assert value == pytest.approx(_brute_force_gaps(cost, k))
+        assert value == pytest.approx(sum(float(cost[a, n, gap]) for a, n, gap in segments))
+        assert segments == soda.planner.segments_of(anchors)
+
+
+def _forecast_profile(prof, better: tuple[int, int]):
+    """``prof`` with forecast errors: one (layer, module) forecasts 10x better than it reuses,
+    the others 10x worse."""
+    import dataclasses
+
+    e_c = prof.e_cache
+    e_f = (e_c[..., None] * 10).expand(*e_c.shape, max(prof.intervals) + 1).clone()
+    e_f[:, better[0], better[1]] = e_c[:, better[0], better[1], :, None] / 10
+    return dataclasses.replace(prof, e_forecast=e_f)
+
+
+def test_the_filler_is_chosen_per_segment_and_module(tiny_profile, tmp_path):
+    from ditaccel.plan import Plan
+
+    _, prof = tiny_profile
+    fprof = _forecast_profile(prof, (1, 0))
+    auto = soda.plan(soda.Config(anchors=3, prune=False), fprof)
+    reuse = soda.plan(soda.Config(anchors=3, prune=False, forecast=0), fprof)
+    forecast = soda.plan(soda.Config(anchors=3, prune=False, forecast=1), fprof)
+    assert reuse.fill is None and reuse.forecast == 0 and forecast.fill is None and forecast.forecast == 1
+    assert auto.fill is not None and auto.forecast == 1
+    # the chosen module forecasts on every step with two anchors behind it, no other does
+    gaps = soda.planner.gaps_of(auto.anchors)
+    filled = (~auto.anchors) & (gaps > 0)
+    assert filled.any()
+    assert (auto.fill[filled, 1, 0] == 1).all() and (auto.fill[~filled] == 0).all()
+    assert int(auto.fill.sum()) == int(filled.sum())
+    # the DP's optimum under the per-module choice is no worse than either filler alone
+    errors = {n: p.meta["predicted"]["error"] for n, p in (("auto", auto), ("reuse", reuse), ("forecast", forecast))}
+    assert errors["auto"] <= min(errors["reuse"], errors["forecast"]) + 1e-12, errors
+    assert errors["auto"] < errors["reuse"]
+    # the fill travels with the plan
+    auto.save(tmp_path / "p.json")
+    assert Plan.load(tmp_path / "p.json") == auto
+    # a profile without forecast errors (made before they were profiled) plans reuse
+    import dataclasses
+
+    plain = soda.plan(soda.Config(anchors=3, prune=False), dataclasses.replace(prof, e_forecast=None))
+    assert plain.fill is None and plain.forecast == 0
+
+
 def test_segment_cost_sums_cache_error_by_age():
     e = torch.zeros(4, 1, 1, 2)
     e[1, 0, 0, 0], e[2, 0, 0, 1], e[2, 0, 0, 0] = 1.0, 10.0, 100.0
-    cost = soda.segment_costs(e, 3)
+    cost = soda.segment_costs(e, 3)[0][..., 0]
     assert cost[0, 1] == 0 and cost[0, 2] == 1.0 and cost[0, 3] == 11.0  # steps 1 (age 1), 2 (age 2)
     assert cost[1, 2] == 100.0  # step 2 at age 1
     assert math.isinf(cost[3, 2])  # runs past the last step
 
 
 # -- the recorder's cosine algebra ------------------------------------------------------------------
+
+def _feed(rec, t, out, inp, ring):
+    """What the recorder's hook does with module ``(0, 0)``'s output at step ``t``."""
+    norms, pairs = rec._measure(t, 0, 0, out, inp, ring)
+    ring[t] = (out, inp, norms, pairs)
+
+
+def test_forecast_error_matches_the_forecast_computed_directly():
+    """E_f(t, n, g) from kept dot products equals 1 - cos(out_t, y_a + n/g (y_a - y_b)) with
+    a = t - n, b = a - g, for every age and gap the ring holds; unmeasurable entries stay NaN."""
+    class S:
+        step, branch = 0, 0
+
+    class Shape:
+        num_steps, num_layers, modules, num_tokens = 5, 1, ("mlp",), 6
+
+    rec = _Recorder(S, Shape, (1, 2), (0.5,), ("feature_mean",), keep_inputs=False)
+    assert rec.gaps == (1, 2, 3)
+    g = torch.Generator().manual_seed(3)
+    drift = torch.randn(3, 6, 4, generator=g)
+    ys = [torch.randn(3, 6, 4, generator=g) * 0.005 + drift * (1 + 0.3 * t) + 0.02 * t ** 2 for t in range(5)]
+    ring = {}
+    for t, y in enumerate(ys):
+        _feed(rec, t, y, None, ring)
+    *_, e_f = rec.tables()
+    assert e_f.shape == (5, 1, 1, 2, 3)
+    for t in range(5):
+        for ni, n in enumerate((1, 2)):
+            for gi, gap in enumerate((1, 2, 3)):
+                a, b = t - n, t - n - gap
+                if b < 0:
+                    assert torch.isnan(e_f[t, 0, 0, ni, gi])
+                    continue
+                fc = ys[a] + n / gap * (ys[a] - ys[b])
+                want = 1 - torch.nn.functional.cosine_similarity(ys[t].flatten(1), fc.flatten(1), dim=1).mean()
+                assert float(e_f[t, 0, 0, ni, gi]) == pytest.approx(float(want), abs=1e-6), (t, n, gap)
+    # a smooth trajectory: the forecast beats reuse at age 1, gap 1
+    e_c = rec.tables()[0]
+    assert e_f[4, 0, 0, 0, 0] < e_c[4, 0, 0, 0]
+
 
 def test_prune_error_of_the_mixed_output_matches_a_direct_computation():
     class S:
@@ -76,8 +187,10 @@ def test_prune_error_of_the_mixed_output_matches_a_direct_computation():
     new_in[:, [3, 7]] += 5.0  # two tokens' inputs moved a lot
     new_out = old_out + 0.1 * torch.randn(2, 10, 4, generator=g)
     new_out[:, [3, 7]] += 3.0
-    rec._measure(1, 0, 0, new_out, new_in, {0: (old_out, old_in)})
-    e_c, _, e_p = rec.tables()
+    ring = {}
+    _feed(rec, 0, old_out, old_in, ring)
+    _feed(rec, 1, new_out, new_in, ring)
+    e_c, _, e_p, _ = rec.tables()
     direct = 1 - torch.nn.functional.cosine_similarity(new_out.flatten(1), old_out.flatten(1)).mean()
     assert e_c[1, 0, 0, 0] == pytest.approx(float(direct), abs=1e-6)
     # delta score, rho 0.2 = 2 tokens: exactly the moved ones -> mix = old with tokens 3, 7 fresh
@@ -102,8 +215,10 @@ def test_an_unchanged_output_records_zero_error_not_a_rounding_negative():
         g = torch.Generator().manual_seed(seed)
         out = torch.randn(8, 196, 64, generator=g) * torch.rand(8, 196, 1, generator=g) * 10
         inp = torch.randn(8, 196, 64, generator=g)
-        rec._measure(1, 0, 0, out, inp, {0: (out, inp + 0.1 * torch.randn(8, 196, 64, generator=g))})
-        e_c, _, e_p = rec.tables()
+        ring = {}
+        _feed(rec, 0, out, inp + 0.1 * torch.randn(8, 196, 64, generator=g), ring)
+        _feed(rec, 1, out, inp, ring)
+        e_c, _, e_p, _ = rec.tables()
         assert (e_c[1] >= 0).all() and (e_p[1] >= 0).all()
         assert float(e_p[1].max()) < 1e-6
 
@@ -127,6 +242,11 @@ def tiny_profile():
 def test_profile_tables_have_the_documented_shape(tiny_profile):
     pipe, prof = tiny_profile
     assert prof.e_cache.shape == (STEPS, 2, 2, 3)
+    assert prof.gaps == (1, 2, 3, 4) and prof.e_forecast.shape == (STEPS, 2, 2, 3, 4)
+    for i, n in enumerate((1, 2, 3)):  # measured where both outputs exist: t - n - g >= 0
+        for j, g in enumerate(prof.gaps):
+            assert torch.isnan(prof.e_forecast[:n + g, :, :, i, j]).all()
+            assert (prof.e_forecast[n + g:, :, :, i, j] >= 0).all()
     assert prof.e_prune.shape == (STEPS, 2, 2, 3, 2, 2)
     assert prof.module_flops.shape == (2, 2, 3) and prof.module_ms.shape == (2, 3)
     for i, n in enumerate((1, 2, 3)):
@@ -286,10 +406,13 @@ def test_schedules_and_two_round_calibration(tiny_profile):
 
     scheds = soda.schedules(soda.Config(speedup=1.6), prof)
     assert scheds and all(p.pruned_modules() == 0 for p in scheds)
-    # each distinct schedule once per forecast order
-    assert len({(tuple(p.anchors.tolist()), p.forecast) for p in scheds}) == len(scheds)
-    assert sorted(p.forecast for p in scheds) == sorted([0, 1] * (len(scheds) // 2))
-    assert [p.forecast for p in soda.schedules(soda.Config(speedup=1.6, forecast=1), prof)] == [1] * (len(scheds) // 2)
+    # each distinct (schedule, filler) once: reuse, forecast, and the per-segment choice where it
+    # differs from both
+    assert len({(tuple(p.anchors.tolist()), tuple(p.fill_grid().flatten().tolist())) for p in scheds}) == len(scheds)
+    assert {p.forecast for p in scheds if p.fill is None} == {0, 1}
+    forced = soda.schedules(soda.Config(speedup=1.6, forecast=1), prof)
+    assert forced and all(p.forecast == 1 and p.fill is None for p in forced)
+    assert len(forced) < len(scheds)
     assert all(p.meta["predicted"]["speedup_flops"] >= 1.6 * (1 - 1e-9) for p in scheds)
     best = soda.calibrate_soda(pipe, run, prof, speedup=1.6, lam=1.0, fewer=2, progress=False)
     cal = best.meta["calibration"]
@@ -298,9 +421,10 @@ def test_schedules_and_two_round_calibration(tiny_profile):
     assert rows[cal["chosen"]]["anchors"] == int(best.anchors.sum())
     # the second round prunes on the spread the first round kept
     first_best = min(rows[:len(scheds)], key=lambda r: r["mse"])
-    assert all(r["spread"] == first_best["spread"] and r["forecast"] == first_best["forecast"]
-               for r in rows[len(scheds):])
-    assert best.forecast == rows[cal["chosen"]]["forecast"]
+    # (and the filler it kept: a per-segment choice may find nothing to forecast on fewer anchors)
+    kept = {first_best["forecast"]} | ({0} if first_best["forecast"] == "segment" else set())
+    assert all(r["spread"] == first_best["spread"] and r["forecast"] in kept for r in rows[len(scheds):])
+    assert (best.forecast if best.fill is None else "segment") == rows[cal["chosen"]]["forecast"]
     apply(pipe, best)
     got = run(pipe)
     remove(pipe)

@@ -14,6 +14,8 @@ one; the runtime hooks only execute it.  For ``T`` steps, ``L`` transformer bloc
   computed (plain reuse).  1: the first-order extrapolation of the module's last two full outputs
   in the step index, ``y_a + (t - a) / (a - b) * (y_a - y_b)`` for full computes at steps
   ``b < a < t`` (as TaylorSeer does; plain reuse until a module has two).
+- ``fill[t, l, m]`` (optional): the same per (step, layer, module), for plans that choose the
+  filler per segment (SODA); ``forecast`` is then the highest order it holds.
 
 Token counts are fixed per (step, layer, module), so every tensor shape is known ahead of time.
 """
@@ -67,6 +69,7 @@ class Plan:
     method: str = "custom"
     meta: dict[str, Any] = field(default_factory=dict)
     forecast: int = 0                # 0: reuse the last output; 1: extrapolate the last two
+    fill: torch.Tensor | None = None  # (T, L, M) int32 forecast order per entry; None: ``forecast``
 
     def __post_init__(self):
         object.__setattr__(self, "modules", tuple(self.modules))
@@ -74,7 +77,20 @@ class Plan:
         object.__setattr__(self, "tokens", torch.as_tensor(self.tokens, dtype=torch.int32).clone())
         if self.route is not None:
             object.__setattr__(self, "route", torch.as_tensor(self.route, dtype=torch.int32).clone())
+        if self.fill is not None:
+            fill = torch.as_tensor(self.fill, dtype=torch.int32).clone()
+            object.__setattr__(self, "fill", fill)
+            if fill.shape == self.tokens.shape and fill.numel() and type(self.forecast) is int:
+                object.__setattr__(self, "forecast", int(fill.max()))
         self.validate()
+
+    def fill_grid(self) -> torch.Tensor:
+        """(T, L, M) forecast order of every entry (``fill``, or ``forecast`` everywhere)."""
+        return self.fill.clone() if self.fill is not None else torch.full_like(self.tokens, self.forecast)
+
+    def keeps_history(self) -> torch.Tensor:
+        """(L, M) bool: the modules some step forecasts (their caches keep two full outputs)."""
+        return (self.fill_grid()[~self.anchors] > 0).any(0)
 
     # -- shape -------------------------------------------------------------------------------
     @property
@@ -106,6 +122,13 @@ class Plan:
                             f"got {tuple(self.tokens.shape)}")
         if self.num_layers < 1:
             raise PlanError("a plan needs at least one layer")
+        if self.fill is not None:
+            if tuple(self.fill.shape) != tuple(self.tokens.shape):
+                raise PlanError(f"fill must have the shape of tokens {tuple(self.tokens.shape)}, "
+                                f"got {tuple(self.fill.shape)}")
+            bad = sorted(set(self.fill.unique().tolist()) - set(FORECAST_ORDERS))
+            if bad:
+                raise PlanError(f"fill holds forecast orders from {FORECAST_ORDERS}, found {bad}")
         if not bool(self.anchors[0]):
             raise PlanError("step 0 must be an anchor: there is nothing cached before it")
         k = self.tokens
@@ -157,6 +180,7 @@ class Plan:
         return (self.num_tokens == other.num_tokens and self.modules == other.modules
                 and torch.equal(self.anchors, other.anchors) and torch.equal(self.tokens, other.tokens)
                 and same_route and self.token_score == other.token_score and self.forecast == other.forecast
+                and torch.equal(self.fill_grid(), other.fill_grid())
                 and self.method == other.method and self.meta == other.meta)
 
     # -- JSON ----------------------------------------------------------------------------------
@@ -166,7 +190,7 @@ class Plan:
                 "token_score": self.token_score, "anchors": self.anchors.tolist(),
                 "tokens": self.tokens.tolist(),
                 "route": None if self.route is None else self.route.tolist(), "forecast": self.forecast,
-                "meta": self.meta}
+                **({} if self.fill is None else {"fill": self.fill.tolist()}), "meta": self.meta}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Plan":
@@ -183,7 +207,7 @@ class Plan:
         if d.get("method") in PROFILED_METHODS and not {"fingerprint", "sampler"} <= meta.keys():
             raise PlanError(f"plan meta is missing the model fingerprint or sampler a {d['method']} plan records; "
                             "regenerate the plan")
-        for name, bools in (("anchors", True), ("tokens", False), ("route", False)):
+        for name, bools in (("anchors", True), ("tokens", False), ("route", False), ("fill", False)):
             if name in d and d[name] is not None:
                 _check_grid(d[name], name, bools)
         for name in ("num_tokens", "forecast"):
@@ -193,7 +217,7 @@ class Plan:
             return cls(num_tokens=d["num_tokens"], modules=tuple(d["modules"]),
                        anchors=d["anchors"], tokens=d["tokens"], route=d.get("route"),
                        token_score=d.get("token_score", "delta"), method=d.get("method", "custom"),
-                       meta=dict(meta), forecast=d.get("forecast", 0))
+                       meta=dict(meta), forecast=d.get("forecast", 0), fill=d.get("fill"))
         except PlanError:
             raise
         except KeyError as e:

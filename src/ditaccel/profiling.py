@@ -10,9 +10,14 @@ was filled at is ``t - n``):
 - prune error ``E_p(rho, score) = 1 - cos(out_t, mix)``, ``mix`` = the cached output with the
   fraction ``rho`` of tokens ranked highest by the token score replaced by fresh ones.  No extra
   forward pass: with per-token dot products and squared norms, every ``rho`` comes from cumulative
-  sums along the score ranking.
+  sums along the score ranking;
+- forecast error ``E_f = 1 - cos(out_t, y_a + n/g (y_a - y_b))`` for the first-order forecast the
+  runtime runs (``Plan.forecast``) from the outputs at ``a = t - n`` and ``b = a - g``, for every
+  gap ``g`` from 1 to ``max(intervals) + 1`` (the longest segment between full steps): from the
+  dot products of the fresh output with each kept one and of the kept ones with each other, no
+  forecast is formed.
 
-Only a ring of the last ``max(intervals)`` outputs (and inputs, for the ``delta`` score) per
+Only a ring of the last ``2 max(intervals) + 1`` outputs (and inputs, for the ``delta`` score) per
 (branch, layer, module) is kept; whole trajectories never are.
 """
 
@@ -53,6 +58,15 @@ class Profile:
     step_ms: float              # measured ms of a full transformer call (timing batch)
     reuse_ms: float             # measured ms of a call that reuses every module (timing batch)
     meta: dict[str, Any] = field(default_factory=dict)
+    # (T, L, M, I, G) mean first-order forecast error at age I from the full outputs at t - n and
+    # t - n - g, gaps g = 1..max(intervals) + 1; NaN where a step is missing; None in profiles
+    # made before forecasts were profiled (planned with reuse only)
+    e_forecast: torch.Tensor | None = None
+
+    @property
+    def gaps(self) -> tuple[int, ...]:
+        """The gaps between the two full outputs a forecast reads that ``e_forecast`` holds."""
+        return tuple(range(1, max(self.intervals) + 2))
 
     # -- shape --------------------------------------------------------------------------------
     @property
@@ -113,6 +127,8 @@ class Profile:
     def save(self, stem: str | Path) -> None:
         tensors = {"e_cache": self.e_cache, "e_cache_std": self.e_cache_std, "e_prune": self.e_prune,
                    "module_flops": self.module_flops, "module_ms": self.module_ms}
+        if self.e_forecast is not None:
+            tensors["e_forecast"] = self.e_forecast
         meta = {**self.meta, "step_flops": self.step_flops, "step_ms": self.step_ms,
                 "reuse_ms": self.reuse_ms}
         io.save_artifact(stem, KIND, tensors, meta)
@@ -129,7 +145,7 @@ class Profile:
                        e_prune=tensors["e_prune"], module_flops=tensors["module_flops"],
                        module_ms=tensors["module_ms"], step_flops=float(meta.pop("step_flops")),
                        step_ms=float(meta.pop("step_ms")), reuse_ms=float(meta.pop("reuse_ms")),
-                       meta=meta)
+                       meta=meta, e_forecast=tensors.get("e_forecast"))
         except KeyError as e:
             raise ProfileError(f"profile {stem} is missing {e.args[0]!r}; regenerate it") from None
         except (TypeError, ValueError):
@@ -153,8 +169,12 @@ class Profile:
                 or tuple(self.e_prune.shape) != (t, l, m, i, *shape[2:]) \
                 or tuple(self.module_flops.shape) != (l, m, shape[2] + 1):
             return "its tables' shapes disagree with each other or with its metadata"
-        for name in ("e_cache", "e_cache_std", "e_prune", "module_flops", "module_ms"):
+        if self.e_forecast is not None and tuple(self.e_forecast.shape) != (t, l, m, i, len(self.gaps)):
+            return "its forecast error table's shape disagrees with its other tables"
+        for name in ("e_cache", "e_cache_std", "e_prune", "module_flops", "module_ms", "e_forecast"):
             x = getattr(self, name)
+            if x is None:
+                continue
             if torch.isinf(x).any() or (x < 0).any():
                 return f"{name} has infinite or negative values"
         steps = torch.arange(t)[:, None]
@@ -189,6 +209,10 @@ class _Recorder:
         self.sq_c = torch.zeros(t, l, m, i, dtype=torch.float64)
         self.cnt = torch.zeros(t, l, m, i, dtype=torch.float64)
         self.sum_p = torch.zeros(t, l, m, i, r, s, dtype=torch.float64)
+        self.gaps = tuple(range(1, max(intervals) + 2))
+        self.sum_f = torch.zeros(t, l, m, i, len(self.gaps), dtype=torch.float64)
+        self.cnt_f = torch.zeros(t, l, m, i, len(self.gaps), dtype=torch.float64)
+        self.depth = max(intervals) + max(self.gaps)  # how far back a forecast reads
         self.keep_inputs = keep_inputs
         self.rings: dict[tuple, dict[int, tuple[torch.Tensor, torch.Tensor | None]]] = {}
         self.handles = []
@@ -212,9 +236,9 @@ class _Recorder:
             out = _image_part(output, text_prefix, self.n).detach()
             inp = _image_part(x, text_prefix, self.n).detach() if self.keep_inputs else None
             ring = self.rings.setdefault((st.branch, layer, mi), {})
-            self._measure(st.step, layer, mi, out, inp, ring)
-            ring[st.step] = (out, inp)
-            for old in [s for s in ring if s <= st.step - max(self.intervals)]:
+            norms, pairs = self._measure(st.step, layer, mi, out, inp, ring)
+            ring[st.step] = (out, inp, norms, pairs)
+            for old in [s for s in ring if s <= st.step - self.depth]:
                 del ring[old]
         return hook
 
@@ -225,15 +249,21 @@ class _Recorder:
                 setattr(self, name, getattr(self, name).to(device))
 
     @torch.no_grad()
-    def _measure(self, t, layer, mi, out, inp, ring) -> None:
+    def _measure(self, t, layer, mi, out, inp, ring) -> tuple[torch.Tensor, dict]:
+        """Add step ``t``'s errors against the kept outputs; returns what the ring keeps of this
+        output for later steps: its squared norm per sample and its dot products with the kept
+        outputs (float64, (B,))."""
         self._on(out.device)
         fresh = out.float()
         f = fresh.pow(2).sum(-1)                         # (B, N) |fresh_i|^2
         f_tot = f.sum(1)
+        # per sample: <fresh, y_s> for every kept step s (the forecasts' inputs)
+        dots = {s: (fresh * entry[0].float()).sum((1, 2)).double() for s, entry in ring.items()}
+        self._forecast_errors(t, layer, mi, f_tot.double(), dots, ring)
         for ii, n in enumerate(self.intervals):
             if t - n not in ring:
                 continue
-            old_out, old_in = ring[t - n]
+            old_out, old_in = ring[t - n][:2]
             cached = old_out.float()
             d = (fresh * cached).sum(-1)                 # (B, N) <fresh_i, cached_i>
             c = cached.pow(2).sum(-1)                    # (B, N) |cached_i|^2
@@ -259,8 +289,29 @@ class _Recorder:
                 mix = cf[:, k] + (c_tot[:, None] - cc[:, k])
                 e_p = (1 - dot / (f_tot[:, None] * mix).sqrt().clamp_min(1e-30)).clamp_min(0)
                 self.sum_p[t, layer, mi, ii, :, si] += e_p.sum(0).double()
+        return f_tot.double(), dots
 
-    SUMS = ("sum_c", "sq_c", "cnt", "sum_p")
+    def _forecast_errors(self, t, layer, mi, f_tot, dots, ring) -> None:
+        """``E_f`` for every (age n, gap g) whose two outputs the ring holds: the forecast
+        ``(1 + w) y_a - w y_b`` with ``w = n / g``, its dot product with the fresh output and its
+        squared norm expanded in the kept dot products."""
+        for ii, n in enumerate(self.intervals):
+            a = t - n
+            if a not in ring:
+                continue
+            c_a, pairs_a = ring[a][2], ring[a][3]
+            for gi, g in enumerate(self.gaps):
+                b = a - g
+                if b not in pairs_a:
+                    continue
+                w = n / g
+                dot = (1 + w) * dots[a] - w * dots[b]
+                sq = ((1 + w) ** 2 * c_a - 2 * w * (1 + w) * pairs_a[b] + w ** 2 * ring[b][2]).clamp_min(0)
+                e_f = (1 - dot / (f_tot * sq).sqrt().clamp_min(1e-30)).clamp(0, 2)
+                self.sum_f[t, layer, mi, ii, gi] += e_f.sum()
+                self.cnt_f[t, layer, mi, ii, gi] += e_f.numel()
+
+    SUMS = ("sum_c", "sq_c", "cnt", "sum_p", "sum_f", "cnt_f")
 
     def sums(self) -> dict[str, torch.Tensor]:
         """The error sums, on the CPU."""
@@ -268,18 +319,20 @@ class _Recorder:
 
     def load_sums(self, tensors: dict[str, torch.Tensor]) -> None:
         for name in self.SUMS:
-            if tensors[name].shape != getattr(self, name).shape:
+            if name not in tensors or tensors[name].shape != getattr(self, name).shape:
                 raise ProfileError("the partial profile's tables do not fit these settings; delete it")
             setattr(self, name, tensors[name].double().clone())
 
-    def tables(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def tables(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Mean cache error, its standard deviation over samples, mean prune and forecast errors."""
         self._on(torch.device("cpu"))
         cnt = self.cnt
         mean = torch.where(cnt > 0, self.sum_c / cnt.clamp_min(1), torch.nan)
         var = torch.where(cnt > 1, (self.sq_c - cnt * mean.nan_to_num() ** 2) / (cnt - 1).clamp_min(1), torch.nan)
         std = var.clamp_min(0).sqrt()
         p = torch.where(cnt[..., None, None] > 0, self.sum_p / cnt[..., None, None].clamp_min(1), torch.nan)
-        return mean.float(), std.float(), p.float()
+        f = torch.where(self.cnt_f > 0, self.sum_f / self.cnt_f.clamp_min(1), torch.nan)
+        return mean.float(), std.float(), p.float(), f.float()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -640,7 +693,7 @@ def profile(pipe, run: Callable[[Any], Any] | None = None, config: ProfileConfig
         remove(pipe)
     if nproc > 1:
         rec.load_sums({k: dist.all_sum(v) for k, v in rec.sums().items()})
-    e_c, e_c_std, e_p = rec.tables()
+    e_c, e_c_std, e_p, e_f = rec.tables()
     profile_s = time.perf_counter() - t0
     costs = None
     if me == 0:  # timed on one process; the others get its numbers
@@ -661,4 +714,4 @@ def profile(pipe, run: Callable[[Any], Any] | None = None, config: ProfileConfig
             "profile_s": profile_s, "cost_s": time.perf_counter() - t0 - profile_s, "processes": nproc,
             "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
                          "python": platform.python_version()}}
-    return Profile(e_cache=e_c, e_cache_std=e_c_std, e_prune=e_p, meta=meta, **costs)
+    return Profile(e_cache=e_c, e_cache_std=e_c_std, e_prune=e_p, e_forecast=e_f, meta=meta, **costs)

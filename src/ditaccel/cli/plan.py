@@ -27,8 +27,9 @@ def add_arguments(p) -> None:
                         "measures free, 2, 1.5 and 1 unless given)")
     p.add_argument("--forecast", type=int, default=None, choices=[0, 1],
                    help="what steps that do not recompute a module get: 0 its last output, 1 the "
-                        "first-order forecast from its last two full outputs (default 0; "
-                        "--calibrate measures both unless given)")
+                        "first-order forecast from its last two full outputs (default: whichever the "
+                        "profile measured lower, per segment and module; --calibrate also measures "
+                        "both everywhere unless given)")
     p.add_argument("--token-score", default=None, choices=["delta", "feature_mean"])
     p.add_argument("--lam", type=number(float, 0), default=d.lam,
                    help="slope of the pruned fraction in the step's relative cache error (>= 0; default %(default)s)")

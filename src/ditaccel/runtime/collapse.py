@@ -68,6 +68,7 @@ class Collapse:
         self.norm_hook, self.batched = norm_hook, batched
         self.steps = collapsible_steps(state.plan)
         self.slots = [(layer, role) for layer in range(len(blocks)) for role in roles]
+        self.slot_index = [(layer, state.plan.module_index(role)) for layer, role in self.slots]
         self._gates: dict[int, tuple] = {}
         self._chain: dict[int, tuple] = {}
 
@@ -109,7 +110,9 @@ class Collapse:
         if gates is None:
             return None
         g = gates.to(x.dtype).unsqueeze(2)                                     # (K, B, 1, D)
-        history = [_history(c) for c in caches] if st.plan.forecast else [None] * len(caches)
+        fill = st.fill_list[st.step]
+        history = ([_history(c) if fill[layer][m] else None for c, (layer, m) in zip(caches, self.slot_index)]
+                   if st.plan.forecast else [None] * len(caches))
         if any(h is not None for h in history):
             w = torch.tensor([0.0 if h is None else (st.step - h[0]) / (h[1] - h[0]) for h in history],
                              dtype=torch.float32).to(device=x.device)

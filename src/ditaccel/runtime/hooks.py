@@ -222,7 +222,9 @@ class ModuleHook(ModelHook):
         later = plan.tokens[~plan.anchors, layer, module_index]
         self.keep_out = bool((later != FULL).any())
         self.keep_ref = self.keep_out and plan.token_score == "delta" and bool((later > 0).any())
-        self.forecast = self.keep_out and plan.forecast > 0  # keep the last two full outputs
+        # some step forecasts this module: its cache keeps the last two full outputs (and is
+        # never patched with fresh tokens)
+        self.forecast = self.keep_out and bool(plan.keeps_history()[layer, module_index])
         self.signature = positional(type(module))
         self.slot = f"{layer}.{role}"
 
@@ -267,7 +269,7 @@ class ModuleHook(ModelHook):
             cache.ref.scatter_(1, _widened(wide, x_sel), x_sel)
         record[(self.layer, self.role)] = k
         if self.forecast:  # the fresh tokens over this step's forecast; the cache keeps full outputs
-            out = cache.forecast(st.step)
+            out = cache.forecast(st.step, st.fill_list[st.step][self.layer][self.m])
             image = out[0] if isinstance(out, tuple) else out
             image.scatter_(1, _widened(wide, fresh), fresh.to(image.dtype))
             if isinstance(out, tuple) and text_out is not None:
@@ -356,8 +358,9 @@ class ModuleHook(ModelHook):
     def _reused(self, cache: ModuleCache):
         """The cached output, or its forecast.  Only a forecast is watched for NaN/Inf: a plain
         reuse gives values computed on a full step, whose transformer output was checked then."""
-        if self.forecast:
-            return self.state.watch(self.layer, self.role, cache.forecast(self.state.step))
+        st = self.state
+        if self.forecast and st.fill_list[st.step][self.layer][self.m]:
+            return st.watch(self.layer, self.role, cache.forecast(st.step))
         return cache.give()
 
 

@@ -155,6 +155,8 @@ class Programs:
         self.state, self.roles = state, roles
         self.copies, self.cuda_graphs = config.copies, config.cuda_graphs
         self.keep_out, self.keep_ref = keep_out, keep_ref    # [layer][m]: later steps read it
+        # [layer][m]: some step forecasts it (its bank keeps two full outputs, never patched)
+        self.history = state.plan.keeps_history().tolist()
         self.ctx = ProgramContext()
         self.programs: dict[tuple, StepProgram] = {}
         self.banks: dict[int, dict[str, BankEntry]] = {}     # branch -> name -> entry
@@ -183,7 +185,7 @@ class Programs:
                 forecast = -1
                 if k != FULL:
                     reads.append(name)
-                    history = (plan.forecast and self.keep_out[layer][m] and entry.prev is not None
+                    history = (st.fill_list[step][layer][m] and self.keep_out[layer][m] and entry.prev is not None
                                and entry.out_step is not None and entry.prev_step is not None
                                and entry.out_step > entry.prev_step)
                     if history:
@@ -194,7 +196,7 @@ class Programs:
                         reads.append(name + ":ref")
                 store = not routed and k == FULL and self.keep_out[layer][m]
                 ref = not routed and self.keep_ref[layer][m] and k != REUSE
-                patch = k > 0 and not plan.forecast
+                patch = k > 0 and not self.history[layer][m]
                 row.append(ModuleAction(int(k), forecast, bool(store), bool(ref), bool(patch)))
             layers.append(tuple(row))
         key = (tuple(layers), route, tuple(reads), bool(st.cfg_paired and route is not None))
@@ -243,12 +245,12 @@ class Programs:
         if self.copies:
             new = {name: _copy(value) for name, value in new.items()}
         for layer, actions in enumerate(program.modules):
-            for role, a in zip(self.roles, actions):
+            for m, (role, a) in enumerate(zip(self.roles, actions)):
                 name = slot_name(layer, role)
                 if name in new:
                     entry = bank.setdefault(name, BankEntry())
                     if a.tokens == FULL:  # a full output: the one it replaces becomes the history
-                        if st.plan.forecast and entry.out is not None:
+                        if self.history[layer][m] and entry.out is not None:
                             entry.prev, entry.prev_step = entry.out, entry.out_step
                         entry.out_step = st.step
                     entry.out = new[name]

@@ -134,11 +134,12 @@ class ModuleCache:
         copy the block may modify."""
         return _into(None, self.out) if self.copy_out else self.out
 
-    def forecast(self, step: int):
+    def forecast(self, step: int, order: int = 1):
         """The output extrapolated to ``step`` from the last two full outputs (first order, in the
         step index): ``out + (step - a) / (a - b) * (out - prev)``; the cached output itself until
-        there are two.  Always a new tensor."""
-        if self.prev is None or self.out_step is None or self.prev_step is None or self.out_step <= self.prev_step:
+        there are two, or with ``order`` 0.  Always a new tensor."""
+        if (not order or self.prev is None or self.out_step is None or self.prev_step is None
+                or self.out_step <= self.prev_step):
             return _into(None, self.out)
         w = (step - self.prev_step) / (self.out_step - self.prev_step)
         return _lerp(self.prev, self.out, w)
@@ -194,6 +195,7 @@ class RunState:
         # the plan as Python lists: a lookup per module call, not an indexing op on a tensor
         self.anchor_list: list[bool] = plan.anchors.tolist()
         self.token_list: list[list[list[int]]] = plan.tokens.tolist()
+        self.fill_list: list[list[list[int]]] = plan.fill_grid().tolist()  # forecast order per entry
         self.route_list: list[list[int]] | None = None if plan.route is None else plan.route.tolist()
         # the steps on which the plan computes anything differently from the plain model
         self.accelerated_list: list[bool] = [not a or (self.route_list is not None and any(k != FULL for k in r))

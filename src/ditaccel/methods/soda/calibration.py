@@ -42,7 +42,9 @@ def calibrate(pipe, run, plans: list[Plan], progress: bool = True,
             mse = float((images.double() - reference.double()).pow(2).mean())
             config = p.meta.get("config", {})
             rows.append({"anchors": int(p.anchors.sum()), "pruned_modules": p.pruned_modules(), "method": p.method,
-                         "schedule": config.get("schedule", "dp"), "spread": config.get("spread"), "forecast": p.forecast, "predicted_error": p.meta.get("predicted", {}).get("error"),
+                         "schedule": config.get("schedule", "dp"), "spread": config.get("spread"),
+                         "forecast": p.forecast if p.fill is None else "segment",  # (chosen per segment)
+                         "predicted_error": p.meta.get("predicted", {}).get("error"),
                          "speedup_flops": p.meta.get("predicted", {}).get("speedup_flops"),
                          "mse": mse, "psnr": 10 * math.log10(1 / mse) if mse > 0 else math.inf})
     best = min(range(len(plans)), key=lambda i: (rows[i]["mse"], i))
@@ -114,7 +116,7 @@ def calibrate_soda(pipe, run, profile, calibration: CalibrationConfig | None = N
     best, rows = calibrate(pipe, run, first, progress, reference)
     chosen = best.meta["calibration"]["chosen"]
     kept = replace(config, spread=best.meta["config"]["spread"], schedule=best.meta["config"]["schedule"],
-                   forecast=best.forecast)
+                   forecast=best.meta["config"]["forecast"])  # (None: chosen per segment)
     more_plans = candidates(kept, profile, fewer)[1:] if config.prune else []
     if timed is not None:
         k0 = int(best.anchors.sum())

@@ -1,8 +1,12 @@
 """SODA's planner (Sensitivity-Oriented Dynamic Acceleration; CVPR 2026, arXiv 2603.07057), planned
 from a :class:`~ditaccel.profiling.Profile`.  Pure functions: profile + config -> Plan.
 
-- DCS: the anchor steps by dynamic programming, the cost of a segment being the summed cache error
-  of the steps that reuse its anchor (:func:`dp_schedule`).
+- DCS: the anchor steps by dynamic programming, the cost of a segment being the summed error of
+  the steps that fill in from its anchor, with the filler the plan will run there
+  (:func:`segment_costs`, :func:`dp_schedule`): plain reuse, or the first-order forecast from the
+  segment's anchor and the one before it (its error depends on the gap between the two, so the
+  program's state is the last segment's length).  With ``forecast=None`` the filler is chosen per
+  segment and (layer, module), whichever the profile measured lower (``Plan.fill``).
 - UAS: on non-anchor steps, per (layer, module), recompute the fraction
   ``rho = clip(lam * E_c / mean(E_c) + beta, 0, rho_max)`` of tokens (snapped down to the profiled
   ratios) where that beats plain reuse (``E_p < (1 - margin) * E_c``), else reuse.  ``beta`` is
@@ -44,7 +48,8 @@ class Config:
     rho_max: float = 0.5
     margin: float = 0.0
     forecast: int | None = None           # 0 reuse, 1 first-order forecast (Plan.forecast); None:
-                                          # 0 for plan(), measured by calibrate_soda
+                                          # per segment and module, whichever the profile measures
+                                          # lower (reuse where it has no forecast errors)
 
     def __post_init__(self):
         budgets = [b for b in (self.speedup, self.latency_speedup) if b is not None]
@@ -82,62 +87,156 @@ class Config:
 # DCS: the dynamic program
 
 
-def segment_costs(e_cache: torch.Tensor, max_len: int) -> torch.Tensor:
-    """(T, max_len + 1) cost of an anchor at step ``a`` reused for the next ``n - 1`` steps:
-    sum over those steps ``a + j`` (cache age ``j``) and over (layer, module) of ``E_c``.
-    ``e_cache``: (T, L, M, ages) with ages 1..A; inf where a segment is impossible."""
-    t_steps, ages = e_cache.shape[0], e_cache.shape[-1]
-    per = e_cache.double().nan_to_num(nan=math.inf).sum(dim=(1, 2))  # (T, A): step t at age j
-    cost = torch.full((t_steps, max_len + 1), math.inf, dtype=torch.float64)
+def segment_costs(e_cache: torch.Tensor, max_len: int, e_forecast: torch.Tensor | None = None,
+                  forecast: int | None = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cost of an anchor at step ``a`` filling the next ``n - 1`` steps when the anchor before it
+    was ``g`` steps earlier (``g = 0``: none), and the filler choice behind it.
+
+    ``e_cache``: (T, L, M, ages) plain-reuse errors, ages 1..A; ``e_forecast``: (T, L, M, ages,
+    gaps) first-order forecast errors, gaps 1..G (None: reuse only); ``forecast``: 0 reuse, 1
+    forecast wherever there are two anchors, None whichever is lower per (layer, module).
+    Returns ``cost`` (T, max_len + 1, G + 1), the summed error over the segment's steps and
+    (layer, module) (inf where a segment is impossible), and ``use`` (T, max_len + 1, G + 1, L, M)
+    bool, where the segment forecasts."""
+    t_steps, n_layers, n_mods, ages = e_cache.shape
+    reuse = e_cache.double().nan_to_num(nan=math.inf)                     # (T, L, M, A)
+    fc = None if e_forecast is None or forecast == 0 else e_forecast.double().nan_to_num(nan=math.inf)
+    n_gaps = 0 if fc is None else min(fc.shape[-1], max_len)
+    cost = torch.full((t_steps, max_len + 1, n_gaps + 1), math.inf, dtype=torch.float64)
+    use = torch.zeros((t_steps, max_len + 1, n_gaps + 1, n_layers, n_mods), dtype=torch.bool)
     for a in range(t_steps):
-        total = 0.0
+        r_sum = torch.zeros(n_layers, n_mods, dtype=torch.float64)
+        f_sum = torch.zeros(n_layers, n_mods, n_gaps, dtype=torch.float64)
         for n in range(1, max_len + 1):
             if n > 1:
                 j = n - 1
                 if a + j >= t_steps or j > ages:
                     break
-                total += float(per[a + j, j - 1])
-            if a + n <= t_steps:
-                cost[a, n] = total
-    return cost
+                r_sum = r_sum + reuse[a + j, :, :, j - 1]
+                if fc is not None:
+                    f_sum = f_sum + fc[a + j, :, :, j - 1, :n_gaps]
+            if a + n > t_steps:
+                break
+            cost[a, n, 0] = float(r_sum.sum())
+            if fc is not None:
+                f = f_sum.permute(2, 0, 1)                                    # (G, L, M)
+                better = f < r_sum if forecast is None else torch.ones_like(f, dtype=torch.bool)
+                better &= torch.isfinite(f) | ~torch.isfinite(r_sum)
+                chosen = torch.where(better, f, r_sum)
+                cost[a, n, 1:] = chosen.sum((1, 2))
+                use[a, n, 1:] = better
+    return cost, use
+
+
+class Schedules:
+    """The DP of DCS over every anchor count at once: ``dp[t, g, k]``, the least cost of steps
+    ``t..T-1`` with ``k`` anchors, one at ``t`` whose previous anchor was ``g`` steps earlier
+    (``dp[t, g, k] = min_n cost[t, n, g] + dp[t + n, n, k - 1]``), vectorised over ``g`` and
+    ``k``.  :meth:`anchors` reads a schedule off for any count."""
+
+    def __init__(self, cost: torch.Tensor):
+        if cost.ndim == 2:
+            cost = cost[:, :, None]
+        t_steps, max_len, n_g = cost.shape[0], cost.shape[1] - 1, cost.shape[2]
+        self.cost, self.t_steps, self.max_len, self.n_g = cost, t_steps, max_len, n_g
+        inf = math.inf
+        dp = torch.full((t_steps + 1, n_g, t_steps + 1), inf, dtype=torch.float64)
+        dp[t_steps, :, 0] = 0.0
+        choice = torch.zeros((t_steps, n_g, t_steps + 1), dtype=torch.long)
+        pad = torch.full((1,), inf, dtype=torch.float64)
+        for t in range(t_steps - 1, -1, -1):
+            best = torch.full((n_g, t_steps + 1), inf, dtype=torch.float64)
+            arg = torch.zeros((n_g, t_steps + 1), dtype=torch.long)
+            for n in range(1, min(max_len, t_steps - t) + 1):
+                nxt = torch.cat([pad, dp[t + n, min(n, n_g - 1), :-1]])        # k anchors: k - 1 after
+                v = cost[t, n][:, None] + nxt[None, :]
+                better = v < best
+                best = torch.where(better, v, best)
+                arg = torch.where(better, torch.full_like(arg, n), arg)
+            dp[t], choice[t] = best, arg
+        self.dp, self.choice = dp, choice
+
+    def anchors(self, num_anchors: int) -> tuple[torch.Tensor, float, list[tuple[int, int, int]]]:
+        """(anchors (T,) bool, summed cost, segments ``(a, n, g)``) with exactly ``num_anchors``
+        anchors, step 0 always one."""
+        if not 1 <= num_anchors <= self.t_steps:
+            raise ValueError(f"need 1..{self.t_steps} anchors, got {num_anchors}")
+        total = float(self.dp[0, 0, num_anchors])
+        if total == math.inf:
+            raise ValueError(f"{num_anchors} anchors cannot cover {self.t_steps} steps with segments of at "
+                             f"most {self.max_len} steps")
+        anchors = torch.zeros(self.t_steps, dtype=torch.bool)
+        segments = []
+        t, g, k = 0, 0, num_anchors
+        while t < self.t_steps:
+            n = int(self.choice[t, g, k])
+            anchors[t] = True
+            segments.append((t, n, g))
+            t, g, k = t + n, min(n, self.n_g - 1), k - 1
+        return anchors, total, segments
 
 
 def dp_schedule(cost: torch.Tensor, num_anchors: int) -> tuple[torch.Tensor, float]:
-    """Anchor steps (T,) bool minimising the summed segment cost with exactly ``num_anchors``
-    anchors, step 0 always one: ``dp[t][k] = min_n cost[t, n] + dp[t + n][k - 1]``."""
-    t_steps, max_len = cost.shape[0], cost.shape[1] - 1
-    if not 1 <= num_anchors <= t_steps:
-        raise ValueError(f"need 1..{t_steps} anchors, got {num_anchors}")
-    inf = math.inf
-    dp = [[inf] * (num_anchors + 1) for _ in range(t_steps + 1)]
-    choice = [[0] * (num_anchors + 1) for _ in range(t_steps + 1)]
-    dp[t_steps][0] = 0.0
-    c = cost.tolist()
-    for t in range(t_steps - 1, -1, -1):
-        for k in range(1, num_anchors + 1):
-            best, arg = inf, 0
-            for n in range(1, max_len + 1):
-                if t + n > t_steps or c[t][n] == inf:
-                    continue
-                v = c[t][n] + dp[t + n][k - 1]
-                if v < best:
-                    best, arg = v, n
-            dp[t][k], choice[t][k] = best, arg
-    if dp[0][num_anchors] == inf:
-        raise ValueError(f"{num_anchors} anchors cannot cover {t_steps} steps with segments of at "
-                         f"most {max_len} steps")
-    anchors = torch.zeros(t_steps, dtype=torch.bool)
-    t, k = 0, num_anchors
-    while t < t_steps:
-        anchors[t] = True
-        t, k = t + choice[t][k], k - 1
-    return anchors, float(dp[0][num_anchors])
+    """Anchor steps (T,) bool minimising the summed segment cost (``cost``: (T, max_len + 1) or,
+    with the previous gap, (T, max_len + 1, G + 1)) with exactly ``num_anchors`` anchors, step 0
+    always one."""
+    anchors, total, _ = Schedules(cost).anchors(num_anchors)
+    return anchors, total
+
+
+def segments_of(anchors: torch.Tensor) -> list[tuple[int, int, int]]:
+    """The segments ``(a, n, g)`` of an anchor schedule: anchor ``a`` covers ``n`` steps, the
+    anchor before it ``g`` steps earlier (0 for the first)."""
+    idx = torch.nonzero(anchors).flatten().tolist() + [len(anchors)]
+    return [(a, b - a, a - idx[i - 1] if i else 0) for i, (a, b) in enumerate(zip(idx, idx[1:]))]
+
+
+def fill_of(anchors: torch.Tensor, use: torch.Tensor, n_layers: int, n_mods: int) -> torch.Tensor:
+    """(T, L, M) forecast order per entry: 1 on the steps of a segment that forecasts there."""
+    fill = torch.zeros(len(anchors), n_layers, n_mods, dtype=torch.int32)
+    if use.shape[2] <= 1:
+        return fill
+    for a, n, g in segments_of(anchors):
+        if g and n > 1:
+            fill[a + 1:a + n] = use[a, n, min(g, use.shape[2] - 1)].to(torch.int32)
+    return fill
 
 
 def uniform_schedule(num_steps: int, num_anchors: int) -> torch.Tensor:
     anchors = torch.zeros(num_steps, dtype=torch.bool)
     anchors[torch.linspace(0, num_steps, num_anchors + 1)[:-1].floor().long()] = True
     return anchors
+
+
+def gaps_of(anchors: torch.Tensor) -> torch.Tensor:
+    """(T,) steps between the last anchor and the one before it (0 where there is none)."""
+    gaps = torch.zeros(len(anchors), dtype=torch.long)
+    for a, n, g in segments_of(anchors):
+        gaps[a:a + n] = g
+    return gaps
+
+
+def filler_errors(profile, anchors: torch.Tensor, fill: torch.Tensor | None) -> torch.Tensor:
+    """(T, L, M) the profile's error of each entry filled in rather than computed: the forecast's
+    where ``fill`` says so and the entry has two anchors behind it, plain reuse's elsewhere (0 on
+    anchors, inf beyond the profiled ages or gaps)."""
+    t_steps, n_layers, n_mods, n_ages = profile.e_cache.shape
+    ages, gaps = ages_of(anchors), gaps_of(anchors)
+    out = torch.zeros(t_steps, n_layers, n_mods, dtype=torch.float64)
+    for t in range(t_steps):
+        j, g = int(ages[t]), int(gaps[t])
+        if j == 0:
+            continue
+        if j > n_ages:
+            out[t] = math.inf
+            continue
+        err = profile.e_cache[t, :, :, j - 1].double()
+        if fill is not None and g and profile.e_forecast is not None and bool(fill[t].any()):
+            fc = profile.e_forecast[t, :, :, j - 1, g - 1].double() if g <= profile.e_forecast.shape[-1] \
+                else torch.full_like(err, math.inf)
+            err = torch.where(fill[t] > 0, fc, err)
+        out[t] = err.nan_to_num(nan=math.inf)
+    return out
 
 
 def ages_of(anchors: torch.Tensor) -> torch.Tensor:
@@ -162,9 +261,9 @@ def _ratio_index(profile, tokens: torch.Tensor) -> torch.Tensor:
     return idx
 
 
-def predict(plan: Plan, profile) -> dict[str, float]:
+def predict(plan: Plan, profile, base: torch.Tensor | None = None) -> dict[str, float]:
     """FLOPs (per sample), latency (ms per call at the profile's timing batch) and summed error
-    that the profile predicts for ``plan``."""
+    that the profile predicts for ``plan`` (``base``: its :func:`filler_errors`, if known)."""
     t_steps = plan.num_steps
     tok = plan.tokens
     ridx = _ratio_index(profile, tok)
@@ -173,6 +272,9 @@ def predict(plan: Plan, profile) -> dict[str, float]:
     rest_flops = profile.step_flops - float(mf[..., -1].sum())
     flops = latency = error = 0.0
     ages = ages_of(plan.anchors)
+    if base is None:
+        base = filler_errors(profile, plan.anchors, plan.fill_grid())
+    base = base.tolist()
     score = profile.token_scores.index(plan.token_score) if plan.token_score in profile.token_scores else 0
     for t in range(t_steps):
         if plan.anchors[t]:
@@ -186,7 +288,7 @@ def predict(plan: Plan, profile) -> dict[str, float]:
             for mi in range(len(plan.modules)):
                 k, ri = int(tok[t, layer, mi]), int(ridx[t, layer, mi])
                 if k == REUSE:
-                    error += _err(profile.e_cache, t, layer, mi, j)
+                    error += base[t][layer][mi]
                     continue
                 flops += float(mf[layer, mi, ri])
                 latency += float(ms[mi, ri])
@@ -208,7 +310,10 @@ def _err(table, t, layer, mi, age) -> float:
 # UAS and the search
 
 
-def _prune_tokens(profile, anchors: torch.Tensor, beta: float, cfg: Config, score: int) -> torch.Tensor:
+def _prune_tokens(profile, anchors: torch.Tensor, beta: float, cfg: Config, score: int,
+                  base: torch.Tensor) -> torch.Tensor:
+    """The token counts of the UAS rule at ``beta`` on these anchors (``base``: what filling in
+    costs per entry, :func:`filler_errors`)."""
     t_steps, n_layers, n_mods = profile.e_cache.shape[:3]
     tokens = torch.full((t_steps, n_layers, n_mods), FULL, dtype=torch.int32)
     ages = ages_of(anchors)
@@ -217,7 +322,7 @@ def _prune_tokens(profile, anchors: torch.Tensor, beta: float, cfg: Config, scor
         return tokens
     t_idx = torch.nonzero(non).flatten()
     j_idx = ages[t_idx] - 1
-    e_c = profile.e_cache[t_idx, :, :, j_idx].double()  # (n, L, M)
+    e_c = base[t_idx]  # (n, L, M): what filling in costs
     tokens[t_idx] = REUSE
     if not cfg.prune:
         return tokens
@@ -251,7 +356,8 @@ def plan(config: Config, profile) -> Plan:
                          f"with it or choose one of {profile.token_scores}")
     score = profile.token_scores.index(score_name)
     max_len = max(profile.intervals) + 1
-    cost = segment_costs(profile.e_cache, max_len)
+    cost, use = segment_costs(profile.e_cache, max_len, profile.e_forecast, cfg.forecast)
+    tables: dict[int, Schedules] = {}
     full_flops, full_ms = t_steps * profile.step_flops, t_steps * profile.step_ms
     target = None
     if cfg.speedup:
@@ -262,14 +368,36 @@ def plan(config: Config, profile) -> Plan:
     def schedule(k: int) -> torch.Tensor:
         if cfg.schedule == "uniform":
             return uniform_schedule(t_steps, k)
+        limit = max_len
         if cfg.spread is not None:  # no gap longer than spread x the even one
-            return dp_schedule(cost[:, :max(math.ceil(cfg.spread * t_steps / k), math.ceil(t_steps / k)) + 1], k)[0]
-        return dp_schedule(cost, k)[0]
+            limit = min(max_len, max(math.ceil(cfg.spread * t_steps / k), math.ceil(t_steps / k)))
+        if limit not in tables:
+            tables[limit] = Schedules(cost[:, :limit + 1])
+        return tables[limit].anchors(k)[0]
 
-    def make(anchors, tokens, extra) -> Plan:
+    def fill_for(anchors) -> torch.Tensor | None:
+        """The per-entry filler of a schedule (None: ``cfg.forecast`` everywhere)."""
+        if cfg.forecast is not None:
+            return None
+        fill = fill_of(anchors, use, profile.num_layers, len(profile.modules))
+        return fill if bool(fill.any()) else None
+
+    bases: dict[bytes, torch.Tensor] = {}
+
+    def base_of(anchors, fill) -> torch.Tensor:
+        """:func:`filler_errors` of a schedule and its filler, found once per plan() call."""
+        key = anchors.numpy().tobytes() + (b"" if fill is None else fill.numpy().tobytes())
+        if key not in bases:
+            bases[key] = filler_errors(profile, anchors, fill if fill is not None
+                                       else torch.full((t_steps, profile.num_layers, len(profile.modules)),
+                                                       cfg.forecast or 0, dtype=torch.int32))
+        return bases[key]
+
+    def make(anchors, tokens, extra, fill=None) -> Plan:
         p = Plan(num_tokens=profile.num_tokens, modules=profile.modules, anchors=anchors, tokens=tokens,
-                 token_score=score_name, method="soda" if cfg.prune else "soda-cache", forecast=cfg.forecast or 0)
-        meta = {"config": asdict(cfg), "predicted": predict(p, profile),
+                 token_score=score_name, method="soda" if cfg.prune else "soda-cache", forecast=cfg.forecast or 0,
+                 fill=fill)
+        meta = {"config": asdict(cfg), "predicted": predict(p, profile, base_of(anchors, fill)),
                 "fingerprint": profile.meta.get("fingerprint"), "sampler": profile.meta.get("sampler"), **extra}
         return replace(p, meta=meta)
 
@@ -283,18 +411,19 @@ def plan(config: Config, profile) -> Plan:
             continue
         if cfg.schedule == "uniform" and int(ages_of(anchors).max()) > max_len - 1:
             continue
+        fill = fill_for(anchors)
         if target is None:  # anchors only: the rule with beta = 0
-            tokens = _prune_tokens(profile, anchors, 0.0, cfg, score)
-            return make(anchors, tokens, {"anchors": k, "beta": 0.0})
-        base = make(anchors, _prune_tokens(profile, anchors, -math.inf, cfg, score), {})
+            tokens = _prune_tokens(profile, anchors, 0.0, cfg, score, base_of(anchors, fill))
+            return make(anchors, tokens, {"anchors": k, "beta": 0.0}, fill)
+        base = make(anchors, _prune_tokens(profile, anchors, -math.inf, cfg, score, base_of(anchors, fill)), {}, fill)
         if _cost(base.meta["predicted"], cfg) > target * (1 + 1e-9):
             if cfg.anchors is not None:
                 raise ValueError(f"{k} anchors alone cost more than the budget allows; use fewer "
                                  "anchors or a smaller speedup")
             break  # more anchors only cost more
-        beta = _solve_beta(profile, anchors, cfg, score, target, make) if cfg.prune else -math.inf
-        chosen = make(anchors, _prune_tokens(profile, anchors, beta, cfg, score),
-                      {"anchors": k, "beta": beta if math.isfinite(beta) else None})
+        beta = _solve_beta(profile, anchors, cfg, score, target, make, fill, base_of(anchors, fill)) if cfg.prune else -math.inf
+        chosen = make(anchors, _prune_tokens(profile, anchors, beta, cfg, score, base_of(anchors, fill)),
+                      {"anchors": k, "beta": beta if math.isfinite(beta) else None}, fill)
         if best is None or chosen.meta["predicted"]["error"] < best.meta["predicted"]["error"]:
             best = chosen
     if best is None:
@@ -302,12 +431,12 @@ def plan(config: Config, profile) -> Plan:
     return best
 
 
-def _solve_beta(profile, anchors, cfg: Config, score: int, target: float, make) -> float:
+def _solve_beta(profile, anchors, cfg: Config, score: int, target: float, make, fill, base) -> float:
     """The largest beta whose plan stays within the budget (bisection; cost grows with beta)."""
     lo, hi = -cfg.lam * 50 - cfg.rho_max, cfg.rho_max
 
     def fits(beta):
-        p = make(anchors, _prune_tokens(profile, anchors, beta, cfg, score), {})
+        p = make(anchors, _prune_tokens(profile, anchors, beta, cfg, score, base), {}, fill)
         return _cost(p.meta["predicted"], cfg) <= target * (1 + 1e-9)
 
     if fits(hi):
@@ -370,24 +499,24 @@ SPREADS = (None, 2.0, 1.5, 1.0)
 
 def schedules(config: Config, profile, spreads=SPREADS, forecasts=FORECAST_ORDERS,
               uniform: bool = True) -> list[Plan]:
-    """Caching-only plans for ``config``'s budget, one per anchor schedule (duplicates dropped):
-    the DP schedule free, then held ever closer to evenly spaced anchors (``spreads``), then
-    (``uniform``) evenly spaced anchors (only those when ``config.schedule`` is "uniform"); each
-    with every order in ``forecasts``
-    (``config.forecast`` when set) for what non-anchor steps get."""
+    """Caching-only plans for ``config``'s budget, one per anchor schedule and filler (duplicates
+    dropped): the DP schedule free, then held ever closer to evenly spaced anchors (``spreads``),
+    then (``uniform``) evenly spaced anchors (only those when ``config.schedule`` is "uniform");
+    each planned for the filler chosen per segment and module where the profile has forecast
+    errors, and for every order in ``forecasts`` everywhere (``config.forecast`` alone when set)."""
     out = []
-    orders = forecasts if config.forecast is None else (config.forecast,)
+    orders = list(forecasts) if config.forecast is None else [config.forecast]
+    if config.forecast is None and profile.e_forecast is not None:
+        orders = [None, *orders]
     kinds = ([("dp", sp) for sp in spreads] if config.schedule == "dp" else []) + (
         [("uniform", None)] if uniform or config.schedule == "uniform" else [])
     for kind, sp in kinds:
-        try:
-            p = plan(Config(**{**asdict(config), "prune": False, "anchors": None, "schedule": kind, "spread": sp,
-                               "forecast": None}), profile)
-        except ValueError:
-            continue
-        if any(torch.equal(p.anchors, q.anchors) for q in out):
-            continue
         for f in orders:
-            meta = {**p.meta, "config": {**p.meta["config"], "forecast": f}}
-            out.append(replace(p, forecast=f, meta=meta))
+            try:
+                p = plan(Config(**{**asdict(config), "prune": False, "anchors": None, "schedule": kind,
+                                   "spread": sp, "forecast": f}), profile)
+            except ValueError:
+                continue
+            if not any(torch.equal(p.anchors, q.anchors) and torch.equal(p.fill_grid(), q.fill_grid()) for q in out):
+                out.append(p)
     return out
