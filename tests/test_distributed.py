@@ -36,7 +36,7 @@ def test_profile_on_two_processes_equals_one(tiny_pipe_dir, tmp_path):
     two, meta2 = io.load_artifact(tmp_path / "two", "profile")
     one, meta1 = io.load_artifact(tmp_path / "one", "profile")
     assert meta2["processes"] == 2 and meta1["processes"] == 1
-    for name in ("e_cache", "e_cache_std", "e_prune", "module_flops"):
+    for name in ("e_cache", "e_cache_std", "e_prune", "e_forecast", "module_flops"):
         torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-6, equal_nan=True, msg=name)
     assert not (tmp_path / "two.partial.safetensors").exists()
 

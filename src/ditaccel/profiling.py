@@ -257,8 +257,9 @@ class _Recorder:
         fresh = out.float()
         f = fresh.pow(2).sum(-1)                         # (B, N) |fresh_i|^2
         f_tot = f.sum(1)
-        # per sample: <fresh, y_s> for every kept step s (the forecasts' inputs)
-        dots = {s: (fresh * entry[0].float()).sum((1, 2)).double() for s, entry in ring.items()}
+        # per sample: <fresh, y_s> for every kept earlier step s of this trajectory (the forecasts'
+        # inputs; the ring may still hold later steps of the trajectory before)
+        dots = {s: (fresh * entry[0].float()).sum((1, 2)).double() for s, entry in ring.items() if s < t}
         self._forecast_errors(t, layer, mi, f_tot.double(), dots, ring)
         for ii, n in enumerate(self.intervals):
             if t - n not in ring:
