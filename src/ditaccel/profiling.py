@@ -47,6 +47,12 @@ class ProfileError(ValueError):
     pass
 
 
+def forecast_gaps(intervals) -> tuple[int, ...]:
+    """The gaps between a forecast's two full outputs that a profile with these cache ages
+    measures: 1 to the longest segment between full steps, ``max(intervals) + 1``."""
+    return tuple(range(1, max(intervals) + 2))
+
+
 @dataclass(frozen=True, eq=False)
 class Profile:
     e_cache: torch.Tensor       # (T, L, M, I) mean over samples; NaN where t - n < 0
@@ -66,7 +72,7 @@ class Profile:
     @property
     def gaps(self) -> tuple[int, ...]:
         """The gaps between the two full outputs a forecast reads that ``e_forecast`` holds."""
-        return tuple(range(1, max(self.intervals) + 2))
+        return forecast_gaps(self.intervals)
 
     # -- shape --------------------------------------------------------------------------------
     @property
@@ -209,7 +215,7 @@ class _Recorder:
         self.sq_c = torch.zeros(t, l, m, i, dtype=torch.float64)
         self.cnt = torch.zeros(t, l, m, i, dtype=torch.float64)
         self.sum_p = torch.zeros(t, l, m, i, r, s, dtype=torch.float64)
-        self.gaps = tuple(range(1, max(intervals) + 2))
+        self.gaps = forecast_gaps(intervals)
         self.sum_f = torch.zeros(t, l, m, i, len(self.gaps), dtype=torch.float64)
         self.cnt_f = torch.zeros(t, l, m, i, len(self.gaps), dtype=torch.float64)
         self.depth = max(intervals) + max(self.gaps)  # how far back a forecast reads

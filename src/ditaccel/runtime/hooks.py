@@ -224,7 +224,7 @@ class ModuleHook(ModelHook):
         self.keep_ref = self.keep_out and plan.token_score == "delta" and bool((later > 0).any())
         # some step forecasts this module: its cache keeps the last two full outputs (and is
         # never patched with fresh tokens)
-        self.forecast = self.keep_out and bool(plan.keeps_history()[layer, module_index])
+        self.forecast = self.keep_out and state.history_list[layer][module_index]
         self.signature = positional(type(module))
         self.slot = f"{layer}.{role}"
 

@@ -156,7 +156,7 @@ class Programs:
         self.copies, self.cuda_graphs = config.copies, config.cuda_graphs
         self.keep_out, self.keep_ref = keep_out, keep_ref    # [layer][m]: later steps read it
         # [layer][m]: some step forecasts it (its bank keeps two full outputs, never patched)
-        self.history = state.plan.keeps_history().tolist()
+        self.history = state.history_list
         self.ctx = ProgramContext()
         self.programs: dict[tuple, StepProgram] = {}
         self.banks: dict[int, dict[str, BankEntry]] = {}     # branch -> name -> entry

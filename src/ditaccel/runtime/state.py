@@ -196,6 +196,8 @@ class RunState:
         self.anchor_list: list[bool] = plan.anchors.tolist()
         self.token_list: list[list[list[int]]] = plan.tokens.tolist()
         self.fill_list: list[list[list[int]]] = plan.fill_grid().tolist()  # forecast order per entry
+        # [layer][m]: some step forecasts the module (its cache keeps two full outputs, unpatched)
+        self.history_list: list[list[bool]] = plan.keeps_history().tolist()
         self.route_list: list[list[int]] | None = None if plan.route is None else plan.route.tolist()
         # the steps on which the plan computes anything differently from the plain model
         self.accelerated_list: list[bool] = [not a or (self.route_list is not None and any(k != FULL for k in r))
