@@ -1,5 +1,6 @@
 """SODA: the profile's error tables, the DP schedule, the pruning rule, budgets, refusals."""
 
+import dataclasses
 import itertools
 import json
 import math
@@ -84,7 +85,6 @@ def test_dp_with_the_previous_gap_matches_brute_force(seed):
 def _forecast_profile(prof, better: tuple[int, int]):
     """``prof`` with forecast errors: one (layer, module) forecasts 10x better than it reuses,
     the others 10x worse."""
-    import dataclasses
 
     e_c = prof.e_cache
     e_f = (e_c[..., None] * 10).expand(*e_c.shape, max(prof.intervals) + 1).clone()
@@ -116,7 +116,6 @@ def test_the_filler_is_chosen_per_segment_and_module(tiny_profile, tmp_path):
     auto.save(tmp_path / "p.json")
     assert Plan.load(tmp_path / "p.json") == auto
     # a profile without forecast errors (made before they were profiled) plans reuse
-    import dataclasses
 
     plain = soda.plan(soda.Config(anchors=3, prune=False), dataclasses.replace(prof, e_forecast=None))
     assert plain.fill is None and plain.forecast == 0
@@ -297,7 +296,6 @@ def test_profile_round_trips_and_refuses_other_settings(tiny_profile, tmp_path):
 def test_soda_plans_meet_their_budget_and_predict_their_flops(tiny_profile, opts):
     pipe, prof = tiny_profile
     if "latency_speedup" in opts:  # the tiny model's timings are noise: plan with fixed ones
-        import dataclasses
 
         prof = dataclasses.replace(prof, step_ms=10.0, reuse_ms=2.0,
                                    module_ms=torch.tensor([[1.0, 1.5, 2.0], [0.5, 1.0, 2.0]]))
@@ -318,8 +316,18 @@ def test_soda_plans_meet_their_budget_and_predict_their_flops(tiny_profile, opts
     remove(pipe)
 
 
+def _timed_like_flops(prof, share=0.9):
+    """``prof`` with module times proportional to their FLOPs (``share`` of a full call in the
+    modules): the times a tiny model measures on a shared machine are noise, and partial
+    recompute is offered only where it saves time."""
+    f = prof.module_flops.double()[0]                       # (M, R + 1), one layer
+    ms = f / f[:, -1].sum() * share * prof.step_ms / prof.num_layers
+    return dataclasses.replace(prof, module_ms=ms.float(), reuse_ms=(1 - share) * prof.step_ms)
+
+
 def test_pruning_only_where_it_beats_reuse(tiny_profile):
     _, prof = tiny_profile
+    prof = _timed_like_flops(prof)
     plan = soda.plan(soda.Config(speedup=1.5, lam=1.0), prof)
     tok = plan.tokens
     assert (tok[~plan.anchors] > 0).any(), "the rule should recompute somewhere at this budget"
@@ -332,8 +340,36 @@ def test_pruning_only_where_it_beats_reuse(tiny_profile):
     assert more.meta["predicted"]["error"] <= plan.meta["predicted"]["error"]
 
 
+def test_partial_actions_only_where_they_save_time_and_priced_by_it(tiny_profile):
+    _, prof = tiny_profile
+    prof = _timed_like_flops(prof)
+    cfg = soda.Config(speedup=1.5, lam=1.0)
+    pruned = soda.plan(cfg, prof)
+    assert (pruned.tokens[~pruned.anchors] > 0).any()
+    pred = pruned.meta["predicted"]
+    assert pred["charged_flops"] == pytest.approx(pred["flops"])  # times follow FLOPs here
+    # the smaller ratio takes as long as the full module: only the larger one may be used
+    ms = prof.module_ms.clone()
+    ms[:, 0] = ms[:, -1]
+    slow = dataclasses.replace(prof, module_ms=ms)
+    assert soda.partial_pays(slow).tolist() == [[False, True]] * len(prof.modules)
+    p = soda.plan(cfg, slow)
+    k_small = prof.tokens_for_ratio(prof.ratios[0])
+    assert not (p.tokens == k_small).any() and (p.tokens[~p.anchors] > 0).any()
+    # charged at the full module's FLOPs, above their own: the FLOP budget is met with room
+    pred = p.meta["predicted"]
+    assert pred["charged_flops"] >= pred["flops"]
+    assert pred["speedup_flops"] >= 1.5 * (1 - 1e-9)
+    # no ratio saves time: no partial action at all, the budget spent on anchors
+    ms[:, 1] = ms[:, -1] * 1.01
+    never = soda.plan(cfg, dataclasses.replace(prof, module_ms=ms))
+    assert not (never.tokens[~never.anchors] > 0).any()
+    assert never.meta["predicted"]["charged_flops"] == pytest.approx(never.meta["predicted"]["flops"])
+
+
 def test_candidates_spend_one_budget_in_different_ways(tiny_profile):
     _, prof = tiny_profile
+    prof = _timed_like_flops(prof)
     cands = soda.candidates(soda.Config(speedup=1.6, lam=1.0), prof, fewer=2)
     assert cands[0].method == "soda-cache" and len(cands) >= 2
     k_max = int(cands[0].anchors.sum())
@@ -437,15 +473,13 @@ def test_timed_calibration_keeps_the_closest_plan_that_is_fast_enough(tiny_profi
     the target speed is kept.  The timed run here sleeps in proportion to the applied plan's anchor
     count plus one, so its measured speedup is about STEPS / (anchors + 1) whatever the machine's
     load: 6 anchors fall short of the target, 5 reach it."""
-    import dataclasses
     import time
 
     pipe, prof = tiny_profile
     # the latency model from costs proportional to FLOPs (the profiled times of a tiny model on a
     # shared machine are too noisy to decide whether 1.2x is affordable)
-    f = prof.module_flops.double()
-    layers = prof.num_layers
-    ms = f / f[:, -1].sum() * 0.9 * prof.step_ms / layers   # the modules: 90% of a full call
+    f = prof.module_flops.double()[0]                       # (M, R + 1), one layer
+    ms = f / f[:, -1].sum() * 0.9 * prof.step_ms / prof.num_layers   # the modules: 90% of a full call
     prof = dataclasses.replace(prof, module_ms=ms.float(), reuse_ms=0.1 * prof.step_ms)
 
     def run(p):

@@ -173,7 +173,8 @@ class Profile:
             return "its metadata lacks modules/intervals/ratios/token_scores/num_tokens or the error table is not 4-D"
         if (m, i) != shape[:2] or tuple(self.e_cache_std.shape) != (t, l, m, i) \
                 or tuple(self.e_prune.shape) != (t, l, m, i, *shape[2:]) \
-                or tuple(self.module_flops.shape) != (l, m, shape[2] + 1):
+                or tuple(self.module_flops.shape) != (l, m, shape[2] + 1) \
+                or tuple(self.module_ms.shape) != (m, shape[2] + 1):
             return "its tables' shapes disagree with each other or with its metadata"
         if self.e_forecast is not None and tuple(self.e_forecast.shape) != (t, l, m, i, len(self.gaps)):
             return "its forecast error table's shape disagrees with its other tables"

@@ -9,8 +9,10 @@ from a :class:`~ditaccel.profiling.Profile`.  Pure functions: profile + config -
   segment and (layer, module), whichever the profile measured lower (``Plan.fill``).
 - UAS: on non-anchor steps, per (layer, module), recompute the fraction
   ``rho = clip(lam * E_c / mean(E_c) + beta, 0, rho_max)`` of tokens (snapped down to the profiled
-  ratios) where that beats plain reuse (``E_p < (1 - margin) * E_c``), else reuse.  ``beta`` is
-  solved by bisection so the plan meets the budget.
+  ratios whose measured time is below the full module's, :func:`partial_pays`) where that beats
+  plain reuse (``E_p < (1 - margin) * E_c``), else reuse.  ``beta`` is solved by bisection so the
+  plan meets the budget; a FLOP budget charges a partial action its measured time's share of the
+  full module's FLOPs where that is more than its own (:func:`charged_flops`).
 - With a speedup budget, every feasible anchor count is tried and the plan with the lowest
   predicted error is kept.
 """
@@ -261,16 +263,39 @@ def _ratio_index(profile, tokens: torch.Tensor) -> torch.Tensor:
     return idx
 
 
+def partial_pays(profile) -> torch.Tensor:
+    """(M, R) bool: where recomputing the profiled fraction of a module's tokens takes less
+    measured time than computing all of them (``profile.module_ms``, on the profiling device).
+    Only there does UAS offer a partial action: elsewhere it would cost more time than the full
+    module for a worse result."""
+    ms = profile.module_ms.double()                       # (M, R + 1)
+    return ms[:, :-1] < ms[:, -1:]
+
+
+def charged_flops(profile) -> torch.Tensor:
+    """(L, M, R + 1) the FLOPs a plan's budget is charged per module call: its own FLOPs, or, if
+    more, the full module's FLOPs scaled by the measured time of that token count (a partial
+    action is priced by the time it takes, not only by the FLOPs it skips)."""
+    mf = profile.module_flops.double()                    # (L, M, R + 1)
+    ms = profile.module_ms.double()
+    full_ms = ms[:, -1:]
+    scale = torch.where(full_ms > 0, ms / full_ms.clamp_min(1e-30), torch.ones_like(ms))  # (M, R + 1)
+    return torch.maximum(mf, mf[..., -1:] * scale[None])
+
+
 def predict(plan: Plan, profile, base: torch.Tensor | None = None) -> dict[str, float]:
     """FLOPs (per sample), latency (ms per call at the profile's timing batch) and summed error
-    that the profile predicts for ``plan`` (``base``: its :func:`filler_errors`, if known)."""
+    that the profile predicts for ``plan`` (``base``: its :func:`filler_errors`, if known).
+    ``charged_flops`` is what a FLOP budget is charged (:func:`charged_flops`: partial actions at
+    their measured time's share of the full module's FLOPs, if above their own)."""
     t_steps = plan.num_steps
     tok = plan.tokens
     ridx = _ratio_index(profile, tok)
     mf = profile.module_flops.double()                    # (L, M, R + 1)
+    cf = charged_flops(profile)
     ms = profile.module_ms.double()                       # (M, R + 1)
     rest_flops = profile.step_flops - float(mf[..., -1].sum())
-    flops = latency = error = 0.0
+    flops = charged = latency = error = 0.0
     ages = ages_of(plan.anchors)
     if base is None:
         base = filler_errors(profile, plan.anchors, plan.fill_grid())
@@ -279,9 +304,11 @@ def predict(plan: Plan, profile, base: torch.Tensor | None = None) -> dict[str, 
     for t in range(t_steps):
         if plan.anchors[t]:
             flops += profile.step_flops
+            charged += profile.step_flops
             latency += profile.step_ms
             continue
         flops += rest_flops
+        charged += rest_flops
         latency += profile.reuse_ms
         j = int(ages[t])
         for layer in range(plan.num_layers):
@@ -291,12 +318,13 @@ def predict(plan: Plan, profile, base: torch.Tensor | None = None) -> dict[str, 
                     error += base[t][layer][mi]
                     continue
                 flops += float(mf[layer, mi, ri])
+                charged += float(cf[layer, mi, ri])
                 latency += float(ms[mi, ri])
                 if k != FULL:
                     error += _err(profile.e_prune[..., ri, score], t, layer, mi, j)
     full_flops, full_ms = t_steps * profile.step_flops, t_steps * profile.step_ms
-    return {"flops": flops, "speedup_flops": full_flops / flops, "latency_ms": latency,
-            "speedup_latency": full_ms / latency, "error": error}
+    return {"flops": flops, "speedup_flops": full_flops / flops, "charged_flops": charged,
+            "latency_ms": latency, "speedup_latency": full_ms / latency, "error": error}
 
 
 def _err(table, t, layer, mi, age) -> float:
@@ -329,8 +357,14 @@ def _prune_tokens(profile, anchors: torch.Tensor, beta: float, cfg: Config, scor
     mean = float(e_c[torch.isfinite(e_c)].mean()) if torch.isfinite(e_c).any() else 1.0
     rho = (cfg.lam * e_c / max(mean, 1e-12) + beta).clamp(0, cfg.rho_max)
     ratios = torch.tensor(profile.ratios, dtype=torch.float64)
-    # snap down to the profiled ratios (below the smallest one: no recompute)
+    # snap down to the profiled ratios that save time over the full module (below the smallest
+    # one: no recompute)
     ri = torch.bucketize(rho, ratios, right=True) - 1                       # (n, L, M), -1 = none
+    pays = partial_pays(profile)                                            # (M, R)
+    idx = torch.arange(len(profile.ratios))
+    last_ok = torch.where(pays, idx, torch.full_like(idx, -1)).cummax(dim=1).values  # (M, R)
+    safe = ri.clamp_min(0)
+    ri = torch.where(ri >= 0, last_ok[torch.arange(n_mods)[None, None, :].expand_as(safe), safe], ri)
     e_p = profile.e_prune[t_idx, :, :, j_idx][..., score].double()  # (n, L, M, R)
     chosen = e_p.gather(-1, ri.clamp_min(0)[..., None]).squeeze(-1)
     use = (ri >= 0) & (chosen < (1 - cfg.margin) * e_c)
@@ -341,7 +375,7 @@ def _prune_tokens(profile, anchors: torch.Tensor, beta: float, cfg: Config, scor
 
 
 def _cost(pred: dict, cfg: Config) -> float:
-    return pred["latency_ms"] if cfg.latency_speedup else pred["flops"]
+    return pred["latency_ms"] if cfg.latency_speedup else pred["charged_flops"]
 
 
 def plan(config: Config, profile) -> Plan:
