@@ -243,8 +243,7 @@ class _Recorder:
             out = _image_part(output, text_prefix, self.n).detach()
             inp = _image_part(x, text_prefix, self.n).detach() if self.keep_inputs else None
             ring = self.rings.setdefault((st.branch, layer, mi), {})
-            norms, pairs = self._measure(st.step, layer, mi, out, inp, ring)
-            ring[st.step] = (out, inp, norms, pairs)
+            ring[st.step] = self._measure(st.step, layer, mi, out, inp, ring)
             for old in [s for s in ring if s <= st.step - self.depth]:
                 del ring[old]
         return hook
@@ -256,26 +255,34 @@ class _Recorder:
                 setattr(self, name, getattr(self, name).to(device))
 
     @torch.no_grad()
-    def _measure(self, t, layer, mi, out, inp, ring) -> tuple[torch.Tensor, dict]:
-        """Add step ``t``'s errors against the kept outputs; returns what the ring keeps of this
-        output for later steps: its squared norm per sample and its dot products with the kept
-        outputs (float64, (B,))."""
+    def _measure(self, t, layer, mi, out, inp, ring) -> tuple:
+        """Add step ``t``'s errors against the kept outputs; returns the ring's entry for this
+        output: ``(out, inp, norms, pairs, tok_sq)``, its squared norm per sample and its dot
+        products with the kept outputs (float64, (B,)), and its squared norm per token (B, N)."""
         self._on(out.device)
         fresh = out.float()
-        f = fresh.pow(2).sum(-1)                         # (B, N) |fresh_i|^2
+        f = fresh.pow(2).sum(-1)                         # (B, N) |fresh_i|^2 (kept by the ring)
         f_tot = f.sum(1)
-        # per sample: <fresh, y_s> for every kept earlier step s of this trajectory (the forecasts'
-        # inputs; the ring may still hold later steps of the trajectory before)
-        dots = {s: (fresh * entry[0].float()).sum((1, 2)).double() for s, entry in ring.items() if s < t}
+        # per token and sample: <fresh, y_s> for every kept earlier step s of this trajectory (the
+        # cache errors' and forecasts' inputs; the ring may still hold later steps of the
+        # trajectory before)
+        tok_dots = {s: (fresh * entry[0].float()).sum(-1) for s, entry in ring.items() if s < t}
+        dots = {s: d.sum(1).double() for s, d in tok_dots.items()}
         self._forecast_errors(t, layer, mi, f_tot.double(), dots, ring)
+        # the orders of a score that does not depend on the cached step: found once
+        orders = {}
+        for si, score in enumerate(self.scores):
+            if score != "delta":  # feature_mean
+                x = inp.float() if inp is not None else fresh
+                order = (x - x.mean(dim=1, keepdim=True)).norm(dim=-1).argsort(dim=1, descending=True)
+                orders[si] = (order, f.gather(1, order).cumsum(1))
+        k = self.ks - 1
         for ii, n in enumerate(self.intervals):
             if t - n not in ring:
                 continue
-            old_out, old_in = ring[t - n][:2]
-            cached = old_out.float()
-            d = (fresh * cached).sum(-1)                 # (B, N) <fresh_i, cached_i>
-            c = cached.pow(2).sum(-1)                    # (B, N) |cached_i|^2
-            d_tot, c_tot = d.sum(1), c.sum(1)
+            old_in, c = ring[t - n][1], ring[t - n][4]
+            d = tok_dots[t - n]                          # (B, N) <fresh_i, cached_i>
+            d_tot, c_tot = dots[t - n].float(), c.sum(1)  # c: (B, N) |cached_i|^2
             # 1 - cosine is >= 0 (Cauchy-Schwarz); fp32 rounding can put an unchanged output a
             # hair below 0, which the artifact check rightly refuses
             e_c = (1 - d_tot / (f_tot * c_tot).sqrt().clamp_min(1e-30)).clamp_min(0)   # (B,)
@@ -283,21 +290,18 @@ class _Recorder:
             self.sq_c[t, layer, mi, ii] += e_c.pow(2).sum().double()
             self.cnt[t, layer, mi, ii] += e_c.numel()
             for si, score in enumerate(self.scores):
-                if score == "delta":
-                    s = (inp.float() - old_in.float()).norm(dim=-1)
-                else:  # feature_mean
-                    x = inp.float() if inp is not None else fresh
-                    s = (x - x.mean(dim=1, keepdim=True)).norm(dim=-1)
-                order = s.argsort(dim=1, descending=True)
-                cf = f.gather(1, order).cumsum(1)        # fresh tokens' |.|^2, highest score first
+                if si in orders:
+                    order, cf = orders[si]
+                else:  # delta: how far each token's input moved since the cached step
+                    order = (inp.float() - old_in.float()).norm(dim=-1).argsort(dim=1, descending=True)
+                    cf = f.gather(1, order).cumsum(1)    # fresh tokens' |.|^2, highest score first
                 cd = d.gather(1, order).cumsum(1)
                 cc = c.gather(1, order).cumsum(1)
-                k = self.ks - 1
                 dot = cf[:, k] + (d_tot[:, None] - cd[:, k])          # (B, R)
                 mix = cf[:, k] + (c_tot[:, None] - cc[:, k])
                 e_p = (1 - dot / (f_tot[:, None] * mix).sqrt().clamp_min(1e-30)).clamp_min(0)
                 self.sum_p[t, layer, mi, ii, :, si] += e_p.sum(0).double()
-        return f_tot.double(), dots
+        return out, inp, f_tot.double(), dots, f
 
     def _forecast_errors(self, t, layer, mi, f_tot, dots, ring) -> None:
         """``E_f`` for every (age n, gap g) whose two outputs the ring holds: the forecast
