@@ -402,7 +402,23 @@ def test_calibrate_keeps_the_plan_closest_to_the_full_model(tiny_profile):
     got = run(pipe)
     remove(pipe)
     assert rows[0]["mse"] == pytest.approx(float((got.double() - full.double()).pow(2).mean()), rel=1e-9)
+    per = (got.double() - full.double()).pow(2).flatten(1).mean(1)
+    assert rows[0]["mse_samples"] == pytest.approx(per.tolist(), rel=1e-9)
+    assert rows[0]["mse_se"] == pytest.approx(float(per.std() / math.sqrt(2)), rel=1e-9)
+    assert rows[i]["z_vs_chosen"] == 0 and all(r["z_vs_chosen"] >= 0 for r in rows)
     assert torch.equal(run(pipe), full), "calibration must leave the pipeline unplanned"
+
+
+def test_calibration_spread_is_paired_over_the_samples():
+    from ditaccel.methods.soda.calibration import margin, spread
+
+    rows = [{"mse_samples": [1.0, 2.0, 3.0]}, {"mse_samples": [1.5, 2.0, 4.0]}, {"mse_samples": [2.0, 3.0, 4.0]}]
+    spread(rows, 0)
+    assert rows[0]["z_vs_chosen"] == 0 and rows[0]["mse_se"] == pytest.approx(1 / math.sqrt(3))
+    # differences 0.5, 0, 1: mean 0.5, sd 0.5 -> se 0.5 / sqrt(3)
+    assert rows[1]["z_vs_chosen"] == pytest.approx(math.sqrt(3))
+    assert rows[2]["z_vs_chosen"] == math.inf  # every sample 1 worse: told apart for sure
+    assert margin(rows, 0) == pytest.approx(math.sqrt(3))
 
 
 def _synthetic_profile(e_cache: torch.Tensor) -> Profile:

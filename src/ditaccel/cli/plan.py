@@ -110,12 +110,16 @@ def _calibrated(pipe, prof, cfg, n: int, seed: int):
                                **asdict(cfg))
     cal = best.meta["calibration"]
     print(f"{'candidate':>10} {'anchors':>8} {'schedule':>9} {'forecast':>9} {'pruned':>7} {'predicted err':>14} "
-          f"{'PSNR vs full':>13}" + (f" {'measured speedup':>17}" if "timed" in cal else ""))
+          f"{'PSNR vs full':>13} {'z vs kept':>10}" + (f" {'measured speedup':>17}" if "timed" in cal else ""))
     for i, r in enumerate(cal["rows"]):
         mark = " <- kept" if i == cal["chosen"] else ""
         sched = r.get("schedule", "dp")
         sched = sched if sched != "dp" else "free" if r["spread"] is None else f"{r['spread']:g}"
         speed = (f" {r['speedup_measured']:>16.2f}x" if "speedup_measured" in r else f" {'-':>17}") if "timed" in cal else ""
         print(f"{i:>10} {r['anchors']:>8} {sched:>9} {r['forecast']:>9} {r['pruned_modules']:>7} "
-              f"{r['predicted_error']:>14.4g} {r['psnr']:>11.2f}dB{speed}{mark}")
+              f"{r['predicted_error']:>14.4g} {r['psnr']:>11.2f}dB {r['z_vs_chosen']:>10.1f}{speed}{mark}")
+    z = cal.get("margin_z")
+    if z is not None and z < 2 and "timed" not in cal:
+        print(f"the runner-up is {z:.1f} standard errors (paired over the {cal['samples']} samples) from the kept "
+              "plan: these samples barely tell them apart; calibrate on more (--calibrate N) to be surer")
     return best

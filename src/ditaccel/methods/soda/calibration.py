@@ -39,17 +39,43 @@ def calibrate(pipe, run, plans: list[Plan], progress: bool = True,
             if images.shape != reference.shape:
                 raise ValueError("run(pipe) returned images of another shape under a plan; it must "
                                  "sample the same seeds every call")
-            mse = float((images.double() - reference.double()).pow(2).mean())
+            per = (images.double() - reference.double()).pow(2).flatten(1).mean(1)   # (N,)
+            mse = float(per.mean())
             config = p.meta.get("config", {})
             rows.append({"anchors": int(p.anchors.sum()), "pruned_modules": p.pruned_modules(), "method": p.method,
                          "schedule": config.get("schedule", "dp"), "spread": config.get("spread"),
                          "forecast": p.forecast if p.fill is None else "segment",  # (chosen per segment)
                          "predicted_error": p.meta.get("predicted", {}).get("error"),
                          "speedup_flops": p.meta.get("predicted", {}).get("speedup_flops"),
-                         "mse": mse, "psnr": 10 * math.log10(1 / mse) if mse > 0 else math.inf})
+                         "mse": mse, "psnr": 10 * math.log10(1 / mse) if mse > 0 else math.inf,
+                         "mse_samples": per.tolist()})
     best = min(range(len(plans)), key=lambda i: (rows[i]["mse"], i))
-    calibration = {"rows": rows, "chosen": best, "samples": int(reference.shape[0])}
+    spread(rows, best)
+    calibration = {"rows": rows, "chosen": best, "samples": int(reference.shape[0]),
+                   "margin_z": margin(rows, best)}
     return replace(plans[best], meta={**plans[best].meta, "calibration": calibration}), rows
+
+
+def spread(rows: list[dict], chosen: int) -> None:
+    """Add to each calibration row (with its per-sample MSEs, ``mse_samples``) the standard error
+    of its MSE (``mse_se``) and how many standard errors of the paired per-sample difference its
+    MSE lies above the chosen row's (``z_vs_chosen``; 0 for the chosen one, inf where every sample
+    differs by the same amount)."""
+    per_sample = [torch.tensor(r["mse_samples"], dtype=torch.float64) for r in rows]
+    n = len(per_sample[chosen])
+    for row, per in zip(rows, per_sample):
+        row["mse_se"] = float(per.std() / math.sqrt(n)) if n > 1 else math.nan
+        diff = per - per_sample[chosen]
+        se = float(diff.std() / math.sqrt(n)) if n > 1 else math.nan
+        mean = float(diff.mean())
+        row["z_vs_chosen"] = 0.0 if mean == 0 else (mean / se if se > 0 else math.inf)
+
+
+def margin(rows: list[dict], chosen: int) -> float | None:
+    """How many standard errors (paired over the samples) the runner-up's MSE lies above the
+    chosen plan's: below about 2, the calibration samples do not tell the two apart."""
+    others = [r["z_vs_chosen"] for i, r in enumerate(rows) if i != chosen and "z_vs_chosen" in r]
+    return min(others) if others else None
 
 
 @dataclass
@@ -138,7 +164,8 @@ def calibrate_soda(pipe, run, profile, calibration: CalibrationConfig | None = N
                                        repeats, progress)
     from ...runtime import RUNTIME_REVISION  # what the timings were measured with
 
-    calibration = {"rows": rows, "chosen": chosen, "samples": int(reference.shape[0]),
+    spread(rows, chosen)
+    calibration = {"rows": rows, "chosen": chosen, "samples": int(reference.shape[0]), "margin_z": margin(rows, chosen),
                    **({"timed": {"target": config.latency_speedup, "tolerance": tolerance, "repeats": repeats,
                                  "runtime": RUNTIME_REVISION}} if timed is not None else {})}
     return replace(best, meta={**best.meta, "calibration": calibration})

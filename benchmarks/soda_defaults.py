@@ -1,0 +1,145 @@
+"""Do SODA's defaults win?  The path a user types first: ``ditaccel profile`` (32 trajectories),
+``ditaccel plan --profile P --speedup S`` with no other option, then sampling with that plan,
+against FORA at the same FLOP budget (interval S), for S = 2, 3 and 4.  Both are scored against
+the full model on ``--n`` images of seeds that neither the profile (seeds 100000..) nor a
+calibration (500000..) ever saw: PSNR and Fréchet distance (EfficientNet-lite0 features) vs the
+full model's images, FD vs the Fashion-MNIST test set, FLOP speedups as counted on the scored run.
+
+Writes results/soda_defaults.{json,md} and the ``soda-defaults`` block of docs/soda.md; each
+finished row goes to results/soda_defaults.partial.jsonl first, so a stopped run resumes with the
+same command.
+
+    python benchmarks/soda_defaults.py                       # DDIM-50 and DDPM-250 (hours on 2 cores)
+    python benchmarks/soda_defaults.py --samplers ddim       # DDIM-50 only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from common import RESULTS, machine, real_test_features, replace_block, resume_partial
+from soda import get_profile, profile_stem
+from ditaccel.cli.main import main as cli
+from ditaccel.io import write_text
+from ditaccel.methods import make_plan, model_shape
+from ditaccel.metrics import feature_extractor, frechet_distance, psnr
+from ditaccel.pipeline import SAMPLERS
+from ditaccel.plan import Plan
+from ditaccel.registry import load_pipeline, resolve_dtype
+from ditaccel.runtime import RUNTIME_REVISION, apply, remove
+from ditaccel.sampling import sample
+
+STEM = "soda_defaults"
+
+
+def default_plan(prof_stem: Path, speedup: float) -> Plan:
+    """What ``ditaccel plan --profile P --speedup S`` writes, run as the user runs it."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "plan.json"
+        rc = cli(["plan", "--profile", str(prof_stem), "--speedup", f"{speedup:g}", "--out", str(out)])
+        if rc:
+            raise SystemExit(f"ditaccel plan failed (exit code {rc})")
+        return Plan.load(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--samplers", default="ddim,ddpm", help="comma-separated: ddim (50 steps), ddpm (250)")
+    ap.add_argument("--speedups", default="2,3,4", help="FLOP budgets; FORA runs interval S")
+    ap.add_argument("--n", type=int, default=64, help="scored images (classes cycled)")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--seed", type=int, default=20_000, help="first evaluation seed")
+    ap.add_argument("--cfg", type=float, default=3.0)
+    ap.add_argument("--dtype", default="auto", help="auto: bf16 where native, else fp32")
+    ap.add_argument("--profile-samples", type=int, default=32)
+    args = ap.parse_args()
+    samplers = args.samplers.split(",")
+    if any(s not in ("ddim", "ddpm") for s in samplers):
+        ap.error(f"--samplers takes ddim and/or ddpm, got {args.samplers!r}")
+    speedups = [int(s) for s in args.speedups.split(",")]
+    if any(s < 2 for s in speedups):
+        ap.error("--speedups are FORA intervals: integers >= 2")
+    args.dtype = resolve_dtype(args.dtype)
+    pipe = load_pipeline("fmnist-dit", args.dtype)
+    pipe.set_progress_bar_config(disable=True)
+    fx = feature_extractor()
+    real = real_test_features(fx)
+    labels = [i % 10 for i in range(args.n)]
+    settings = {k: getattr(args, k) for k in ("n", "batch", "seed", "cfg", "dtype", "profile_samples")}
+    settings["runtime_revision"] = RUNTIME_REVISION
+    partial = RESULTS / f"{STEM}.partial.jsonl"
+    _, rows = resume_partial(partial, settings)
+    done = {(r["sampler"], r["method"], r["budget"]) for r in rows}
+    t0 = time.time()
+    for sampler in samplers:
+        steps = SAMPLERS[sampler][2]
+        opts = dict(sampler=sampler, steps=steps, guidance_scale=args.cfg, seed=args.seed,
+                    batch_size=args.batch, progress=False)
+        todo = [(m, s) for s in speedups for m in ("soda", "fora") if (sampler, m, s) not in done]
+        if not todo:
+            continue
+        get_profile(pipe, sampler, steps, args.cfg, args.profile_samples, False)
+        stem = profile_stem(sampler, steps, args.cfg, args.profile_samples)
+        print(f"{sampler}-{steps}: full model, {args.n} images", flush=True)
+        full, fstats = sample(pipe, labels, **opts)
+        ffeats = fx(full)
+        for method, s in todo:
+            plan = (default_plan(stem, s) if method == "soda"
+                    else make_plan("fora", model_shape(pipe.transformer, steps), interval=s))
+            apply(pipe, plan)
+            try:
+                images, stats = sample(pipe, labels, **opts)
+            finally:
+                remove(pipe)
+            feats = fx(images)
+            row = {"sampler": sampler, "steps": steps, "method": method, "budget": s,
+                   "speedup_flops": fstats.flops / stats.flops, "psnr": psnr(full, images),
+                   "fd_vs_full": frechet_distance(feats, ffeats), "fd_vs_test": frechet_distance(feats, real),
+                   "anchors": int(plan.anchors.sum()),
+                   "fill": None if plan.fill is None else float(plan.fill_grid().float().mean()),
+                   "pruned": int(((plan.tokens > 0) & ~plan.anchors[:, None, None]).sum())}
+            print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+            rows.append(row)
+            with partial.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+    out = {**settings, "cpu": machine(), "threads": torch.get_num_threads(), "total_s": time.time() - t0,
+           "rows": rows}
+    write_text(RESULTS / f"{STEM}.json", json.dumps(out, indent=2) + "\n")
+    text = report(out)
+    write_text(RESULTS / f"{STEM}.md", text)
+    replace_block("soda-defaults", text)
+    partial.unlink(missing_ok=True)
+    print(text)
+
+
+def report(out: dict) -> str:
+    by = {(r["sampler"], r["method"], r["budget"]): r for r in out["rows"]}
+    lines = ["| sampler | budget | SODA FLOP speedup | FORA FLOP speedup | SODA PSNR | FORA PSNR | SODA FD vs full "
+             "| FORA FD vs full | SODA FD vs real | FORA FD vs real | SODA wins |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    wins = total = 0
+    for sampler, _, s in sorted({k for k in by if k[1] == "soda"}, key=lambda k: (k[0], k[2])):
+        a, b = by.get((sampler, "soda", s)), by.get((sampler, "fora", s))
+        if a is None or b is None:
+            continue
+        win = a["psnr"] > b["psnr"] and a["fd_vs_full"] < b["fd_vs_full"]
+        wins, total = wins + win, total + 1
+        lines.append(f"| {sampler.upper()}-{a['steps']} | {s}x | {a['speedup_flops']:.2f}x | {b['speedup_flops']:.2f}x "
+                     f"| {a['psnr']:.2f} | {b['psnr']:.2f} | {a['fd_vs_full']:.2f} | {b['fd_vs_full']:.2f} "
+                     f"| {a['fd_vs_test']:.2f} | {b['fd_vs_test']:.2f} | {'yes' if win else 'no'} |")
+    lines += ["", f"SODA's defaults (`ditaccel plan --profile P --speedup S`, nothing else) beat FORA interval S in "
+              f"both PSNR and FD vs the full model in {wins} of {total} settings. fmnist-dit, CFG {out['cfg']:g}, "
+              f"{out['dtype']}, {out['n']} images (seeds {out['seed']}..{out['seed'] + out['n'] - 1}, classes "
+              f"cycled); profiles of {out['profile_samples']} trajectories of seeds 100000.. "
+              f"Generated by `python benchmarks/soda_defaults.py` on {out['cpu']}."]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
