@@ -289,49 +289,44 @@ def predict(plan: Plan, profile, base: torch.Tensor | None = None) -> dict[str, 
     ``charged_flops`` is what a FLOP budget is charged (:func:`charged_flops`: partial actions at
     their measured time's share of the full module's FLOPs, if above their own)."""
     t_steps = plan.num_steps
-    tok = plan.tokens
+    non = ~plan.anchors.bool()                            # (T,)
+    n_non = int(non.sum())
+    tok = plan.tokens[non].long()                         # (n, L, M)
     ridx = _ratio_index(profile, tok)
     mf = profile.module_flops.double()                    # (L, M, R + 1)
     cf = charged_flops(profile)
     ms = profile.module_ms.double()                       # (M, R + 1)
     rest_flops = profile.step_flops - float(mf[..., -1].sum())
-    flops = charged = latency = error = 0.0
-    ages = ages_of(plan.anchors)
+    n_anchor = t_steps - n_non
     if base is None:
         base = filler_errors(profile, plan.anchors, plan.fill_grid())
-    base = base.tolist()
-    score = profile.token_scores.index(plan.token_score) if plan.token_score in profile.token_scores else 0
-    for t in range(t_steps):
-        if plan.anchors[t]:
-            flops += profile.step_flops
-            charged += profile.step_flops
-            latency += profile.step_ms
-            continue
-        flops += rest_flops
-        charged += rest_flops
-        latency += profile.reuse_ms
-        j = int(ages[t])
-        for layer in range(plan.num_layers):
-            for mi in range(len(plan.modules)):
-                k, ri = int(tok[t, layer, mi]), int(ridx[t, layer, mi])
-                if k == REUSE:
-                    error += base[t][layer][mi]
-                    continue
-                flops += float(mf[layer, mi, ri])
-                charged += float(cf[layer, mi, ri])
-                latency += float(ms[mi, ri])
-                if k != FULL:
-                    error += _err(profile.e_prune[..., ri, score], t, layer, mi, j)
+    reuse = tok == REUSE
+    computed = ~reuse
+    layer = torch.arange(tok.shape[1])[None, :, None].expand_as(tok)
+    mod = torch.arange(tok.shape[2])[None, None, :].expand_as(tok)
+    flops = n_anchor * profile.step_flops + n_non * rest_flops + float(mf[layer, mod, ridx][computed].sum())
+    charged = n_anchor * profile.step_flops + n_non * rest_flops + float(cf[layer, mod, ridx][computed].sum())
+    latency = n_anchor * profile.step_ms + n_non * profile.reuse_ms + float(ms[mod, ridx][computed].sum())
+    error = float(base[non].double()[reuse].sum())
+    partial = computed & (tok != FULL)
+    if bool(partial.any()):
+        score = profile.token_scores.index(plan.token_score) if plan.token_score in profile.token_scores else 0
+        ages = ages_of(plan.anchors)[non]                 # (n,), >= 1
+        n_ages = profile.e_prune.shape[3]
+        idx = torch.nonzero(partial)                      # (P, 3): step (among non-anchors), layer, module
+        j = ages[idx[:, 0]]
+        steps = torch.nonzero(non).flatten()[idx[:, 0]]
+        ok = j <= n_ages
+        e = torch.full((len(idx),), math.inf, dtype=torch.float64)
+        if bool(ok.any()):
+            sel = idx[ok]
+            v = profile.e_prune[steps[ok], sel[:, 1], sel[:, 2], j[ok] - 1, ridx[sel[:, 0], sel[:, 1], sel[:, 2]],
+                                score].double()
+            e[ok] = v.nan_to_num(nan=math.inf)
+        error += float(e.sum())
     full_flops, full_ms = t_steps * profile.step_flops, t_steps * profile.step_ms
     return {"flops": flops, "speedup_flops": full_flops / flops, "charged_flops": charged,
             "latency_ms": latency, "speedup_latency": full_ms / latency, "error": error}
-
-
-def _err(table, t, layer, mi, age) -> float:
-    if age > table.shape[3]:
-        return math.inf
-    v = float(table[t, layer, mi, age - 1])
-    return math.inf if math.isnan(v) else v
 
 
 # ------------------------------------------------------------------------------------------------
