@@ -51,7 +51,7 @@ from collections import Counter
 import torch
 
 from common import RESULTS, ROOT, machine, real_test_features, replace_block, resume_partial, save_json
-from ditaccel.bench import (SODA, MeasureConfig, measure, merge, method_entries, parse_sweeps, plan_path, plot,
+from ditaccel.bench import (ABLATIONS, SODA, MeasureConfig, measure, merge, method_entries, parse_sweeps, plan_path, plot,
                             report, retime, stale_timing)
 from ditaccel.io import artifact_exists, load_artifact, remove_artifact, save_artifact, write_text
 from ditaccel.metrics import feature_extractor, frechet_distance
@@ -275,7 +275,7 @@ def main() -> None:
 
     # SODA rows planned on another profile (fewer cache ages, before the ages grew with the step
     # count; rows from then name none) are measured again in full, their skips tried again
-    stale = [r for r in resumed if r["method"] in SODA and r.get("profile", "") != profile_name]
+    stale = [r for r in resumed if r["method"] in (*SODA, *ABLATIONS) and r.get("profile", "") != profile_name]
     if stale:
         print(f"measuring {len(stale)} SODA rows again in full (planned on another profile than {profile_name}): "
               + ", ".join(f"{r['method']}={r['value']:g}" for r in stale), flush=True)
@@ -291,7 +291,7 @@ def main() -> None:
         row["cpu"], row["features"] = cpu, features
         if args.retime == "all":  # measured in full by this pass: not measured again when it resumes
             row["retime_pass"] = header["retime_pass"]
-        if row["method"] in SODA:
+        if row["method"] in (*SODA, *ABLATIONS):
             row["profile"] = profile_name
         print(_brief(row), flush=True)
         with partial.open("a") as f:  # a skip record too (a SODA budget out of reach): not tried again
@@ -310,7 +310,7 @@ def main() -> None:
         # cannot be rebuilt as scored: those are measured again in full (and budgets another CPU
         # could not reach are tried again), the others timed again
         again = [r for r in elsewhere if r["method"] == "soda-latency" or "skipped" in r
-                 or (r["method"] in SODA and not plan_path(plan_dir, r["method"], r["knob"], r["value"]).exists())]
+                 or (r["method"] in (*SODA, *ABLATIONS) and not plan_path(plan_dir, r["method"], r["knob"], r["value"]).exists())]
         if again:
             print(f"--retime: measuring {len(again)} rows again in full: "
                   + ", ".join(f"{r['method']}={r['value']:g}" for r in again), flush=True)

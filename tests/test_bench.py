@@ -2,6 +2,7 @@
 images, counts FLOPs on the scored run, times pairs, leaves the pipeline as it found it, and
 reports where SODA is beaten."""
 
+import dataclasses
 import json
 import math
 
@@ -10,7 +11,8 @@ import torch
 
 from ditaccel import bench
 from ditaccel.cli.main import main
-from ditaccel.methods import make_plan, model_shape
+from ditaccel.methods import make_plan, model_shape, soda
+from ditaccel.plan import Plan
 from ditaccel.metrics import psnr
 from ditaccel.runtime import RUNTIME_REVISION, apply, remove
 from ditaccel.sampling import sample
@@ -263,6 +265,33 @@ def test_goal_check_takes_soda_under_both_budgets_and_never_against_itself():
     rows.append(_row("taylorseer", 2.0, 42.0, 5.0))
     assert bench.goal_check(rows) == ["soda (k=1) at 2.00x vs taylorseer (k=1) at 2.00x: PSNR 38.00 < 42.00",
                                       "soda-latency (k=1) at 2.02x vs taylorseer (k=1) at 2.00x: PSNR 41.00 < 42.00"]
+
+
+def test_soda_s_ablation_is_shown_but_not_a_method_soda_must_beat():
+    rows = [_row("full", 1.0, math.inf, 0), _row("soda", 2.0, 38.0, 4.0), _row("soda-reuse", 1.9, 39.0, 3.0),
+            _row("soda-reuse", 3.0, 30.0, 9.0), _row("fora", 1.5, 42.0, 2.0), _row("fora", 3.0, 36.0, 5.0)]
+    assert bench.goal_check(rows) == []
+    assert bench.curve_check(rows) == ["soda (k=1) at 2.00x vs fora's curve there: PSNR 38.00 < 40.00, FD 4.00 > 3.00"]
+
+
+def test_soda_reuse_is_planned_on_the_profile_without_its_forecast_errors(tiny_pipe, tmp_path):
+    from ditaccel.profiling import profile
+
+    prof = profile(tiny_pipe, class_labels=[0, 1], sampler="ddim", steps=STEPS, guidance_scale=2.0,
+                   intervals=(1, 2, 3), ratios=(0.5,), timing_repeats=1, progress=False)
+    assert prof.e_forecast is not None
+    cal = lambda p: _run(p, (2, 3))  # noqa: E731
+    entries = bench.method_entries(tiny_pipe, STEPS, methods=["soda", "soda-reuse"],
+                                   sweeps={"soda": (1.5,), "soda-reuse": (1.5,)}, profile=prof,
+                                   calibration_run=cal, plan_dir=tmp_path)
+    for e in entries:
+        e.prepare(tiny_pipe)
+    kept = Plan.load(bench.plan_path(tmp_path, "soda-reuse", "speedup", 1.5))
+    want = soda.calibrate_soda(tiny_pipe, cal, dataclasses.replace(prof, e_forecast=None),
+                               soda.CalibrationConfig(progress=False), speedup=1.5)
+    assert torch.equal(kept.anchors, want.anchors) and torch.equal(kept.tokens, want.tokens)
+    assert torch.equal(kept.fill_grid(), want.fill_grid())
+    assert all(r["forecast"] != "segment" for r in kept.meta["calibration"]["rows"])
 
 
 def test_merge_replaces_only_the_re_measured_methods():

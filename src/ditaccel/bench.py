@@ -11,7 +11,9 @@ Every method is swept over its knob; per configuration:
   ratios; execution efficiency = measured / FLOP speedup.
 
 Methods: ours (FORA, FORA with first-order forecasts, ToCa-style, Δ-DiT-style, SODA calibrated
-under a FLOP budget and under a wall-clock budget, timed on the benchmark's timed batch) and the peers of :mod:`ditaccel.peers` (diffusers' cache hooks, cache-dit).
+under a FLOP budget and under a wall-clock budget, timed on the benchmark's timed batch, and its
+ablation ``soda-reuse``: planned on the profile's reuse errors alone) and the peers of
+:mod:`ditaccel.peers` (diffusers' cache hooks, cache-dit).
 
     entries = method_entries(pipe, num_steps=50, profile=prof, calibration_run=cal)
     out = measure(pipe, run, timed, entries)
@@ -21,7 +23,7 @@ under a FLOP budget and under a wall-clock budget, timed on the benchmark's time
 from __future__ import annotations
 
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import torch
@@ -39,8 +41,13 @@ OURS: dict[str, tuple[str, tuple[float, ...], tuple[float, ...]]] = {  # name ->
     "delta-dit": ("interval", (2, 3, 6), (3,)),
     "soda": ("speedup", (1.5, 2.0, 2.5, 3.0, 4.0), (2.0,)),
     "soda-latency": ("latency_speedup", (1.5, 2.0, 2.5, 3.0, 4.0), (2.0,)),
+    "soda-reuse": ("speedup", (2.5,), (2.0,)),
 }
 SODA = ("soda", "soda-latency")  # one method under two budgets (FLOPs; measured wall-clock time)
+# SODA's ablations: shown beside it, not among the methods it must beat. soda-reuse: calibrated as
+# "soda" is, on the same profile without its forecast errors (the profile before fillers were
+# measured: its DP prices every segment by plain reuse)
+ABLATIONS = ("soda-reuse",)
 QUICK_PEERS = {"fbc": (0.06,), "pab": (3,), "fastercache": (2,), "taylorseer": (3,), "magcache": (0.04,),
                "dbcache": (0.06,), "dbcache-taylorseer": (0.06,)}
 METHOD_NAMES = (*OURS, *PEERS)
@@ -176,6 +183,8 @@ def _calibrated(pipe, calibration_run, timed_run, profile, plan_dir, method: str
                 and (timed_cal is None or same_speed(timed_cal.get("runtime", 1), pipe.transformer.dtype))):
             return plan  # (a plan timed with an older, slower runtime is calibrated again)
     profile = profile() if callable(profile) else profile
+    if method == "soda-reuse":
+        profile = replace(profile, e_forecast=None)
     # soda-latency: the budget is measured wall-clock time, on the run the benchmark times
     timed = timed_run if method == "soda-latency" else None
     plan = soda.calibrate_soda(pipe, calibration_run, profile, soda.CalibrationConfig(progress=False, timed=timed),
@@ -372,7 +381,7 @@ def goal_pairs(rows: list[dict], lo: float = 1.5, hi: float = 3.0, tol: float = 
     rows = [r for r in rows if r["speedup_measured"] is not None]
     for s in _soda_points(rows, lo, hi, tol):
         for r in rows:
-            if r["method"] not in (*SODA, "full") and abs(r["speedup_measured"] / s["speedup_measured"] - 1) <= tol:
+            if r["method"] not in (*SODA, *ABLATIONS, "full") and abs(r["speedup_measured"] / s["speedup_measured"] - 1) <= tol:
                 yield s, r
 
 
@@ -416,7 +425,7 @@ def curve_check(rows: list[dict], lo: float = 1.5, hi: float = 3.0, tol: float =
     lines = []
     for s in _soda_points(timed, lo, hi, tol):
         x = s["speedup_measured"]
-        for m in sorted({r["method"] for r in timed} - set(SODA)):
+        for m in sorted({r["method"] for r in timed} - set(SODA) - set(ABLATIONS)):
             at = curve_at(timed, m, x)
             if at is None:
                 continue
