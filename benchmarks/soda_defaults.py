@@ -1,6 +1,7 @@
 """Do SODA's defaults win?  The path a user types first: ``ditaccel profile`` (32 trajectories),
-``ditaccel plan --profile P --speedup S`` with no other option, then sampling with that plan,
-against FORA at the same FLOP budget (interval S), for S = 2, 3 and 4.  Both are scored against
+``ditaccel plan --profile P --speedup S`` with no other option (calibrated by default), then
+sampling with that plan, against FORA at the same FLOP budget (interval S), for S = 2, 3 and 4;
+also the plan from the profile alone (``--calibrate 0``).  Both are scored against
 the full model on ``--n`` images of seeds that neither the profile (seeds 100000..) nor a
 calibration (500000..) ever saw: PSNR and Fréchet distance (EfficientNet-lite0 features) vs the
 full model's images, FD vs the Fashion-MNIST test set, FLOP speedups as counted on the scored run.
@@ -26,6 +27,7 @@ import torch
 from common import RESULTS, machine, real_test_features, replace_block, resume_partial
 from soda import get_profile, profile_stem
 from ditaccel.cli.main import main as cli
+from ditaccel.cli.plan import DEFAULT_CALIBRATION
 from ditaccel.io import write_text
 from ditaccel.methods import make_plan, model_shape
 from ditaccel.metrics import feature_extractor, frechet_distance, psnr
@@ -38,11 +40,14 @@ from ditaccel.sampling import sample
 STEM = "soda_defaults"
 
 
-def default_plan(prof_stem: Path, speedup: float) -> Plan:
-    """What ``ditaccel plan --profile P --speedup S`` writes, run as the user runs it."""
+METHODS = ("soda", "soda-uncalibrated", "fora")
+
+
+def default_plan(prof_stem: Path, speedup: float, *extra: str) -> Plan:
+    """What ``ditaccel plan --profile P --speedup S [extra]`` writes, run as the user runs it."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "plan.json"
-        rc = cli(["plan", "--profile", str(prof_stem), "--speedup", f"{speedup:g}", "--out", str(out)])
+        rc = cli(["plan", "--profile", str(prof_stem), "--speedup", f"{speedup:g}", *extra, "--out", str(out)])
         if rc:
             raise SystemExit(f"ditaccel plan failed (exit code {rc})")
         return Plan.load(out)
@@ -72,6 +77,7 @@ def main() -> None:
     real = real_test_features(fx)
     labels = [i % 10 for i in range(args.n)]
     settings = {k: getattr(args, k) for k in ("n", "batch", "seed", "cfg", "dtype", "profile_samples")}
+    settings["plan_calibration"] = DEFAULT_CALIBRATION  # what `ditaccel plan` does by default
     settings["runtime_revision"] = RUNTIME_REVISION
     partial = RESULTS / f"{STEM}.partial.jsonl"
     _, rows = resume_partial(partial, settings)
@@ -81,7 +87,7 @@ def main() -> None:
         steps = SAMPLERS[sampler][2]
         opts = dict(sampler=sampler, steps=steps, guidance_scale=args.cfg, seed=args.seed,
                     batch_size=args.batch, progress=False)
-        todo = [(m, s) for s in speedups for m in ("soda", "fora") if (sampler, m, s) not in done]
+        todo = [(m, s) for s in speedups for m in METHODS if (sampler, m, s) not in done]
         if not todo:
             continue
         get_profile(pipe, sampler, steps, args.cfg, args.profile_samples, False)
@@ -91,6 +97,7 @@ def main() -> None:
         ffeats = fx(full)
         for method, s in todo:
             plan = (default_plan(stem, s) if method == "soda"
+                    else default_plan(stem, s, "--calibrate", "0") if method == "soda-uncalibrated"
                     else make_plan("fora", model_shape(pipe.transformer, steps), interval=s))
             apply(pipe, plan)
             try:
@@ -120,23 +127,29 @@ def main() -> None:
 
 def report(out: dict) -> str:
     by = {(r["sampler"], r["method"], r["budget"]): r for r in out["rows"]}
-    lines = ["| sampler | budget | SODA FLOP speedup | FORA FLOP speedup | SODA PSNR | FORA PSNR | SODA FD vs full "
-             "| FORA FD vs full | SODA FD vs real | FORA FD vs real | SODA wins |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| sampler | budget | method | FLOP speedup | PSNR vs full | FD vs full | FD vs real | anchors | "
+             "beats FORA (PSNR and FD) |", "|---|---|---|---|---|---|---|---|---|"]
+    names = {"soda": "SODA, defaults", "soda-uncalibrated": "SODA, `--calibrate 0`", "fora": "FORA"}
     wins = total = 0
-    for sampler, _, s in sorted({k for k in by if k[1] == "soda"}, key=lambda k: (k[0], k[2])):
-        a, b = by.get((sampler, "soda", s)), by.get((sampler, "fora", s))
-        if a is None or b is None:
-            continue
-        win = a["psnr"] > b["psnr"] and a["fd_vs_full"] < b["fd_vs_full"]
-        wins, total = wins + win, total + 1
-        lines.append(f"| {sampler.upper()}-{a['steps']} | {s}x | {a['speedup_flops']:.2f}x | {b['speedup_flops']:.2f}x "
-                     f"| {a['psnr']:.2f} | {b['psnr']:.2f} | {a['fd_vs_full']:.2f} | {b['fd_vs_full']:.2f} "
-                     f"| {a['fd_vs_test']:.2f} | {b['fd_vs_test']:.2f} | {'yes' if win else 'no'} |")
-    lines += ["", f"SODA's defaults (`ditaccel plan --profile P --speedup S`, nothing else) beat FORA interval S in "
-              f"both PSNR and FD vs the full model in {wins} of {total} settings. fmnist-dit, CFG {out['cfg']:g}, "
-              f"{out['dtype']}, {out['n']} images (seeds {out['seed']}..{out['seed'] + out['n'] - 1}, classes "
-              f"cycled); profiles of {out['profile_samples']} trajectories of seeds 100000.. "
+    for sampler, s in sorted({(k[0], k[2]) for k in by}):
+        f = by.get((sampler, "fora", s))
+        for m in METHODS:
+            r = by.get((sampler, m, s))
+            if r is None:
+                continue
+            win = "-"
+            if m != "fora" and f is not None:
+                won = r["psnr"] > f["psnr"] and r["fd_vs_full"] < f["fd_vs_full"]
+                win = "yes" if won else "no"
+                if m == "soda":
+                    wins, total = wins + won, total + 1
+            lines.append(f"| {sampler.upper()}-{r['steps']} | {s}x | {names[m]} | {r['speedup_flops']:.2f}x | "
+                         f"{r['psnr']:.2f} | {r['fd_vs_full']:.2f} | {r['fd_vs_test']:.2f} | {r['anchors']} | {win} |")
+    lines += ["", f"SODA's defaults (`ditaccel plan --profile P --speedup S`, nothing else: calibrated on "
+              f"{out['plan_calibration']} samples) beat FORA interval S in both PSNR and FD vs the full model in "
+              f"{wins} of {total} settings. fmnist-dit, CFG {out['cfg']:g}, {out['dtype']}, {out['n']} images (seeds "
+              f"{out['seed']}..{out['seed'] + out['n'] - 1}, classes cycled); profiles of {out['profile_samples']} "
+              f"trajectories of seeds 100000.., calibration seeds 500000... "
               f"Generated by `python benchmarks/soda_defaults.py` on {out['cpu']}."]
     return "\n".join(lines) + "\n"
 

@@ -34,7 +34,8 @@ def world(tmp_path_factory):
                  "--intervals", "1,2", "--ratios", "0.25,0.5", "--dtype", "fp32",
                  "--out", str(root / "prof")]) == 0
     w["profile"] = root / "prof"
-    assert main(["plan", "--profile", str(w["profile"]), "--speedup", "1.5", "--out", str(root / "plan.json")]) == 0
+    assert main(["plan", "--profile", str(w["profile"]), "--speedup", "1.5", "--calibrate", "0",
+                 "--out", str(root / "plan.json")]) == 0
     w["plan"] = root / "plan.json"
     return w
 
@@ -459,7 +460,7 @@ def test_a_profile_or_plan_made_in_fp32_runs_in_bf16(world, tmp_path, capsys):
     argv[argv.index("fp32")] = "bf16"
     assert main(argv) == 0, capsys.readouterr().err
     assert main(["plan", "--profile", str(world["profile"]), "--speedup", "1.5", "--model", str(world["pipe"]),
-                 "--out", str(tmp_path / "o.json")]) == 0
+                 "--calibrate", "0", "--out", str(tmp_path / "o.json")]) == 0
 
 
 def _nan_weights_folder(w, t):

@@ -153,9 +153,20 @@ def test_profile_plan_generate_round_trip(tiny_pipe_dir, tmp_path, capsys):
     assert (tmp_path / "prof.json").exists() and (tmp_path / "prof.safetensors").exists()
     assert sorted(p.name for p in plots.iterdir()) == ["best_prune_error.png", "cache_error.png"]
     assert "coefficient of variation" in capsys.readouterr().out
-    assert main(["plan", "--profile", str(stem), "--speedup", "1.5", "--out", str(plan),
+    assert main(["plan", "--profile", str(stem), "--speedup", "1.5", "--calibrate", "0", "--out", str(plan),
                  "--plot", str(tmp_path / "s.png")]) == 0
-    assert "predicted" in capsys.readouterr().out and (tmp_path / "s.png").exists()
+    out = capsys.readouterr().out
+    assert "predicted" in out and "calibrating" not in out and (tmp_path / "s.png").exists()
+    assert "calibration" not in json.loads(plan.read_text())["meta"]
+    # by default a speedup budget is calibrated, on 8 samples
+    default = tmp_path / "default.json"
+    assert main(["plan", "--profile", str(stem), "--speedup", "1.5", "--out", str(default)]) == 0
+    assert "calibrating on 8 samples" in capsys.readouterr().out
+    assert json.loads(default.read_text())["meta"]["calibration"]["samples"] == 8
+    # ... a number of anchors is not
+    anchors = tmp_path / "anchors.json"
+    assert main(["plan", "--profile", str(stem), "--anchors", "3", "--out", str(anchors)]) == 0
+    assert "calibration" not in json.loads(anchors.read_text())["meta"]
     calibrated = tmp_path / "cal.json"
     assert main(["plan", "--profile", str(stem), "--speedup", "1.5", "--calibrate", "2",
                  "--out", str(calibrated)]) == 0

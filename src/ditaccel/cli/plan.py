@@ -9,6 +9,9 @@ from pathlib import Path
 from .common import SEED, number
 
 HELP = "plan SODA (DP anchor schedule + sensitivity-aware pruning) from a profile"
+# calibration samples by default: the profile's predicted error alone ranks SODA's candidates
+# worse than measuring them (benchmarks/soda_defaults.py, benchmarks/soda_ranking.py)
+DEFAULT_CALIBRATION = 8
 
 
 def add_arguments(p) -> None:
@@ -37,10 +40,12 @@ def add_arguments(p) -> None:
                    default=d.rho_max, help="largest fraction of tokens pruned (default %(default)s)")
     p.add_argument("--model", default=None, help="check the profile belongs to this model (and "
                    "calibrate on it; default: the profile's model)")
-    p.add_argument("--calibrate", type=number(int, 0), default=0, metavar="N",
+    p.add_argument("--calibrate", type=number(int, 0), default=None, metavar="N",
                    help="measure SODA's candidate plans for the budget on N samples (seeds from "
                         "--calibrate-seed) and keep the one closest to the full model (with "
-                        "--latency-speedup: the closest one that reaches the target speed)")
+                        "--latency-speedup: the closest one that reaches the target speed); default: "
+                        f"{DEFAULT_CALIBRATION} with a speedup budget and a profile made by `ditaccel profile`, "
+                        "0 (the profile's prediction alone, seconds) otherwise")
     p.add_argument("--calibrate-seed", type=SEED, default=500_000)
     p.add_argument("--out", required=True, help="plan JSON")
     p.add_argument("--plot", default=None, help="also write the schedule plot (PNG)")
@@ -56,12 +61,18 @@ def run(args) -> int:
     cfg = soda.Config(speedup=args.speedup, latency_speedup=args.latency_speedup, anchors=args.anchors,
                       prune=not args.no_prune, schedule=args.schedule, spread=args.spread, token_score=args.token_score,
                       lam=args.lam, rho_max=args.rho_max, forecast=args.forecast)
-    if args.calibrate < 0:
+    if args.calibrate is not None and args.calibrate < 0:
         raise ValueError(f"--calibrate must be >= 0, got {args.calibrate}")
     if args.calibrate and args.anchors is not None:
         raise ValueError("--calibrate chooses how to spend a speedup budget: give --speedup or "
                          "--latency-speedup, not --anchors")
     prof = P.load(args.profile)
+    if args.calibrate is None:  # by default where it can: a speedup budget, a profile of class labels
+        can = args.anchors is None and prof.meta.get("class_labels") is not None and bool(prof.meta.get("sampler"))
+        args.calibrate = DEFAULT_CALIBRATION if can else 0
+        if can:
+            print(f"calibrating on {args.calibrate} samples (seeds from {args.calibrate_seed}; --calibrate 0 "
+                  "plans from the profile alone)")
     pipe = None
     if args.model or args.calibrate:
         from ..io import model_fingerprint
