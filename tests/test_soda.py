@@ -239,6 +239,7 @@ def tiny_profile():
 
 def test_profile_tables_have_the_documented_shape(tiny_profile):
     pipe, prof = tiny_profile
+    assert prof.meta["dtype"] == "fp32"  # the precision a calibration of it loads the model in
     assert prof.e_cache.shape == (STEPS, 2, 2, 3)
     assert prof.gaps == (1, 2, 3, 4) and prof.e_forecast.shape == (STEPS, 2, 2, 3, 4)
     for i, n in enumerate((1, 2, 3)):  # measured where both outputs exist: t - n - g >= 0

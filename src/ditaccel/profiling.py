@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from . import io
 from .plan import FULL, REUSE, TOKEN_SCORES, Plan, full_plan
+from .registry import DTYPES
 
 KIND = "profile"
 PARTIAL_KIND = "profile-partial"
@@ -718,6 +719,8 @@ def profile(pipe, run: Callable[[Any], Any] | None = None, config: ProfileConfig
             "token_scores": list(token_scores), "num_tokens": shape.num_tokens,
             "num_steps": num_steps, "num_layers": shape.num_layers,
             "fingerprint": model_fingerprint(transformer), "model": type(transformer).__name__,
+            # the precision it was profiled (and timed) in: what a calibration loads the model in
+            "dtype": next((k for k, v in DTYPES.items() if v == transformer.dtype), str(transformer.dtype)),
             "sampler": sampler if run is None else (description or {}).get("sampler"),
             "guidance_scale": guidance_scale if run is None else (description or {}).get("guidance_scale"),
             "samples": len(class_labels) if run is None else (description or {}).get("samples"),

@@ -79,7 +79,8 @@ def run(args) -> int:
         from ..registry import load_pipeline
 
         model = args.model or prof.meta.get("model_name") or "fmnist-dit"
-        pipe = load_pipeline(model, prof.meta.get("dtype") or "bf16", args.device)
+        # in the precision it was profiled in (profiles from before it was recorded: auto)
+        pipe = load_pipeline(model, prof.meta.get("dtype") or "auto", args.device)
         prof.check_for(fingerprint=model_fingerprint(pipe.transformer))
     if args.calibrate:
         plan = _calibrated(pipe, prof, cfg, args.calibrate, args.calibrate_seed)

@@ -77,7 +77,6 @@ def run(args) -> int:
     if not dist.is_main():  # the main process writes; the others only profiled their share
         return 0
     prof.meta["model_name"] = args.model
-    prof.meta["dtype"] = args.dtype
     prof.save(args.out)
     io.remove_artifact(partial)
     var = prof.variation()
