@@ -33,6 +33,17 @@ def save_json(name: str, data: dict) -> None:
     (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=2) + "\n")
 
 
+def publish(stem: str, block: str, out: dict, report) -> str:
+    """Write ``results/<stem>.json`` (``out``) and ``results/<stem>.md`` (``report(out)``), put the
+    report in the pages' ``block`` and print it; returns the report."""
+    write_text(RESULTS / f"{stem}.json", json.dumps(out, indent=2) + "\n")
+    text = report(out)
+    write_text(RESULTS / f"{stem}.md", text)
+    replace_block(block, text)
+    print(text)
+    return text
+
+
 def replace_block(name: str, text: str, pages: list[Path] | None = None) -> None:
     """Replace what stands between ``<!-- name:begin -->`` and ``<!-- name:end -->`` in the page
     that holds them (README.md or one under docs/; ``pages``: where to look instead)."""

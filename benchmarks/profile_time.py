@@ -11,15 +11,13 @@ Writes results/profile_time.{json,md} and the ``profile-time`` block of docs/sod
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from common import RESULTS, machine, replace_block
-from ditaccel.io import write_text
+from common import machine, publish
 from ditaccel.cli.main import main as cli
 from ditaccel.profiling import Profile
 from ditaccel.registry import load_pipeline, resolve_dtype
@@ -57,11 +55,7 @@ def main() -> None:
            "fillers": ["reuse", "forecast"] if prof.e_forecast is not None else ["reuse"],
            "intervals": prof.intervals, "ratios": prof.ratios, "token_scores": prof.token_scores,
            "goal_s": GOAL_S, "cpu": machine(), "threads": torch.get_num_threads()}
-    write_text(RESULTS / "profile_time.json", json.dumps(out, indent=2) + "\n")
-    text = report(out)
-    write_text(RESULTS / "profile_time.md", text)
-    replace_block("profile-time", text)
-    print(text)
+    publish("profile_time", "profile-time", out, report)
 
 
 def report(out: dict) -> str:

@@ -24,11 +24,10 @@ from pathlib import Path
 
 import torch
 
-from common import RESULTS, machine, real_test_features, replace_block, resume_partial
+from common import RESULTS, machine, publish, real_test_features, resume_partial
 from soda import get_profile, profile_stem
 from ditaccel.cli.main import main as cli
 from ditaccel.cli.plan import DEFAULT_CALIBRATION
-from ditaccel.io import write_text
 from ditaccel.methods import make_plan, model_shape
 from ditaccel.metrics import feature_extractor, frechet_distance, psnr
 from ditaccel.pipeline import SAMPLERS
@@ -110,19 +109,15 @@ def main() -> None:
                    "fd_vs_full": frechet_distance(feats, ffeats), "fd_vs_test": frechet_distance(feats, real),
                    "anchors": int(plan.anchors.sum()),
                    "fill": None if plan.fill is None else float(plan.fill_grid().float().mean()),
-                   "pruned": int(((plan.tokens > 0) & ~plan.anchors[:, None, None]).sum())}
+                   "pruned": plan.pruned_modules()}
             print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
             rows.append(row)
             with partial.open("a") as f:
                 f.write(json.dumps(row) + "\n")
     out = {**settings, "cpu": machine(), "threads": torch.get_num_threads(), "total_s": time.time() - t0,
            "rows": rows}
-    write_text(RESULTS / f"{STEM}.json", json.dumps(out, indent=2) + "\n")
-    text = report(out)
-    write_text(RESULTS / f"{STEM}.md", text)
-    replace_block("soda-defaults", text)
+    publish(STEM, "soda-defaults", out, report)
     partial.unlink(missing_ok=True)
-    print(text)
 
 
 def report(out: dict) -> str:

@@ -27,9 +27,8 @@ import time
 
 import torch
 
-from common import RESULTS, machine, replace_block, resume_partial
+from common import RESULTS, machine, publish, resume_partial
 from soda import get_profile
-from ditaccel.io import write_text
 from ditaccel.methods import soda
 from ditaccel.methods.soda.calibration import spread
 from ditaccel.pipeline import SAMPLERS
@@ -92,7 +91,7 @@ def main() -> None:
     ap.add_argument("--replot", action="store_true", help="rewrite the table from the saved JSON")
     args = ap.parse_args()
     if args.replot:
-        finish(json.loads((RESULTS / f"{STEM}.json").read_text()))
+        publish(STEM, "soda-ranking", json.loads((RESULTS / f"{STEM}.json").read_text()), report)
         return
     if args.n < CALIBRATION + 4:
         ap.error(f"--n must leave at least 4 samples beyond the {CALIBRATION} that calibrate")
@@ -153,16 +152,8 @@ def main() -> None:
             f.write(json.dumps(row) + "\n")
     out = {**settings, "steps": steps, "calibration": CALIBRATION, "speedups": args.speedups, "cpu": machine(),
            "threads": torch.get_num_threads(), "total_s": time.time() - t0, "rows": rows}
-    write_text(RESULTS / f"{STEM}.json", json.dumps(out, indent=2) + "\n")
-    finish(out)
+    publish(STEM, "soda-ranking", out, report)
     partial.unlink(missing_ok=True)
-
-
-def finish(out: dict) -> None:
-    text = report(out)
-    write_text(RESULTS / f"{STEM}.md", text)
-    replace_block("soda-ranking", text)
-    print(text)
 
 
 def report(out: dict) -> str:

@@ -316,14 +316,9 @@ def predict(plan: Plan, profile, base: torch.Tensor | None = None) -> dict[str, 
         idx = torch.nonzero(partial)                      # (P, 3): step (among non-anchors), layer, module
         j = ages[idx[:, 0]]
         steps = torch.nonzero(non).flatten()[idx[:, 0]]
-        ok = j <= n_ages
-        e = torch.full((len(idx),), math.inf, dtype=torch.float64)
-        if bool(ok.any()):
-            sel = idx[ok]
-            v = profile.e_prune[steps[ok], sel[:, 1], sel[:, 2], j[ok] - 1, ridx[sel[:, 0], sel[:, 1], sel[:, 2]],
-                                score].double()
-            e[ok] = v.nan_to_num(nan=math.inf)
-        error += float(e.sum())
+        v = profile.e_prune[steps, idx[:, 1], idx[:, 2], (j - 1).clamp_max(n_ages - 1), ridx[partial], score]
+        # beyond the profiled cache ages, or never measured: unaffordable
+        error += float(torch.where(j <= n_ages, v.double().nan_to_num(nan=math.inf), math.inf).sum())
     full_flops, full_ms = t_steps * profile.step_flops, t_steps * profile.step_ms
     return {"flops": flops, "speedup_flops": full_flops / flops, "charged_flops": charged,
             "latency_ms": latency, "speedup_latency": full_ms / latency, "error": error}
@@ -358,8 +353,7 @@ def _prune_tokens(profile, anchors: torch.Tensor, beta: float, cfg: Config, scor
     pays = partial_pays(profile)                                            # (M, R)
     idx = torch.arange(len(profile.ratios))
     last_ok = torch.where(pays, idx, torch.full_like(idx, -1)).cummax(dim=1).values  # (M, R)
-    safe = ri.clamp_min(0)
-    ri = torch.where(ri >= 0, last_ok[torch.arange(n_mods)[None, None, :].expand_as(safe), safe], ri)
+    ri = torch.where(ri >= 0, last_ok[torch.arange(n_mods), ri.clamp_min(0)], ri)
     e_p = profile.e_prune[t_idx, :, :, j_idx][..., score].double()  # (n, L, M, R)
     chosen = e_p.gather(-1, ri.clamp_min(0)[..., None]).squeeze(-1)
     use = (ri >= 0) & (chosen < (1 - cfg.margin) * e_c)
