@@ -268,12 +268,16 @@ def test_profile_plan_bench_generate_on_a_text_model(tmp_path, capsys):
     assert prof["model"] == "PixArtTransformer2DModel" and prof["sampler"] == "ddim"
     assert "cross" in prof["modules"]
     assert cli(["plan", "--profile", str(stem), "--speedup", "1.5", "--out", str(plan)]) == 0
+    # by default the plan is calibrated on prompts made from the profile's class ids
+    cal = json.loads(plan.read_text())["meta"]["calibration"]
+    assert cal["samples"] == 8 and len(cal["rows"]) >= 2
     stats = tmp_path / "g.json"
     assert cli(["generate", "--model", model, "--steps", "6", "--cfg", "2", "--plan", str(plan), "--compare",
                 "--prompt", "a dark coat", "--n", "2", "--dtype", "fp32", "--out", str(tmp_path / "g.png"),
                 "--json", str(stats)]) == 0
     info = json.loads(stats.read_text())
-    assert info["method"] == "soda" and info["speedup_flops"] >= 1.5 * (1 - 1e-9) and info["images"] == 2
+    assert info["method"] == cal["rows"][cal["chosen"]]["method"]
+    assert info["speedup_flops"] >= 1.5 * (1 - 1e-9) and info["images"] == 2
     out = tmp_path / "b"
     assert cli(["bench", "--model", model, "--steps", "6", "--cfg", "2", "--n", "4", "--batch-size", "4",
                 "--timed-batch", "2", "--repeats", "1", "--calibrate", "2", "--profile-samples", "2",
