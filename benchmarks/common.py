@@ -80,9 +80,12 @@ def real_test_features(fx, n: int = 10_000):
     return feats
 
 
-def resume_partial(partial: Path, settings: dict) -> tuple[dict, list[dict]]:
+def resume_partial(partial: Path, settings: dict, finished: Path | None = None,
+                   keep=lambda row: True) -> tuple[dict, list[dict]]:
     """The header and rows a stopped run left in ``partial`` (JSON lines, the first holding its
-    settings) when it ran with ``settings``; otherwise ``partial`` starts afresh with the header alone."""
+    settings) when it ran with ``settings``; otherwise ``partial`` starts afresh with the header alone,
+    then takes the rows of ``finished`` (a finished run's JSON) for which ``keep(row)`` holds, where
+    that run's settings are ``settings``: a later run adds to an earlier one instead of redoing it."""
     import json
 
     if partial.exists():
@@ -92,9 +95,16 @@ def resume_partial(partial: Path, settings: dict) -> tuple[dict, list[dict]]:
             return lines[0], lines[1:]
         if lines and lines[0].get("settings") != settings:
             print(f"{partial.name} is from other settings: starting over", flush=True)
+    rows = []
+    if finished is not None and finished.exists():
+        done = json.loads(finished.read_text())
+        if all(done.get(k) == v for k, v in settings.items()):
+            rows = [r for r in done["rows"] if keep(r)]
+            if rows:
+                print(f"keeping {len(rows)} rows of the finished run in {finished.name} (same settings)", flush=True)
     partial.parent.mkdir(parents=True, exist_ok=True)
-    partial.write_text(json.dumps({"settings": settings}) + "\n")
-    return {"settings": settings}, []
+    partial.write_text("".join(json.dumps(x) + "\n" for x in [{"settings": settings}, *rows]))
+    return {"settings": settings}, rows
 
 
 def all_anchor_entry(pipe, steps: int, compile=False):

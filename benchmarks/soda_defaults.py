@@ -8,7 +8,8 @@ full model's images, FD vs the Fashion-MNIST test set, FLOP speedups as counted 
 
 Writes results/soda_defaults.{json,md} and the ``soda-defaults`` block of docs/soda.md; each
 finished row goes to results/soda_defaults.partial.jsonl first, so a stopped run resumes with the
-same command.
+same command; the rows of a finished run with the same settings are kept (delete
+results/soda_defaults.json to measure them again).
 
     python benchmarks/soda_defaults.py                       # DDIM-50 and DDPM-250 (hours on 2 cores)
     python benchmarks/soda_defaults.py --samplers ddim       # DDIM-50 only
@@ -79,7 +80,8 @@ def main() -> None:
     settings["plan_calibration"] = DEFAULT_CALIBRATION  # what `ditaccel plan` does by default
     settings["runtime_revision"] = RUNTIME_REVISION
     partial = RESULTS / f"{STEM}.partial.jsonl"
-    _, rows = resume_partial(partial, settings)
+    # rows of a finished run with these settings are kept: a later run adds samplers or budgets
+    _, rows = resume_partial(partial, settings, RESULTS / f"{STEM}.json")
     done = {(r["sampler"], r["method"], r["budget"]) for r in rows}
     t0 = time.time()
     for sampler in samplers:

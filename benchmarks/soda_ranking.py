@@ -106,16 +106,10 @@ def main() -> None:
     settings = {"sampler": args.sampler, "n": args.n, "seed": args.seed, "cfg": args.cfg, "dtype": dtype,
                 "runtime_revision": RUNTIME_REVISION}
     partial = RESULTS / f"{STEM}.partial.jsonl"
-    _, rows = resume_partial(partial, settings)
-    final = RESULTS / f"{STEM}.json"
-    if not rows and final.exists():  # budgets measured by an earlier run with these settings are kept
-        done = json.loads(final.read_text())
-        if all(done.get(k) == v for k, v in settings.items()):
-            rows = [r for r in done["rows"] if r["budget"] not in [float(x) for x in args.speedups.split(",")]]
-            with partial.open("a") as f:  # (a stopped run resumes them too)
-                f.writelines(json.dumps(r) + "\n" for r in rows)
-            args.speedups = ",".join(sorted({*args.speedups.split(","), *(f"{r['budget']:g}" for r in rows)},
-                                            key=float))
+    asked = [float(x) for x in args.speedups.split(",")]
+    # budgets measured by an earlier run with these settings are kept
+    _, rows = resume_partial(partial, settings, RESULTS / f"{STEM}.json", keep=lambda r: r["budget"] not in asked)
+    args.speedups = ",".join(sorted({*args.speedups.split(","), *(f"{r['budget']:g}" for r in rows)}, key=float))
     t0 = time.time()
     full = None
     for s in [float(x) for x in args.speedups.split(",")]:
