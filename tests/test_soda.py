@@ -237,6 +237,36 @@ def tiny_profile():
     return pipe, prof
 
 
+def _rows_reversed(x, rows, keep):
+    """A wrong cut: the last ``keep`` rows of every batch tensor instead of the first."""
+    if torch.is_tensor(x):
+        return x[rows - keep:] if x.dim() and x.shape[0] == rows else x
+    if isinstance(x, dict):
+        return {k: _rows_reversed(v, rows, keep) for k, v in x.items()}
+    return type(x)(_rows_reversed(v, rows, keep) for v in x) if isinstance(x, (tuple, list)) else x
+
+
+def test_module_costs_are_taken_on_the_first_rows_only_where_they_give_the_same_output(tiny_pipe, monkeypatch):
+    """The profile times module costs at ``timing_rows`` rows of its captured call; FLOPs per row
+    are the whole call's.  A cut that does not reproduce those rows' output falls back to the whole."""
+    from ditaccel import profiling
+    from ditaccel.methods import model_shape
+
+    tr = tiny_pipe.transformer
+    shape = model_shape(tr, STEPS)
+    g = torch.Generator().manual_seed(0)
+    call = ((), {"hidden_states": torch.randn(8, 1, 8, 8, generator=g), "timestep": torch.arange(8) * 100 + 50,
+                 "class_labels": torch.tensor([0, 1, 2, 3, 3, 2, 1, 0])})
+    with torch.no_grad():
+        whole = profiling.measure_costs(tr, shape, (0.25, 0.5), call, repeats=1, progress=False, timing_rows=None)
+        cut = profiling.measure_costs(tr, shape, (0.25, 0.5), call, repeats=1, progress=False, timing_rows=4)
+        monkeypatch.setattr(profiling, "_batch_rows", _rows_reversed)
+        wrong = profiling.measure_costs(tr, shape, (0.25, 0.5), call, repeats=1, progress=False, timing_rows=4)
+    assert whole["timing_rows"] == 8 and cut["timing_rows"] == 4 and wrong["timing_rows"] == 8
+    torch.testing.assert_close(cut["module_flops"], whole["module_flops"])
+    assert cut["step_flops"] == pytest.approx(whole["step_flops"]) and cut["step_ms"] > 0
+
+
 def test_profile_tables_have_the_documented_shape(tiny_profile):
     pipe, prof = tiny_profile
     assert prof.meta["dtype"] == "fp32"  # the precision a calibration of it loads the model in

@@ -31,6 +31,9 @@ def add_arguments(p) -> None:
     p.add_argument("--ratios", default=",".join(map(str, DEFAULT_RATIOS)),
                    help="recompute fractions to measure (default %(default)s)")
     p.add_argument("--token-scores", default="delta,feature_mean")
+    p.add_argument("--timing-rows", type=number(int, 1), default=16,
+                   help="batch rows the module costs are timed at: the rows you will sample, guidance "
+                        "doubling them (default %(default)s: 8 images with guidance; at most the profile's batch)")
     p.add_argument("--out", required=True, help="artifact stem: writes OUT.safetensors and OUT.json")
     p.add_argument("--plot", default=None, help="also write heatmaps (PNG) into this folder")
     p.add_argument("--restart", action="store_true",
@@ -73,7 +76,8 @@ def run(args) -> int:
         print(f"resuming the interrupted profile from {partial}.safetensors (--restart starts over)")
     prof = profile(pipe, config=ProfileConfig(
         class_labels=labels, sampler=args.sampler, steps=args.steps, guidance_scale=args.cfg, seed=args.seed,
-        batch_size=args.batch_size, intervals=intervals, ratios=ratios, token_scores=scores, checkpoint=partial))
+        batch_size=args.batch_size, intervals=intervals, ratios=ratios, token_scores=scores, checkpoint=partial,
+        timing_rows=args.timing_rows))
     if not dist.is_main():  # the main process writes; the others only profiled their share
         return 0
     prof.meta["model_name"] = args.model
