@@ -13,8 +13,9 @@ the same k everywhere (exact counts, no rounding) for the non-learned scores:
   skipped the previous block reaches this one unchanged), so no token skips two blocks in a row
   while the skipped ones fit in the next block's budget;
 - router / router+dora: a trained artifact's router and its adaptive ratios shifted to the keep
-  (as ``apply_shiva(..., keep=)``), without and with its adapters merged (``--artifacts``: a
-  folder of keep*/shiva artifacts from ``scripts/train_shiva_fmnist.sh``; skipped where none).
+  (as ``apply_shiva(..., keep=)``), without and with its adapters merged; router+dora+streak: the
+  latter with the skip streak leading the router's scores (``--artifacts``: a folder of
+  keep*/shiva artifacts from ``scripts/train_shiva_fmnist.sh``; skipped where none).
 
 Scored with ``ditaccel.bench.measure`` (fidelity only): PSNR and FD vs the full model on the same
 noise, FD vs the Fashion-MNIST test set, classifier agreement with the class asked for.  Writes
@@ -35,7 +36,8 @@ from pathlib import Path
 
 import torch
 
-from common import RESULTS, ROOT, machine, publish, real_test_features
+from common import RESULTS, ROOT, machine, publish, real_test_features, resume_partial
+from ditaccel.io import artifact_exists, load_artifact, save_artifact
 from ditaccel.bench import Entry, MeasureConfig, measure
 from ditaccel.methods.shiva.inference import apply_shiva, load_shiva, remove_shiva, shiva_plan
 from ditaccel.methods.shiva.policy import plan_from_ratios
@@ -43,7 +45,7 @@ from ditaccel.metrics import feature_extractor, frechet_distance
 from ditaccel.models.classifier import predict
 from ditaccel.pipeline import SAMPLERS, make_scheduler
 from ditaccel.registry import load_classifier_asset, load_pipeline
-from ditaccel.runtime import apply, remove
+from ditaccel.runtime import RUNTIME_REVISION, apply, remove
 from ditaccel.runtime.adapters import find_blocks, image_tokens, modules_of
 from ditaccel.sampling import sample
 
@@ -112,8 +114,8 @@ def score_entry(name: str, keep: float, steps: int) -> Entry:
     return Entry(f"{name}@{keep:g}", name, "keep", keep, prepare)
 
 
-def router_entry(stem: Path, keep: float, sampler: str, steps: int, adapters: bool) -> Entry:
-    name = "router+dora" if adapters else "router"
+def router_entry(stem: Path, keep: float, sampler: str, steps: int, adapters: bool, streak: bool = False) -> Entry:
+    name = ("router+dora" if adapters else "router") + ("+streak" if streak else "")
 
     def prepare(pipe):
         art = load_shiva(stem, pipe.transformer)
@@ -121,13 +123,16 @@ def router_entry(stem: Path, keep: float, sampler: str, steps: int, adapters: bo
 
         def attach(p):
             if adapters:
-                apply_shiva(p, art, steps, scheduler=sched, keep=keep)
+                plan = apply_shiva(p, art, steps, scheduler=sched, keep=keep)
+                if streak:  # the same plan and adapters, the router's scores led by the skip streak
+                    remove(p)
+                    apply(p, plan, router=Streak(art.router), check_fingerprint=False)
                 return lambda: remove_shiva(p)
             s = make_scheduler(sampler, p.scheduler.config)
             s.set_timesteps(steps)
             plan = shiva_plan(art, s.timesteps, image_tokens(p.transformer), modules_of(p.transformer), keep)
             art.router.to(device=p.transformer.device, dtype=p.transformer.dtype)
-            apply(p, plan, router=art.router, check_fingerprint=False)
+            apply(p, plan, router=Streak(art.router) if streak else art.router, check_fingerprint=False)
             return lambda: remove(p)
         return attach
     return Entry(f"{name}[{stem.parent.name}]@{keep:g}", name, "keep", keep, prepare)
@@ -166,7 +171,8 @@ def main() -> None:
     if not stems:
         print(f"no Shiva artifacts under {folder}: the trained router's rows are left out", flush=True)
     for s in stems:
-        entries += [router_entry(s, k, sampler, args.steps, a) for k in keeps for a in (False, True)]
+        entries += [router_entry(s, k, sampler, args.steps, a, st) for k in keeps
+                    for a, st in ((False, False), (True, False), (True, True))]
     labels = [i % 10 for i in range(args.n)]
     opts = dict(sampler=sampler, steps=args.steps, guidance_scale=args.cfg, progress=False, count_flops=False)
     run = lambda p: sample(p, labels, seed=0, batch_size=args.batch, **opts)[0]  # noqa: E731
@@ -178,16 +184,36 @@ def main() -> None:
         return {"fd_vs_test": frechet_distance(fx(images), real),
                 "class_agreement": float((predict(classifier, images * 2 - 1) == torch.tensor(labels)).float().mean())}
 
-    res = measure(pipe, run, None, entries, MeasureConfig(repeats=0, extra=extra, feature_extractor=fx,
-                                                          on_row=lambda r: print(json.dumps(
-                                                              {k: v for k, v in r.items() if isinstance(v, (int, float, str))}),
-                                                              flush=True)))
+    # rows of a stopped run, or of a finished one with the same settings, are kept (artifacts trained
+    # later add their rows alone), scored against the same full-model images, kept beside them
+    settings = {"model": args.model, "steps": args.steps, "n": args.n, "batch": args.batch, "cfg": args.cfg,
+                "real": args.real, "runtime_revision": RUNTIME_REVISION}
+    partial = RESULTS / f"{stem}.partial.jsonl"
+    _, resumed = resume_partial(partial, settings, RESULTS / f"{stem}.json", keep=lambda r: r["method"] != "full")
+    reference = RESULTS / f"{stem}.full"
+    full = None
+    if artifact_exists(reference):
+        tensors, meta = load_artifact(reference, "shiva-routing-reference")
+        full = (tensors["images"], int(meta["flops"])) if meta.get("settings") == settings else None
+    resumed = resumed if full is not None else []
+
+    def keep_full(images, flops):
+        save_artifact(reference, "shiva-routing-reference", {"images": images}, {"settings": settings, "flops": flops})
+
+    def on_row(row):
+        print(json.dumps({k: v for k, v in row.items() if isinstance(v, (int, float, str))}), flush=True)
+        with partial.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    res = measure(pipe, run, None, entries, MeasureConfig(repeats=0, extra=extra, feature_extractor=fx, on_row=on_row,
+                                                          resumed=resumed, full=full, on_full=keep_full))
     out = {"model": args.model, "sampler": sampler, "steps": args.steps, "n": args.n, "cfg": args.cfg,
            "real": args.real, "keeps": keeps, "artifacts": [str(s.relative_to(ROOT)) if s.is_relative_to(ROOT) else str(s)
                                                            for s in stems],
            "cpu": machine(), "threads": torch.get_num_threads(), "total_s": time.time() - t0, **res}
     plot(out, RESULTS / f"{stem}.png")
     publish(stem, f"shiva-routing{tag}", out, report)
+    partial.unlink(missing_ok=True)
 
 
 def _by_family(out: dict) -> dict[str, list[dict]]:
