@@ -21,6 +21,17 @@ def tiny_dit(out_channels: int = 1, seed: int = 0) -> DiTTransformer2DModel:
     return model.eval()
 
 
+def timed_like_flops(prof, share=0.9):
+    """``prof`` (a SODA profile) with module times proportional to their FLOPs (``share`` of a
+    full call in the modules): the times a tiny model measures on a shared machine are noise, and
+    SODA offers partial recompute only where the profile measured it faster than the full module."""
+    import dataclasses
+
+    f = prof.module_flops.double()[0]                       # (M, R + 1), one layer
+    ms = f / f[:, -1].sum() * share * prof.step_ms / prof.num_layers
+    return dataclasses.replace(prof, module_ms=ms.float(), reuse_ms=(1 - share) * prof.step_ms)
+
+
 @pytest.fixture
 def tiny_pipe():
     pipe = DiTPixelPipeline(transformer=tiny_dit(), scheduler=DDIMScheduler(**NOISE_SCHEDULE))

@@ -13,6 +13,7 @@ from ditaccel.plan import FULL, REUSE
 from ditaccel.profiling import Profile, ProfileError, _Recorder, default_intervals, profile
 from ditaccel.runtime import RUNTIME_REVISION, apply, remove, state_of
 from ditaccel.sampling import sample
+from tests.conftest import timed_like_flops
 
 STEPS = 8
 
@@ -346,18 +347,9 @@ def test_soda_plans_meet_their_budget_and_predict_their_flops(tiny_profile, opts
     remove(pipe)
 
 
-def _timed_like_flops(prof, share=0.9):
-    """``prof`` with module times proportional to their FLOPs (``share`` of a full call in the
-    modules): the times a tiny model measures on a shared machine are noise, and partial
-    recompute is offered only where it saves time."""
-    f = prof.module_flops.double()[0]                       # (M, R + 1), one layer
-    ms = f / f[:, -1].sum() * share * prof.step_ms / prof.num_layers
-    return dataclasses.replace(prof, module_ms=ms.float(), reuse_ms=(1 - share) * prof.step_ms)
-
-
 def test_pruning_only_where_it_beats_reuse(tiny_profile):
     _, prof = tiny_profile
-    prof = _timed_like_flops(prof)
+    prof = timed_like_flops(prof)
     plan = soda.plan(soda.Config(speedup=1.5, lam=1.0), prof)
     tok = plan.tokens
     assert (tok[~plan.anchors] > 0).any(), "the rule should recompute somewhere at this budget"
@@ -372,7 +364,7 @@ def test_pruning_only_where_it_beats_reuse(tiny_profile):
 
 def test_partial_actions_only_where_they_save_time_and_priced_by_it(tiny_profile):
     _, prof = tiny_profile
-    prof = _timed_like_flops(prof)
+    prof = timed_like_flops(prof)
     cfg = soda.Config(speedup=1.5, lam=1.0)
     pruned = soda.plan(cfg, prof)
     assert (pruned.tokens[~pruned.anchors] > 0).any()
@@ -399,7 +391,7 @@ def test_partial_actions_only_where_they_save_time_and_priced_by_it(tiny_profile
 
 def test_candidates_spend_one_budget_in_different_ways(tiny_profile):
     _, prof = tiny_profile
-    prof = _timed_like_flops(prof)
+    prof = timed_like_flops(prof)
     cands = soda.candidates(soda.Config(speedup=1.6, lam=1.0), prof, fewer=2)
     assert cands[0].method == "soda-cache" and len(cands) >= 2
     k_max = int(cands[0].anchors.sum())
