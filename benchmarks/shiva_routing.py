@@ -207,8 +207,7 @@ def main() -> None:
 
     res = measure(pipe, run, None, entries, MeasureConfig(repeats=0, extra=extra, feature_extractor=fx, on_row=on_row,
                                                           resumed=resumed, full=full, on_full=keep_full))
-    out = {"model": args.model, "sampler": sampler, "steps": args.steps, "n": args.n, "cfg": args.cfg,
-           "real": args.real, "keeps": keeps, "artifacts": [str(s.relative_to(ROOT)) if s.is_relative_to(ROOT) else str(s)
+    out = {**settings, "sampler": sampler, "keeps": keeps, "artifacts": [str(s.relative_to(ROOT)) if s.is_relative_to(ROOT) else str(s)
                                                            for s in stems],
            "cpu": machine(), "threads": torch.get_num_threads(), "total_s": time.time() - t0, **res}
     plot(out, RESULTS / f"{stem}.png")
