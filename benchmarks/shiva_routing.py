@@ -29,6 +29,7 @@ results/shiva_routing{-model}.{json,md,png} and the ``shiva-routing`` block of d
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 import zlib
@@ -39,7 +40,7 @@ import torch
 from common import RESULTS, ROOT, machine, publish, real_test_features, resume_partial
 from ditaccel.io import artifact_exists, load_artifact, save_artifact
 from ditaccel.bench import Entry, MeasureConfig, measure
-from ditaccel.methods.shiva.inference import apply_shiva, load_shiva, remove_shiva, shiva_plan
+from ditaccel.methods.shiva.inference import apply_shiva, load_shiva, remove_shiva
 from ditaccel.methods.shiva.policy import plan_from_ratios
 from ditaccel.metrics import feature_extractor, frechet_distance
 from ditaccel.models.classifier import predict
@@ -119,21 +120,16 @@ def router_entry(stem: Path, keep: float, sampler: str, steps: int, adapters: bo
 
     def prepare(pipe):
         art = load_shiva(stem, pipe.transformer)
+        if not adapters:  # apply_shiva merges no adapters where the artifact has none
+            art = dataclasses.replace(art, adapters={})
         sched = make_scheduler(sampler, pipe.scheduler.config)
 
         def attach(p):
-            if adapters:
-                plan = apply_shiva(p, art, steps, scheduler=sched, keep=keep)
-                if streak:  # the same plan and adapters, the router's scores led by the skip streak
-                    remove(p)
-                    apply(p, plan, router=Streak(art.router), check_fingerprint=False)
-                return lambda: remove_shiva(p)
-            s = make_scheduler(sampler, p.scheduler.config)
-            s.set_timesteps(steps)
-            plan = shiva_plan(art, s.timesteps, image_tokens(p.transformer), modules_of(p.transformer), keep)
-            art.router.to(device=p.transformer.device, dtype=p.transformer.dtype)
-            apply(p, plan, router=Streak(art.router) if streak else art.router, check_fingerprint=False)
-            return lambda: remove(p)
+            plan = apply_shiva(p, art, steps, scheduler=sched, keep=keep)
+            if streak:  # the same plan (and adapters), the router's scores led by the skip streak
+                remove(p)
+                apply(p, plan, router=Streak(art.router), check_fingerprint=False)
+            return lambda: remove_shiva(p)
         return attach
     return Entry(f"{name}[{stem.parent.name}]@{keep:g}", name, "keep", keep, prepare)
 

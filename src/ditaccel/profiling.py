@@ -422,7 +422,6 @@ def _uniform_plan(shape, steps: int, fill_role: dict[str, int]) -> Plan:
                 token_score="feature_mean")
 
 
-@torch.no_grad()
 def _batch_rows(x, rows: int, keep: int):
     """``x`` (a call's argument: tensor, tuple, list or dict of them) with every tensor whose
     first dimension is the call's ``rows`` cut to its first ``keep`` rows."""
@@ -439,6 +438,7 @@ def _output_tensor(out) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else getattr(out, "sample", out)
 
 
+@torch.no_grad()
 def measure_costs(transformer, shape, ratios, call_inputs: tuple[tuple, dict], repeats: int = 5,
                   progress: bool = True, timing_rows: int | None = 16) -> dict[str, Any]:
     """FLOPs (per module and layer, per sample row) and latency (per role, averaged over layers)
