@@ -150,3 +150,56 @@ def measure_entry(pipe, timed, entry, repeats: int, while_on=None, baseline=None
     with torch.no_grad():
         ratios = speedup_pairs(pipe, timed, attach, repeats, baseline=baseline)
     return flops, extra, ratios
+
+
+def fidelity_rows(stem: str, settings: dict, pipe, labels: list[int], entries, *, sampler: str, steps: int,
+                  cfg: float, batch: int, real: int, keep=lambda row: True) -> dict:
+    """Fidelity only (no timing) of ``entries`` on ``pipe`` against the full model, resumable:
+    ``ditaccel.bench.measure`` with classifier agreement with ``labels`` and FD vs the first ``real``
+    Fashion-MNIST test images beside its PSNR / SSIM / FD vs the full model, images sampled with
+    ``sampler`` / ``steps`` / guidance ``cfg``, seed 0.  ``settings`` (which must say all of that) key
+    what is kept: the full model's images
+    (``results/<stem>.full``), the rows of a stopped run (``results/<stem>.partial.jsonl``) and the
+    rows of the finished run (``results/<stem>.json``) for which ``keep(row)`` holds.  Returns
+    ``measure``'s result; the caller publishes it and then removes the partial file."""
+    import torch
+
+    from ditaccel.bench import MeasureConfig, measure
+    from ditaccel.io import artifact_exists, load_artifact, save_artifact
+    from ditaccel.metrics import feature_extractor, frechet_distance
+    from ditaccel.models.classifier import predict
+    from ditaccel.registry import load_classifier_asset
+    from ditaccel.sampling import sample
+
+    opts = dict(sampler=sampler, steps=steps, guidance_scale=cfg, progress=False, count_flops=False)
+
+    def run(p):
+        return sample(p, labels, seed=0, batch_size=batch, **opts)[0]
+
+    classifier = load_classifier_asset()
+    fx = feature_extractor()
+    real_feats = real_test_features(fx, real)
+
+    def extra(images) -> dict:
+        return {"fd_vs_test": frechet_distance(fx(images), real_feats),
+                "class_agreement": float((predict(classifier, images * 2 - 1) == torch.tensor(labels)).float().mean())}
+
+    partial = RESULTS / f"{stem}.partial.jsonl"
+    _, resumed = resume_partial(partial, settings, RESULTS / f"{stem}.json", keep=lambda r: r["method"] != "full" and keep(r))
+    reference, kind = RESULTS / f"{stem}.full", f"{stem.split('-')[0].replace('_', '-')}-reference"
+    full = None
+    if artifact_exists(reference):
+        tensors, meta = load_artifact(reference, kind)
+        full = (tensors["images"], int(meta["flops"])) if meta.get("settings") == settings else None
+    resumed = [r for r in resumed if keep(r)] if full is not None else []
+
+    def keep_full(images, flops):
+        save_artifact(reference, kind, {"images": images}, {"settings": settings, "flops": flops})
+
+    def on_row(row):
+        print(json.dumps({k: v for k, v in row.items() if isinstance(v, (int, float, str))}), flush=True)
+        with partial.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    return measure(pipe, run, None, entries, MeasureConfig(repeats=0, extra=extra, feature_extractor=fx, on_row=on_row,
+                                                          resumed=resumed, full=full, on_full=keep_full))

@@ -8,6 +8,9 @@ the same k everywhere (exact counts, no rounding) for the non-learned scores:
 - random: a fresh uniform score per (step, layer, call), seeded;
 - norm: the token's norm (largest kept);
 - mean-distance: distance of the token from its sample's mean token (largest kept);
+- block-update (bound): the size of the update the block gives each token, the block run in full
+  once more to know it (largest kept): not a method (it costs more than the full model), the best
+  a router could do that predicts each token's update exactly, block by block;
 - X+streak: score X, but a token that skipped the blocks just before comes first, the longer its
   streak of skipped blocks the earlier (the streak is read from the residual stream: a token that
   skipped the previous block reaches this one unchanged), so no token skips two blocks in a row
@@ -37,18 +40,14 @@ from pathlib import Path
 
 import torch
 
-from common import RESULTS, ROOT, machine, publish, real_test_features, resume_partial
-from ditaccel.io import artifact_exists, load_artifact, save_artifact
-from ditaccel.bench import Entry, MeasureConfig, measure
+from common import RESULTS, ROOT, fidelity_rows, machine, publish
+from ditaccel.bench import Entry
 from ditaccel.methods.shiva.inference import apply_shiva, load_shiva, remove_shiva
 from ditaccel.methods.shiva.policy import plan_from_ratios
-from ditaccel.metrics import feature_extractor, frechet_distance
-from ditaccel.models.classifier import predict
-from ditaccel.pipeline import SAMPLERS, make_scheduler
-from ditaccel.registry import load_classifier_asset, load_pipeline
+from ditaccel.pipeline import make_scheduler
+from ditaccel.registry import load_pipeline
 from ditaccel.runtime import RUNTIME_REVISION, apply, remove
 from ditaccel.runtime.adapters import find_blocks, image_tokens, modules_of
-from ditaccel.sampling import sample
 
 
 def norm_score(x, call):
@@ -97,8 +96,25 @@ class Streak:
         return streak + rank
 
 
-SCORES = {"random": RandomScore, "norm": lambda: norm_score, "mean-distance": lambda: mean_distance,
-          "random+streak": lambda: Streak(RandomScore()), "mean-distance+streak": lambda: Streak(mean_distance)}
+class BlockUpdate:
+    """A bound, not a method: the size of the update the block would give each token
+    (``|block(x)_i - x_i|``, the block run once more in full on all tokens), largest kept: what a
+    router that knew each token's update exactly would pick, block by block."""
+
+    def __init__(self, transformer):
+        self.blocks = [(block, spec) for _, block, spec in find_blocks(transformer)]
+
+    def __call__(self, x, call):
+        block, spec = self.blocks[call.layer]
+        # the class's forward: the block without the routing hook on this instance
+        out = type(block).forward(block, **call.block_kwargs)
+        out = out if spec.image_output is None else out[spec.image_output]
+        return (out.float() - x.float()).norm(dim=-1)
+
+
+SCORES = {"random": lambda tf: RandomScore(), "norm": lambda tf: norm_score, "mean-distance": lambda tf: mean_distance,
+          "random+streak": lambda tf: Streak(RandomScore()), "mean-distance+streak": lambda tf: Streak(mean_distance),
+          "block-update (bound)": BlockUpdate}
 
 
 def score_entry(name: str, keep: float, steps: int) -> Entry:
@@ -109,7 +125,7 @@ def score_entry(name: str, keep: float, steps: int) -> Entry:
         plan = plan_from_ratios(ratios, image_tokens(tf), modules_of(tf), 1)
 
         def attach(p):
-            apply(p, plan, router=SCORES[name]())
+            apply(p, plan, router=SCORES[name](tf))
             return lambda: remove(p)
         return attach
     return Entry(f"{name}@{keep:g}", name, "keep", keep, prepare)
@@ -169,46 +185,18 @@ def main() -> None:
     for s in stems:
         entries += [router_entry(s, k, sampler, args.steps, a, st) for k in keeps
                     for a, st in ((False, False), (True, False), (True, True))]
-    labels = [i % 10 for i in range(args.n)]
-    opts = dict(sampler=sampler, steps=args.steps, guidance_scale=args.cfg, progress=False, count_flops=False)
-    run = lambda p: sample(p, labels, seed=0, batch_size=args.batch, **opts)[0]  # noqa: E731
-    classifier = load_classifier_asset()
-    fx = feature_extractor()
-    real = real_test_features(fx, args.real)
-
-    def extra(images) -> dict:
-        return {"fd_vs_test": frechet_distance(fx(images), real),
-                "class_agreement": float((predict(classifier, images * 2 - 1) == torch.tensor(labels)).float().mean())}
-
     # rows of a stopped run, or of a finished one with the same settings, are kept (artifacts trained
     # later add their rows alone), scored against the same full-model images, kept beside them
     settings = {"model": args.model, "steps": args.steps, "n": args.n, "batch": args.batch, "cfg": args.cfg,
                 "real": args.real, "runtime_revision": RUNTIME_REVISION}
-    partial = RESULTS / f"{stem}.partial.jsonl"
-    _, resumed = resume_partial(partial, settings, RESULTS / f"{stem}.json", keep=lambda r: r["method"] != "full")
-    reference = RESULTS / f"{stem}.full"
-    full = None
-    if artifact_exists(reference):
-        tensors, meta = load_artifact(reference, "shiva-routing-reference")
-        full = (tensors["images"], int(meta["flops"])) if meta.get("settings") == settings else None
-    resumed = resumed if full is not None else []
-
-    def keep_full(images, flops):
-        save_artifact(reference, "shiva-routing-reference", {"images": images}, {"settings": settings, "flops": flops})
-
-    def on_row(row):
-        print(json.dumps({k: v for k, v in row.items() if isinstance(v, (int, float, str))}), flush=True)
-        with partial.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-
-    res = measure(pipe, run, None, entries, MeasureConfig(repeats=0, extra=extra, feature_extractor=fx, on_row=on_row,
-                                                          resumed=resumed, full=full, on_full=keep_full))
+    res = fidelity_rows(stem, settings, pipe, [i % 10 for i in range(args.n)], entries, sampler=sampler,
+                        steps=args.steps, cfg=args.cfg, batch=args.batch, real=args.real)
     out = {**settings, "sampler": sampler, "keeps": keeps, "artifacts": [str(s.relative_to(ROOT)) if s.is_relative_to(ROOT) else str(s)
                                                            for s in stems],
            "cpu": machine(), "threads": torch.get_num_threads(), "total_s": time.time() - t0, **res}
     plot(out, RESULTS / f"{stem}.png")
     publish(stem, f"shiva-routing{tag}", out, report)
-    partial.unlink(missing_ok=True)
+    (RESULTS / f"{stem}.partial.jsonl").unlink(missing_ok=True)
 
 
 def _by_family(out: dict) -> dict[str, list[dict]]:

@@ -121,6 +121,32 @@ def test_budget_loss_pushes_the_mean_ratio_to_the_target():
     assert float(again.loss(ratios)) == pytest.approx(0.9 * 2 * (0.2 * 0.9 + 0.8 * 0.7 - 0.5))
 
 
+def _settle(budget, pull=0.5, steps=400):
+    """A policy whose task loss pulls every ratio up (as the diffusion loss does) against the budget."""
+    policy = RatioPolicy(num_layers=3, target=budget.target)
+    opt = torch.optim.SGD(policy.parameters(), lr=0.5)
+    t = torch.linspace(1, 999, 16)
+    for _ in range(steps):
+        opt.zero_grad()
+        ratios = policy(t)
+        (budget.loss(ratios) - pull * ratios[:, 1:].mean()).backward()
+        opt.step()
+    return budget
+
+
+def test_the_budget_integral_holds_the_ema_at_the_target_against_a_pull():
+    assert _settle(Budget(0.6)).mu > 0.65, "the paper's loss alone settles off the target under a pull"
+    held = _settle(Budget(0.6, gain=0.1))
+    assert held.mu == pytest.approx(0.6, abs=0.01) and held.integral == pytest.approx(0.5, abs=0.05)
+    again = Budget(0.1)
+    again.load_state_dict(held.state_dict())
+    assert (again.gain, again.integral) == (held.gain, held.integral)
+    again.load_state_dict({k: v for k, v in held.state_dict().items() if k not in ("gain", "integral")})
+    assert (again.gain, again.integral) == (0.0, 0.0), "a checkpoint from before the integral term"
+    with pytest.raises(ValueError, match="gain"):
+        Budget(0.5, gain=-1.0)
+
+
 def _tiny_transformer_call(b=4, seed=0):
     from tests.conftest import tiny_dit
 

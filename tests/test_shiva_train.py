@@ -32,6 +32,24 @@ def test_resumed_training_equals_an_uninterrupted_run(tmp_path):
     assert not torch.equal(_tensors(other)["router.proj_x.0.weight"], a["router.proj_x.0.weight"])
 
 
+def test_exported_steps_are_the_run_at_those_steps_across_a_resume(tmp_path):
+    train_shiva(tiny_dit(), tmp_path, CFG, DATA, progress=False, stop_after=3, export_every=2)
+    final = train_shiva(tiny_dit(), tmp_path, CFG, DATA, progress=False, export_every=2)
+    steps = sorted(p.name for p in (tmp_path / "steps").glob("*.json"))
+    assert steps == ["shiva-000002.json", "shiva-000004.json", "shiva-000006.json"]
+    last, a = _tensors(tmp_path / "steps" / "shiva-000006"), _tensors(final)
+    assert all(torch.equal(last[k], a[k]) for k in a), "the last export is the final artifact"
+    # an export is the run stopped there: a run of 4 steps (the same batches) ends where step 4 was
+    short = train_shiva(tiny_dit(), tmp_path / "short", CFG, DATA, progress=False, stop_after=4)
+    four = _tensors(tmp_path / "steps" / "shiva-000004")
+    ckpt = io.load_artifact(short, "shiva-checkpoint")[0]
+    assert all(torch.equal(four[k], ckpt[k]) for k in four if k.startswith(("router.", "policy.")))
+    assert not torch.equal(four["router.proj_x.0.weight"], a["router.proj_x.0.weight"])
+    assert io.load_artifact(tmp_path / "steps" / "shiva-000004", "shiva")[1]["log"][-1]["step"] == 4
+    with pytest.raises(ValueError, match="export_every"):
+        train_shiva(tiny_dit(), tmp_path / "bad", CFG, DATA, progress=False, export_every=0)
+
+
 def test_each_stage_trains_what_it_should(tmp_path):
     tr = ShivaTrainer(tiny_dit(), CFG, DATA)
     from ditaccel.methods.shiva.routing import TrainRouting

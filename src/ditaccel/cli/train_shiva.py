@@ -28,6 +28,13 @@ def add_arguments(p) -> None:
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--ckpt-every", type=int, default=d.ckpt_every)
+    p.add_argument("--export-every", type=int, default=None,
+                   help="also write the artifact of the run so far every this many steps, as "
+                        "OUT/steps/shiva-STEP.{safetensors,json} (points of a training curve)")
+    p.add_argument("--budget-gain", type=float, default=d.budget_gain,
+                   help="integral term of the budget loss: holds the keep ratio's EMA at --keep "
+                        "(0: the paper's loss alone)")
+    p.add_argument("--lr-adapter", type=float, default=d.lr_adapter)
     p.add_argument("--stop-after", type=int, default=None,
                    help="stop after this many more steps (a checkpoint); run again to resume")
 
@@ -50,7 +57,8 @@ def run(args) -> int:
     cfg = ShivaTrainConfig(keep=args.keep, objective="flow" if is_flow_config(pipe.scheduler.config) else "epsilon", adaptive=not args.fixed_ratio, warmup_steps=stages[0],
                            policy_steps=stages[1], joint_steps=stages[2], adapter=args.adapter,
                            adapter_rank=args.adapter_rank, batch_size=args.batch_size, seed=args.seed,
-                           ckpt_every=args.ckpt_every)
+                           ckpt_every=args.ckpt_every, budget_gain=args.budget_gain,
+                           lr_adapter=args.lr_adapter)
     tf = pipe.transformer
     text = is_text_pipeline(pipe)
     shape = (tf.config.in_channels, tf.config.sample_size,
@@ -59,7 +67,8 @@ def run(args) -> int:
         raise ValueError(f"{args.model}: train-shiva trains on Fashion-MNIST, so the model must take 28x28x1 "
                          f"images with 10 classes or captions (this one: {shape[0]} channels, size {shape[1]}, "
                          f"{shape[2]} classes)")
-    stem = train_shiva(tf, args.out, cfg, load_fashion_mnist("train"), stop_after=args.stop_after)
+    stem = train_shiva(tf, args.out, cfg, load_fashion_mnist("train"), stop_after=args.stop_after,
+                       export_every=args.export_every)
     from .. import distributed as dist
 
     if dist.is_main():

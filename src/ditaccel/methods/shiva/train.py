@@ -62,6 +62,7 @@ class ShivaTrainConfig:
     adapter_rank: int = 32
     budget_weight: float = 1.0
     budget_beta: float = 0.2
+    budget_gain: float = 0.0        # integral term of the budget (0: the paper's EMA loss alone)
     distill_weight: float = 1.0
     distill_every: int = 4
     score_noise: float = 0.1        # exploration noise on the router scores (stages 1 and 2)
@@ -217,7 +218,7 @@ class ShivaTrainer:
         self.router = ShivaRouter.for_model(transformer).to(self.device)
         self.blocks = find_blocks(transformer)
         self.policy = RatioPolicy(len(self.blocks), cfg.keep).to(self.device)
-        self.budget = Budget(cfg.keep, beta=cfg.budget_beta, weight=cfg.budget_weight)
+        self.budget = Budget(cfg.keep, beta=cfg.budget_beta, weight=cfg.budget_weight, gain=cfg.budget_gain)
         self.adapter_params: list[torch.nn.Parameter] = []
         self.adapter_targets: list[str] = []
         if cfg.adapter != "none":
@@ -391,9 +392,14 @@ class ShivaTrainer:
         self.step, self.log = int(meta["step"]), list(meta["log"])
 
     # -- the run ----------------------------------------------------------------------------------
-    def run(self, out_dir: Path, progress: bool = True, stop_after: int | None = None) -> Path:
+    def run(self, out_dir: Path, progress: bool = True, stop_after: int | None = None,
+            export_every: int | None = None) -> Path:
         """Train to the end (or ``stop_after`` steps more), checkpointing to ``out_dir/checkpoint``;
-        at the end writes the artifact ``out_dir/shiva`` and returns its stem."""
+        at the end writes the artifact ``out_dir/shiva`` and returns its stem.  ``export_every``:
+        also write the artifact of the run so far as ``out_dir/steps/shiva-{step:06d}`` at every
+        multiple of that many steps (a training curve's points)."""
+        if export_every is not None and export_every < 1:
+            raise ValueError(f"export_every must be >= 1, got {export_every}")
         out_dir = Path(out_dir)
         ckpt = out_dir / "checkpoint"
         if io.artifact_exists(ckpt):
@@ -417,6 +423,8 @@ class ShivaTrainer:
                                      "elapsed_s": round(time.time() - t0, 1)})
                     if self.dist.is_main():  # one writer; every process holds the same state
                         self.save_checkpoint(ckpt)
+                if export_every and self.step % export_every == 0 and self.dist.is_main():
+                    save_shiva(out_dir / "steps" / f"shiva-{self.step:06d}", self)
         bar.close()
         if self.step < cfg.total_steps:
             self.dist.barrier()
@@ -450,11 +458,12 @@ def save_shiva(stem: Path, trainer: ShivaTrainer) -> None:
 
 
 def train_shiva(transformer, out_dir, cfg: ShivaTrainConfig, data, progress: bool = True,
-                stop_after: int | None = None) -> Path:
+                stop_after: int | None = None, export_every: int | None = None) -> Path:
     """Train (or resume) Shiva on ``transformer`` (frozen; adapters are added to it in place when
     ``cfg.adapter`` is not "none"); returns the artifact stem (or the checkpoint's, when stopped
     early by ``stop_after``).  ``data``: (images in [-1, 1] (N, C, H, W), class labels (N,)).
-    Running it again on the same ``out_dir`` resumes from its checkpoint.
+    Running it again on the same ``out_dir`` resumes from its checkpoint.  ``export_every``: also
+    keep the artifact of every that many steps under ``out_dir/steps`` (see :meth:`ShivaTrainer.run`).
 
     Example::
 
@@ -464,6 +473,6 @@ def train_shiva(transformer, out_dir, cfg: ShivaTrainConfig, data, progress: boo
     """
     trainer = ShivaTrainer(transformer, cfg, data)
     try:
-        return trainer.run(Path(out_dir), progress=progress, stop_after=stop_after)
+        return trainer.run(Path(out_dir), progress=progress, stop_after=stop_after, export_every=export_every)
     finally:
         trainer.close()
