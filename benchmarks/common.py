@@ -157,9 +157,8 @@ def fidelity_rows(stem: str, settings: dict, pipe, labels: list[int], entries, *
     """Fidelity only (no timing) of ``entries`` on ``pipe`` against the full model, resumable:
     ``ditaccel.bench.measure`` with classifier agreement with ``labels`` and FD vs the first ``real``
     Fashion-MNIST test images beside its PSNR / SSIM / FD vs the full model, images sampled with
-    ``sampler`` / ``steps`` / guidance ``cfg``, seed 0.  ``settings`` (which must say all of that) key
-    what is kept: the full model's images
-    (``results/<stem>.full``), the rows of a stopped run (``results/<stem>.partial.jsonl``) and the
+    ``sampler`` / ``steps`` / guidance ``cfg``, seed 0.  ``settings`` (everything that changes the
+    images or the scores) key what is kept: the full model's images (``results/<stem>.full``), the rows of a stopped run (``results/<stem>.partial.jsonl``) and the
     rows of the finished run (``results/<stem>.json``) for which ``keep(row)`` holds.  Returns
     ``measure``'s result; the caller publishes it and then removes the partial file."""
     import torch

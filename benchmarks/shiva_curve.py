@@ -8,7 +8,7 @@ artifact's tensor digest, so a run trained further adds its new points alone and
 points are measured afresh.  Writes results/shiva_curve{-model}.{json,md,png} and the
 ``shiva-curve`` block of docs/shiva.md (fmnist-dit).
 
-    ditaccel train-shiva --keep 0.8 --stage-steps 100,100,2200 --budget-gain 0.1 --lr-adapter 1e-3 \\
+    ditaccel train-shiva --keep 0.8 --stage-steps 100,100,2200 --budget-gain 0.1 --lr-adapter 3e-3 \\
         --export-every 300 --out runs/shiva-curve/keep0.8          # resumable
     python benchmarks/shiva_curve.py                               # every run under runs/shiva-curve
     python benchmarks/shiva_curve.py --replot                      # table, block and plot from the JSON

@@ -34,7 +34,8 @@ def add_arguments(p) -> None:
     p.add_argument("--budget-gain", type=float, default=d.budget_gain,
                    help="integral term of the budget loss: holds the keep ratio's EMA at --keep "
                         "(0: the paper's loss alone)")
-    p.add_argument("--lr-adapter", type=float, default=d.lr_adapter)
+    p.add_argument("--lr-adapter", type=float, default=d.lr_adapter,
+                   help="learning rate of the stage-3 adapters (default %(default)g)")
     p.add_argument("--stop-after", type=int, default=None,
                    help="stop after this many more steps (a checkpoint); run again to resume")
 

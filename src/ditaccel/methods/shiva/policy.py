@@ -11,7 +11,7 @@ and gives ``L_budget = r_bar * stopgrad(2 (mu - target) + lambda)``, whose gradi
 ratio toward the target with the EMA's memory (the paper's loss).  ``lambda`` is an integral term,
 ``lambda <- lambda + gain (mu - target)`` every step (dual ascent on the constraint mean = target):
 the paper's term alone balances the diffusion loss's pull toward more tokens at an EMA off the
-target (0.85 for a target of 0.8 on fmnist-dit), the integral grows until the EMA sits on it.
+target, the integral grows until the EMA sits on it.
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ class Budget:
 
     Example::
 
-        budget = Budget(0.8, gain=1.0)
+        budget = Budget(0.8, gain=0.1)
         loss = task_loss + budget.loss(policy(t))   # updates the EMA and the integral
     """
 
