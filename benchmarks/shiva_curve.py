@@ -8,9 +8,8 @@ artifact's tensor digest, so a run trained further adds its new points alone and
 points are measured afresh.  Writes results/shiva_curve{-model}.{json,md,png} and the
 ``shiva-curve`` block of docs/shiva.md (fmnist-dit).
 
-    ditaccel train-shiva --keep 0.8 --stage-steps 100,100,2200 --budget-gain 0.1 --lr-adapter 3e-3 \\
-        --export-every 300 --out runs/shiva-curve/keep0.8          # resumable
-    python benchmarks/shiva_curve.py                               # every run under runs/shiva-curve
+    bash scripts/train_shiva_fmnist.sh          # runs/shiva/keep*: the recipe, a point every 300 steps
+    python benchmarks/shiva_curve.py            # every exported point under runs/shiva
     python benchmarks/shiva_curve.py --replot                      # table, block and plot from the JSON
 """
 
@@ -59,7 +58,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="fmnist-dit", choices=["fmnist-dit", "fmnist-mmdit"])
     ap.add_argument("--runs", default=None, help="folder of training runs, each with steps/shiva-*.json "
-                    "(default runs/shiva-curve, runs/shiva-curve-mmdit for fmnist-mmdit)")
+                    "(default runs/shiva, runs/shiva-mmdit for fmnist-mmdit: scripts/train_shiva_fmnist.sh's)")
     ap.add_argument("--sampler", default=None, choices=list(SAMPLERS), help="default: the model's own")
     ap.add_argument("--steps", type=int, default=None, help="default: the sampler's")
     ap.add_argument("--n", type=int, default=64)
@@ -75,11 +74,11 @@ def main() -> None:
         plot(out, RESULTS / f"{stem}.png")
         publish(stem, f"shiva-curve{tag}", out, report)
         return
-    runs = Path(args.runs or ROOT / "runs" / ("shiva-curve" + tag.replace("-fmnist", "")))
+    runs = Path(args.runs or ROOT / "runs" / ("shiva" + tag.replace("-fmnist", "")))
     found = points(runs)
     if not found:
         raise SystemExit(f"no exported artifacts under {runs}/*/steps: train with "
-                         "`ditaccel train-shiva --export-every N --out {runs}/keep0.8` first")
+                         f"`bash scripts/train_shiva_fmnist.sh` (or train-shiva --export-every N --out {runs}/keep0.8) first")
     t0 = time.time()
     pipe = load_pipeline(args.model, "fp32")
     pipe.set_progress_bar_config(disable=True)

@@ -57,12 +57,12 @@ class ShivaTrainConfig:
     batch_size: int = 32
     lr_router: float = 1e-3
     lr_policy: float = 3e-3
-    lr_adapter: float = 1e-4
+    lr_adapter: float = 3e-3        # at 1e-4 stage 3 barely moves the loss (docs/shiva.md)
     adapter: str = "dora"
     adapter_rank: int = 32
     budget_weight: float = 1.0
     budget_beta: float = 0.2
-    budget_gain: float = 0.0        # integral term of the budget (0: the paper's EMA loss alone)
+    budget_gain: float = 0.1        # integral term of the budget (0: the paper's EMA loss alone)
     distill_weight: float = 1.0
     distill_every: int = 4
     score_noise: float = 0.1        # exploration noise on the router scores (stages 1 and 2)
