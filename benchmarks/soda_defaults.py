@@ -8,11 +8,13 @@ full model's images, FD vs the Fashion-MNIST test set, FLOP speedups as counted 
 
 Writes results/soda_defaults.{json,md} and the ``soda-defaults`` block of docs/soda.md; each
 finished row goes to results/soda_defaults.partial.jsonl first, so a stopped run resumes with the
-same command; the rows of a finished run with the same settings are kept (delete
+same command (the profile resumes from its last batch, the full model's images are kept in
+results/soda_defaults.full-<sampler>); the rows of a finished run with the same settings are kept (delete
 results/soda_defaults.json to measure them again).
 
     python benchmarks/soda_defaults.py                       # DDIM-50 and DDPM-250 (hours on 2 cores)
     python benchmarks/soda_defaults.py --samplers ddim       # DDIM-50 only
+    python benchmarks/soda_defaults.py --methods fora        # some methods now, the rest later
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from common import RESULTS, machine, publish, real_test_features, resume_partial
 from soda import get_profile, profile_stem
 from ditaccel.cli.main import main as cli
 from ditaccel.cli.plan import DEFAULT_CALIBRATION
+from ditaccel.io import artifact_exists, load_artifact, save_artifact
 from ditaccel.methods import make_plan, model_shape
 from ditaccel.metrics import feature_extractor, frechet_distance, psnr
 from ditaccel.pipeline import SAMPLERS
@@ -53,10 +56,29 @@ def default_plan(prof_stem: Path, speedup: float, *extra: str) -> Plan:
         return Plan.load(out)
 
 
+def full_images(pipe, labels, sampler: str, settings: dict, opts: dict) -> tuple[torch.Tensor, int]:
+    """The full model's scored images and FLOPs for ``sampler``, kept in results/soda_defaults.full-<sampler>
+    (a resumed or extended run scores against the same images without sampling them again: half
+    an hour at DDPM-250 on a 2-core CPU)."""
+    stem, kind = RESULTS / f"{STEM}.full-{sampler}", "soda-defaults-reference"
+    key = {**settings, "sampler": sampler, "steps": opts["steps"]}
+    if artifact_exists(stem):
+        tensors, meta = load_artifact(stem, kind)
+        if meta.get("settings") == key:
+            print(f"{sampler}: the full model's images from {stem.name}", flush=True)
+            return tensors["images"], int(meta["flops"])
+    print(f"{sampler}-{opts['steps']}: full model, {len(labels)} images", flush=True)
+    images, stats = sample(pipe, labels, **opts)
+    save_artifact(stem, kind, {"images": images}, {"settings": key, "flops": int(stats.flops)})
+    return images, int(stats.flops)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--samplers", default="ddim,ddpm", help="comma-separated: ddim (50 steps), ddpm (250)")
     ap.add_argument("--speedups", default="2,3,4", help="FLOP budgets; FORA runs interval S")
+    ap.add_argument("--methods", default=",".join(METHODS),
+                    help="comma-separated subset of " + ", ".join(METHODS) + " (the others' rows are kept)")
     ap.add_argument("--n", type=int, default=64, help="scored images (classes cycled)")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seed", type=int, default=20_000, help="first evaluation seed")
@@ -67,6 +89,9 @@ def main() -> None:
     samplers = args.samplers.split(",")
     if any(s not in ("ddim", "ddpm") for s in samplers):
         ap.error(f"--samplers takes ddim and/or ddpm, got {args.samplers!r}")
+    methods = args.methods.split(",")
+    if any(m not in METHODS for m in methods):
+        ap.error(f"--methods takes {', '.join(METHODS)}, got {args.methods!r}")
     speedups = [int(s) for s in args.speedups.split(",")]
     if any(s < 2 for s in speedups):
         ap.error("--speedups are FORA intervals: integers >= 2")
@@ -88,13 +113,12 @@ def main() -> None:
         steps = SAMPLERS[sampler][2]
         opts = dict(sampler=sampler, steps=steps, guidance_scale=args.cfg, seed=args.seed,
                     batch_size=args.batch, progress=False)
-        todo = [(m, s) for s in speedups for m in METHODS if (sampler, m, s) not in done]
+        todo = [(m, s) for s in speedups for m in METHODS if m in methods and (sampler, m, s) not in done]
         if not todo:
             continue
         get_profile(pipe, sampler, steps, args.cfg, args.profile_samples, False)
         stem = profile_stem(sampler, steps, args.cfg, args.profile_samples)
-        print(f"{sampler}-{steps}: full model, {args.n} images", flush=True)
-        full, fstats = sample(pipe, labels, **opts)
+        full, full_flops = full_images(pipe, labels, sampler, settings, opts)
         ffeats = fx(full)
         for method, s in todo:
             plan = (default_plan(stem, s) if method == "soda"
@@ -107,7 +131,7 @@ def main() -> None:
                 remove(pipe)
             feats = fx(images)
             row = {"sampler": sampler, "steps": steps, "method": method, "budget": s,
-                   "speedup_flops": fstats.flops / stats.flops, "psnr": psnr(full, images),
+                   "speedup_flops": full_flops / stats.flops, "psnr": psnr(full, images),
                    "fd_vs_full": frechet_distance(feats, ffeats), "fd_vs_test": frechet_distance(feats, real),
                    "anchors": int(plan.anchors.sum()),
                    "fill": None if plan.fill is None else float(plan.fill_grid().float().mean()),
