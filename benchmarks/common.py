@@ -152,6 +152,25 @@ def measure_entry(pipe, timed, entry, repeats: int, while_on=None, baseline=None
     return flops, extra, ratios
 
 
+def load_reference(stem: Path, kind: str, settings: dict) -> tuple | None:
+    """The full model's scored images and FLOPs a run kept at ``stem`` (see :func:`save_reference`),
+    or None when there are none or they were made with other ``settings``."""
+    from ditaccel.io import artifact_exists, load_artifact
+
+    if not artifact_exists(stem):
+        return None
+    tensors, meta = load_artifact(stem, kind)
+    return (tensors["images"], int(meta["flops"])) if meta.get("settings") == settings else None
+
+
+def save_reference(stem: Path, kind: str, settings: dict, images, flops: int) -> None:
+    """Keep the full model's scored images beside a resumable run's rows, keyed by ``settings``: a
+    resumed run scores against the very images its earlier rows were scored against."""
+    from ditaccel.io import save_artifact
+
+    save_artifact(stem, kind, {"images": images}, {"settings": settings, "flops": int(flops)})
+
+
 def fidelity_rows(stem: str, settings: dict, pipe, labels: list[int], entries, *, sampler: str, steps: int,
                   cfg: float, batch: int, real: int, keep=lambda row: True) -> dict:
     """Fidelity only (no timing) of ``entries`` on ``pipe`` against the full model, resumable:
@@ -164,7 +183,6 @@ def fidelity_rows(stem: str, settings: dict, pipe, labels: list[int], entries, *
     import torch
 
     from ditaccel.bench import MeasureConfig, measure
-    from ditaccel.io import artifact_exists, load_artifact, save_artifact
     from ditaccel.metrics import feature_extractor, frechet_distance
     from ditaccel.models.classifier import predict
     from ditaccel.registry import load_classifier_asset
@@ -186,14 +204,11 @@ def fidelity_rows(stem: str, settings: dict, pipe, labels: list[int], entries, *
     partial = RESULTS / f"{stem}.partial.jsonl"
     _, resumed = resume_partial(partial, settings, RESULTS / f"{stem}.json", keep=lambda r: r["method"] != "full" and keep(r))
     reference, kind = RESULTS / f"{stem}.full", f"{stem.split('-')[0].replace('_', '-')}-reference"
-    full = None
-    if artifact_exists(reference):
-        tensors, meta = load_artifact(reference, kind)
-        full = (tensors["images"], int(meta["flops"])) if meta.get("settings") == settings else None
+    full = load_reference(reference, kind, settings)
     resumed = [r for r in resumed if keep(r)] if full is not None else []
 
     def keep_full(images, flops):
-        save_artifact(reference, kind, {"images": images}, {"settings": settings, "flops": flops})
+        save_reference(reference, kind, settings, images, flops)
 
     def on_row(row):
         print(json.dumps({k: v for k, v in row.items() if isinstance(v, (int, float, str))}), flush=True)

@@ -50,10 +50,11 @@ from collections import Counter
 
 import torch
 
-from common import RESULTS, ROOT, machine, real_test_features, replace_block, resume_partial, save_json
+from common import (RESULTS, ROOT, load_reference, machine, real_test_features, replace_block, resume_partial,
+                    save_json, save_reference)
 from ditaccel.bench import (ABLATIONS, SODA, MeasureConfig, measure, merge, method_entries, parse_sweeps, plan_path, plot,
                             report, retime, stale_timing)
-from ditaccel.io import artifact_exists, load_artifact, remove_artifact, save_artifact, write_text
+from ditaccel.io import remove_artifact, write_text
 from ditaccel.metrics import feature_extractor, frechet_distance
 from ditaccel.models.classifier import predict
 from ditaccel.pipeline import SAMPLERS
@@ -251,17 +252,14 @@ def main() -> None:
     # sweep scores against the very images its earlier rows were scored against, without sampling
     # them again (a quarter of an hour at DDPM-250 on a 2-core CPU)
     reference = RESULTS / f"{stem}.partial-full"
-    full = None
-    if resumed and artifact_exists(reference):
-        tensors, meta = load_artifact(reference, "peers-reference")
-        if meta.get("settings") == settings:
-            full = (tensors["images"], int(meta["flops"]))
-            print(f"resuming: the full model's images from {reference.name}", flush=True)
+    full = load_reference(reference, "peers-reference", settings) if resumed else None
+    if full is not None:
+        print(f"resuming: the full model's images from {reference.name}", flush=True)
     if not resumed:
         remove_artifact(reference)
 
     def keep_full(images, flops):
-        save_artifact(reference, "peers-reference", {"images": images}, {"settings": settings, "flops": flops})
+        save_reference(reference, "peers-reference", settings, images, flops)
 
     # rows scored on features of another precision do not compare (FD moves by percents): measured
     # again in full. Rows from before the extractor was fp32 everywhere say it by their CPU: a

@@ -27,11 +27,10 @@ from pathlib import Path
 
 import torch
 
-from common import RESULTS, machine, publish, real_test_features, resume_partial
+from common import RESULTS, load_reference, machine, publish, real_test_features, resume_partial, save_reference
 from soda import get_profile, profile_stem
 from ditaccel.cli.main import main as cli
 from ditaccel.cli.plan import DEFAULT_CALIBRATION
-from ditaccel.io import artifact_exists, load_artifact, save_artifact
 from ditaccel.methods import make_plan, model_shape
 from ditaccel.metrics import feature_extractor, frechet_distance, psnr
 from ditaccel.pipeline import SAMPLERS
@@ -62,14 +61,13 @@ def full_images(pipe, labels, sampler: str, settings: dict, opts: dict) -> tuple
     an hour at DDPM-250 on a 2-core CPU)."""
     stem, kind = RESULTS / f"{STEM}.full-{sampler}", "soda-defaults-reference"
     key = {**settings, "sampler": sampler, "steps": opts["steps"]}
-    if artifact_exists(stem):
-        tensors, meta = load_artifact(stem, kind)
-        if meta.get("settings") == key:
-            print(f"{sampler}: the full model's images from {stem.name}", flush=True)
-            return tensors["images"], int(meta["flops"])
+    kept = load_reference(stem, kind, key)
+    if kept is not None:
+        print(f"{sampler}: the full model's images from {stem.name}", flush=True)
+        return kept
     print(f"{sampler}-{opts['steps']}: full model, {len(labels)} images", flush=True)
     images, stats = sample(pipe, labels, **opts)
-    save_artifact(stem, kind, {"images": images}, {"settings": key, "flops": int(stats.flops)})
+    save_reference(stem, kind, key, images, stats.flops)
     return images, int(stats.flops)
 
 
