@@ -20,6 +20,7 @@ TABLES = {  # results file -> what it measured
     "peers-ddim": "fmnist-dit, DDIM-50",
     "peers-ddpm": "fmnist-dit, DDPM-250",
     "peers-ddim-fmnist-pixart": "fmnist-pixart (text), DDIM-50",
+    "peers-euler-fmnist-mmdit": "fmnist-mmdit (SD3-style text), Euler-28",
 }
 SPEEDS = (2.0, 3.0)
 

@@ -38,6 +38,8 @@ Writes results/peers-<sampler>[-quick].{json,md,png} and its page's ``peers-<sam
     python benchmarks/peers.py --model fmnist-pixart --n 32 --timed-batch 4 --sweep fora=2,3 ...
                                                       # the PixArt-style text model (its page's
                                                       # command, two points per method)
+    python benchmarks/peers.py --model fmnist-mmdit --quick   # the SD3-style model, Euler-28 (flow
+                                                      # matching: its only sampler)
 """
 
 from __future__ import annotations
@@ -62,6 +64,10 @@ from ditaccel.registry import load_classifier_asset, load_pipeline
 from ditaccel.runtime import RUNTIME_REVISION
 from ditaccel.sampling import sample
 
+
+# the samplers each bundled model is benchmarked with (the first is the default): the flow-matching
+# SD3-style model takes Euler steps, the others DDIM or DDPM
+MODEL_SAMPLERS = {"fmnist-dit": ("ddim", "ddpm"), "fmnist-pixart": ("ddim", "ddpm"), "fmnist-mmdit": ("euler",)}
 
 # the defaults of a full run and of --quick, a smoke run of the whole benchmark that finishes in 10
 # minutes on a bare 2-core fp32 CPU (profile included): half the sampler's steps, 8 images, a timed
@@ -96,7 +102,7 @@ def command_of(args) -> str:
     parts = ["python benchmarks/peers.py"]
     if args.model != "fmnist-dit":
         parts.append(f"--model {args.model}")
-    if args.sampler != "ddim":
+    if args.sampler != MODEL_SAMPLERS[args.model][0]:
         parts.append(f"--sampler {args.sampler}")
     if args.quick:
         parts.append("--quick")
@@ -144,9 +150,10 @@ def _machines(out: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="fmnist-dit", choices=["fmnist-dit", "fmnist-pixart"])
+    ap.add_argument("--model", default="fmnist-dit", choices=list(MODEL_SAMPLERS))
     ap.add_argument("--dtype", default="auto", help="auto: bf16 where native, else fp32")
-    ap.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"])
+    ap.add_argument("--sampler", default=None, choices=sorted({x for v in MODEL_SAMPLERS.values() for x in v}),
+                    help="default: the model's first (ddim; euler for the flow-matching fmnist-mmdit)")
     ap.add_argument("--n", type=int, default=None, help="fidelity samples (default 96, quick 8)")
     ap.add_argument("--batch", type=int, default=None, help="images per scored batch (16, quick 8)")
     ap.add_argument("--timed-batch", type=int, default=None, help="images in the timed batch (8, quick 2)")
@@ -166,6 +173,10 @@ def main() -> None:
                          "every speedup comes from one machine and the current runtime; 'all': every row, in one "
                          "pass (a stopped pass resumes where it stopped)")
     args = ap.parse_args()
+    fits = MODEL_SAMPLERS[args.model]
+    args.sampler = args.sampler or fits[0]
+    if args.sampler not in fits:
+        ap.error(f"--sampler {args.sampler} does not fit {args.model}: use {' or '.join(fits)}")
     stem = stem_of(args)
     if args.retime and not args.repeats:
         ap.error("--retime times rows again: it needs --repeats of at least 1")

@@ -12,8 +12,11 @@ classifier-free guidance runs both branches in one batched call), the current ti
 the call, and a reset of the hooks' state at the start of every trajectory (the timestep goes up,
 or the batch changes).  Where a library's defaults fail on a DiT: TaylorSeer's default block
 patterns hook nothing (the blocks are named), FasterCache assumes ``[uncond, cond]`` batches
-(DiT pipelines batch ``[cond, uncond]``), and cache-dit's default DBCache computes every block of
-a shallow model (F1B0 with warm-up steps is used).
+(DiT pipelines batch ``[cond, uncond]``), cache-dit's default DBCache computes every block of
+a shallow model (F1B0 with warm-up steps is used), and on SD3-style models, whose last joint block
+returns ``None`` for its text stream, diffusers' FBC and TaylorSeer and cache-dit's TaylorSeer
+calibrator fail (the block is given back its text input there, which the model discards, and
+cache-dit's encoder calibrator is left off).
 
     handle = attach_peer(pipe, "fbc", 0.2, num_steps=50)
     images = pipe(...)
@@ -165,6 +168,7 @@ def attach_peer(pipe, name: str, value: float, num_steps: int, mag_ratios: list[
 
     reg = _registry(tf)
     plumbing = _Plumbing(tf, context=name in ("fbc", "taylorseer"), reset=reg.reset_stateful_hooks)
+    restore_streams = _keep_text_streams(tf)  # before the peer's hooks, so that they wrap it
     try:
         if name == "fbc":
             dh.apply_first_block_cache(tf, dh.FirstBlockCacheConfig(threshold=float(value)))
@@ -193,14 +197,62 @@ def attach_peer(pipe, name: str, value: float, num_steps: int, mag_ratios: list[
         reg.invalidate_child_registries_cache()  # the context must reach the hooks just added
     except Exception:
         plumbing.remove()
+        restore_streams()
         raise
 
     def remove():
         plumbing.remove()
         for n in _diffusers_hook_names(name):
             reg.remove_hook(n, recurse=True)
+        restore_streams()
 
     return PeerHandle(name, remove, {"knob": PEERS[name].knob, "value": value})
+
+
+# joint (two-stream) blocks that can drop their text stream: SD3's last block (``context_pre_only``)
+# returns ``None`` for it, which diffusers' first-block cache and TaylorSeer cannot take
+_TEXT_STREAM_BLOCKS = {"JointTransformerBlock": "context_pre_only"}
+_TEXT_STREAM_HOOK = "ditaccel_text_stream_kept"
+
+
+def _text_stream_droppers(transformer) -> list[torch.nn.Module]:
+    """The blocks of ``transformer`` that return ``None`` for their text stream (``_TEXT_STREAM_BLOCKS``)."""
+    return [m for m in transformer.modules()
+            if getattr(m, _TEXT_STREAM_BLOCKS.get(type(m).__name__, "-"), False) is True]
+
+
+def _keep_text_streams(transformer) -> Callable[[], None]:
+    """On every block of ``transformer`` that drops its text stream (``_TEXT_STREAM_BLOCKS``), a
+    diffusers hook that returns the block's text input in place of ``None``.  The transformer
+    discards the last block's text output, so its result is unchanged, and diffusers' FBC and
+    TaylorSeer hooks (which take a residual or a Taylor state of every output) run on SD3.
+
+    Returns a function that removes the hooks again (a no-op where none was needed).
+
+        restore = _keep_text_streams(pipe.transformer)   # before the peer's own hooks
+        ...
+        restore()
+    """
+    from diffusers.hooks import HookRegistry, ModelHook
+
+    class KeepTextStream(ModelHook):
+        def new_forward(self, module, *args, **kwargs):
+            out = self.fn_ref.original_forward(*args, **kwargs)
+            if isinstance(out, tuple) and out[0] is None:
+                text = kwargs["encoder_hidden_states"] if "encoder_hidden_states" in kwargs else args[1]
+                out = (text, *out[1:])
+            return out
+
+    hooked = _text_stream_droppers(transformer)
+    for m in hooked:
+        HookRegistry.check_if_exists_or_initialize(m).register_hook(KeepTextStream(), _TEXT_STREAM_HOOK)
+
+    def restore() -> None:
+        for m in hooked:
+            HookRegistry.check_if_exists_or_initialize(m).remove_hook(_TEXT_STREAM_HOOK, recurse=False)
+        hooked.clear()
+
+    return restore
 
 
 # cache-dit's block contract per transformer, for pipelines it does not know by name (ours): the
@@ -215,7 +267,11 @@ def _attach_cache_dit(pipe, name: str, value: float, num_steps: int) -> PeerHand
                                TaylorSeerCalibratorConfig)
     except ImportError as e:
         raise PeerUnavailable(f"{name} needs cache-dit: pip install cache-dit ({e})") from None
-    calib = TaylorSeerCalibratorConfig(taylorseer_order=1) if name == "dbcache-taylorseer" else None
+    # where the last block drops the text stream (SD3) there is no text residual to forecast: cache-dit's
+    # encoder calibrator would look up a state it never stored
+    calib = (TaylorSeerCalibratorConfig(taylorseer_order=1,
+                                        enable_encoder_calibrator=not _text_stream_droppers(pipe.transformer))
+             if name == "dbcache-taylorseer" else None)
     cfg = DBCacheConfig(Fn_compute_blocks=1, Bn_compute_blocks=0, max_warmup_steps=4,
                         residual_diff_threshold=float(value), num_inference_steps=num_steps)
     target = pipe
