@@ -1,6 +1,7 @@
-"""Issue 5's benchmark in one command: SODA against every peer on the bundled DiT at DDIM-50 and
-DDPM-250, each with its seed check (a fidelity-only run on other seeds and the ranking's stability
-across the two seed sets), then the execution-efficiency study at DiT-XL/2 size.  Every step is
+"""The peers benchmark in one command: SODA against every peer on the bundled DiT at DDIM-50 and
+DDPM-250, on the PixArt-style text model at DDIM-50 and on the SD3-style one at Euler-28, each with
+its seed check (a fidelity-only run on other seeds and the ranking's stability across the two seed
+sets), then the execution-efficiency study at DiT-XL/2 size.  Every step is
 one of the scripts beside this one, run as its docs section names it; each writes its results
 under ``results/`` and its docs block, and resumes its own partial file when stopped, so running
 this command again continues where it stopped (``--from`` skips the steps already done).
@@ -9,7 +10,7 @@ this command again continues where it stopped (``--from`` skips the steps alread
     python benchmarks/peers_all.py --quick   # the DDIM sweep's --quick run (one point per method,
                                              # 8 images) and the matmul table: under 10 minutes
     python benchmarks/peers_all.py --list    # the steps and their commands, nothing run
-    python benchmarks/peers_all.py --from 4  # from the DDPM-250 table on
+    python benchmarks/peers_all.py --from 4  # from the DDPM-250 table on (--list numbers the steps)
 """
 
 from __future__ import annotations
@@ -23,6 +24,24 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 DDPM = ["--sampler", "ddpm", "--n", "32", "--timed-batch", "4", "--dtype", "fp32"]
 SEED_CHECK = ["--seed", "10000", "--repeats", "0"]
+
+
+def sweeps(**points: str) -> list[str]:
+    """``--sweep method=v1,v2`` flags (a text model costs several times the DiT per image: two or
+    three points per method around 2x and 3x, where the goal check compares)."""
+    return [a for m, v in points.items() for a in ("--sweep", f"{m.replace('_', '-')}={v}")]
+
+
+# the text models: 32 images, timed on batches of 4, each method at the knob values that land it
+# between 1.5x and 3x on that model (PAB and FasterCache stay under 1.5x there: one point each)
+PIXART = ["--model", "fmnist-pixart", "--n", "32", "--timed-batch", "4",
+          *sweeps(fora="2,3", fora_forecast="2,3", toca="3,6", delta_dit="3,6", soda="2,2.5,3", soda_latency="2,2.5,3",
+                  fbc="0.04,0.08", pab="6", fastercache="2", taylorseer="2,3", magcache="0.02,0.04",
+                  dbcache="0.04,0.08", dbcache_taylorseer="0.04,0.08")]
+MMDIT = ["--model", "fmnist-mmdit", "--n", "32", "--timed-batch", "4",
+         *sweeps(fora="2,3", fora_forecast="2,3", toca="3,6", delta_dit="3,6", soda="2,2.5,3",
+                 soda_latency="2,2.5,3", fbc="0.08,0.16", pab="2", fastercache="2", taylorseer="2,3,4",
+                 magcache="0.02,0.04", dbcache="0.08,0.16", dbcache_taylorseer="0.08,0.16")]
 STEPS = [
     ("DDIM-50 table", ["peers.py"]),
     ("DDIM-50 seed check", ["peers.py", *SEED_CHECK]),
@@ -30,6 +49,12 @@ STEPS = [
     ("DDPM-250 table", ["peers.py", *DDPM]),
     ("DDPM-250 seed check", ["peers.py", *DDPM, *SEED_CHECK]),
     ("DDPM-250 ranking stability", ["peers_stability.py", "--sampler", "ddpm"]),
+    ("PixArt-style DDIM-50 table", ["peers.py", *PIXART]),
+    ("PixArt-style DDIM-50 seed check", ["peers.py", *PIXART, *SEED_CHECK]),
+    ("PixArt-style DDIM-50 ranking stability", ["peers_stability.py", "--model", "fmnist-pixart"]),
+    ("SD3-style Euler-28 table", ["peers.py", *MMDIT]),
+    ("SD3-style Euler-28 seed check", ["peers.py", *MMDIT, *SEED_CHECK]),
+    ("SD3-style Euler-28 ranking stability", ["peers_stability.py", "--model", "fmnist-mmdit"]),
     ("DiT-XL/2 latency study", ["xl_latency.py"]),
     ("DiT-XL/2 matmuls by row count", ["xl_rows.py"]),
 ]
