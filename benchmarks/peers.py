@@ -60,14 +60,23 @@ from ditaccel.io import remove_artifact, write_text
 from ditaccel.metrics import feature_extractor, frechet_distance
 from ditaccel.models.classifier import predict
 from ditaccel.pipeline import SAMPLERS
-from ditaccel.registry import load_classifier_asset, load_pipeline
+from ditaccel.registry import BUNDLED, load_classifier_asset, load_pipeline
 from ditaccel.runtime import RUNTIME_REVISION
 from ditaccel.sampling import sample
 
 
-# the samplers each bundled model is benchmarked with (the first is the default): the flow-matching
-# SD3-style model takes Euler steps, the others DDIM or DDPM
-MODEL_SAMPLERS = {"fmnist-dit": ("ddim", "ddpm"), "fmnist-pixart": ("ddim", "ddpm"), "fmnist-mmdit": ("euler",)}
+def model_sampler(model: str, sampler: str | None) -> str:
+    """The sampler a bundled ``model`` is benchmarked with: ``sampler``, or by default the one it
+    is meant for (``ditaccel.pipeline.default_sampler``: euler for the flow-matching fmnist-mmdit,
+    else ddim).  ValueError where ``sampler`` does not fit the model (``make_scheduler``'s)."""
+    from ditaccel.pipeline import default_sampler, make_scheduler
+    from ditaccel.registry import resolve_model
+
+    config = json.loads((resolve_model(model) / "scheduler" / "scheduler_config.json").read_text())
+    sampler = sampler or default_sampler(config)
+    make_scheduler(sampler, config)
+    return sampler
+
 
 # the defaults of a full run and of --quick, a smoke run of the whole benchmark that finishes in 10
 # minutes on a bare 2-core fp32 CPU (profile included): half the sampler's steps, 8 images, a timed
@@ -102,7 +111,7 @@ def command_of(args) -> str:
     parts = ["python benchmarks/peers.py"]
     if args.model != "fmnist-dit":
         parts.append(f"--model {args.model}")
-    if args.sampler != MODEL_SAMPLERS[args.model][0]:
+    if args.sampler != model_sampler(args.model, None):
         parts.append(f"--sampler {args.sampler}")
     if args.quick:
         parts.append("--quick")
@@ -150,10 +159,10 @@ def _machines(out: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="fmnist-dit", choices=list(MODEL_SAMPLERS))
+    ap.add_argument("--model", default="fmnist-dit", choices=list(BUNDLED))
     ap.add_argument("--dtype", default="auto", help="auto: bf16 where native, else fp32")
-    ap.add_argument("--sampler", default=None, choices=sorted({x for v in MODEL_SAMPLERS.values() for x in v}),
-                    help="default: the model's first (ddim; euler for the flow-matching fmnist-mmdit)")
+    ap.add_argument("--sampler", default=None, choices=["ddim", "ddpm", "euler"],
+                    help="default: the one the model is meant for (ddim; euler for the flow-matching fmnist-mmdit)")
     ap.add_argument("--n", type=int, default=None, help="fidelity samples (default 96, quick 8)")
     ap.add_argument("--batch", type=int, default=None, help="images per scored batch (16, quick 8)")
     ap.add_argument("--timed-batch", type=int, default=None, help="images in the timed batch (8, quick 2)")
@@ -173,10 +182,10 @@ def main() -> None:
                          "every speedup comes from one machine and the current runtime; 'all': every row, in one "
                          "pass (a stopped pass resumes where it stopped)")
     args = ap.parse_args()
-    fits = MODEL_SAMPLERS[args.model]
-    args.sampler = args.sampler or fits[0]
-    if args.sampler not in fits:
-        ap.error(f"--sampler {args.sampler} does not fit {args.model}: use {' or '.join(fits)}")
+    try:
+        args.sampler = model_sampler(args.model, args.sampler)
+    except ValueError as e:
+        ap.error(f"{args.model}: {e}")
     stem = stem_of(args)
     if args.retime and not args.repeats:
         ap.error("--retime times rows again: it needs --repeats of at least 1")

@@ -289,19 +289,25 @@ def test_profile_plan_bench_generate_on_a_text_model(tmp_path, capsys):
     assert all(r["flops"] < rows[0]["flops"] for r in rows[1:])
 
 
+def cacheable(kind: str, text_parts, steps: int):
+    """A tiny text pipeline whose random blocks are close to identity (so that residuals look alike
+    and caches cache), and a function that samples two images from it in ``steps`` steps."""
+    pipe = tiny(kind)
+    pipe._text = text_parts
+    with torch.no_grad():
+        for p in pipe.transformer.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return pipe, lambda: sample(pipe, [1, 2], steps=steps, guidance_scale=2.0, seed=0, progress=False,
+                                count_flops=False)[0]
+
+
 @pytest.mark.parametrize("kind", ["pixart", "sd3"])
 def test_cache_dit_runs_on_the_text_pipelines(kind, text_parts):
     """cache-dit knows pipelines by class name and ours by none: it gets a BlockAdapter built from
     the transformer's block pattern instead, and caches, and comes off."""
     from ditaccel.peers import attach_peer
 
-    pipe = tiny(kind)
-    pipe._text = text_parts
-    with torch.no_grad():  # random blocks close to identity, so that residuals look alike and get cached
-        for p in pipe.transformer.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-    run = lambda: sample(pipe, [1, 2], steps=12, guidance_scale=2.0, seed=0, progress=False,  # noqa: E731
-                         count_flops=False)[0]
+    pipe, run = cacheable(kind, text_parts, steps=12)
     ref = run()
     h = attach_peer(pipe, "dbcache", 0.9, 12)
     cached = run()
@@ -320,14 +326,8 @@ def test_every_peer_runs_on_the_sd3_style_pipeline(name, text_parts):
 
     if PEERS[name].library == "cache-dit":
         pytest.importorskip("cache_dit")
-    pipe = tiny("sd3")
-    pipe._text = text_parts
-    with torch.no_grad():  # random blocks close to identity, so that residuals look alike and get cached
-        for p in pipe.transformer.parameters():
-            p.add_(0.02 * torch.randn_like(p))
     steps = 12
-    run = lambda: sample(pipe, [1, 2], steps=steps, guidance_scale=2.0, seed=0, progress=False,  # noqa: E731
-                         count_flops=False)[0]
+    pipe, run = cacheable("sd3", text_parts, steps)
     calls = []
     hook = pipe.transformer.transformer_blocks[-1].attn.to_q.register_forward_hook(lambda *a: calls.append(1))
     ref = run()

@@ -218,7 +218,7 @@ _TEXT_STREAM_HOOK = "ditaccel_text_stream_kept"
 def _text_stream_droppers(transformer) -> list[torch.nn.Module]:
     """The blocks of ``transformer`` that return ``None`` for their text stream (``_TEXT_STREAM_BLOCKS``)."""
     return [m for m in transformer.modules()
-            if getattr(m, _TEXT_STREAM_BLOCKS.get(type(m).__name__, "-"), False) is True]
+            if type(m).__name__ in _TEXT_STREAM_BLOCKS and getattr(m, _TEXT_STREAM_BLOCKS[type(m).__name__]) is True]
 
 
 def _keep_text_streams(transformer) -> Callable[[], None]:
