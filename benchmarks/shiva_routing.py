@@ -117,18 +117,30 @@ SCORES = {"random": lambda tf: RandomScore(), "norm": lambda tf: norm_score, "me
           "block-update (bound)": BlockUpdate}
 
 
-def score_entry(name: str, keep: float, steps: int) -> Entry:
+def routed_entry(label: str, family: str, keep: float, score, ratios) -> Entry:
+    """The runtime's routing with a non-learned ``score(transformer)`` (a router score, as
+    ``SCORES`` makes them) and keep ratios ``ratios(layers)`` (a (steps, layers) table, column 0
+    at 1), exact counts (no rounding), as the bench entry ``label``."""
     def prepare(pipe):
         tf = pipe.transformer
-        ratios = torch.full((steps, len(find_blocks(tf))), keep, dtype=torch.float64)
-        ratios[:, 0] = 1.0
-        plan = plan_from_ratios(ratios, image_tokens(tf), modules_of(tf), 1)
+        plan = plan_from_ratios(ratios(len(find_blocks(tf))), image_tokens(tf), modules_of(tf), 1)
 
         def attach(p):
-            apply(p, plan, router=SCORES[name](tf))
+            apply(p, plan, router=score(tf))
             return lambda: remove(p)
         return attach
-    return Entry(f"{name}@{keep:g}", name, "keep", keep, prepare)
+    return Entry(label, family, "keep", keep, prepare)
+
+
+def uniform_ratios(keep: float, steps: int, layers: int) -> torch.Tensor:
+    """Keep ratios (steps, layers): ``keep`` in every block but the first."""
+    ratios = torch.full((steps, layers), keep, dtype=torch.float64)
+    ratios[:, 0] = 1.0
+    return ratios
+
+
+def score_entry(name: str, keep: float, steps: int) -> Entry:
+    return routed_entry(f"{name}@{keep:g}", name, keep, SCORES[name], lambda layers: uniform_ratios(keep, steps, layers))
 
 
 def router_entry(stem: Path, keep: float, sampler: str, steps: int, adapters: bool, streak: bool = False) -> Entry:

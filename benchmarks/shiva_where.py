@@ -33,63 +33,49 @@ import time
 import torch
 
 from common import RESULTS, fidelity_rows, machine, publish
-from ditaccel.bench import Entry
-from ditaccel.methods.shiva.policy import plan_from_ratios
 from ditaccel.registry import load_pipeline
-from ditaccel.runtime import RUNTIME_REVISION, apply, remove
-from ditaccel.runtime.adapters import find_blocks, image_tokens, modules_of
-from shiva_routing import BlockUpdate, RandomScore, Streak
+from ditaccel.runtime import RUNTIME_REVISION
+from shiva_routing import SCORES as ROUTING_SCORES
+from shiva_routing import routed_entry, uniform_ratios
 
-SCORES = {"random+streak": lambda tf: Streak(RandomScore()), "block-update (bound)": BlockUpdate}
+SCORES = {name: ROUTING_SCORES[name] for name in ("random+streak", "block-update (bound)")}
 
 
-def _half(n: int, first: bool) -> torch.Tensor:
-    mask = torch.zeros(n, dtype=torch.bool)
-    mask[: n // 2] = True
-    return mask if first else ~mask
+def _first_half(n: int) -> torch.Tensor:
+    return torch.arange(n) < n // 2
+
+
+# schedule name -> the (steps, routed layers) cells it routes
+SCHEDULES = {
+    "every block": lambda s, r: torch.ones(s, r, dtype=torch.bool),
+    "noisy steps": lambda s, r: _first_half(s)[:, None].expand(s, r),
+    "clean steps": lambda s, r: ~_first_half(s)[:, None].expand(s, r),
+    "every other step": lambda s, r: (torch.arange(s) % 2 == 0)[:, None].expand(s, r),
+    "every other layer": lambda s, r: (torch.arange(r) % 2 == 0)[None, :].expand(s, r),
+    "early layers": lambda s, r: _first_half(r)[None, :].expand(s, r),
+    "late layers": lambda s, r: ~_first_half(r)[None, :].expand(s, r),
+}
 
 
 def schedule(name: str, keep: float, steps: int, layers: int) -> torch.Tensor:
     """Keep ratios (steps, layers) with mean ``keep`` over the routed layers (1..layers-1);
     column 0 is 1 (never routed).  See the module docstring for the names."""
-    routed = layers - 1
-    if name == "every block":
-        cells = torch.ones(steps, routed, dtype=torch.bool)
-    elif name in ("noisy steps", "clean steps"):
-        cells = _half(steps, name == "noisy steps")[:, None].expand(steps, routed)
-    elif name == "every other step":
-        cells = (torch.arange(steps) % 2 == 0)[:, None].expand(steps, routed)
-    elif name == "every other layer":
-        cells = (torch.arange(routed) % 2 == 0)[None, :].expand(steps, routed)
-    elif name in ("early layers", "late layers"):
-        cells = _half(routed, name == "early layers")[None, :].expand(steps, routed)
-    else:
+    if name not in SCHEDULES:
         raise ValueError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULES)}")
-    share = cells.double().mean()
+    cells = SCHEDULES[name](steps, layers - 1)
+    share = float(cells.double().mean())
     # the routed cells' ratio that makes the mean ``keep`` (q = 2 keep - 1 where half are routed)
-    q = 1 - (1 - keep) / float(share)
+    q = 1 - (1 - keep) / share
     if q <= 0:
-        raise ValueError(f"mean keep {keep} cannot be met by routing {float(share):.0%} of the blocks")
-    ratios = torch.ones(steps, layers, dtype=torch.float64)
-    ratios[:, 1:] = torch.where(cells, torch.full(cells.shape, q, dtype=torch.float64), 1.0)
+        raise ValueError(f"mean keep {keep} cannot be met by routing {share:.0%} of the blocks")
+    ratios = uniform_ratios(1.0, steps, layers)
+    ratios[:, 1:].masked_fill_(cells, q)
     return ratios
 
 
-SCHEDULES = ("every block", "noisy steps", "clean steps", "every other step", "every other layer",
-             "early layers", "late layers")
-
-
-def entry(score: str, where: str, keep: float, steps: int) -> Entry:
-    def prepare(pipe):
-        tf = pipe.transformer
-        ratios = schedule(where, keep, steps, len(find_blocks(tf)))
-        plan = plan_from_ratios(ratios, image_tokens(tf), modules_of(tf), 1)
-
-        def attach(p):
-            apply(p, plan, router=SCORES[score](tf))
-            return lambda: remove(p)
-        return attach
-    return Entry(f"{score}|{where}@{keep:g}", score, "keep", keep, prepare)
+def entry(score: str, where: str, keep: float, steps: int):
+    return routed_entry(f"{score}|{where}@{keep:g}", score, keep, SCORES[score],
+                        lambda layers: schedule(where, keep, steps, layers))
 
 
 def main() -> None:
