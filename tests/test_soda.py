@@ -10,7 +10,7 @@ import torch
 
 from ditaccel.methods import soda
 from ditaccel.plan import FULL, REUSE
-from ditaccel.profiling import Profile, ProfileError, _Recorder, default_intervals, profile
+from ditaccel.profiling import ERRORS, Profile, ProfileConfig, ProfileError, _Recorder, default_intervals, profile
 from ditaccel.runtime import RUNTIME_REVISION, apply, remove, state_of
 from ditaccel.sampling import sample
 from tests.conftest import timed_like_flops
@@ -138,16 +138,26 @@ def _feed(rec, t, out, inp, ring):
     ring[t] = rec._measure(t, 0, 0, out, inp, ring)
 
 
-def test_forecast_error_matches_the_forecast_computed_directly():
-    """E_f(t, n, g) from kept dot products equals 1 - cos(out_t, y_a + n/g (y_a - y_b)) with
-    a = t - n, b = a - g, for every age and gap the ring holds; unmeasurable entries stay NaN."""
+def _direct(fresh, approx, error):
+    """The error measure computed from the two outputs themselves, averaged over samples."""
+    f, a = fresh.flatten(1).double(), approx.flatten(1).double()
+    if error == "cosine":
+        return float((1 - torch.nn.functional.cosine_similarity(f, a, dim=1)).mean())
+    return float(((f - a).pow(2).sum(1) / f.pow(2).sum(1)).mean())
+
+
+@pytest.mark.parametrize("error", ERRORS)
+def test_forecast_error_matches_the_forecast_computed_directly(error):
+    """E_f(t, n, g) from kept dot products equals the error measure (1 - cos or the relative
+    squared distance) between out_t and y_a + n/g (y_a - y_b) with a = t - n, b = a - g, for every
+    age and gap the ring holds; unmeasurable entries stay NaN."""
     class S:
         step, branch = 0, 0
 
     class Shape:
         num_steps, num_layers, modules, num_tokens = 5, 1, ("mlp",), 6
 
-    rec = _Recorder(S, Shape, (1, 2), (0.5,), ("feature_mean",), keep_inputs=False)
+    rec = _Recorder(S, Shape, (1, 2), (0.5,), ("feature_mean",), keep_inputs=False, error=error)
     assert rec.gaps == (1, 2, 3)
     g = torch.Generator().manual_seed(3)
     drift = torch.randn(3, 6, 4, generator=g)
@@ -165,21 +175,22 @@ def test_forecast_error_matches_the_forecast_computed_directly():
                     assert torch.isnan(e_f[t, 0, 0, ni, gi])
                     continue
                 fc = ys[a] + n / gap * (ys[a] - ys[b])
-                want = 1 - torch.nn.functional.cosine_similarity(ys[t].flatten(1), fc.flatten(1), dim=1).mean()
-                assert float(e_f[t, 0, 0, ni, gi]) == pytest.approx(float(want), abs=1e-6), (t, n, gap)
+                want = _direct(ys[t], fc, error)
+                assert float(e_f[t, 0, 0, ni, gi]) == pytest.approx(want, rel=1e-4, abs=1e-6), (t, n, gap)
     # a smooth trajectory: the forecast beats reuse at age 1, gap 1
     e_c = rec.tables()[0]
     assert e_f[4, 0, 0, 0, 0] < e_c[4, 0, 0, 0]
 
 
-def test_prune_error_of_the_mixed_output_matches_a_direct_computation():
+@pytest.mark.parametrize("error", ERRORS)
+def test_prune_error_of_the_mixed_output_matches_a_direct_computation(error):
     class S:
         step, branch = 0, 0
 
     class Shape:
         num_steps, num_layers, modules, num_tokens = 3, 1, ("mlp",), 10
 
-    rec = _Recorder(S, Shape, (1,), (0.2, 0.5), ("delta", "feature_mean"), keep_inputs=True)
+    rec = _Recorder(S, Shape, (1,), (0.2, 0.5), ("delta", "feature_mean"), keep_inputs=True, error=error)
     g = torch.Generator().manual_seed(0)
     old_out, old_in = torch.randn(2, 10, 4, generator=g), torch.randn(2, 10, 4, generator=g)
     new_in = old_in.clone()
@@ -190,18 +201,17 @@ def test_prune_error_of_the_mixed_output_matches_a_direct_computation():
     _feed(rec, 0, old_out, old_in, ring)
     _feed(rec, 1, new_out, new_in, ring)
     e_c, _, e_p, _ = rec.tables()
-    direct = 1 - torch.nn.functional.cosine_similarity(new_out.flatten(1), old_out.flatten(1)).mean()
-    assert e_c[1, 0, 0, 0] == pytest.approx(float(direct), abs=1e-6)
+    assert e_c[1, 0, 0, 0] == pytest.approx(_direct(new_out, old_out, error), rel=1e-4, abs=1e-6)
     # delta score, rho 0.2 = 2 tokens: exactly the moved ones -> mix = old with tokens 3, 7 fresh
     mix = old_out.clone()
     mix[:, [3, 7]] = new_out[:, [3, 7]]
-    want = 1 - torch.nn.functional.cosine_similarity(new_out.flatten(1), mix.flatten(1)).mean()
-    assert e_p[1, 0, 0, 0, 0, 0] == pytest.approx(float(want), abs=1e-6)
+    assert e_p[1, 0, 0, 0, 0, 0] == pytest.approx(_direct(new_out, mix, error), rel=1e-4, abs=1e-6)
     assert e_p[1, 0, 0, 0, 0, 0] < e_c[1, 0, 0, 0] / 5
     assert torch.isnan(e_c[0]).all() and torch.isnan(e_p[2]).all()  # no cache / not measured
 
 
-def test_an_unchanged_output_records_zero_error_not_a_rounding_negative():
+@pytest.mark.parametrize("error", ERRORS)
+def test_an_unchanged_output_records_zero_error_not_a_rounding_negative(error):
     """fp32 rounding of 1 - cosine once left -3e-9 in a real profile, which then refused to load."""
     class S:
         step, branch = 0, 0
@@ -210,7 +220,8 @@ def test_an_unchanged_output_records_zero_error_not_a_rounding_negative():
         num_steps, num_layers, modules, num_tokens = 2, 1, ("mlp",), 196
 
     for seed in (1, 7):  # seeds whose cumulative sums round above the total without the clamp
-        rec = _Recorder(S, Shape, (1,), (0.1, 0.25, 0.5, 0.75), ("delta", "feature_mean"), keep_inputs=True)
+        rec = _Recorder(S, Shape, (1,), (0.1, 0.25, 0.5, 0.75), ("delta", "feature_mean"), keep_inputs=True,
+                        error=error)
         g = torch.Generator().manual_seed(seed)
         out = torch.randn(8, 196, 64, generator=g) * torch.rand(8, 196, 1, generator=g) * 10
         inp = torch.randn(8, 196, 64, generator=g)
@@ -303,6 +314,21 @@ def test_default_cache_ages_grow_with_the_step_count(tiny_pipe):
     assert prof.intervals == default_intervals(4)
     with pytest.raises(ProfileError, match="intervals must be increasing"):
         profile(tiny_pipe, class_labels=[0], sampler="ddim", steps=4, intervals=(2, 1), progress=False)
+
+
+def test_the_error_measure_is_chosen_and_recorded(tiny_pipe):
+    """The same trajectories give other tables under the relative measure, which the profile
+    records; an unknown measure is refused before any sampling."""
+    opts = dict(class_labels=[0, 1], sampler="ddim", steps=4, guidance_scale=2.0, ratios=(0.5,),
+                timing_repeats=1, progress=False)
+    cos = profile(tiny_pipe, config=ProfileConfig(**opts))
+    rel = profile(tiny_pipe, config=ProfileConfig(**opts, error="relative"))
+    assert (cos.meta["error"], rel.meta["error"]) == ("cosine", "relative")
+    measured = torch.isfinite(cos.e_cache)
+    assert torch.equal(measured, torch.isfinite(rel.e_cache)) and (rel.e_cache[measured] >= 0).all()
+    assert not torch.allclose(cos.e_cache[measured], rel.e_cache[measured])
+    with pytest.raises(ProfileError, match="unknown error measure 'l1'"):
+        profile(tiny_pipe, config=ProfileConfig(**opts, error="l1"))
 
 
 def test_profile_round_trips_and_refuses_other_settings(tiny_profile, tmp_path):
@@ -444,6 +470,50 @@ def test_calibration_spread_is_paired_over_the_samples():
     assert margin(rows, 0) == pytest.approx(math.sqrt(3))
 
 
+def test_calibration_prefers_the_earliest_plan_within_the_noise():
+    from ditaccel.methods.soda.calibration import prefer
+
+    def row(samples):
+        return {"mse_samples": samples, "mse": sum(samples) / len(samples)}
+
+    far = row([5.0, 5.0, 5.0, 5.0])          # worse on every sample: told apart for sure
+    near = row([1.0, 1.2, 0.9, 1.1])         # 0.52 standard errors above the closest
+    low = row([0.9, 1.3, 0.8, 1.1])
+    assert prefer([far, near, low], 1.0) == 1
+    assert prefer([far, near, low], 0.5) == 2
+    assert prefer([far, near, low], 0.0) == 2
+    assert prefer([low, near], 1.0) == 0     # the closest listed first stays
+    assert prefer([row([1.0]), row([0.5])], 1.0) == 1  # one sample: no spread, no preference
+
+
+def test_calibration_prefers_even_schedules_forecasts_and_caching_only(tiny_profile):
+    """Candidates are listed most preferred first, and the kept plan is the earliest that the
+    samples cannot tell from the closest: with the default ``within`` (1) its MSE lies at most one
+    paired standard error above the smallest, and no earlier candidate's does."""
+    from ditaccel.methods.soda.calibration import prefer
+
+    pipe, prof = tiny_profile
+    scheds = soda.schedules(soda.Config(speedup=1.6), prof)
+    spreads = [p.meta["config"]["spread"] for p in scheds if p.meta["config"]["schedule"] == "dp"]
+    order = [soda.SPREADS.index(sp) for sp in spreads]
+    assert order == sorted(order) and soda.SPREADS[0] == 1.0 and soda.SPREADS[-1] is None
+    assert all(p.meta["config"]["schedule"] == "dp" for p in scheds[:len(spreads)])  # uniform last
+    first = scheds[0]
+    assert first.fill is None and first.forecast == 1  # forecast everywhere before the per-segment choice
+
+    def run(p):
+        return sample(p, [0, 1, 2, 3], steps=STEPS, guidance_scale=2.0, seed=7, progress=False)[0]
+
+    best = soda.calibrate_soda(pipe, run, prof, soda.CalibrationConfig(fewer=2, progress=False), speedup=1.6,
+                               lam=1.0)
+    cal = best.meta["calibration"]
+    rows, chosen = cal["rows"], cal["chosen"]
+    n1 = len(scheds)
+    first_pick = prefer(rows[:n1], 1.0)
+    assert chosen == first_pick or (chosen >= n1 and prefer([rows[first_pick], *rows[n1:]], 1.0) == chosen - n1 + 1)
+    assert cal["margin_z"] == min(r["z_vs_chosen"] for i, r in enumerate(rows) if i != chosen)
+
+
 def _synthetic_profile(e_cache: torch.Tensor) -> Profile:
     """A profile with given cache errors (pruning never pays, unit costs): for schedule tests."""
     t, layers, mods, ages = e_cache.shape
@@ -488,7 +558,9 @@ def test_schedules_and_two_round_calibration(tiny_profile):
     assert forced and all(p.forecast == 1 and p.fill is None for p in forced)
     assert len(forced) < len(scheds)
     assert all(p.meta["predicted"]["speedup_flops"] >= 1.6 * (1 - 1e-9) for p in scheds)
-    best = soda.calibrate_soda(pipe, run, prof, speedup=1.6, lam=1.0, fewer=2, progress=False)
+    # within=0: the closest plan whatever the noise (the preference rule: below)
+    best = soda.calibrate_soda(pipe, run, prof, soda.CalibrationConfig(fewer=2, progress=False, within=0.0),
+                               speedup=1.6, lam=1.0)
     cal = best.meta["calibration"]
     rows = cal["rows"]
     assert len(rows) >= len(scheds) and rows[cal["chosen"]]["mse"] == min(r["mse"] for r in rows)

@@ -17,6 +17,10 @@ was filled at is ``t - n``):
   dot products of the fresh output with each kept one and of the kept ones with each other, no
   forecast is formed.
 
+With ``ProfileConfig(error="relative")`` each ``1 - cos(out_t, approx)`` above is the squared
+distance relative to the fresh output instead, ``|out_t - approx|^2 / |out_t|^2``, from the same dot
+products (it also sees an approximation whose magnitude is off); ``meta["error"]`` says which.
+
 Only a ring of the last ``2 max(intervals) + 1`` outputs (and inputs, for the ``delta`` score) per
 (branch, layer, module) is kept; whole trajectories never are.
 """
@@ -42,6 +46,7 @@ KIND = "profile"
 PARTIAL_KIND = "profile-partial"
 DEFAULT_INTERVALS = (1, 2, 3, 4, 5)  # the cache ages profiled for up to 125 steps
 DEFAULT_RATIOS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75)
+ERRORS = ("cosine", "relative")  # 1 - cos(fresh, approx); |fresh - approx|^2 / |fresh|^2
 
 
 class ProfileError(ValueError):
@@ -207,8 +212,8 @@ def _image_part(t, text_prefix: bool, n: int) -> torch.Tensor:
 class _Recorder:
     """Forward hooks on every module; accumulates error sums per (t, l, m, n, ...)."""
 
-    def __init__(self, state, shape, intervals, ratios, scores, keep_inputs: bool):
-        self.state, self.intervals, self.scores = state, intervals, scores
+    def __init__(self, state, shape, intervals, ratios, scores, keep_inputs: bool, error: str = "cosine"):
+        self.state, self.intervals, self.scores, self.error = state, intervals, scores, error
         t, l, m, i, r, s = (shape.num_steps, shape.num_layers, len(shape.modules), len(intervals),
                             len(ratios), len(scores))
         self.n = shape.num_tokens
@@ -286,7 +291,7 @@ class _Recorder:
             d_tot, c_tot = dots[t - n].float(), c.sum(1)  # c: (B, N) |cached_i|^2
             # 1 - cosine is >= 0 (Cauchy-Schwarz); fp32 rounding can put an unchanged output a
             # hair below 0, which the artifact check rightly refuses
-            e_c = (1 - d_tot / (f_tot * c_tot).sqrt().clamp_min(1e-30)).clamp_min(0)   # (B,)
+            e_c = self._err(f_tot, d_tot, c_tot)                 # (B,)
             self.sum_c[t, layer, mi, ii] += e_c.sum().double()
             self.sq_c[t, layer, mi, ii] += e_c.pow(2).sum().double()
             self.cnt[t, layer, mi, ii] += e_c.numel()
@@ -300,7 +305,7 @@ class _Recorder:
                 cc = c.gather(1, order).cumsum(1)
                 dot = cf[:, k] + (d_tot[:, None] - cd[:, k])          # (B, R)
                 mix = cf[:, k] + (c_tot[:, None] - cc[:, k])
-                e_p = (1 - dot / (f_tot[:, None] * mix).sqrt().clamp_min(1e-30)).clamp_min(0)
+                e_p = self._err(f_tot[:, None], dot, mix)
                 self.sum_p[t, layer, mi, ii, :, si] += e_p.sum(0).double()
         return out, inp, f_tot.double(), dots, f
 
@@ -320,9 +325,19 @@ class _Recorder:
                 w = n / g
                 dot = (1 + w) * dots[a] - w * dots[b]
                 sq = ((1 + w) ** 2 * c_a - 2 * w * (1 + w) * pairs_a[b] + w ** 2 * ring[b][2]).clamp_min(0)
-                e_f = (1 - dot / (f_tot * sq).sqrt().clamp_min(1e-30)).clamp(0, 2)
+                e_f = self._err(f_tot, dot, sq).clamp_max(2) if self.error == "cosine" else self._err(f_tot, dot, sq)
                 self.sum_f[t, layer, mi, ii, gi] += e_f.sum()
                 self.cnt_f[t, layer, mi, ii, gi] += e_f.numel()
+
+    def _err(self, f, d, a):
+        """The error of an approximation from its squared norm ``a``, the fresh output's ``f`` and
+        their dot product ``d``: ``1 - cos`` (>= 0 by Cauchy-Schwarz; fp32 rounding can put an
+        unchanged output a hair below 0, which the artifact check rightly refuses) or the squared
+        distance relative to the fresh output, ``(f - 2 d + a) / f``."""
+        if self.error == "cosine":
+            return (1 - d / (f * a).sqrt().clamp_min(1e-30)).clamp_min(0)
+        f, d, a = f.double(), d.double(), a.double()  # a small difference of large sums
+        return ((f - 2 * d + a) / f.clamp_min(1e-30)).clamp_min(0)
 
     SUMS = ("sum_c", "sq_c", "cnt", "sum_p", "sum_f", "cnt_f")
 
@@ -579,7 +594,9 @@ class ProfileConfig:
     the partial-recompute grid; ``timing_repeats`` and ``timing_rows``: how often and at how many
     batch rows the module costs are timed (``None``: the profile's own batch; time at the rows you
     will sample, guidance doubling them); ``checkpoint``: an artifact stem the error sums are saved to after
-    every batch of ``batch_size`` samples (class-conditional or prompted profiling), resumed from.
+    every batch of ``batch_size`` samples (class-conditional or prompted profiling), resumed from;
+    ``error``: the tables' error measure, ``"cosine"`` (``1 - cos``) or ``"relative"`` (squared
+    distance relative to the fresh output).
 
     Example::
 
@@ -601,6 +618,7 @@ class ProfileConfig:
     progress: bool = True
     description: dict | None = None
     checkpoint: str | Path | None = None
+    error: str = "cosine"
 
 
 def profile(pipe, run: Callable[[Any], Any] | None = None, config: ProfileConfig | None = None,
@@ -639,6 +657,8 @@ def profile(pipe, run: Callable[[Any], Any] | None = None, config: ProfileConfig
     bad = [s for s in token_scores if s not in TOKEN_SCORES]
     if bad or not token_scores:
         raise ProfileError(f"token scores must be among {TOKEN_SCORES}, got {token_scores}")
+    if cfg.error not in ERRORS:
+        raise ProfileError(f"unknown error measure {cfg.error!r}; choose one of {ERRORS}")
     if not ratios or not all(0 < r < 1 for r in ratios) or list(ratios) != sorted(set(ratios)):
         raise ProfileError(f"ratios must be increasing fractions in (0, 1), got {ratios}")
     if run is None:
@@ -679,7 +699,7 @@ def profile(pipe, run: Callable[[Any], Any] | None = None, config: ProfileConfig
             if role in shape.modules:
                 mods.append((layer, shape.modules.index(role), module, spec.module_tokens == "text_prefix"))
     rec = _Recorder(state, shape, tuple(intervals), tuple(ratios), tuple(token_scores),
-                    keep_inputs=True)
+                    keep_inputs=True, error=cfg.error)
     captured: dict[str, Any] = {}
 
     def capture(module, args, kwargs):
@@ -700,7 +720,7 @@ def profile(pipe, run: Callable[[Any], Any] | None = None, config: ProfileConfig
                     "guidance_scale": guidance_scale, "seed": seed, "batch_size": batch_size,
                     "class_labels": [c if isinstance(c, str) else int(c) for c in class_labels],
                     "intervals": list(intervals), "ratios": list(ratios), "token_scores": list(token_scores),
-                    "num_tokens": shape.num_tokens}
+                    "num_tokens": shape.num_tokens, "error": cfg.error}
         resumed: tuple[int, str | None] = (0, None)
         if me == 0 and io.artifact_exists(checkpoint):  # the main process holds the summed tables
             try:
@@ -752,7 +772,7 @@ def profile(pipe, run: Callable[[Any], Any] | None = None, config: ProfileConfig
     import diffusers
 
     meta = {"modules": list(shape.modules), "intervals": list(intervals), "ratios": list(ratios),
-            "token_scores": list(token_scores), "num_tokens": shape.num_tokens,
+            "token_scores": list(token_scores), "num_tokens": shape.num_tokens, "error": cfg.error,
             "num_steps": num_steps, "num_layers": shape.num_layers,
             "fingerprint": model_fingerprint(transformer), "model": type(transformer).__name__,
             # the precision it was profiled (and timed) in: what a calibration loads the model in

@@ -131,7 +131,11 @@ def _calibrated(pipe, prof, cfg, n: int, seed: int):
         print(f"{i:>10} {r['anchors']:>8} {sched:>9} {r['forecast']:>9} {r['pruned_modules']:>7} "
               f"{r['predicted_error']:>14.4g} {r['psnr']:>11.2f}dB {r['z_vs_chosen']:>10.1f}{speed}{mark}")
     z = cal.get("margin_z")
-    if z is not None and z < 2 and "timed" not in cal:
+    if z is not None and z < 0 and "timed" not in cal:
+        print(f"kept the preferred plan (more even schedule, forecast, caching only) over one that measured "
+              f"{-z:.1f} standard errors closer on these {cal['samples']} samples: within the noise; calibrate on "
+              "more (--calibrate N) to tell them apart")
+    elif z is not None and z < 2 and "timed" not in cal:
         print(f"the runner-up is {z:.1f} standard errors (paired over the {cal['samples']} samples) from the kept "
               "plan: these samples barely tell them apart; calibrate on more (--calibrate N) to be surer")
     return best

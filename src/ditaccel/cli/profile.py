@@ -12,7 +12,7 @@ HELP = "measure how sensitive each (step, layer, module) is to caching and token
 
 def add_arguments(p) -> None:
     from ..pipeline import SAMPLERS
-    from ..profiling import DEFAULT_RATIOS
+    from ..profiling import DEFAULT_RATIOS, ERRORS
     from ..registry import DTYPES
 
     p.add_argument("--model", default="fmnist-dit", help="bundled model name or a diffusers folder")
@@ -31,6 +31,9 @@ def add_arguments(p) -> None:
     p.add_argument("--ratios", default=",".join(map(str, DEFAULT_RATIOS)),
                    help="recompute fractions to measure (default %(default)s)")
     p.add_argument("--token-scores", default="delta,feature_mean")
+    p.add_argument("--error", default=ERRORS[0], choices=ERRORS,
+                   help="error measure of the tables: 1 - cosine (the paper's) or the squared distance relative "
+                        "to the fresh output (default %(default)s)")
     p.add_argument("--timing-rows", type=number(int, 1), default=16,
                    help="batch rows the module costs are timed at: the rows you will sample, guidance "
                         "doubling them (default %(default)s: 8 images with guidance; at most the profile's batch)")
@@ -77,7 +80,7 @@ def run(args) -> int:
     prof = profile(pipe, config=ProfileConfig(
         class_labels=labels, sampler=args.sampler, steps=args.steps, guidance_scale=args.cfg, seed=args.seed,
         batch_size=args.batch_size, intervals=intervals, ratios=ratios, token_scores=scores, checkpoint=partial,
-        timing_rows=args.timing_rows))
+        timing_rows=args.timing_rows, error=args.error))
     if not dist.is_main():  # the main process writes; the others only profiled their share
         return 0
     prof.meta["model_name"] = args.model

@@ -15,12 +15,14 @@ from ...sampling import as_images
 from .planner import SPREADS, BudgetUnreachable, Config, candidates, plan, predict, schedules
 
 def calibrate(pipe, run, plans: list[Plan], progress: bool = True,
-              reference: torch.Tensor | None = None) -> tuple[Plan, list[dict]]:
+              reference: torch.Tensor | None = None, within: float = 0.0) -> tuple[Plan, list[dict]]:
     """Run the full model and each plan through ``run(pipe)`` (same seeds every time; images in
-    [0, 1]) and return the plan with the smallest mean squared error to the full model, with one
-    row per plan (anchors, how many modules prune, predicted error, measured MSE and PSNR).  Ties
-    go to the earlier plan.  The chosen plan's metadata records the calibration.  ``reference``:
-    the full model's images from an earlier call (skips that run)."""
+    [0, 1]) and return the chosen plan, with one row per plan (anchors, how many modules prune,
+    predicted error, measured MSE and PSNR).  The chosen plan is the earliest of ``plans`` whose
+    MSE to the full model lies within ``within`` standard errors (paired over the samples) of the
+    smallest (:func:`prefer`; 0: the smallest MSE, ties to the earlier plan): list the plans most
+    preferred first.  The chosen plan's metadata records the calibration.  ``reference``: the full
+    model's images from an earlier call (skips that run)."""
     from tqdm.auto import tqdm
 
     from ...runtime import apply, remove
@@ -49,11 +51,28 @@ def calibrate(pipe, run, plans: list[Plan], progress: bool = True,
                          "speedup_flops": p.meta.get("predicted", {}).get("speedup_flops"),
                          "mse": mse, "psnr": 10 * math.log10(1 / mse) if mse > 0 else math.inf,
                          "mse_samples": per.tolist()})
-    best = min(range(len(plans)), key=lambda i: (rows[i]["mse"], i))
+    best = prefer(rows, within)
     spread(rows, best)
     calibration = {"rows": rows, "chosen": best, "samples": int(reference.shape[0]),
                    "margin_z": margin(rows, best)}
     return replace(plans[best], meta={**plans[best].meta, "calibration": calibration}), rows
+
+
+def prefer(rows: list[dict], within: float) -> int:
+    """Index of the earliest row whose MSE lies at most ``within`` standard errors of the paired
+    per-sample difference (``mse_samples``) above the row with the smallest MSE: among plans the
+    samples do not tell apart, the one listed first (the one-standard-error rule with ``within``
+    1).  ``within`` 0: the smallest MSE, ties to the earlier row."""
+    low = min(range(len(rows)), key=lambda i: (rows[i]["mse"], i))
+    if within <= 0:
+        return low
+    best = torch.tensor(rows[low]["mse_samples"], dtype=torch.float64)
+    for i, row in enumerate(rows[:low]):
+        diff = torch.tensor(row["mse_samples"], dtype=torch.float64) - best
+        se = float(diff.std() / math.sqrt(len(diff))) if len(diff) > 1 else math.nan
+        if float(diff.mean()) <= within * se:  # (NaN, one sample: never)
+            return i
+    return low
 
 
 def spread(rows: list[dict], chosen: int) -> None:
@@ -73,7 +92,8 @@ def spread(rows: list[dict], chosen: int) -> None:
 
 def margin(rows: list[dict], chosen: int) -> float | None:
     """How many standard errors (paired over the samples) the runner-up's MSE lies above the
-    chosen plan's: below about 2, the calibration samples do not tell the two apart."""
+    chosen plan's: below about 2, the calibration samples do not tell the two apart (negative: a
+    plan measured closer, within the noise, was passed over for the chosen, preferred one)."""
     others = [r["z_vs_chosen"] for i, r in enumerate(rows) if i != chosen and "z_vs_chosen" in r]
     return min(others) if others else None
 
@@ -82,8 +102,9 @@ def margin(rows: list[dict], chosen: int) -> float | None:
 class CalibrationConfig:
     """How :func:`calibrate_soda` measures SODA's candidates: ``fewer`` (how many anchors fewer the
     pruning candidates may have), ``spreads`` and ``forecasts`` (the schedules and forecast orders
-    of the first round), ``timed`` (a run to time, for a wall-clock budget), ``repeats``,
-    ``tolerance`` and ``more`` (the timed search), ``progress``.
+    of the first round), ``within`` (how many standard errors a less preferred candidate must
+    measure better by to be kept: :func:`prefer`), ``timed`` (a run to time, for a wall-clock
+    budget), ``repeats``, ``tolerance`` and ``more`` (the timed search), ``progress``.
 
     Example::
 
@@ -97,6 +118,7 @@ class CalibrationConfig:
     repeats: int = 3
     tolerance: float = 0.03
     more: int = 2
+    within: float = 1.0
 
 
 def calibrate_soda(pipe, run, profile, calibration: CalibrationConfig | None = None, **options) -> Plan:
@@ -106,11 +128,14 @@ def calibrate_soda(pipe, run, profile, calibration: CalibrationConfig | None = N
     ``speedup=`` or ``latency_speedup=``); ``calibration``: how to measure (the keyword form of its
     fields, ``calibrate_soda(..., timed=run)``, still works, with a DeprecationWarning).
 
-    Two rounds, each keeping the plan closest to the full model: the anchor schedule and what the
-    other steps get (caching-only plans with the DP's schedule free, held to a ``spread`` or evenly
-    spaced, each reusing or forecasting module outputs; :func:`schedules`), then, on the kept
-    schedule and forecast order, whether fewer anchors plus token pruning beat it
-    (:func:`candidates`).  The kept plan's metadata lists every measured candidate.
+    Two rounds: the anchor schedule and what the other steps get (caching-only plans with the DP's
+    schedule held to a ``spread`` or free, or evenly spaced, each forecasting or reusing module
+    outputs; :func:`schedules`), then, on the kept schedule and forecast order, whether token
+    pruning (on as many anchors or fewer) beats it (:func:`candidates`).  Each round keeps the
+    most preferred plan that the samples cannot tell from the closest to the full model (within
+    ``within`` standard errors, :func:`prefer`): more even schedules before less even ones,
+    forecasts before reuse, and caching only before pruning, which costs more time than its FLOPs
+    say.  The kept plan's metadata lists every measured candidate.
 
     ``timed`` (with ``latency_speedup``): budget by measured wall-clock time instead of the
     latency model.  The second round also offers caching-only plans with up to ``more`` anchors
@@ -125,6 +150,7 @@ def calibrate_soda(pipe, run, profile, calibration: CalibrationConfig | None = N
                   "calibrate_soda")
     options = {k: v for k, v in options.items() if k not in measure_names}
     fewer, spreads, forecasts, progress, timed = cal.fewer, cal.spreads, cal.forecasts, cal.progress, cal.timed
+    within = cal.within
     repeats, tolerance, more = cal.repeats, cal.tolerance, cal.more
     config = Config(**options)
     if config.speedup is None and config.latency_speedup is None:
@@ -139,7 +165,7 @@ def calibrate_soda(pipe, run, profile, calibration: CalibrationConfig | None = N
         raise BudgetUnreachable()
     with torch.no_grad():
         reference = as_images(run(pipe))
-    best, rows = calibrate(pipe, run, first, progress, reference)
+    best, rows = calibrate(pipe, run, first, progress, reference, within)
     chosen = best.meta["calibration"]["chosen"]
     kept = replace(config, spread=best.meta["config"]["spread"], schedule=best.meta["config"]["schedule"],
                    forecast=best.meta["config"]["forecast"])  # (None: chosen per segment)
@@ -153,10 +179,11 @@ def calibrate_soda(pipe, run, profile, calibration: CalibrationConfig | None = N
             except ValueError:
                 continue
     if more_plans:
-        second, more_rows = calibrate(pipe, run, more_plans, progress, reference)
-        j = second.meta["calibration"]["chosen"]
-        if timed is None and more_rows[j]["mse"] < rows[chosen]["mse"]:
-            best, chosen = second, len(rows) + j
+        _, more_rows = calibrate(pipe, run, more_plans, progress, reference)
+        if timed is None:  # the kept plan first: another only where it measures better beyond the noise
+            j = prefer([rows[chosen], *more_rows], within)
+            if j:
+                best, chosen = more_plans[j - 1], len(rows) + j - 1
         rows = rows + more_rows
     if timed is not None:
         pool = [(chosen, best)] + [(len(rows) - len(more_plans) + i, p) for i, p in enumerate(more_plans)]

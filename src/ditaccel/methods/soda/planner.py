@@ -517,20 +517,22 @@ def candidates(config: Config, profile, fewer: int = 3) -> list[Plan]:
     return out
 
 
-SPREADS = (None, 2.0, 1.5, 1.0)
+SPREADS = (1.0, 1.5, 2.0, None)  # the most even first: the order calibration prefers them in
 
 
 def schedules(config: Config, profile, spreads=SPREADS, forecasts=FORECAST_ORDERS,
               uniform: bool = True) -> list[Plan]:
     """Caching-only plans for ``config``'s budget, one per anchor schedule and filler (duplicates
-    dropped): the DP schedule free, then held ever closer to evenly spaced anchors (``spreads``),
-    then (``uniform``) evenly spaced anchors (only those when ``config.schedule`` is "uniform");
-    each planned for the filler chosen per segment and module where the profile has forecast
-    errors, and for every order in ``forecasts`` everywhere (``config.forecast`` alone when set)."""
+    dropped, the first kept), in the order calibration prefers them: the DP schedule for each of
+    ``spreads`` in turn (held to gaps of at most ``spread`` x the even gap; None: free), then
+    (``uniform``) evenly spaced anchors (only those when ``config.schedule`` is "uniform"); each
+    with the highest order in ``forecasts`` everywhere, then the filler chosen per segment and
+    module (where the profile has forecast errors), then the lower orders (``config.forecast``
+    alone when set)."""
     out = []
-    orders = list(forecasts) if config.forecast is None else [config.forecast]
+    orders = sorted(forecasts, reverse=True) if config.forecast is None else [config.forecast]
     if config.forecast is None and profile.e_forecast is not None:
-        orders = [None, *orders]
+        orders = [*orders[:1], None, *orders[1:]]
     kinds = ([("dp", sp) for sp in spreads] if config.schedule == "dp" else []) + (
         [("uniform", None)] if uniform or config.schedule == "uniform" else [])
     for kind, sp in kinds:
