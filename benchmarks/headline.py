@@ -4,7 +4,8 @@ peers tables (``results/peers-*.json``, written by ``peers.py``; full tables in 
 At each speed, every method's PSNR and Fréchet distance against the full model's images are
 interpolated along its own measured curve (``ditaccel.bench.curve_at``), or taken from its point
 within 5% of that speed; a method that reaches neither is left out.  SODA is the better of its two budgets there; the best peer is
-the one with the highest PSNR there, FORA, ToCa and Δ-DiT as our runtime runs them included.
+the one with the highest PSNR there, FORA, ToCa and Δ-DiT as our runtime runs them included (SODA's
+ablations, such as soda-reuse, are not peers).
 
     python benchmarks/headline.py
 """
@@ -14,7 +15,7 @@ from __future__ import annotations
 import json
 
 from common import RESULTS, replace_block
-from ditaccel.bench import SODA, curve_at
+from ditaccel.bench import ABLATIONS, SODA, curve_at
 
 TABLES = {  # results file -> what it measured
     "peers-ddim": "fmnist-dit, DDIM-50",
@@ -63,7 +64,7 @@ def table() -> str:
         out = json.loads(path.read_text())
         machines.append(f"{what}: {out['cpu']}, {out['threads']} threads, {out['dtype']}")
         rows = [r for r in out["rows"] if r.get("speedup_measured") is not None and r["method"] != "full"]
-        others = sorted({r["method"] for r in rows} - set(SODA))
+        others = sorted({r["method"] for r in rows} - set(SODA) - set(ABLATIONS))  # SODA's ablations are SODA
         for x in SPEEDS:
             lines.append(f"| {what} | {x:g}x | {cell(best(rows, SODA, x), rows, SODA)} | "
                          f"{cell(best(rows, others, x), rows, others)} |")

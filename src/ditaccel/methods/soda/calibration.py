@@ -68,11 +68,20 @@ def prefer(rows: list[dict], within: float) -> int:
         return low
     best = torch.tensor(rows[low]["mse_samples"], dtype=torch.float64)
     for i, row in enumerate(rows[:low]):
-        diff = torch.tensor(row["mse_samples"], dtype=torch.float64) - best
-        se = float(diff.std() / math.sqrt(len(diff))) if len(diff) > 1 else math.nan
-        if float(diff.mean()) <= within * se:  # (NaN, one sample: never)
+        if _paired_z(torch.tensor(row["mse_samples"], dtype=torch.float64), best) <= within:
             return i
     return low
+
+
+def _paired_z(per: torch.Tensor, base: torch.Tensor) -> float:
+    """How many standard errors of the paired per-sample difference ``per - base``'s mean lies
+    above 0: 0 where the mean is 0, inf where the difference has no spread (every sample differs
+    by the same amount, or one sample)."""
+    diff = per - base
+    n = len(diff)
+    se = float(diff.std() / math.sqrt(n)) if n > 1 else math.nan
+    mean = float(diff.mean())
+    return 0.0 if mean == 0 else (mean / se if se > 0 else math.inf)
 
 
 def spread(rows: list[dict], chosen: int) -> None:
@@ -84,10 +93,7 @@ def spread(rows: list[dict], chosen: int) -> None:
     n = len(per_sample[chosen])
     for row, per in zip(rows, per_sample):
         row["mse_se"] = float(per.std() / math.sqrt(n)) if n > 1 else math.nan
-        diff = per - per_sample[chosen]
-        se = float(diff.std() / math.sqrt(n)) if n > 1 else math.nan
-        mean = float(diff.mean())
-        row["z_vs_chosen"] = 0.0 if mean == 0 else (mean / se if se > 0 else math.inf)
+        row["z_vs_chosen"] = _paired_z(per, per_sample[chosen])
 
 
 def margin(rows: list[dict], chosen: int) -> float | None:
