@@ -325,17 +325,17 @@ class _Recorder:
                 w = n / g
                 dot = (1 + w) * dots[a] - w * dots[b]
                 sq = ((1 + w) ** 2 * c_a - 2 * w * (1 + w) * pairs_a[b] + w ** 2 * ring[b][2]).clamp_min(0)
-                e_f = self._err(f_tot, dot, sq).clamp_max(2) if self.error == "cosine" else self._err(f_tot, dot, sq)
+                e_f = self._err(f_tot, dot, sq)
                 self.sum_f[t, layer, mi, ii, gi] += e_f.sum()
                 self.cnt_f[t, layer, mi, ii, gi] += e_f.numel()
 
     def _err(self, f, d, a):
         """The error of an approximation from its squared norm ``a``, the fresh output's ``f`` and
         their dot product ``d``: ``1 - cos`` (>= 0 by Cauchy-Schwarz; fp32 rounding can put an
-        unchanged output a hair below 0, which the artifact check rightly refuses) or the squared
-        distance relative to the fresh output, ``(f - 2 d + a) / f``."""
+        unchanged output a hair below 0, which the artifact check rightly refuses, or an opposite
+        one above 2) or the squared distance relative to the fresh output, ``(f - 2 d + a) / f``."""
         if self.error == "cosine":
-            return (1 - d / (f * a).sqrt().clamp_min(1e-30)).clamp_min(0)
+            return (1 - d / (f * a).sqrt().clamp_min(1e-30)).clamp(0, 2)
         f, d, a = f.double(), d.double(), a.double()  # a small difference of large sums
         return ((f - 2 * d + a) / f.clamp_min(1e-30)).clamp_min(0)
 

@@ -126,11 +126,10 @@ class Collapse:
                 for c, h, wk in zip(caches, history, w.tolist())]))
         else:
             terms = list(zip(g.unbind(0), (c.out for c in caches)))
-        # eager: into a contiguous buffer (the patch embedding's output is a transposed view, and
-        # in-place updates of a buffer laid out like it, not like the caches, take a strided path
-        # several times slower on a CPU); a compiled step program chooses its own layouts
-        buf = None if torch.compiler.is_compiling() else torch.empty_like(x, memory_format=torch.contiguous_format)
-        out = torch.addcmul(x, terms[0][0], terms[0][1], out=buf)
+        # into a contiguous buffer: the patch embedding's output is a transposed view, and in-place
+        # updates of a buffer laid out like it (not like the caches) take a strided path several
+        # times slower on a CPU
+        out = torch.addcmul(x, terms[0][0], terms[0][1], out=torch.empty_like(x, memory_format=torch.contiguous_format))
         for gate, value in terms[1:]:
             out.addcmul_(gate, value)
         record = st.records[-1].computed

@@ -156,8 +156,7 @@ def calibrate_soda(pipe, run, profile, calibration: CalibrationConfig | None = N
                   "calibrate_soda")
     options = {k: v for k, v in options.items() if k not in measure_names}
     fewer, spreads, forecasts, progress, timed = cal.fewer, cal.spreads, cal.forecasts, cal.progress, cal.timed
-    within = cal.within
-    repeats, tolerance, more = cal.repeats, cal.tolerance, cal.more
+    repeats, tolerance, more, within = cal.repeats, cal.tolerance, cal.more, cal.within
     config = Config(**options)
     if config.speedup is None and config.latency_speedup is None:
         raise ValueError("calibration needs a speedup or latency_speedup budget")
