@@ -345,6 +345,103 @@ def test_profile_round_trips_and_refuses_other_settings(tiny_profile, tmp_path):
         back.check_for(num_steps=50)
     with pytest.raises(ProfileError, match="no profile at"):
         Profile.load(tmp_path / "missing")
+    assert torch.equal(back.step_sensitivity.nan_to_num(-1), prof.step_sensitivity.nan_to_num(-1))
+    assert dataclasses.replace(prof, step_sensitivity=prof.step_sensitivity[1:]).problem() \
+        == "its step sensitivity's length differs from its step count"
+
+
+def test_step_sensitivity_is_how_far_the_images_move_when_one_step_reuses_its_output(tiny_profile):
+    """Measured at the documented steps only, and equal to the same swap done by hand: the model's
+    output at step t replaced by its output at step t - 1 (one call per step here)."""
+    from ditaccel.profiling import sensitivity_steps
+
+    pipe, prof = tiny_profile
+    s = prof.step_sensitivity
+    steps = sensitivity_steps(STEPS, ProfileConfig.sensitivity_steps)
+    assert steps == list(range(1, STEPS)) and sensitivity_steps(50, 4) == [1, 17, 33, 47, 48, 49]
+    assert sensitivity_steps(50, 0) == [] and s.shape == (STEPS,) and math.isnan(s[0])
+    assert all(float(s[t]) > 0 for t in steps)
+
+    def by_hand(t):
+        outs = []
+
+        def hook(module, args, output):
+            outs.append(output.sample.clone())
+            if len(outs) == t + 1:
+                output.sample = outs[t - 1]
+            return output
+
+        h = pipe.transformer.register_forward_hook(hook)
+        try:
+            return sample(pipe, [0, 1, 2, 3], sampler="ddim", steps=STEPS, guidance_scale=2.0, seed=0,
+                          batch_size=4, progress=False, count_flops=False)[0].double()
+        finally:
+            h.remove()
+
+    with torch.no_grad():
+        full = sample(pipe, [0, 1, 2, 3], sampler="ddim", steps=STEPS, guidance_scale=2.0, seed=0,
+                      batch_size=4, progress=False, count_flops=False)[0].double()
+        for t in (1, STEPS - 2):
+            assert float(s[t]) == pytest.approx(float((by_hand(t) - full).pow(2).mean()), rel=1e-6)
+
+
+def test_weighted_segment_costs_add_a_segments_steps_coherently():
+    e = torch.zeros(4, 1, 2, 2)
+    e[1, 0, :, 0] = torch.tensor([1.0, 3.0])   # step 1 at age 1: 4 in all
+    e[2, 0, :, 1] = torch.tensor([2.0, 7.0])   # step 2 at age 2: 9
+    e[2, 0, :, 0] = 5.0
+    w = torch.tensor([0.0, 1.0, 4.0, 1.0], dtype=torch.float64)
+    cost = soda.segment_costs(e, 3, weights=w)[0][..., 0]
+    assert cost[0, 2] == pytest.approx(4.0) and cost[0, 3] == pytest.approx((2 + 6) ** 2)  # sqrt(1*4) + sqrt(4*9)
+    assert cost[1, 2] == pytest.approx(4 * 10) and soda.segment_costs(e, 3)[0][0, 3, 0] == 13
+    # forecasts: the per-module choice made on the segment's sums, then weighted step by step
+    f = torch.zeros(4, 1, 2, 2, 1)
+    f[1, 0, :, 0, 0] = torch.tensor([0.5, 4.0])
+    f[2, 0, :, 1, 0] = torch.tensor([1.0, 9.0])
+    cost, use = soda.segment_costs(e, 3, f, None, weights=w)
+    assert use[0, 3, 1].tolist() == [[True, False]]  # module 0: 1.5 < 3; module 1: 13 > 10
+    assert cost[0, 3, 1] == pytest.approx((math.sqrt(0.5 + 3.0) + math.sqrt(4 * (1.0 + 7.0))) ** 2)
+
+
+def test_step_weights_interpolate_the_measured_sensitivity_over_the_steps_reuse_error(tiny_profile):
+    _, prof = tiny_profile
+    sens = torch.full((STEPS,), math.nan, dtype=torch.float64)
+    sens[2], sens[6] = 1e-4, 1e-2
+    w = soda.step_weights(dataclasses.replace(prof, step_sensitivity=sens))
+    e1 = prof.e_cache[:, :, :, 0].double().sum((1, 2))
+    expected = [1e-4, 1e-4, 1e-4, 10 ** -3.5, 1e-3, 10 ** -2.5, 1e-2, 1e-2]
+    assert (w[1:] * e1[1:]).tolist() == pytest.approx(expected[1:], rel=1e-9)
+    with pytest.raises(ValueError, match="no step sensitivity"):
+        soda.step_weights(dataclasses.replace(prof, step_sensitivity=None))
+
+
+def test_the_weighted_dp_minimises_the_images_predicted_error(tiny_profile):
+    """With weighting, the anchors are the schedule of least predicted image error (brute force
+    over every schedule), the plan says that error, and calibration offers it second."""
+    _, prof = tiny_profile
+    k = 4
+    p = soda.plan(soda.Config(anchors=k, prune=False, forecast=1, weighting="sensitivity"), prof)
+    assert p.meta["config"]["weighting"] == "sensitivity"
+    assert soda.Config(anchors=k, weighting="sensitivity").tag() == "soda-w-a4"
+    best = math.inf
+    for rest in itertools.combinations(range(1, STEPS), k - 1):
+        anchors = torch.zeros(STEPS, dtype=torch.bool)
+        anchors[[0, *rest]] = True
+        if int(soda.ages_of(anchors).max()) > max(prof.intervals):
+            continue
+        q = dataclasses.replace(p, anchors=anchors, tokens=torch.where(
+            anchors[:, None, None], torch.full_like(p.tokens, FULL), torch.full_like(p.tokens, REUSE)))
+        best = min(best, soda.predict(q, prof)["image_error"])
+    assert p.meta["predicted"]["image_error"] == pytest.approx(best, rel=1e-9)
+    plans = soda.schedules(soda.Config(speedup=2.0), prof)
+    weighted = soda.plan(soda.Config(speedup=2.0, prune=False, forecast=1, weighting="sensitivity"), prof)
+    same = [i for i, q in enumerate(plans) if torch.equal(q.anchors, weighted.anchors) and q.fill is None
+            and q.forecast == 1]
+    assert same and same[0] <= 3  # after the even DP's three fillers at most
+    unweighted = soda.schedules(soda.Config(speedup=2.0), dataclasses.replace(prof, step_sensitivity=None))
+    assert all(q.meta["config"]["weighting"] == "none" for q in unweighted)
+    with pytest.raises(ValueError, match="weighting must be one of"):
+        soda.Config(speedup=2.0, weighting="sqrt")
 
 
 @pytest.mark.parametrize("opts", [{"speedup": 2.0}, {"speedup": 2.0, "prune": False},
@@ -494,10 +591,13 @@ def test_calibration_prefers_even_schedules_forecasts_and_caching_only(tiny_prof
 
     pipe, prof = tiny_profile
     scheds = soda.schedules(soda.Config(speedup=1.6), prof)
-    spreads = [p.meta["config"]["spread"] for p in scheds if p.meta["config"]["schedule"] == "dp"]
-    order = [soda.SPREADS.index(sp) for sp in spreads]
+    dp = [p.meta["config"] for p in scheds if p.meta["config"]["schedule"] == "dp"]
+    order = [soda.SPREADS.index(c["spread"]) for c in dp if c["weighting"] == "none"]
     assert order == sorted(order) and soda.SPREADS[0] == 1.0 and soda.SPREADS[-1] is None
-    assert all(p.meta["config"]["schedule"] == "dp" for p in scheds[:len(spreads)])  # uniform last
+    assert all(p.meta["config"]["schedule"] == "dp" for p in scheds[:len(dp)])  # uniform last
+    # the sensitivity-weighted DP right after the most even one
+    kinds = [(c["weighting"], c["spread"] == 1.0) for c in dp]
+    assert kinds == sorted(kinds, key=lambda k: (not k[1], k[0] == "none")) and ("sensitivity", False) in kinds
     first = scheds[0]
     assert first.fill is None and first.forecast == 1  # forecast everywhere before the per-segment choice
 

@@ -74,6 +74,11 @@ class Profile:
     # t - n - g, gaps g = 1..max(intervals) + 1; NaN where a step is missing; None in profiles
     # made before forecasts were profiled (planned with reuse only)
     e_forecast: torch.Tensor | None = None
+    # (T,) how much the sampled images move (mean squared difference per pixel, images in [0, 1])
+    # when the model's output at step t is replaced by its output at step t - 1, everything else
+    # computed: measured at some steps (:func:`sensitivity_steps`), NaN at the others; None in
+    # profiles made without it (planned unweighted)
+    step_sensitivity: torch.Tensor | None = None
 
     @property
     def gaps(self) -> tuple[int, ...]:
@@ -141,6 +146,8 @@ class Profile:
                    "module_flops": self.module_flops, "module_ms": self.module_ms}
         if self.e_forecast is not None:
             tensors["e_forecast"] = self.e_forecast
+        if self.step_sensitivity is not None:
+            tensors["step_sensitivity"] = self.step_sensitivity
         meta = {**self.meta, "step_flops": self.step_flops, "step_ms": self.step_ms,
                 "reuse_ms": self.reuse_ms}
         io.save_artifact(stem, KIND, tensors, meta)
@@ -157,7 +164,8 @@ class Profile:
                        e_prune=tensors["e_prune"], module_flops=tensors["module_flops"],
                        module_ms=tensors["module_ms"], step_flops=float(meta.pop("step_flops")),
                        step_ms=float(meta.pop("step_ms")), reuse_ms=float(meta.pop("reuse_ms")),
-                       meta=meta, e_forecast=tensors.get("e_forecast"))
+                       meta=meta, e_forecast=tensors.get("e_forecast"),
+                       step_sensitivity=tensors.get("step_sensitivity"))
         except KeyError as e:
             raise ProfileError(f"profile {stem} is missing {e.args[0]!r}; regenerate it") from None
         except (TypeError, ValueError):
@@ -184,7 +192,10 @@ class Profile:
             return "its tables' shapes disagree with each other or with its metadata"
         if self.e_forecast is not None and tuple(self.e_forecast.shape) != (t, l, m, i, len(self.gaps)):
             return "its forecast error table's shape disagrees with its other tables"
-        for name in ("e_cache", "e_cache_std", "e_prune", "module_flops", "module_ms", "e_forecast"):
+        if self.step_sensitivity is not None and tuple(self.step_sensitivity.shape) != (t,):
+            return "its step sensitivity's length differs from its step count"
+        for name in ("e_cache", "e_cache_std", "e_prune", "module_flops", "module_ms", "e_forecast",
+                     "step_sensitivity"):
             x = getattr(self, name)
             if x is None:
                 continue
@@ -584,6 +595,71 @@ def ages_suffix(num_steps: int) -> str:
     return f"-age{ages[-1]}" if ages != DEFAULT_INTERVALS else ""
 
 
+def sensitivity_steps(num_steps: int, count: int) -> list[int]:
+    """The steps :func:`measure_sensitivity` measures: ``count`` spread evenly over 1..T-1, and the
+    last three (where the images' sensitivity changes fastest); none for ``count`` 0."""
+    if count <= 0 or num_steps < 2:
+        return []
+    even = torch.linspace(1, num_steps - 1, min(count, num_steps - 1)).round().long().tolist()
+    return sorted(set(even) | {t for t in range(num_steps - 3, num_steps) if t >= 1})
+
+
+@torch.no_grad()
+def measure_sensitivity(pipe, run_images: Callable[[], torch.Tensor], num_steps: int, steps: list[int],
+                        progress: bool = True, num_tokens: int | None = None) -> torch.Tensor:
+    """(T,) float64: for each step ``t`` of ``steps``, the mean squared difference (per pixel)
+    between ``run_images()`` (the same samples every call; images in [0, 1]) from the full model
+    and with the model's output at step ``t`` replaced by its output at step ``t - 1`` (per
+    guidance branch), every other call computed; NaN at the other steps.  What SODA's planner
+    weights a step's module errors by (:func:`~ditaccel.methods.soda.planner.step_weights`):
+    the cache errors of two steps can be alike while the images depend on one far more.
+
+    Example::
+
+        s = measure_sensitivity(pipe, lambda: sample(pipe, [0, 1], steps=50)[0], 50, [1, 25, 49])
+    """
+    from .runtime import apply, remove, state_of
+
+    out = torch.full((num_steps,), math.nan, dtype=torch.float64)
+    if not steps:
+        return out
+    transformer = pipe.transformer
+    from .methods import model_shape
+
+    shape = model_shape(transformer, num_steps, num_tokens)
+    apply(pipe, full_plan(num_steps, shape.num_layers, shape.num_tokens, shape.modules))  # tells the step
+    state = state_of(pipe)
+    target: list[int | None] = [None]
+    held: dict[int, tuple[int, torch.Tensor]] = {}
+
+    def swap(module, args, kwargs, output):
+        step, branch = state.step, state.branch
+        now = _output_tensor(output)
+        before = held.get(branch)
+        held[branch] = (step, now.detach().clone())
+        if step != target[0] or before is None or before[0] != step - 1 or before[1].shape != now.shape:
+            return output
+        if isinstance(output, tuple):
+            return (before[1], *output[1:])
+        if torch.is_tensor(output):
+            return before[1]
+        output.sample = before[1]
+        return output
+
+    handle = transformer.register_forward_hook(swap, with_kwargs=True)
+    try:
+        reference = run_images().double()
+        for t in tqdm(steps, desc="step sensitivity", disable=not progress):
+            target[0] = t
+            held.clear()
+            images = run_images().double()
+            out[t] = float((images - reference).pow(2).mean())
+    finally:
+        handle.remove()
+        remove(pipe)
+    return out
+
+
 @dataclass
 class ProfileConfig:
     """What :func:`profile` measures.  Class-conditional pipelines (the bundled ones,
@@ -596,7 +672,10 @@ class ProfileConfig:
     will sample, guidance doubling them); ``checkpoint``: an artifact stem the error sums are saved to after
     every batch of ``batch_size`` samples (class-conditional or prompted profiling), resumed from;
     ``error``: the tables' error measure, ``"cosine"`` (``1 - cos``) or ``"relative"`` (squared
-    distance relative to the fresh output).
+    distance relative to the fresh output); ``sensitivity_steps`` and ``sensitivity_samples``: at
+    how many steps (:func:`sensitivity_steps`; 0: none) and on how many samples (the first class
+    labels; a run function's samples) the images' sensitivity to each step is measured
+    (:func:`measure_sensitivity`), one sampling run per step.
 
     Example::
 
@@ -619,6 +698,8 @@ class ProfileConfig:
     description: dict | None = None
     checkpoint: str | Path | None = None
     error: str = "cosine"
+    sensitivity_steps: int = 12
+    sensitivity_samples: int = 4
 
 
 def profile(pipe, run: Callable[[Any], Any] | None = None, config: ProfileConfig | None = None,
@@ -680,6 +761,9 @@ def profile(pipe, run: Callable[[Any], Any] | None = None, config: ProfileConfig
         raise ProfileError("checkpoint= needs class_labels: a run function cannot be resumed part way")
     if batch_size < 1:
         raise ProfileError(f"batch size must be >= 1, got {batch_size}")
+    if cfg.sensitivity_steps < 0 or cfg.sensitivity_samples < 1:
+        raise ProfileError(f"sensitivity_steps must be >= 0 and sensitivity_samples >= 1, got "
+                           f"{cfg.sensitivity_steps} and {cfg.sensitivity_samples}")
     if cfg.timing_rows is not None and cfg.timing_rows < 1:
         raise ProfileError(f"timing_rows must be >= 1 (or None: the profile's own batch), got {cfg.timing_rows}")
     if intervals is None:
@@ -769,6 +853,25 @@ def profile(pipe, run: Callable[[Any], Any] | None = None, config: ProfileConfig
         costs = measure_costs(transformer, shape, ratios, captured["inputs"], repeats=timing_repeats,
                               progress=progress, timing_rows=cfg.timing_rows)
     costs = dist.broadcast(costs)
+    sensitivity = None
+    if me == 0 and cfg.sensitivity_steps:
+        t1 = time.perf_counter()
+        if run is None:
+            from .sampling import sample
+
+            few = class_labels[:cfg.sensitivity_samples]
+            run_images = lambda: sample(pipe, few, sampler=sampler, steps=num_steps,  # noqa: E731
+                                        guidance_scale=guidance_scale, seed=seed, batch_size=len(few),
+                                        progress=False, count_flops=False)[0]
+        else:
+            from .sampling import as_images
+
+            run_images = lambda: as_images(run(pipe))  # noqa: E731
+        sensitivity = measure_sensitivity(pipe, run_images, num_steps,
+                                          sensitivity_steps(num_steps, cfg.sensitivity_steps), progress,
+                                          shape.num_tokens)
+        costs["sensitivity_s"] = time.perf_counter() - t1
+    sensitivity = dist.broadcast(sensitivity)
     import diffusers
 
     meta = {"modules": list(shape.modules), "intervals": list(intervals), "ratios": list(ratios),
@@ -782,7 +885,11 @@ def profile(pipe, run: Callable[[Any], Any] | None = None, config: ProfileConfig
             "samples": len(class_labels) if run is None else (description or {}).get("samples"),
             "class_labels": list(map(int, class_labels)) if run is None else None, "seed": seed,
             "description": description or {}, "timing_rows": costs.pop("timing_rows"),
+            "sensitivity_s": costs.pop("sensitivity_s", None),
+            "sensitivity_samples": (min(cfg.sensitivity_samples, len(class_labels)) if run is None else None)
+            if sensitivity is not None else None,
             "profile_s": profile_s, "cost_s": time.perf_counter() - t0 - profile_s, "processes": nproc,
             "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
                          "python": platform.python_version()}}
-    return Profile(e_cache=e_c, e_cache_std=e_c_std, e_prune=e_p, e_forecast=e_f, meta=meta, **costs)
+    return Profile(e_cache=e_c, e_cache_std=e_c_std, e_prune=e_p, e_forecast=e_f, meta=meta,
+                   step_sensitivity=sensitivity, **costs)

@@ -34,6 +34,10 @@ def add_arguments(p) -> None:
     p.add_argument("--error", default=ERRORS[0], choices=ERRORS,
                    help="error measure of the tables: 1 - cosine (the paper's) or the squared distance relative "
                         "to the fresh output (default %(default)s)")
+    p.add_argument("--sensitivity-steps", type=number(int, 0), default=12,
+                   help="steps at which the images' sensitivity to reusing the model's output is measured "
+                        "(one sampling run of 4 samples each, the last three steps always; 0: none; "
+                        "default %(default)s): what SODA's weighted schedule reads")
     p.add_argument("--timing-rows", type=number(int, 1), default=16,
                    help="batch rows the module costs are timed at: the rows you will sample, guidance "
                         "doubling them (default %(default)s: 8 images with guidance; at most the profile's batch)")
@@ -80,7 +84,7 @@ def run(args) -> int:
     prof = profile(pipe, config=ProfileConfig(
         class_labels=labels, sampler=args.sampler, steps=args.steps, guidance_scale=args.cfg, seed=args.seed,
         batch_size=args.batch_size, intervals=intervals, ratios=ratios, token_scores=scores, checkpoint=partial,
-        timing_rows=args.timing_rows, error=args.error))
+        timing_rows=args.timing_rows, error=args.error, sensitivity_steps=args.sensitivity_steps))
     if not dist.is_main():  # the main process writes; the others only profiled their share
         return 0
     prof.meta["model_name"] = args.model

@@ -13,7 +13,9 @@ Example::
 
 from .calibration import CalibrationConfig, calibrate, calibrate_soda
 from .planner import (SPREADS, BudgetUnreachable, Config, ages_of, candidates, charged_flops, dp_schedule,
-                      partial_pays, plan, plan_soda, predict, schedules, segment_costs, uniform_schedule)
+                      partial_pays, plan, plan_soda, predict, schedules, segment_costs, step_weights,
+                      uniform_schedule)
 
 __all__ = ["SPREADS", "BudgetUnreachable", "CalibrationConfig", "Config", "ages_of", "calibrate", "calibrate_soda", "candidates",
-           "charged_flops", "dp_schedule", "partial_pays", "plan", "plan_soda", "predict", "schedules", "segment_costs", "uniform_schedule"]
+           "charged_flops", "dp_schedule", "partial_pays", "plan", "plan_soda", "predict", "schedules", "segment_costs",
+           "step_weights", "uniform_schedule"]

@@ -46,8 +46,10 @@ def calibrate(pipe, run, plans: list[Plan], progress: bool = True,
             config = p.meta.get("config", {})
             rows.append({"anchors": int(p.anchors.sum()), "pruned_modules": p.pruned_modules(), "method": p.method,
                          "schedule": config.get("schedule", "dp"), "spread": config.get("spread"),
+                         "weighting": config.get("weighting", "none"),
                          "forecast": p.forecast if p.fill is None else "segment",  # (chosen per segment)
                          "predicted_error": p.meta.get("predicted", {}).get("error"),
+                         "predicted_image_error": p.meta.get("predicted", {}).get("image_error"),
                          "speedup_flops": p.meta.get("predicted", {}).get("speedup_flops"),
                          "mse": mse, "psnr": 10 * math.log10(1 / mse) if mse > 0 else math.inf,
                          "mse_samples": per.tolist()})
@@ -173,7 +175,8 @@ def calibrate_soda(pipe, run, profile, calibration: CalibrationConfig | None = N
     best, rows = calibrate(pipe, run, first, progress, reference, within)
     chosen = best.meta["calibration"]["chosen"]
     kept = replace(config, spread=best.meta["config"]["spread"], schedule=best.meta["config"]["schedule"],
-                   forecast=best.meta["config"]["forecast"])  # (None: chosen per segment)
+                   forecast=best.meta["config"]["forecast"],  # (None: chosen per segment)
+                   weighting=best.meta["config"].get("weighting", "none"))
     more_plans = candidates(kept, profile, fewer)[1:] if config.prune else []
     if timed is not None:
         k0 = int(best.anchors.sum())

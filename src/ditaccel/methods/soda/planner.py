@@ -27,6 +27,9 @@ import torch
 from ...plan import FORECAST_ORDERS, FULL, REUSE, TOKEN_SCORES, Plan, check_forecast
 
 
+WEIGHTINGS = ("none", "sensitivity")
+
+
 class BudgetUnreachable(ValueError):
     """No plan meets the budget with the profiled cache ages: the budget is beyond what the
     profile lets SODA reach."""
@@ -52,6 +55,9 @@ class Config:
     forecast: int | None = None           # 0 reuse, 1 first-order forecast (Plan.forecast); None:
                                           # per segment and module, whichever the profile measures
                                           # lower (reuse where it has no forecast errors)
+    weighting: str = "none"               # dp: "none", segment cost = summed module errors;
+                                          # "sensitivity", the images' error they predict
+                                          # (step_weights; needs a profile with step_sensitivity)
 
     def __post_init__(self):
         budgets = [b for b in (self.speedup, self.latency_speedup) if b is not None]
@@ -64,6 +70,8 @@ class Config:
         if self.anchors is not None and (isinstance(self.anchors, bool) or self.anchors != int(self.anchors)
                                          or self.anchors < 1):
             raise ValueError(f"anchors must be an integer >= 1, got {self.anchors}")
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
         if self.schedule not in ("dp", "uniform"):
             raise ValueError(f"schedule must be 'dp' or 'uniform', got {self.schedule!r}")
         if self.spread is not None and not 1.0 <= self.spread < math.inf:
@@ -81,6 +89,7 @@ class Config:
                   if self.latency_speedup else f"a{self.anchors}")
         parts = ["soda" if self.prune else "soda-cache", self.schedule if self.schedule != "dp" else None,
                  f"s{self.spread:g}" if self.spread and self.schedule == "dp" else None,
+                 "w" if self.weighting == "sensitivity" and self.schedule == "dp" else None,
                  f"f{self.forecast}" if self.forecast else None, target]
         return "-".join(p for p in parts if p)
 
@@ -90,7 +99,7 @@ class Config:
 
 
 def segment_costs(e_cache: torch.Tensor, max_len: int, e_forecast: torch.Tensor | None = None,
-                  forecast: int | None = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                  forecast: int | None = 0, weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Cost of an anchor at step ``a`` filling the next ``n - 1`` steps when the anchor before it
     was ``g`` steps earlier (``g = 0``: none), and the filler choice behind it.
 
@@ -99,35 +108,79 @@ def segment_costs(e_cache: torch.Tensor, max_len: int, e_forecast: torch.Tensor 
     forecast wherever there are two anchors, None whichever is lower per (layer, module).
     Returns ``cost`` (T, max_len + 1, G + 1), the summed error over the segment's steps and
     (layer, module) (inf where a segment is impossible), and ``use`` (T, max_len + 1, G + 1, L, M)
-    bool, where the segment forecasts."""
+    bool, where the segment forecasts.  With ``weights`` (T,): the images' error the segment
+    predicts instead, ``(sum_t sqrt(weights[t] * e_t))^2`` over its filled steps ``t`` (``e_t``:
+    the step's summed module errors): the steps one anchor fills in err alike and add up
+    coherently, segments independently."""
     t_steps, n_layers, n_mods, ages = e_cache.shape
     reuse = e_cache.double().nan_to_num(nan=math.inf)                     # (T, L, M, A)
     fc = None if e_forecast is None or forecast == 0 else e_forecast.double().nan_to_num(nan=math.inf)
     n_gaps = 0 if fc is None else min(fc.shape[-1], max_len)
     cost = torch.full((t_steps, max_len + 1, n_gaps + 1), math.inf, dtype=torch.float64)
     use = torch.zeros((t_steps, max_len + 1, n_gaps + 1, n_layers, n_mods), dtype=torch.bool)
+    w = None if weights is None else weights.double()
+
+    def weighted(per_step: list[torch.Tensor], steps: list[int]) -> torch.Tensor:
+        """(sum_t sqrt(w_t * e_t))^2 over the steps' summed errors ``per_step`` (each (...))."""
+        amp = sum(((w[t] * e).clamp_min(0).sqrt() for e, t in zip(per_step, steps)), torch.zeros(()))
+        return torch.as_tensor(amp, dtype=torch.float64) ** 2
+
     for a in range(t_steps):
         r_sum = torch.zeros(n_layers, n_mods, dtype=torch.float64)
         f_sum = torch.zeros(n_layers, n_mods, n_gaps, dtype=torch.float64)
+        r_steps, f_steps, steps = [], [], []
         for n in range(1, max_len + 1):
             if n > 1:
                 j = n - 1
                 if a + j >= t_steps or j > ages:
                     break
                 r_sum = r_sum + reuse[a + j, :, :, j - 1]
+                r_steps.append(reuse[a + j, :, :, j - 1])
+                steps.append(a + j)
                 if fc is not None:
                     f_sum = f_sum + fc[a + j, :, :, j - 1, :n_gaps]
+                    f_steps.append(fc[a + j, :, :, j - 1, :n_gaps].permute(2, 0, 1))  # (G, L, M)
             if a + n > t_steps:
                 break
-            cost[a, n, 0] = float(r_sum.sum())
+            cost[a, n, 0] = float(r_sum.sum()) if w is None else float(weighted([r.sum() for r in r_steps], steps))
             if fc is not None:
                 f = f_sum.permute(2, 0, 1)                                    # (G, L, M)
                 better = f < r_sum if forecast is None else torch.ones_like(f, dtype=torch.bool)
                 better &= torch.isfinite(f) | ~torch.isfinite(r_sum)
                 chosen = torch.where(better, f, r_sum)
-                cost[a, n, 1:] = chosen.sum((1, 2))
+                cost[a, n, 1:] = chosen.sum((1, 2)) if w is None else weighted(
+                    [torch.where(better, fs, r).sum((1, 2)) for fs, r in zip(f_steps, r_steps)], steps)
                 use[a, n, 1:] = better
     return cost, use
+
+
+def step_weights(profile) -> torch.Tensor:
+    """(T,) what a unit of summed module error at step t costs in the images: the profile's
+    measured sensitivity of the images to the step (``step_sensitivity``, interpolated log-linearly
+    between the measured steps, held beyond them) over the step's summed plain-reuse error at age
+    1, the same change measured module by module (held at a thousandth of its median at least).
+    Raises ValueError where the profile has no sensitivity."""
+    sens = getattr(profile, "step_sensitivity", None)
+    if sens is None or not bool(torch.isfinite(sens).any()):
+        raise ValueError("this profile has no step sensitivity: make it again with `ditaccel profile` "
+                         "(sensitivity steps > 0) or plan with weighting='none'")
+    t_steps = profile.num_steps
+    known = torch.nonzero(torch.isfinite(sens) & (sens > 0)).flatten()
+    if len(known) == 0:
+        return torch.zeros(t_steps, dtype=torch.float64)
+    logs = sens[known].double().log()
+    x = torch.arange(t_steps, dtype=torch.float64)
+    i = torch.bucketize(x, known.double()).clamp(1, max(1, len(known) - 1))
+    if len(known) == 1:
+        interp = logs[0].expand(t_steps)
+    else:
+        x0, x1 = known[i - 1].double(), known[i].double()
+        y0, y1 = logs[i - 1], logs[i]
+        frac = ((x - x0) / (x1 - x0)).clamp(0, 1)
+        interp = y0 + frac * (y1 - y0)
+    e1 = profile.e_cache[:, :, :, 0].double().nan_to_num(nan=0.0).sum((1, 2))
+    floor = 1e-3 * float(e1[e1 > 0].median()) if bool((e1 > 0).any()) else 1.0
+    return interp.exp() / e1.clamp_min(floor)
 
 
 class Schedules:
@@ -307,7 +360,8 @@ def predict(plan: Plan, profile, base: torch.Tensor | None = None) -> dict[str, 
     flops = n_anchor * profile.step_flops + n_non * rest_flops + float(mf[layer, mod, ridx][computed].sum())
     charged = n_anchor * profile.step_flops + n_non * rest_flops + float(cf[layer, mod, ridx][computed].sum())
     latency = n_anchor * profile.step_ms + n_non * profile.reuse_ms + float(ms[mod, ridx][computed].sum())
-    error = float(base[non].double()[reuse].sum())
+    per_step = torch.zeros(t_steps, dtype=torch.float64)                # summed error per step
+    per_step[non] = torch.where(reuse, base[non].double(), torch.zeros((), dtype=torch.float64)).sum((1, 2))
     partial = computed & (tok != FULL)
     if bool(partial.any()):
         score = profile.token_scores.index(plan.token_score) if plan.token_score in profile.token_scores else 0
@@ -318,10 +372,14 @@ def predict(plan: Plan, profile, base: torch.Tensor | None = None) -> dict[str, 
         steps = torch.nonzero(non).flatten()[idx[:, 0]]
         v = profile.e_prune[steps, idx[:, 1], idx[:, 2], (j - 1).clamp_max(n_ages - 1), ridx[partial], score]
         # beyond the profiled cache ages, or never measured: unaffordable
-        error += float(torch.where(j <= n_ages, v.double().nan_to_num(nan=math.inf), math.inf).sum())
+        per_step.index_add_(0, steps, torch.where(j <= n_ages, v.double().nan_to_num(nan=math.inf), math.inf))
     full_flops, full_ms = t_steps * profile.step_flops, t_steps * profile.step_ms
-    return {"flops": flops, "speedup_flops": full_flops / flops, "charged_flops": charged,
-            "latency_ms": latency, "speedup_latency": full_ms / latency, "error": error}
+    out = {"flops": flops, "speedup_flops": full_flops / flops, "charged_flops": charged,
+           "latency_ms": latency, "speedup_latency": full_ms / latency, "error": float(per_step.sum())}
+    if getattr(profile, "step_sensitivity", None) is not None:  # the images' error, as weighting predicts it
+        amp = (step_weights(profile) * per_step).sqrt()
+        out["image_error"] = float(sum(float(amp[a + 1:a + n].sum()) ** 2 for a, n, _ in segments_of(plan.anchors)))
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -379,7 +437,8 @@ def plan(config: Config, profile) -> Plan:
                          f"with it or choose one of {profile.token_scores}")
     score = profile.token_scores.index(score_name)
     max_len = max(profile.intervals) + 1
-    cost, use = segment_costs(profile.e_cache, max_len, profile.e_forecast, cfg.forecast)
+    weights = step_weights(profile) if cfg.weighting == "sensitivity" and cfg.schedule == "dp" else None
+    cost, use = segment_costs(profile.e_cache, max_len, profile.e_forecast, cfg.forecast, weights)
     tables: dict[int, Schedules] = {}
     full_flops, full_ms = t_steps * profile.step_flops, t_steps * profile.step_ms
     target = None
@@ -524,7 +583,9 @@ def schedules(config: Config, profile, spreads=SPREADS, forecasts=FORECAST_ORDER
               uniform: bool = True) -> list[Plan]:
     """Caching-only plans for ``config``'s budget, one per anchor schedule and filler (duplicates
     dropped, the first kept), in the order calibration prefers them: the DP schedule for each of
-    ``spreads`` in turn (held to gaps of at most ``spread`` x the even gap; None: free), then
+    ``spreads`` in turn (held to gaps of at most ``spread`` x the even gap; None: free), with the
+    sensitivity-weighted DP (:func:`step_weights`, free) second where the profile has
+    ``step_sensitivity`` (``config.weighting`` "sensitivity": every DP schedule weighted), then
     (``uniform``) evenly spaced anchors (only those when ``config.schedule`` is "uniform"); each
     with the highest order in ``forecasts`` everywhere, then the filler chosen per segment and
     module (where the profile has forecast errors), then the lower orders (``config.forecast``
@@ -533,13 +594,20 @@ def schedules(config: Config, profile, spreads=SPREADS, forecasts=FORECAST_ORDER
     orders = sorted(forecasts, reverse=True) if config.forecast is None else [config.forecast]
     if config.forecast is None and profile.e_forecast is not None:
         orders = [*orders[:1], None, *orders[1:]]
-    kinds = ([("dp", sp) for sp in spreads] if config.schedule == "dp" else []) + (
-        [("uniform", None)] if uniform or config.schedule == "uniform" else [])
-    for kind, sp in kinds:
+    weighted = getattr(profile, "step_sensitivity", None) is not None
+    if config.weighting == "sensitivity":
+        dps = [("dp", sp, "sensitivity") for sp in spreads]
+    else:  # the weighted DP (free) second, where the profile measured the images' sensitivity
+        dps = [("dp", sp, "none") for sp in spreads]
+        if weighted:
+            dps.insert(1, ("dp", spreads[-1] if len(spreads) == 1 else None, "sensitivity"))
+    kinds = (dps if config.schedule == "dp" else []) + (
+        [("uniform", None, "none")] if uniform or config.schedule == "uniform" else [])
+    for kind, sp, weighting in kinds:
         for f in orders:
             try:
                 p = plan(Config(**{**asdict(config), "prune": False, "anchors": None, "schedule": kind,
-                                   "spread": sp, "forecast": f}), profile)
+                                   "spread": sp, "forecast": f, "weighting": weighting}), profile)
             except ValueError:
                 continue
             if not any(torch.equal(p.anchors, q.anchors) and torch.equal(p.fill_grid(), q.fill_grid()) for q in out):
