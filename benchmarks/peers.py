@@ -82,7 +82,7 @@ def model_sampler(model: str, sampler: str | None) -> str:
 # minutes on a bare 2-core fp32 CPU (profile included): half the sampler's steps, 8 images, a timed
 # batch of 2, an 8-sample profile and SODA calibrated on 4 samples (its calibration is most of a
 # quick run's time)
-DEFAULTS = {False: dict(n=96, batch=16, timed_batch=8, step_divisor=1, profile_samples=32, calibration_samples=8),
+DEFAULTS = {False: dict(n=96, batch=16, timed_batch=8, step_divisor=1, profile_samples=32, calibration_samples=16),
             True: dict(n=8, batch=8, timed_batch=2, step_divisor=2, profile_samples=8, calibration_samples=4)}
 
 

@@ -52,6 +52,8 @@ def main() -> None:
         prof = Profile.load(stem)
     out = {"samples": args.samples, "steps": args.steps, "dtype": dtype, "plain_sampling_s": plain_s,
            "errors_s": prof.meta["profile_s"], "module_costs_s": prof.meta["cost_s"], "total_s": total_s,
+           "sensitivity_s": prof.meta.get("sensitivity_s"), "sensitivity_samples": prof.meta.get("sensitivity_samples"),
+           "sensitivity_steps": int(torch.isfinite(prof.step_sensitivity).sum()) if prof.step_sensitivity is not None else 0,
            "fillers": ["reuse", "forecast"] if prof.e_forecast is not None else ["reuse"],
            "intervals": prof.intervals, "ratios": prof.ratios, "token_scores": prof.token_scores,
            "goal_s": GOAL_S, "cpu": machine(), "threads": torch.get_num_threads()}
@@ -62,6 +64,8 @@ def report(out: dict) -> str:
     lines = ["| part | seconds |", "|---|---|",
              f"| error pass ({out['samples']} trajectories, {'/'.join(out['fillers'])} + prune errors) | {out['errors_s']:.0f} |",
              f"| module costs (timed through the runtime) | {out['module_costs_s']:.0f} |",
+             *([f"| the images' sensitivity ({out['sensitivity_steps']} steps, {out['sensitivity_samples']} samples, "
+                f"one sampling run each) | {out['sensitivity_s']:.0f} |"] if out.get("sensitivity_s") else []),
              f"| **profile in all** | **{out['total_s']:.0f}** |",
              f"| the same trajectories sampled by the full model alone | {out['plain_sampling_s']:.0f} |"]
     met = "met" if out["total_s"] <= out["goal_s"] else "missed"

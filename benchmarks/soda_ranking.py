@@ -1,21 +1,22 @@
-"""Can SODA choose among its candidate plans without measuring them, and is measuring them on 8
-samples enough?  For each FLOP budget, every plan calibration would measure (the caching-only
-schedules of its first round: DP free / held to a spread / evenly spaced, each with reuse,
-forecast or the per-segment filler; then fewer anchors with token pruning) is run on ``--n``
-samples of seeds no profile or calibration saw.  Reported per budget:
+"""Can SODA choose among its candidate plans without measuring them, and on how many samples must
+it measure them?  For each FLOP budget, every plan calibration would measure (the caching-only
+schedules of its first round: DP held to a spread or free, sensitivity-weighted, evenly spaced,
+each with forecast, the per-segment filler or reuse; then fewer anchors with token pruning) is run
+on ``--n`` samples of seeds no profile or calibration saw.  Reported per budget:
 
-- the rank correlation (Spearman) between the profile's predicted error and the measured MSE vs
-  the full model on all ``--n`` samples;
-- the pick of each rule, scored on the samples it did not see: the lowest predicted error, and
-  calibration on the first 8 samples (the default calibration size); its MSE rank among the
-  candidates on the other ``--n`` - 8 samples, and the spread there (how many standard errors,
-  paired over the samples, it lies above the best candidate).
+- the rank correlation (Spearman) between each of the profile's predictions (the summed module
+  error; the images' error, weighted by the profiled step sensitivity) and the measured error vs
+  the full model (mean over samples of log MSE, i.e. of PSNR) on all ``--n`` samples;
+- the pick of each rule, scored on the samples it did not see (the last ``--n`` - 16): the lowest
+  of either prediction, and calibration (the one-standard-error rule in the candidates' order,
+  on per-sample MSE as calibrate_soda does, or on per-sample PSNR) on the first 8 or 16 samples:
+  how many dB of mean PSNR it lies below the best candidate there.
 
 Writes results/soda_ranking.{json,md} and the ``soda-ranking`` block of docs/soda.md; each budget
 goes to results/soda_ranking.partial.jsonl when done, so a stopped run resumes; budgets a finished
 run measured with the same settings are kept (``--speedups 3,4`` after ``--speedups 2`` adds them).
 
-    python benchmarks/soda_ranking.py                 # DDIM-50, budgets 2, 3, 4 (about 1 h on 2 cores)
+    python benchmarks/soda_ranking.py                 # DDIM-50, budgets 2, 3, 4 (about 30 min on 2 cores, bf16)
 """
 
 from __future__ import annotations
@@ -30,14 +31,14 @@ import torch
 from common import RESULTS, machine, publish, resume_partial
 from soda import get_profile
 from ditaccel.methods import soda
-from ditaccel.methods.soda.calibration import spread
+from ditaccel.methods.soda.calibration import prefer
 from ditaccel.pipeline import SAMPLERS
 from ditaccel.registry import load_pipeline, resolve_dtype
 from ditaccel.runtime import RUNTIME_REVISION, apply, remove
 from ditaccel.sampling import sample
 
 STEM = "soda_ranking"
-CALIBRATION = 8
+CALIBRATIONS = (8, 16)  # calibration sizes compared; the held-out samples are those after the largest
 
 
 def spearman(a: list[float], b: list[float]) -> float:
@@ -70,21 +71,30 @@ def plans_for(prof, speedup: float) -> list:
     return out
 
 
-def held_out(per: list[torch.Tensor], pick: int) -> dict:
-    """The pick scored on samples it was not chosen on: its rank (1 = best) and z above the best."""
-    means = [float(p.mean()) for p in per]
-    best = min(range(len(per)), key=lambda i: means[i])
-    rows = [{"mse_samples": p.tolist()} for p in per]
-    spread(rows, best)
-    return {"rank": 1 + sum(m < means[pick] for m in means), "z_above_best": rows[pick]["z_vs_chosen"],
-            "mse": means[pick], "best_mse": means[best]}
+def psnr(per: torch.Tensor) -> torch.Tensor:
+    """Per-sample PSNR (dB) from per-sample MSE (images in [0, 1])."""
+    return -10 * per.clamp_min(1e-30).log10()
+
+
+def below_best(rest: list[torch.Tensor], pick: int) -> float:
+    """How many dB of mean PSNR the pick lies below the best candidate on the held-out samples."""
+    means = [float(psnr(p).mean()) for p in rest]
+    return max(means) - means[pick]
+
+
+def calibrated(cal: list[torch.Tensor], on: str) -> int:
+    """The pick of the one-standard-error rule (:func:`prefer`, within 1) in the candidates' order,
+    on per-sample MSE (as calibrate_soda measures) or on per-sample negative PSNR."""
+    vals = cal if on == "mse" else [-psnr(p) for p in cal]
+    return prefer([{"mse": float(v.mean()), "mse_samples": v.tolist()} for v in vals], 1.0)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"])
     ap.add_argument("--speedups", default="2,3,4")
-    ap.add_argument("--n", type=int, default=24, help=f"samples per plan (the first {CALIBRATION} calibrate)")
+    ap.add_argument("--n", type=int, default=48,
+                    help=f"samples per plan (the first {max(CALIBRATIONS)} calibrate, the rest are held out)")
     ap.add_argument("--seed", type=int, default=30_000)
     ap.add_argument("--cfg", type=float, default=3.0)
     ap.add_argument("--dtype", default="auto")
@@ -93,8 +103,8 @@ def main() -> None:
     if args.replot:
         publish(STEM, "soda-ranking", json.loads((RESULTS / f"{STEM}.json").read_text()), report)
         return
-    if args.n < CALIBRATION + 4:
-        ap.error(f"--n must leave at least 4 samples beyond the {CALIBRATION} that calibrate")
+    if args.n < max(CALIBRATIONS) + 8:
+        ap.error(f"--n must leave at least 8 samples beyond the {max(CALIBRATIONS)} that calibrate")
     dtype = resolve_dtype(args.dtype)
     pipe = load_pipeline("fmnist-dit", dtype)
     pipe.set_progress_bar_config(disable=True)
@@ -118,7 +128,7 @@ def main() -> None:
         if full is None:
             full = sample(pipe, labels, **opts)[0].double()
         plans = plans_for(prof, s)
-        per, predicted = [], []
+        per, predicted, image = [], [], []
         for i, p in enumerate(plans):
             apply(pipe, p)
             try:
@@ -127,43 +137,53 @@ def main() -> None:
                 remove(pipe)
             per.append((images - full).pow(2).flatten(1).mean(1))
             predicted.append(p.meta["predicted"]["error"])
-            print(f"budget {s:g}: candidate {i + 1}/{len(plans)}: predicted {predicted[-1]:.4g}, "
-                  f"MSE {float(per[-1].mean()):.3e}", flush=True)
-        cal = [x[:CALIBRATION] for x in per]
-        rest = [x[CALIBRATION:] for x in per]
-        by_pred = min(range(len(plans)), key=lambda i: (predicted[i], i))
-        by_cal = min(range(len(plans)), key=lambda i: (float(cal[i].mean()), i))
+            image.append(p.meta["predicted"].get("image_error", math.nan))
+            print(f"budget {s:g}: candidate {i + 1}/{len(plans)}: predicted {predicted[-1]:.4g} / {image[-1]:.4g}, "
+                  f"PSNR {float(psnr(per[-1]).mean()):.2f}", flush=True)
+        held = max(CALIBRATIONS)
+        rest = [x[held:] for x in per]
+        log_mse = [float(x.clamp_min(1e-30).log().mean()) for x in per]
+        picks = {"predicted": min(range(len(plans)), key=lambda i: (predicted[i], i)),
+                 "predicted_image": min(range(len(plans)), key=lambda i: (image[i], i))}
+        for n_cal in CALIBRATIONS:
+            for on in ("mse", "psnr"):
+                picks[f"calibrated_{n_cal}_{on}"] = calibrated([x[:n_cal] for x in per], on)
         row = {"budget": s, "candidates": len(plans),
-               "spearman": spearman(predicted, [float(x.mean()) for x in per]),
-               "predicted": held_out(rest, by_pred), "calibrated": held_out(rest, by_cal),
+               "spearman": spearman(predicted, log_mse), "spearman_image": spearman(image, log_mse),
+               "picks": {k: {"index": i, "below_best_db": below_best(rest, i)} for k, i in picks.items()},
                "plans": [{"anchors": int(p.anchors.sum()), "pruned": p.pruned_modules(),
                           "schedule": p.meta["config"]["schedule"], "spread": p.meta["config"]["spread"],
+                          "weighting": p.meta["config"].get("weighting", "none"),
                           "forecast": "segment" if p.fill is not None else p.forecast,
-                          "predicted": predicted[i], "mse_samples": per[i].tolist()} for i, p in enumerate(plans)]}
+                          "predicted": predicted[i], "predicted_image": image[i],
+                          "mse_samples": per[i].tolist()} for i, p in enumerate(plans)]}
         print(json.dumps({k: v for k, v in row.items() if k != "plans"}), flush=True)
         rows.append(row)
         with partial.open("a") as f:
             f.write(json.dumps(row) + "\n")
-    out = {**settings, "steps": steps, "calibration": CALIBRATION, "speedups": args.speedups, "cpu": machine(),
+    out = {**settings, "steps": steps, "calibrations": list(CALIBRATIONS), "speedups": args.speedups, "cpu": machine(),
            "threads": torch.get_num_threads(), "total_s": time.time() - t0, "rows": rows}
     publish(STEM, "soda-ranking", out, report)
     partial.unlink(missing_ok=True)
 
 
 def report(out: dict) -> str:
-    n_rest = out["n"] - out["calibration"]
-    lines = ["| FLOP budget | candidates | Spearman (predicted error, measured MSE) | lowest predicted error: "
-             f"rank on {n_rest} held-out samples | z above the best | calibrated on {out['calibration']}: rank | "
-             "z above the best |", "|---|---|---|---|---|---|---|"]
+    held = out["n"] - max(out["calibrations"])
+    rules = [("predicted", "lowest predicted error"), ("predicted_image", "lowest predicted image error")] + [
+        (f"calibrated_{n}_{on}", f"calibrated on {n} ({'MSE' if on == 'mse' else 'PSNR'})")
+        for n in out["calibrations"] for on in ("mse", "psnr")]
+    lines = ["| FLOP budget | candidates | Spearman: predicted error | Spearman: predicted image error | "
+             + " | ".join(name for _, name in rules) + " |", "|---|---|---|---|" + "---|" * len(rules)]
     for r in sorted(out["rows"], key=lambda r: r["budget"]):
-        p, c = r["predicted"], r["calibrated"]
-        lines.append(f"| {r['budget']:g}x | {r['candidates']} | {r['spearman']:.2f} | {p['rank']} | "
-                     f"{p['z_above_best']:.1f} | {c['rank']} | {c['z_above_best']:.1f} |")
+        lines.append(f"| {r['budget']:g}x | {r['candidates']} | {r['spearman']:.2f} | {r['spearman_image']:.2f} | "
+                     + " | ".join(f"{r['picks'][k]['below_best_db']:.2f}" for k, _ in rules) + " |")
     lines += ["", f"fmnist-dit, {out['sampler'].upper()}-{out['steps']}, CFG {out['cfg']:g}, {out['dtype']}; "
               f"every candidate of a default calibration run on {out['n']} samples (seeds {out['seed']}.., classes "
-              f"cycled); the calibrated pick is made on the first {out['calibration']} and, like the predicted "
-              f"pick, scored on the other {n_rest} (rank 1 = lowest MSE vs the full model; z: standard errors of "
-              f"the paired per-sample difference). Generated by `python benchmarks/soda_ranking.py"
+              f"cycled). Spearman: between a prediction and the measured mean log MSE vs the full model over all "
+              f"{out['n']} (1: the same order). Each rule's pick is scored on the last {held} samples, which no "
+              f"rule saw: dB of mean PSNR vs the full model below the best candidate there (0: it picked the best). "
+              f"Calibrated: the one-standard-error rule in the candidates' order on the first 8 or 16 samples, on "
+              f"per-sample MSE (as `calibrate_soda`) or PSNR. Generated by `python benchmarks/soda_ranking.py"
               + (f" --speedups {out['speedups']}" if out.get("speedups", "2,3,4") != "2,3,4" else "")
               + f"` on {out['cpu']}."]
     return "\n".join(lines) + "\n"

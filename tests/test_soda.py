@@ -346,6 +346,7 @@ def test_profile_round_trips_and_refuses_other_settings(tiny_profile, tmp_path):
     with pytest.raises(ProfileError, match="no profile at"):
         Profile.load(tmp_path / "missing")
     assert torch.equal(back.step_sensitivity.nan_to_num(-1), prof.step_sensitivity.nan_to_num(-1))
+    assert back.decollapse_ms == prof.decollapse_ms >= 0 and back.reuse_ms == prof.reuse_ms
     assert dataclasses.replace(prof, step_sensitivity=prof.step_sensitivity[1:]).problem() \
         == "its step sensitivity's length differs from its step count"
 
@@ -451,7 +452,7 @@ def test_soda_plans_meet_their_budget_and_predict_their_flops(tiny_profile, opts
     pipe, prof = tiny_profile
     if "latency_speedup" in opts:  # the tiny model's timings are noise: plan with fixed ones
 
-        prof = dataclasses.replace(prof, step_ms=10.0, reuse_ms=2.0,
+        prof = dataclasses.replace(prof, step_ms=10.0, reuse_ms=2.0, decollapse_ms=0.5,
                                    module_ms=torch.tensor([[1.0, 1.5, 2.0], [0.5, 1.0, 2.0]]))
     plan = soda.plan(soda.Config(**opts), prof)
     pred = plan.meta["predicted"]
@@ -510,6 +511,18 @@ def test_partial_actions_only_where_they_save_time_and_priced_by_it(tiny_profile
     never = soda.plan(cfg, dataclasses.replace(prof, module_ms=ms))
     assert not (never.tokens[~never.anchors] > 0).any()
     assert never.meta["predicted"]["charged_flops"] == pytest.approx(never.meta["predicted"]["flops"])
+    # a reusing step on which any module computes runs block by block: its cost beyond the
+    # collapsed step is charged once per such step, to the latency and (at its share of a full
+    # step's time) to a FLOP budget, which the plan still meets
+    base = soda.predict(pruned, prof)
+    apart = dataclasses.replace(prof, decollapse_ms=0.25 * prof.step_ms)
+    q = soda.predict(pruned, apart)
+    steps = int((pruned.tokens[~pruned.anchors] > 0).flatten(1).any(1).sum())
+    assert steps > 0 and q["flops"] == base["flops"]
+    assert q["charged_flops"] == pytest.approx(base["charged_flops"] + steps * 0.25 * prof.step_flops)
+    assert q["latency_ms"] == pytest.approx(base["latency_ms"] + steps * 0.25 * prof.step_ms)
+    honest = soda.plan(cfg, apart).meta["predicted"]
+    assert honest["charged_flops"] <= STEPS * prof.step_flops / 1.5 * (1 + 1e-9)
 
 
 def test_candidates_spend_one_budget_in_different_ways(tiny_profile):
@@ -690,7 +703,7 @@ def test_timed_calibration_keeps_the_closest_plan_that_is_fast_enough(tiny_profi
     # shared machine are too noisy to decide whether 1.2x is affordable)
     f = prof.module_flops.double()[0]                       # (M, R + 1), one layer
     ms = f / f[:, -1].sum() * 0.9 * prof.step_ms / prof.num_layers   # the modules: 90% of a full call
-    prof = dataclasses.replace(prof, module_ms=ms.float(), reuse_ms=0.1 * prof.step_ms)
+    prof = dataclasses.replace(prof, module_ms=ms.float(), reuse_ms=0.1 * prof.step_ms, decollapse_ms=0.0)
 
     def run(p):
         return sample(p, [0, 1], steps=STEPS, guidance_scale=2.0, seed=7, progress=False)[0]

@@ -45,8 +45,9 @@ OURS: dict[str, tuple[str, tuple[float, ...], tuple[float, ...]]] = {  # name ->
 }
 SODA = ("soda", "soda-latency")  # one method under two budgets (FLOPs; measured wall-clock time)
 # SODA's ablations: shown beside it, not among the methods it must beat. soda-reuse: calibrated as
-# "soda" is, on the same profile without its forecast errors (the profile before fillers were
-# measured: its DP prices every segment by plain reuse)
+# "soda" is, on the same profile without its forecast errors and step sensitivity (the profile
+# before fillers and the images' sensitivity were measured: its DP prices every segment by the
+# summed plain-reuse errors)
 ABLATIONS = ("soda-reuse",)
 QUICK_PEERS = {"fbc": (0.06,), "pab": (3,), "fastercache": (2,), "taylorseer": (3,), "magcache": (0.04,),
                "dbcache": (0.06,), "dbcache-taylorseer": (0.06,)}
@@ -184,7 +185,7 @@ def _calibrated(pipe, calibration_run, timed_run, profile, plan_dir, method: str
             return plan  # (a plan timed with an older, slower runtime is calibrated again)
     profile = profile() if callable(profile) else profile
     if method == "soda-reuse":
-        profile = replace(profile, e_forecast=None)
+        profile = replace(profile, e_forecast=None, step_sensitivity=None)
     # soda-latency: the budget is measured wall-clock time, on the run the benchmark times
     timed = timed_run if method == "soda-latency" else None
     plan = soda.calibrate_soda(pipe, calibration_run, profile, soda.CalibrationConfig(progress=False, timed=timed),

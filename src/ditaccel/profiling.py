@@ -70,6 +70,11 @@ class Profile:
     step_ms: float              # measured ms of a full transformer call (timing batch)
     reuse_ms: float             # measured ms of a call that reuses every module (timing batch)
     meta: dict[str, Any] = field(default_factory=dict)
+    # measured ms (timing batch) a reusing step costs beyond ``reuse_ms`` once any module computes
+    # on it: the step then runs its blocks one by one instead of as one collapsed sum
+    # (runtime.collapse); 0 in profiles made before it was measured (their module_ms hold it,
+    # spread over the layers)
+    decollapse_ms: float = 0.0
     # (T, L, M, I, G) mean first-order forecast error at age I from the full outputs at t - n and
     # t - n - g, gaps g = 1..max(intervals) + 1; NaN where a step is missing; None in profiles
     # made before forecasts were profiled (planned with reuse only)
@@ -149,7 +154,7 @@ class Profile:
         if self.step_sensitivity is not None:
             tensors["step_sensitivity"] = self.step_sensitivity
         meta = {**self.meta, "step_flops": self.step_flops, "step_ms": self.step_ms,
-                "reuse_ms": self.reuse_ms}
+                "reuse_ms": self.reuse_ms, "decollapse_ms": self.decollapse_ms}
         io.save_artifact(stem, KIND, tensors, meta)
 
     @classmethod
@@ -164,6 +169,7 @@ class Profile:
                        e_prune=tensors["e_prune"], module_flops=tensors["module_flops"],
                        module_ms=tensors["module_ms"], step_flops=float(meta.pop("step_flops")),
                        step_ms=float(meta.pop("step_ms")), reuse_ms=float(meta.pop("reuse_ms")),
+                       decollapse_ms=float(meta.pop("decollapse_ms", 0.0)),
                        meta=meta, e_forecast=tensors.get("e_forecast"),
                        step_sensitivity=tensors.get("step_sensitivity"))
         except KeyError as e:
@@ -207,6 +213,8 @@ class Profile:
             return "e_cache has NaN where a cache error was measured"
         if torch.isnan(self.module_flops).any() or not (math.isfinite(self.step_flops) and self.step_flops > 0):
             return "its FLOP counts are missing or not finite"
+        if not (math.isfinite(self.decollapse_ms) and self.decollapse_ms >= 0):
+            return "its decollapse_ms is not a finite number >= 0"
         return None
 
 
@@ -558,14 +566,28 @@ def measure_costs(transformer, shape, ratios, call_inputs: tuple[tuple, dict], r
         transformer(*args, **kwargs)
         synchronize(dev)
         full_times.append(time.perf_counter() - t0)
+    # the same reusing step run block by block (as any step on which a module computes is): what
+    # computing one module costs on top of it is the module's; what it costs beyond the collapsed
+    # step is paid once per such step
+    apart = []
+    for _ in range(repeats):
+        apply(transformer, timing_plan, check_fingerprint=False, collapse=False)
+        try:
+            for i in range(2):
+                transformer(*args, **{**kwargs, "timestep": t - i})
+            apart.append(state_of(transformer).records[1].wall_s)
+        finally:
+            remove(transformer)
     reuse = statistics.median(times[("reuse", None)])
+    uncollapsed = statistics.median(apart)
     ms = torch.zeros(len(shape.modules), len(ks), dtype=torch.float64)
     for mi, role in enumerate(shape.modules):
         for ki in range(len(ks)):
-            extra = statistics.median(times[(role, ki)]) - reuse
+            extra = statistics.median(times[(role, ki)]) - uncollapsed
             ms[mi, ki] = max(0.0, 1e3 * extra / shape.num_layers)
     return {"module_flops": flops.float(), "module_ms": ms.float(), "step_flops": float(step_flops),
-            "step_ms": 1e3 * statistics.median(full_times), "reuse_ms": 1e3 * reuse, "timing_rows": rows}
+            "step_ms": 1e3 * statistics.median(full_times), "reuse_ms": 1e3 * reuse,
+            "decollapse_ms": max(0.0, 1e3 * (uncollapsed - reuse)), "timing_rows": rows}
 
 
 def _flop_key(per_module: dict, fqn: str, root: str) -> str:
@@ -872,6 +894,7 @@ def profile(pipe, run: Callable[[Any], Any] | None = None, config: ProfileConfig
                                           shape.num_tokens)
         costs["sensitivity_s"] = time.perf_counter() - t1
     sensitivity = dist.broadcast(sensitivity)
+    sensitivity_s = costs.pop("sensitivity_s", None)
     import diffusers
 
     meta = {"modules": list(shape.modules), "intervals": list(intervals), "ratios": list(ratios),
@@ -885,10 +908,11 @@ def profile(pipe, run: Callable[[Any], Any] | None = None, config: ProfileConfig
             "samples": len(class_labels) if run is None else (description or {}).get("samples"),
             "class_labels": list(map(int, class_labels)) if run is None else None, "seed": seed,
             "description": description or {}, "timing_rows": costs.pop("timing_rows"),
-            "sensitivity_s": costs.pop("sensitivity_s", None),
+            "sensitivity_s": sensitivity_s,
             "sensitivity_samples": (min(cfg.sensitivity_samples, len(class_labels)) if run is None else None)
             if sensitivity is not None else None,
-            "profile_s": profile_s, "cost_s": time.perf_counter() - t0 - profile_s, "processes": nproc,
+            "profile_s": profile_s, "processes": nproc,
+            "cost_s": time.perf_counter() - t0 - profile_s - (sensitivity_s or 0.0),
             "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
                          "python": platform.python_version()}}
     return Profile(e_cache=e_c, e_cache_std=e_c_std, e_prune=e_p, e_forecast=e_f, meta=meta,

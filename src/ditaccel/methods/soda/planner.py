@@ -340,7 +340,8 @@ def predict(plan: Plan, profile, base: torch.Tensor | None = None) -> dict[str, 
     """FLOPs (per sample), latency (ms per call at the profile's timing batch) and summed error
     that the profile predicts for ``plan`` (``base``: its :func:`filler_errors`, if known).
     ``charged_flops`` is what a FLOP budget is charged (:func:`charged_flops`: partial actions at
-    their measured time's share of the full module's FLOPs, if above their own)."""
+    their measured time's share of the full module's FLOPs, if above their own; a reusing step on
+    which any module computes, the profile's ``decollapse_ms`` at its share of a full step)."""
     t_steps = plan.num_steps
     non = ~plan.anchors.bool()                            # (T,)
     n_non = int(non.sum())
@@ -357,9 +358,16 @@ def predict(plan: Plan, profile, base: torch.Tensor | None = None) -> dict[str, 
     computed = ~reuse
     layer = torch.arange(tok.shape[1])[None, :, None].expand_as(tok)
     mod = torch.arange(tok.shape[2])[None, None, :].expand_as(tok)
+    # a reusing step on which any module computes runs block by block: it pays the profile's
+    # decollapse_ms once, charged to a FLOP budget at its share of a full step's time
+    apart = int(computed.flatten(1).any(1).sum()) if computed.numel() else 0
+    overhead_ms = getattr(profile, "decollapse_ms", 0.0)
+    overhead_flops = profile.step_flops * overhead_ms / profile.step_ms if profile.step_ms > 0 else 0.0
     flops = n_anchor * profile.step_flops + n_non * rest_flops + float(mf[layer, mod, ridx][computed].sum())
-    charged = n_anchor * profile.step_flops + n_non * rest_flops + float(cf[layer, mod, ridx][computed].sum())
-    latency = n_anchor * profile.step_ms + n_non * profile.reuse_ms + float(ms[mod, ridx][computed].sum())
+    charged = (n_anchor * profile.step_flops + n_non * rest_flops + float(cf[layer, mod, ridx][computed].sum())
+               + apart * overhead_flops)
+    latency = (n_anchor * profile.step_ms + n_non * profile.reuse_ms + float(ms[mod, ridx][computed].sum())
+               + apart * overhead_ms)
     per_step = torch.zeros(t_steps, dtype=torch.float64)                # summed error per step
     per_step[non] = torch.where(reuse, base[non].double(), torch.zeros((), dtype=torch.float64)).sum((1, 2))
     partial = computed & (tok != FULL)
