@@ -623,7 +623,8 @@ def test_calibration_prefers_even_schedules_forecasts_and_caching_only(tiny_prof
     rows, chosen = cal["rows"], cal["chosen"]
     n1 = len(scheds)
     first_pick = prefer(rows[:n1], 1.0)
-    assert chosen == first_pick or (chosen >= n1 and prefer([rows[first_pick], *rows[n1:]], 1.0) == chosen - n1 + 1)
+    assert chosen == first_pick or (chosen >= n1 and prefer([rows[first_pick], *rows[n1:]], 2.0) == chosen - n1 + 1)
+    assert prefer([rows[first_pick], *rows[n1:]], 2.0) == (0 if chosen < n1 else chosen - n1 + 1)  # pruning: 2 SE
     assert cal["margin_z"] == min(r["z_vs_chosen"] for i, r in enumerate(rows) if i != chosen)
 
 

@@ -92,7 +92,9 @@ def run(args) -> int:
     io.remove_artifact(partial)
     var = prof.variation()
     print(f"profiled {args.samples} samples x {prof.num_steps} steps in {prof.meta['profile_s']:.0f} s "
-          f"(+{prof.meta['cost_s']:.0f} s measuring module costs) -> {args.out}.json/.safetensors")
+          f"(+{prof.meta['cost_s']:.0f} s measuring module costs"
+          + (f", +{prof.meta['sensitivity_s']:.0f} s the images' sensitivity" if prof.meta.get("sensitivity_s") else "")
+          + f") -> {args.out}.json/.safetensors")
     print(f"cache error across samples: coefficient of variation median {var['cv_median']:.2f}, "
           f"90th percentile {var['cv_p90']:.2f}")
     if args.plot:

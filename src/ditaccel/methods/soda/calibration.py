@@ -111,7 +111,9 @@ class CalibrationConfig:
     """How :func:`calibrate_soda` measures SODA's candidates: ``fewer`` (how many anchors fewer the
     pruning candidates may have), ``spreads`` and ``forecasts`` (the schedules and forecast orders
     of the first round), ``within`` (how many standard errors a less preferred candidate must
-    measure better by to be kept: :func:`prefer`), ``timed`` (a run to time, for a wall-clock
+    measure better by to be kept: :func:`prefer`), ``prune_within`` (the same for the second round,
+    where a pruning plan must beat the kept caching-only one: it is one of several tried against
+    it, and its partial recomputes cost time that pricing only estimates), ``timed`` (a run to time, for a wall-clock
     budget), ``repeats``, ``tolerance`` and ``more`` (the timed search), ``progress``.
 
     Example::
@@ -127,6 +129,7 @@ class CalibrationConfig:
     tolerance: float = 0.03
     more: int = 2
     within: float = 1.0
+    prune_within: float = 2.0
 
 
 def calibrate_soda(pipe, run, profile, calibration: CalibrationConfig | None = None, **options) -> Plan:
@@ -141,9 +144,9 @@ def calibrate_soda(pipe, run, profile, calibration: CalibrationConfig | None = N
     outputs; :func:`schedules`), then, on the kept schedule and forecast order, whether token
     pruning (on as many anchors or fewer) beats it (:func:`candidates`).  Each round keeps the
     most preferred plan that the samples cannot tell from the closest to the full model (within
-    ``within`` standard errors, :func:`prefer`): more even schedules before less even ones,
-    forecasts before reuse, and caching only before pruning, which costs more time than its FLOPs
-    say.  The kept plan's metadata lists every measured candidate.
+    ``within`` standard errors, :func:`prefer`; ``prune_within`` in the second): more even
+    schedules before less even ones, forecasts before reuse, and caching only before pruning,
+    which costs more time than its FLOPs say.  The kept plan's metadata lists every measured candidate.
 
     ``timed`` (with ``latency_speedup``): budget by measured wall-clock time instead of the
     latency model.  The second round also offers caching-only plans with up to ``more`` anchors
@@ -189,7 +192,7 @@ def calibrate_soda(pipe, run, profile, calibration: CalibrationConfig | None = N
     if more_plans:
         _, more_rows = calibrate(pipe, run, more_plans, progress, reference)
         if timed is None:  # the kept plan first: another only where it measures better beyond the noise
-            j = prefer([rows[chosen], *more_rows], within)
+            j = prefer([rows[chosen], *more_rows], cal.prune_within)
             if j:
                 best, chosen = more_plans[j - 1], len(rows) + j - 1
         rows = rows + more_rows
