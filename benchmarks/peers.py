@@ -360,8 +360,6 @@ def main() -> None:
                                                            on_row=show, resumed=resumed, full=full, on_full=keep_full))
     res["resumed_rows"] = sum("skipped" not in r for r in resumed)
     res["retimed_rows"] = sum("timed_before" in r for r in res["rows"])
-    res_settings = {"calibration_samples": args.calibration_samples, "profile_samples": args.profile_samples,
-                    "profile_ages": list(ages)}
     out = {"model": args.model, "dtype": args.dtype, "sampler": args.sampler, "steps": steps, "n": args.n, "seed": args.seed, "batch": args.batch,
            "timed_batch": args.timed_batch, "repeats": args.repeats, "cfg": args.cfg, "quick": args.quick,
            "sweep": args.sweep, "profile_samples": args.profile_samples, "profile_ages": list(ages),
@@ -369,9 +367,10 @@ def main() -> None:
            "calibration_samples": args.calibration_samples,
            "threads": torch.get_num_threads(), "cpu": cpu, "features": features, "total_s": time.time() - t0, **res}
     if args.merge:
+        planned = {k: out[k] for k in ("calibration_samples", "profile_samples", "profile_ages")}
         out = merge(json.loads((RESULTS / f"{stem}.json").read_text()), out)
         if set(methods) & {*SODA, *ABLATIONS}:  # the SODA rows now say how they were calibrated and planned
-            out.update(res_settings)
+            out.update(planned)
     save_json(stem, out)
     partial.unlink(missing_ok=True)  # the reference stays: a later --retime of the finished sweep uses it
     finish(out, stem, args)

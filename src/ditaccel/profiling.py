@@ -551,33 +551,30 @@ def measure_costs(transformer, shape, ratios, call_inputs: tuple[tuple, dict], r
     times: dict[tuple, list[float]] = {(role, ki): [] for role, ki, _ in jobs}
     full_times = []
     t = kwargs.get("timestep")
-    for _ in tqdm(range(repeats), desc="module costs", disable=not progress):
-        apply(transformer, timing_plan, check_fingerprint=False)
+    def trajectory(calls: int, collapse: bool = True) -> list:
+        """The records of the timing plan's first ``calls`` steps (collapse off: the reusing step
+        run block by block, as any step on which a module computes is)."""
+        apply(transformer, timing_plan, check_fingerprint=False, collapse=collapse)
         try:
-            for i in range(len(jobs) + 1):
+            for i in range(calls):
                 transformer(*args, **{**kwargs, "timestep": t - i})
-            recs = state_of(transformer).records
+            return state_of(transformer).records
         finally:
             remove(transformer)
+
+    # what computing a module costs on top of the block-by-block reusing step is the module's; what
+    # that step costs beyond the collapsed one is paid once per step on which any module computes
+    apart = []
+    for _ in tqdm(range(repeats), desc="module costs", disable=not progress):
+        recs = trajectory(len(jobs) + 1)
         for (role, ki, _), rec in zip(jobs, recs[1:]):
             times[(role, ki)].append(rec.wall_s)
+        apart.append(trajectory(2, collapse=False)[1].wall_s)
         synchronize(dev)
         t0 = time.perf_counter()
         transformer(*args, **kwargs)
         synchronize(dev)
         full_times.append(time.perf_counter() - t0)
-    # the same reusing step run block by block (as any step on which a module computes is): what
-    # computing one module costs on top of it is the module's; what it costs beyond the collapsed
-    # step is paid once per such step
-    apart = []
-    for _ in range(repeats):
-        apply(transformer, timing_plan, check_fingerprint=False, collapse=False)
-        try:
-            for i in range(2):
-                transformer(*args, **{**kwargs, "timestep": t - i})
-            apart.append(state_of(transformer).records[1].wall_s)
-        finally:
-            remove(transformer)
     reuse = statistics.median(times[("reuse", None)])
     uncollapsed = statistics.median(apart)
     ms = torch.zeros(len(shape.modules), len(ks), dtype=torch.float64)
@@ -640,32 +637,32 @@ def measure_sensitivity(pipe, run_images: Callable[[], torch.Tensor], num_steps:
 
         s = measure_sensitivity(pipe, lambda: sample(pipe, [0, 1], steps=50)[0], 50, [1, 25, 49])
     """
+    from .methods import model_shape
     from .runtime import apply, remove, state_of
 
     out = torch.full((num_steps,), math.nan, dtype=torch.float64)
     if not steps:
         return out
     transformer = pipe.transformer
-    from .methods import model_shape
-
     shape = model_shape(transformer, num_steps, num_tokens)
     apply(pipe, full_plan(num_steps, shape.num_layers, shape.num_tokens, shape.modules))  # tells the step
     state = state_of(pipe)
-    target: list[int | None] = [None]
-    held: dict[int, tuple[int, torch.Tensor]] = {}
+    target = [-1]  # the step whose output is swapped (-1 while the reference runs: none)
+    held: dict[int, torch.Tensor] = {}  # per guidance branch, its output at the step before the target
 
     def swap(module, args, kwargs, output):
         step, branch = state.step, state.branch
         now = _output_tensor(output)
+        if step == target[0] - 1:
+            held[branch] = now.detach().clone()
         before = held.get(branch)
-        held[branch] = (step, now.detach().clone())
-        if step != target[0] or before is None or before[0] != step - 1 or before[1].shape != now.shape:
+        if step != target[0] or before is None or before.shape != now.shape:
             return output
         if isinstance(output, tuple):
-            return (before[1], *output[1:])
+            return (before, *output[1:])
         if torch.is_tensor(output):
-            return before[1]
-        output.sample = before[1]
+            return before
+        output.sample = before
         return output
 
     handle = transformer.register_forward_hook(swap, with_kwargs=True)
@@ -875,7 +872,7 @@ def profile(pipe, run: Callable[[Any], Any] | None = None, config: ProfileConfig
         costs = measure_costs(transformer, shape, ratios, captured["inputs"], repeats=timing_repeats,
                               progress=progress, timing_rows=cfg.timing_rows)
     costs = dist.broadcast(costs)
-    sensitivity = None
+    sensitivity = sensitivity_s = None
     if me == 0 and cfg.sensitivity_steps:
         t1 = time.perf_counter()
         if run is None:
@@ -892,9 +889,8 @@ def profile(pipe, run: Callable[[Any], Any] | None = None, config: ProfileConfig
         sensitivity = measure_sensitivity(pipe, run_images, num_steps,
                                           sensitivity_steps(num_steps, cfg.sensitivity_steps), progress,
                                           shape.num_tokens)
-        costs["sensitivity_s"] = time.perf_counter() - t1
-    sensitivity = dist.broadcast(sensitivity)
-    sensitivity_s = costs.pop("sensitivity_s", None)
+        sensitivity_s = time.perf_counter() - t1
+    sensitivity, sensitivity_s = dist.broadcast((sensitivity, sensitivity_s))
     import diffusers
 
     meta = {"modules": list(shape.modules), "intervals": list(intervals), "ratios": list(ratios),
@@ -909,8 +905,8 @@ def profile(pipe, run: Callable[[Any], Any] | None = None, config: ProfileConfig
             "class_labels": list(map(int, class_labels)) if run is None else None, "seed": seed,
             "description": description or {}, "timing_rows": costs.pop("timing_rows"),
             "sensitivity_s": sensitivity_s,
-            "sensitivity_samples": (min(cfg.sensitivity_samples, len(class_labels)) if run is None else None)
-            if sensitivity is not None else None,
+            "sensitivity_samples": min(cfg.sensitivity_samples, len(class_labels))
+            if sensitivity is not None and run is None else None,
             "profile_s": profile_s, "processes": nproc,
             "cost_s": time.perf_counter() - t0 - profile_s - (sensitivity_s or 0.0),
             "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,

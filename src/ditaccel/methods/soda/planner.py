@@ -160,7 +160,7 @@ def step_weights(profile) -> torch.Tensor:
     between the measured steps, held beyond them) over the step's summed plain-reuse error at age
     1, the same change measured module by module (held at a thousandth of its median at least).
     Raises ValueError where the profile has no sensitivity."""
-    sens = getattr(profile, "step_sensitivity", None)
+    sens = profile.step_sensitivity
     if sens is None or not bool(torch.isfinite(sens).any()):
         raise ValueError("this profile has no step sensitivity: make it again with `ditaccel profile` "
                          "(sensitivity steps > 0) or plan with weighting='none'")
@@ -361,7 +361,7 @@ def predict(plan: Plan, profile, base: torch.Tensor | None = None) -> dict[str, 
     # a reusing step on which any module computes runs block by block: it pays the profile's
     # decollapse_ms once, charged to a FLOP budget at its share of a full step's time
     apart = int(computed.flatten(1).any(1).sum()) if computed.numel() else 0
-    overhead_ms = getattr(profile, "decollapse_ms", 0.0)
+    overhead_ms = profile.decollapse_ms
     overhead_flops = profile.step_flops * overhead_ms / profile.step_ms if profile.step_ms > 0 else 0.0
     flops = n_anchor * profile.step_flops + n_non * rest_flops + float(mf[layer, mod, ridx][computed].sum())
     charged = (n_anchor * profile.step_flops + n_non * rest_flops + float(cf[layer, mod, ridx][computed].sum())
@@ -384,7 +384,7 @@ def predict(plan: Plan, profile, base: torch.Tensor | None = None) -> dict[str, 
     full_flops, full_ms = t_steps * profile.step_flops, t_steps * profile.step_ms
     out = {"flops": flops, "speedup_flops": full_flops / flops, "charged_flops": charged,
            "latency_ms": latency, "speedup_latency": full_ms / latency, "error": float(per_step.sum())}
-    if getattr(profile, "step_sensitivity", None) is not None:  # the images' error, as weighting predicts it
+    if profile.step_sensitivity is not None:  # the images' error, as weighting predicts it
         amp = (step_weights(profile) * per_step).sqrt()
         out["image_error"] = float(sum(float(amp[a + 1:a + n].sum()) ** 2 for a, n, _ in segments_of(plan.anchors)))
     return out
@@ -602,7 +602,7 @@ def schedules(config: Config, profile, spreads=SPREADS, forecasts=FORECAST_ORDER
     orders = sorted(forecasts, reverse=True) if config.forecast is None else [config.forecast]
     if config.forecast is None and profile.e_forecast is not None:
         orders = [*orders[:1], None, *orders[1:]]
-    weighted = getattr(profile, "step_sensitivity", None) is not None
+    weighted = profile.step_sensitivity is not None
     if config.weighting == "sensitivity":
         dps = [("dp", sp, "sensitivity") for sp in spreads]
     else:  # the weighted DP (free) second, where the profile measured the images' sensitivity
