@@ -4,7 +4,7 @@
 Methods, each swept over its knob from light to aggressive:
 - ours: FORA (interval), ToCa-style (interval, 10% of tokens recomputed), Δ-DiT-style (interval),
   SODA (target FLOP speedup) and SODA budgeted by measured latency (target latency speedup), both
-  calibrated on 8 samples of other seeds;
+  calibrated on 16 samples of other seeds;
 - diffusers' hooks and cache-dit, attached by ``ditaccel.peers`` (see its docstring for the plumbing
   they need on DiT).
 
@@ -57,6 +57,7 @@ from common import (RESULTS, ROOT, load_reference, machine, real_test_features, 
 from ditaccel.bench import (ABLATIONS, SODA, MeasureConfig, measure, merge, method_entries, parse_sweeps, plan_path, plot,
                             report, retime, stale_timing)
 from ditaccel.io import remove_artifact, write_text
+from ditaccel.methods.soda import CalibrationConfig
 from ditaccel.metrics import feature_extractor, frechet_distance
 from ditaccel.models.classifier import predict
 from ditaccel.pipeline import SAMPLERS
@@ -139,6 +140,8 @@ def describe(out: dict) -> str:
             + (f" SODA's profile: {out['profile_samples']} samples of other seeds"
                + (f", cache ages 1..{out['profile_ages'][-1]}" if "profile_ages" in out else "")
                + f"; calibration: {out.get('calibration_samples', 8)} more"
+               + (" (scored by log MSE + log(1 - SSIM) per sample)" if out.get("calibration_criterion") == "mse+ssim"
+                  else "")
                + ("; soda-latency's budget timed on the timed batch." if "profile_ages" in out else ".")
                if "profile_samples" in out else "")
             + _machines(out))
@@ -364,10 +367,10 @@ def main() -> None:
            "timed_batch": args.timed_batch, "repeats": args.repeats, "cfg": args.cfg, "quick": args.quick,
            "sweep": args.sweep, "profile_samples": args.profile_samples, "profile_ages": list(ages),
            "runtime_revision": RUNTIME_REVISION, **({"retime_pass": header["retime_pass"]} if "retime_pass" in header else {}),
-           "calibration_samples": args.calibration_samples,
+           "calibration_samples": args.calibration_samples, "calibration_criterion": CalibrationConfig().criterion,
            "threads": torch.get_num_threads(), "cpu": cpu, "features": features, "total_s": time.time() - t0, **res}
     if args.merge:
-        planned = {k: out[k] for k in ("calibration_samples", "profile_samples", "profile_ages")}
+        planned = {k: out[k] for k in ("calibration_samples", "calibration_criterion", "profile_samples", "profile_ages")}
         out = merge(json.loads((RESULTS / f"{stem}.json").read_text()), out)
         if set(methods) & {*SODA, *ABLATIONS}:  # the SODA rows now say how they were calibrated and planned
             out.update(planned)

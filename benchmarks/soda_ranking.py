@@ -6,17 +6,22 @@ on ``--n`` samples of seeds no profile or calibration saw.  Reported per budget:
 
 - the rank correlation (Spearman) between each of the profile's predictions (the summed module
   error; the images' error, weighted by the profiled step sensitivity) and the measured error vs
-  the full model (mean over samples of log MSE, i.e. of PSNR) on all ``--n`` samples;
+  the full model (mean over samples of log MSE, i.e. of PSNR) on all ``--n`` samples, and between
+  each measure calibration could score by (mean MSE, mean 1 - SSIM, the default score
+  ``ln MSE + ln(1 - SSIM)``) and the perceptual feature distance to the full model's images
+  (squared distance of EfficientNet-lite0 features per image, the features the benchmarks' FD
+  reads: what a calibration by pixels alone misses);
 - the pick of each rule, scored on the samples it did not see (the last ``--n`` - 16): the lowest
-  of either prediction, and calibration (the one-standard-error rule in the candidates' order,
-  on per-sample MSE as calibrate_soda does, or on per-sample PSNR) on the first 8 or 16 samples:
-  how many dB of mean PSNR it lies below the best candidate there.
+  of either prediction, and calibration (the one-standard-error rule in the candidates' order, on
+  per-sample MSE or on the default score, ``soda.scores``) on the first 8 or 16 samples: how many
+  dB of mean PSNR it lies below the best candidate there, and its mean feature distance over the
+  best candidate's.
 
 Writes results/soda_ranking.{json,md} and the ``soda-ranking`` block of docs/soda.md; each budget
 goes to results/soda_ranking.partial.jsonl when done, so a stopped run resumes; budgets a finished
 run measured with the same settings are kept (``--speedups 3,4`` after ``--speedups 2`` adds them).
 
-    python benchmarks/soda_ranking.py                 # DDIM-50, budgets 2, 3, 4 (about 30 min on 2 cores, bf16)
+    python benchmarks/soda_ranking.py                 # DDIM-50, budgets 2, 3, 4 (about 15 min on 2 cores, bf16)
 """
 
 from __future__ import annotations
@@ -31,7 +36,8 @@ import torch
 from common import RESULTS, machine, publish, resume_partial
 from soda import get_profile
 from ditaccel.methods import soda
-from ditaccel.methods.soda.calibration import prefer
+from ditaccel.methods.soda.calibration import CRITERIA, prefer, scores
+from ditaccel.metrics import feature_extractor, ssim_per_image
 from ditaccel.pipeline import SAMPLERS
 from ditaccel.registry import load_pipeline, resolve_dtype
 from ditaccel.runtime import RUNTIME_REVISION, apply, remove
@@ -82,11 +88,17 @@ def below_best(rest: list[torch.Tensor], pick: int) -> float:
     return max(means) - means[pick]
 
 
-def calibrated(cal: list[torch.Tensor], on: str) -> int:
-    """The pick of the one-standard-error rule (:func:`prefer`, within 1) in the candidates' order,
-    on per-sample MSE (as calibrate_soda measures) or on per-sample negative PSNR."""
-    vals = cal if on == "mse" else [-psnr(p) for p in cal]
-    return prefer([{"mse": float(v.mean()), "mse_samples": v.tolist()} for v in vals], 1.0)
+def over_best(rest: list[torch.Tensor], pick: int) -> float:
+    """The pick's mean feature distance over the least candidate's, on the held-out samples."""
+    means = [float(f.mean()) for f in rest]
+    return means[pick] / min(means) if min(means) > 0 else math.nan
+
+
+def calibrated(mse: list[torch.Tensor], dis: list[torch.Tensor], criterion: str) -> int:
+    """The pick of the one-standard-error rule (:func:`prefer`, within 1) in the candidates' order
+    on per-sample scores (:func:`~ditaccel.methods.soda.calibration.scores` of MSE and 1 - SSIM),
+    as calibrate_soda chooses."""
+    return prefer([{"score_samples": scores(m, d, criterion).tolist()} for m, d in zip(mse, dis)], 1.0)
 
 
 def main() -> None:
@@ -110,11 +122,12 @@ def main() -> None:
     pipe.set_progress_bar_config(disable=True)
     steps = SAMPLERS[args.sampler][2]
     prof = get_profile(pipe, args.sampler, steps, args.cfg, 32, False)
+    fx = feature_extractor()
     labels = [i % 10 for i in range(args.n)]
     opts = dict(sampler=args.sampler, steps=steps, guidance_scale=args.cfg, seed=args.seed, batch_size=args.n,
                 progress=False, count_flops=False)
     settings = {"sampler": args.sampler, "n": args.n, "seed": args.seed, "cfg": args.cfg, "dtype": dtype,
-                "runtime_revision": RUNTIME_REVISION}
+                "runtime_revision": RUNTIME_REVISION, "features": "bf16" if fx.bf16 else "fp32"}
     partial = RESULTS / f"{STEM}.partial.jsonl"
     asked = [float(x) for x in args.speedups.split(",")]
     # budgets measured by an earlier run with these settings are kept
@@ -127,8 +140,9 @@ def main() -> None:
             continue
         if full is None:
             full = sample(pipe, labels, **opts)[0].double()
+            full_feats = fx(full.float()).double()
         plans = plans_for(prof, s)
-        per, predicted, image = [], [], []
+        per, dis, feat, predicted, image = [], [], [], [], []
         for i, p in enumerate(plans):
             apply(pipe, p)
             try:
@@ -136,27 +150,34 @@ def main() -> None:
             finally:
                 remove(pipe)
             per.append((images - full).pow(2).flatten(1).mean(1))
+            dis.append(1 - ssim_per_image(full, images))
+            feat.append((fx(images.float()).double() - full_feats).pow(2).sum(1))
             predicted.append(p.meta["predicted"]["error"])
             image.append(p.meta["predicted"].get("image_error", math.nan))
             print(f"budget {s:g}: candidate {i + 1}/{len(plans)}: predicted {predicted[-1]:.4g} / {image[-1]:.4g}, "
                   f"PSNR {float(psnr(per[-1]).mean()):.2f}", flush=True)
         held = max(CALIBRATIONS)
-        rest = [x[held:] for x in per]
+        rest, rest_feat = [x[held:] for x in per], [x[held:] for x in feat]
         log_mse = [float(x.clamp_min(1e-30).log().mean()) for x in per]
+        feature = [float(x.mean()) for x in feat]
         picks = {"predicted": min(range(len(plans)), key=lambda i: (predicted[i], i)),
                  "predicted_image": min(range(len(plans)), key=lambda i: (image[i], i))}
         for n_cal in CALIBRATIONS:
-            for on in ("mse", "psnr"):
-                picks[f"calibrated_{n_cal}_{on}"] = calibrated([x[:n_cal] for x in per], on)
+            for on in CRITERIA:
+                picks[f"calibrated_{n_cal}_{on}"] = calibrated([x[:n_cal] for x in per], [x[:n_cal] for x in dis], on)
         row = {"budget": s, "candidates": len(plans),
                "spearman": spearman(predicted, log_mse), "spearman_image": spearman(image, log_mse),
-               "picks": {k: {"index": i, "below_best_db": below_best(rest, i)} for k, i in picks.items()},
+               "feature_spearman": {on: spearman([float(x.mean()) for x in v], feature) for on, v in (
+                   ("mse", per), ("dssim", dis), ("mse+ssim", [scores(m, d) for m, d in zip(per, dis)]))},
+               "picks": {k: {"index": i, "below_best_db": below_best(rest, i), "feature_over_best": over_best(rest_feat, i)}
+                         for k, i in picks.items()},
                "plans": [{"anchors": int(p.anchors.sum()), "pruned": p.pruned_modules(),
                           "schedule": p.meta["config"]["schedule"], "spread": p.meta["config"]["spread"],
                           "weighting": p.meta["config"].get("weighting", "none"),
                           "forecast": "segment" if p.fill is not None else p.forecast,
                           "predicted": predicted[i], "predicted_image": image[i],
-                          "mse_samples": per[i].tolist()} for i, p in enumerate(plans)]}
+                          "mse_samples": per[i].tolist(), "dssim_samples": dis[i].tolist(),
+                          "feature_samples": feat[i].tolist()} for i, p in enumerate(plans)]}
         print(json.dumps({k: v for k, v in row.items() if k != "plans"}), flush=True)
         rows.append(row)
         with partial.open("a") as f:
@@ -169,21 +190,33 @@ def main() -> None:
 
 def report(out: dict) -> str:
     held = out["n"] - max(out["calibrations"])
+    names = {"mse": "MSE", "mse+ssim": "MSE+SSIM score"}
     rules = [("predicted", "lowest predicted error"), ("predicted_image", "lowest predicted image error")] + [
-        (f"calibrated_{n}_{on}", f"calibrated on {n} ({'MSE' if on == 'mse' else 'PSNR'})")
-        for n in out["calibrations"] for on in ("mse", "psnr")]
-    lines = ["| FLOP budget | candidates | Spearman: predicted error | Spearman: predicted image error | "
-             + " | ".join(name for _, name in rules) + " |", "|---|---|---|---|" + "---|" * len(rules)]
-    for r in sorted(out["rows"], key=lambda r: r["budget"]):
+        (f"calibrated_{n}_{on}", f"calibrated on {n} ({names[on]})") for n in out["calibrations"] for on in CRITERIA]
+    rows = sorted(out["rows"], key=lambda r: r["budget"])
+    lines = ["| FLOP budget | candidates | predicted error vs PSNR | predicted image error vs PSNR | "
+             "MSE vs feature distance | 1 - SSIM vs feature distance | MSE+SSIM score vs feature distance |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        fs = r["feature_spearman"]
         lines.append(f"| {r['budget']:g}x | {r['candidates']} | {r['spearman']:.2f} | {r['spearman_image']:.2f} | "
-                     + " | ".join(f"{r['picks'][k]['below_best_db']:.2f}" for k, _ in rules) + " |")
+                     f"{fs['mse']:.2f} | {fs['dssim']:.2f} | {fs['mse+ssim']:.2f} |")
+    lines += ["", "| FLOP budget | " + " | ".join(name for _, name in rules) + " |", "|---|" + "---|" * len(rules)]
+    for r in rows:
+        lines.append(f"| {r['budget']:g}x | " + " | ".join(
+            f"{r['picks'][k]['below_best_db']:.2f} dB, {r['picks'][k]['feature_over_best']:.2f}x" for k, _ in rules) + " |")
     lines += ["", f"fmnist-dit, {out['sampler'].upper()}-{out['steps']}, CFG {out['cfg']:g}, {out['dtype']}; "
               f"every candidate of a default calibration run on {out['n']} samples (seeds {out['seed']}.., classes "
-              f"cycled). Spearman: between a prediction and the measured mean log MSE vs the full model over all "
-              f"{out['n']} (1: the same order). Each rule's pick is scored on the last {held} samples, which no "
-              f"rule saw: dB of mean PSNR vs the full model below the best candidate there (0: it picked the best). "
-              f"Calibrated: the one-standard-error rule in the candidates' order on the first 8 or 16 samples, on "
-              f"per-sample MSE (as `calibrate_soda`) or PSNR. Generated by `python benchmarks/soda_ranking.py"
+              f"cycled). First table: Spearman rank correlations over the candidates, on all {out['n']} samples "
+              f"(1: the same order), of each prediction with the measured mean log MSE vs the full model, and of "
+              f"each measure calibration can score by with the mean feature distance to the full model's images "
+              f"(squared distance of {out.get('features', 'fp32')} EfficientNet-lite0 features per image: what the "
+              f"benchmarks' FD reads). Second table: each rule's pick scored on the last {held} samples, which no "
+              f"rule saw: dB of mean PSNR vs the full model below the best candidate there, and its mean feature "
+              f"distance over the least candidate's (0 dB and 1x: it picked the best). Calibrated: the "
+              f"one-standard-error rule in the candidates' order on the first 8 or 16 samples, on per-sample MSE "
+              f"or on the default score ln MSE + ln(1 - SSIM) (`calibrate_soda`). Generated by "
+              f"`python benchmarks/soda_ranking.py"
               + (f" --speedups {out['speedups']}" if out.get("speedups", "2,3,4") != "2,3,4" else "")
               + f"` on {out['cpu']}."]
     return "\n".join(lines) + "\n"

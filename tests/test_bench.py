@@ -287,7 +287,8 @@ def test_soda_reuse_is_planned_on_the_profile_without_its_forecast_errors(tiny_p
     for e in entries:
         e.prepare(tiny_pipe)
     kept = Plan.load(bench.plan_path(tmp_path, "soda-reuse", "speedup", 1.5))
-    want = soda.calibrate_soda(tiny_pipe, cal, dataclasses.replace(prof, e_forecast=None, step_sensitivity=None),
+    want = soda.calibrate_soda(tiny_pipe, cal, dataclasses.replace(prof, e_forecast=None, step_sensitivity=None,
+                                                                        step_structure=None),
                                soda.CalibrationConfig(progress=False), speedup=1.5)
     assert torch.equal(kept.anchors, want.anchors) and torch.equal(kept.tokens, want.tokens)
     assert torch.equal(kept.fill_grid(), want.fill_grid())

@@ -158,11 +158,11 @@ def test_profile_plan_generate_round_trip(tiny_pipe_dir, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "predicted" in out and "calibrating" not in out and (tmp_path / "s.png").exists()
     assert "calibration" not in json.loads(plan.read_text())["meta"]
-    # by default a speedup budget is calibrated, on 8 samples
+    # by default a speedup budget is calibrated, on 16 samples
     default = tmp_path / "default.json"
     assert main(["plan", "--profile", str(stem), "--speedup", "1.5", "--out", str(default)]) == 0
-    assert "calibrating on 8 samples" in capsys.readouterr().out
-    assert json.loads(default.read_text())["meta"]["calibration"]["samples"] == 8
+    assert "calibrating on 16 samples" in capsys.readouterr().out
+    assert json.loads(default.read_text())["meta"]["calibration"]["samples"] == 16
     # ... a number of anchors is not
     anchors = tmp_path / "anchors.json"
     assert main(["plan", "--profile", str(stem), "--anchors", "3", "--out", str(anchors)]) == 0

@@ -346,18 +346,24 @@ def test_profile_round_trips_and_refuses_other_settings(tiny_profile, tmp_path):
     with pytest.raises(ProfileError, match="no profile at"):
         Profile.load(tmp_path / "missing")
     assert torch.equal(back.step_sensitivity.nan_to_num(-1), prof.step_sensitivity.nan_to_num(-1))
+    assert torch.equal(back.step_structure.nan_to_num(-1), prof.step_structure.nan_to_num(-1))
     assert back.decollapse_ms == prof.decollapse_ms >= 0 and back.reuse_ms == prof.reuse_ms
     assert dataclasses.replace(prof, step_sensitivity=prof.step_sensitivity[1:]).problem() \
+        == "its step sensitivity's length differs from its step count"
+    assert dataclasses.replace(prof, step_structure=prof.step_structure[1:]).problem() \
         == "its step sensitivity's length differs from its step count"
 
 
 def test_step_sensitivity_is_how_far_the_images_move_when_one_step_reuses_its_output(tiny_profile):
     """Measured at the documented steps only, and equal to the same swap done by hand: the model's
-    output at step t replaced by its output at step t - 1 (one call per step here)."""
+    output at step t replaced by its output at step t - 1 (one call per step here), in squared
+    pixel error and in structural dissimilarity (1 - SSIM)."""
+    from ditaccel.metrics import ssim_per_image
     from ditaccel.profiling import sensitivity_steps
 
     pipe, prof = tiny_profile
     s = prof.step_sensitivity
+    assert prof.step_structure.shape == (STEPS,) and math.isnan(prof.step_structure[0])
     steps = sensitivity_steps(STEPS, ProfileConfig.sensitivity_steps)
     assert steps == list(range(1, STEPS)) and sensitivity_steps(50, 4) == [1, 17, 33, 47, 48, 49]
     assert sensitivity_steps(50, 0) == [] and s.shape == (STEPS,) and math.isnan(s[0])
@@ -383,7 +389,11 @@ def test_step_sensitivity_is_how_far_the_images_move_when_one_step_reuses_its_ou
         full = sample(pipe, [0, 1, 2, 3], sampler="ddim", steps=STEPS, guidance_scale=2.0, seed=0,
                       batch_size=4, progress=False, count_flops=False)[0].double()
         for t in (1, STEPS - 2):
-            assert float(s[t]) == pytest.approx(float((by_hand(t) - full).pow(2).mean()), rel=1e-6)
+            got = by_hand(t)
+            assert float(s[t]) == pytest.approx(float((got - full).pow(2).mean()), rel=1e-6)
+            assert float(prof.step_structure[t]) == pytest.approx(float((1 - ssim_per_image(full, got)).mean()),
+                                                                  rel=1e-6)
+            assert float(prof.step_structure[t]) > 0
 
 
 def test_weighted_segment_costs_add_a_segments_steps_coherently():
@@ -439,8 +449,18 @@ def test_the_weighted_dp_minimises_the_images_predicted_error(tiny_profile):
     same = [i for i, q in enumerate(plans) if torch.equal(q.anchors, weighted.anchors) and q.fill is None
             and q.forecast == 1]
     assert same and same[0] <= 3  # after the even DP's three fillers at most
-    unweighted = soda.schedules(soda.Config(speedup=2.0), dataclasses.replace(prof, step_sensitivity=None))
+    structure = soda.plan(soda.Config(speedup=2.0, prune=False, forecast=1, weighting="structure"), prof)
+    # offered too (unless an earlier candidate has its schedule and filler)
+    assert any(torch.equal(q.anchors, structure.anchors) and q.fill is None and q.forecast == 1 for q in plans)
+    assert soda.Config(anchors=k, weighting="structure").tag() == "soda-ws-a4"
+    # the structure weights are the structural sensitivity over the same reuse error
+    ratio = soda.step_weights(prof, "structure")[1:] / soda.step_weights(prof)[1:]
+    assert ratio.tolist() == pytest.approx((prof.step_structure[1:] / prof.step_sensitivity[1:]).tolist(), rel=1e-9)
+    unweighted = soda.schedules(soda.Config(speedup=2.0), dataclasses.replace(prof, step_sensitivity=None,
+                                                                               step_structure=None))
     assert all(q.meta["config"]["weighting"] == "none" for q in unweighted)
+    with pytest.raises(ValueError, match="no step structure"):
+        soda.plan(soda.Config(anchors=k, weighting="structure"), dataclasses.replace(prof, step_structure=None))
     with pytest.raises(ValueError, match="weighting must be one of"):
         soda.Config(speedup=2.0, weighting="sqrt")
 
@@ -556,7 +576,7 @@ def test_calibrate_keeps_the_plan_closest_to_the_full_model(tiny_profile):
     # without it, the measured-best candidate; each row's error is that plan's real error
     best, rows = soda.calibrate(pipe, run, cands, progress=False)
     i = best.meta["calibration"]["chosen"]
-    assert rows[i]["mse"] == min(r["mse"] for r in rows)
+    assert rows[i]["score"] == min(r["score"] for r in rows) and best.meta["calibration"]["criterion"] == "mse+ssim"
     apply(pipe, cands[0])
     got = run(pipe)
     remove(pipe)
@@ -564,6 +584,16 @@ def test_calibrate_keeps_the_plan_closest_to_the_full_model(tiny_profile):
     per = (got.double() - full.double()).pow(2).flatten(1).mean(1)
     assert rows[0]["mse_samples"] == pytest.approx(per.tolist(), rel=1e-9)
     assert rows[0]["mse_se"] == pytest.approx(float(per.std() / math.sqrt(2)), rel=1e-9)
+    # the score: log MSE plus log structural dissimilarity, per sample
+    from ditaccel.metrics import ssim_per_image
+    ssim_ = ssim_per_image(full, got)
+    assert rows[0]["ssim_samples"] == pytest.approx(ssim_.tolist(), rel=1e-9)
+    floor = 1e-12  # (identical images)
+    assert rows[0]["score_samples"] == pytest.approx(
+        (per.clamp_min(floor).log() + (1 - ssim_).clamp_min(floor).log()).tolist(), rel=1e-9)
+    # "mse": the mean MSE alone decides
+    _, by_mse = soda.calibrate(pipe, run, cands, progress=False, criterion="mse")
+    assert by_mse[0]["score_samples"] == pytest.approx(per.tolist(), rel=1e-9)
     assert rows[i]["z_vs_chosen"] == 0 and all(r["z_vs_chosen"] >= 0 for r in rows)
     assert torch.equal(run(pipe), full), "calibration must leave the pipeline unplanned"
 
@@ -594,6 +624,23 @@ def test_calibration_prefers_the_earliest_plan_within_the_noise():
     assert prefer([far, near, low], 0.0) == 2
     assert prefer([low, near], 1.0) == 0     # the closest listed first stays
     assert prefer([row([1.0]), row([0.5])], 1.0) == 1  # one sample: no spread, no preference
+    # rows with a calibration score are compared by it, not by their MSE
+    assert prefer([{**far, "score_samples": [0.0] * 4}, low], 1.0) == 0
+
+
+def test_the_calibration_score_counts_a_fraction_off_in_pixels_or_structure_alike():
+    from ditaccel.methods.soda.calibration import scores
+
+    mse, dis = torch.tensor([1e-4, 2e-4]), torch.tensor([1e-3, 5e-4])
+    s = scores(mse, dis)
+    assert s[0] == pytest.approx(s[1])  # twice the MSE, half the dissimilarity
+    assert scores(mse * 2, dis)[0] - s[0] == pytest.approx(math.log(2))
+    assert scores(mse, dis, "mse").tolist() == pytest.approx(mse.tolist())
+    assert torch.isfinite(scores(torch.zeros(1), torch.zeros(1))).all()  # identical images: floored
+    with pytest.raises(ValueError, match="criterion must be one of"):
+        scores(mse, dis, "lpips")
+    with pytest.raises(ValueError, match="criterion must be one of"):
+        soda.CalibrationConfig(criterion="psnr")
 
 
 def test_calibration_prefers_even_schedules_forecasts_and_caching_only(tiny_profile):
@@ -611,6 +658,8 @@ def test_calibration_prefers_even_schedules_forecasts_and_caching_only(tiny_prof
     # the sensitivity-weighted DP right after the most even one
     kinds = [(c["weighting"], c["spread"] == 1.0) for c in dp]
     assert kinds == sorted(kinds, key=lambda k: (not k[1], k[0] == "none")) and ("sensitivity", False) in kinds
+    if ("structure", False) in kinds:  # (where its schedule differs from every earlier one's)
+        assert kinds.index(("sensitivity", False)) < kinds.index(("structure", False))
     first = scheds[0]
     assert first.fill is None and first.forecast == 1  # forecast everywhere before the per-segment choice
 
@@ -673,14 +722,15 @@ def test_schedules_and_two_round_calibration(tiny_profile):
     assert len(forced) < len(scheds)
     assert all(p.meta["predicted"]["speedup_flops"] >= 1.6 * (1 - 1e-9) for p in scheds)
     # within=0: the closest plan whatever the noise (the preference rule: below)
-    best = soda.calibrate_soda(pipe, run, prof, soda.CalibrationConfig(fewer=2, progress=False, within=0.0),
-                               speedup=1.6, lam=1.0)
+    # (in both rounds)
+    closest = soda.CalibrationConfig(fewer=2, progress=False, within=0.0, prune_within=0.0)
+    best = soda.calibrate_soda(pipe, run, prof, closest, speedup=1.6, lam=1.0)
     cal = best.meta["calibration"]
     rows = cal["rows"]
-    assert len(rows) >= len(scheds) and rows[cal["chosen"]]["mse"] == min(r["mse"] for r in rows)
+    assert len(rows) >= len(scheds) and rows[cal["chosen"]]["score"] == min(r["score"] for r in rows)
     assert rows[cal["chosen"]]["anchors"] == int(best.anchors.sum())
     # the second round prunes on the spread the first round kept
-    first_best = min(rows[:len(scheds)], key=lambda r: r["mse"])
+    first_best = min(rows[:len(scheds)], key=lambda r: r["score"])
     # (and the filler it kept: a per-segment choice may find nothing to forecast on fewer anchors)
     kept = {first_best["forecast"]} | ({0} if first_best["forecast"] == "segment" else set())
     assert all(r["spread"] == first_best["spread"] and r["forecast"] in kept for r in rows[len(scheds):])
@@ -723,7 +773,7 @@ def test_timed_calibration_keeps_the_closest_plan_that_is_fast_enough(tiny_profi
     assert STEPS / (chosen["anchors"] + 1) == pytest.approx(chosen["speedup_measured"], rel=0.25)
     # every candidate closer to the full model was timed and found too slow
     timed_rows = [r for r in rows if "speedup_measured" in r]
-    assert all(r["speedup_measured"] < 1.2 * 0.97 for r in timed_rows if r["mse"] < chosen["mse"])
+    assert all(r["speedup_measured"] < 1.2 * 0.97 for r in timed_rows if r["score"] < chosen["score"])
     assert max(r["anchors"] for r in rows) == rows[0]["anchors"] + 2, "more anchors than the model affords offered"
     # a target the latency model affords but no plan reaches in this timed run (each plan costs
     # more than the full model): the fastest measured plan

@@ -270,7 +270,9 @@ def test_profile_plan_bench_generate_on_a_text_model(tmp_path, capsys):
     assert cli(["plan", "--profile", str(stem), "--speedup", "1.5", "--out", str(plan)]) == 0
     # by default the plan is calibrated on prompts made from the profile's class ids
     cal = json.loads(plan.read_text())["meta"]["calibration"]
-    assert cal["samples"] == 8 and len(cal["rows"]) >= 2
+    from ditaccel.cli.plan import DEFAULT_CALIBRATION
+
+    assert cal["samples"] == DEFAULT_CALIBRATION == 16 and len(cal["rows"]) >= 2
     stats = tmp_path / "g.json"
     assert cli(["generate", "--model", model, "--steps", "6", "--cfg", "2", "--plan", str(plan), "--compare",
                 "--prompt", "a dark coat", "--n", "2", "--dtype", "fp32", "--out", str(tmp_path / "g.png"),

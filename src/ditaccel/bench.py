@@ -185,7 +185,7 @@ def _calibrated(pipe, calibration_run, timed_run, profile, plan_dir, method: str
             return plan  # (a plan timed with an older, slower runtime is calibrated again)
     profile = profile() if callable(profile) else profile
     if method == "soda-reuse":
-        profile = replace(profile, e_forecast=None, step_sensitivity=None)
+        profile = replace(profile, e_forecast=None, step_sensitivity=None, step_structure=None)
     # soda-latency: the budget is measured wall-clock time, on the run the benchmark times
     timed = timed_run if method == "soda-latency" else None
     plan = soda.calibrate_soda(pipe, calibration_run, profile, soda.CalibrationConfig(progress=False, timed=timed),

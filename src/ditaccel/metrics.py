@@ -40,6 +40,16 @@ def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
 def ssim(ref: torch.Tensor, test: torch.Tensor) -> float:
     """Mean SSIM (data range 1), averaged over channels and images; 'valid' windows only.
     Images smaller than the 11x11 window use the largest odd window that fits."""
+    return float(ssim_per_image(ref, test).mean())
+
+
+def ssim_per_image(ref: torch.Tensor, test: torch.Tensor) -> torch.Tensor:
+    """(N,) float64: each image pair's SSIM as :func:`ssim` measures it (its mean is ``ssim``).
+
+    Example::
+
+        dissimilarity = 1 - ssim_per_image(full_images, images)   # per image, 0 where identical
+    """
     _check_pair(ref, test)
     c = ref.shape[1]
     size = min(11, ref.shape[-1] - (1 - ref.shape[-1] % 2), ref.shape[-2] - (1 - ref.shape[-2] % 2))
@@ -55,7 +65,7 @@ def ssim(ref: torch.Tensor, test: torch.Tensor) -> float:
     sxy = blur(x * y) - mx * my
     c1, c2 = 0.01**2, 0.03**2
     s = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx * mx + my * my + c1) * (sxx + syy + c2))
-    return float(s.mean())
+    return s.flatten(1).mean(1)
 
 
 def _check_pair(a: torch.Tensor, b: torch.Tensor) -> None:

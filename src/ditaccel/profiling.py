@@ -84,6 +84,10 @@ class Profile:
     # computed: measured at some steps (:func:`sensitivity_steps`), NaN at the others; None in
     # profiles made without it (planned unweighted)
     step_sensitivity: torch.Tensor | None = None
+    # (T,) the same swaps' structural dissimilarity, 1 - SSIM (metrics.ssim_per_image, mean over the
+    # images): the late steps, which set fine detail, move it far more than their pixel error says;
+    # None in profiles made before it was measured
+    step_structure: torch.Tensor | None = None
 
     @property
     def gaps(self) -> tuple[int, ...]:
@@ -151,8 +155,9 @@ class Profile:
                    "module_flops": self.module_flops, "module_ms": self.module_ms}
         if self.e_forecast is not None:
             tensors["e_forecast"] = self.e_forecast
-        if self.step_sensitivity is not None:
-            tensors["step_sensitivity"] = self.step_sensitivity
+        for name in ("step_sensitivity", "step_structure"):
+            if getattr(self, name) is not None:
+                tensors[name] = getattr(self, name)
         meta = {**self.meta, "step_flops": self.step_flops, "step_ms": self.step_ms,
                 "reuse_ms": self.reuse_ms, "decollapse_ms": self.decollapse_ms}
         io.save_artifact(stem, KIND, tensors, meta)
@@ -171,7 +176,8 @@ class Profile:
                        step_ms=float(meta.pop("step_ms")), reuse_ms=float(meta.pop("reuse_ms")),
                        decollapse_ms=float(meta.pop("decollapse_ms", 0.0)),
                        meta=meta, e_forecast=tensors.get("e_forecast"),
-                       step_sensitivity=tensors.get("step_sensitivity"))
+                       step_sensitivity=tensors.get("step_sensitivity"),
+                       step_structure=tensors.get("step_structure"))
         except KeyError as e:
             raise ProfileError(f"profile {stem} is missing {e.args[0]!r}; regenerate it") from None
         except (TypeError, ValueError):
@@ -198,10 +204,10 @@ class Profile:
             return "its tables' shapes disagree with each other or with its metadata"
         if self.e_forecast is not None and tuple(self.e_forecast.shape) != (t, l, m, i, len(self.gaps)):
             return "its forecast error table's shape disagrees with its other tables"
-        if self.step_sensitivity is not None and tuple(self.step_sensitivity.shape) != (t,):
+        if any(x is not None and tuple(x.shape) != (t,) for x in (self.step_sensitivity, self.step_structure)):
             return "its step sensitivity's length differs from its step count"
         for name in ("e_cache", "e_cache_std", "e_prune", "module_flops", "module_ms", "e_forecast",
-                     "step_sensitivity"):
+                     "step_sensitivity", "step_structure"):
             x = getattr(self, name)
             if x is None:
                 continue
@@ -625,24 +631,29 @@ def sensitivity_steps(num_steps: int, count: int) -> list[int]:
 
 @torch.no_grad()
 def measure_sensitivity(pipe, run_images: Callable[[], torch.Tensor], num_steps: int, steps: list[int],
-                        progress: bool = True, num_tokens: int | None = None) -> torch.Tensor:
-    """(T,) float64: for each step ``t`` of ``steps``, the mean squared difference (per pixel)
-    between ``run_images()`` (the same samples every call; images in [0, 1]) from the full model
-    and with the model's output at step ``t`` replaced by its output at step ``t - 1`` (per
-    guidance branch), every other call computed; NaN at the other steps.  What SODA's planner
-    weights a step's module errors by (:func:`~ditaccel.methods.soda.planner.step_weights`):
-    the cache errors of two steps can be alike while the images depend on one far more.
+                        progress: bool = True, num_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mse, structure)``, each (T,) float64: for each step ``t`` of ``steps``, how far
+    ``run_images()`` (the same samples every call; images in [0, 1]) from the full model move when
+    the model's output at step ``t`` is replaced by its output at step ``t - 1`` (per guidance
+    branch), every other call computed: the mean squared difference per pixel, and the mean
+    structural dissimilarity ``1 - SSIM`` (:func:`~ditaccel.metrics.ssim_per_image`); NaN at the
+    other steps.  What SODA's planner weights a step's module errors by
+    (:func:`~ditaccel.methods.soda.planner.step_weights`): the cache errors of two steps can be
+    alike while the images depend on one far more.
 
     Example::
 
-        s = measure_sensitivity(pipe, lambda: sample(pipe, [0, 1], steps=50)[0], 50, [1, 25, 49])
+        mse, structure = measure_sensitivity(pipe, lambda: sample(pipe, [0, 1], steps=50)[0], 50, [1, 25, 49])
     """
+    from .metrics import ssim_per_image
+
     from .methods import model_shape
     from .runtime import apply, remove, state_of
 
     out = torch.full((num_steps,), math.nan, dtype=torch.float64)
+    structure = out.clone()
     if not steps:
-        return out
+        return out, structure
     transformer = pipe.transformer
     shape = model_shape(transformer, num_steps, num_tokens)
     apply(pipe, full_plan(num_steps, shape.num_layers, shape.num_tokens, shape.modules))  # tells the step
@@ -673,10 +684,11 @@ def measure_sensitivity(pipe, run_images: Callable[[], torch.Tensor], num_steps:
             held.clear()
             images = run_images().double()
             out[t] = float((images - reference).pow(2).mean())
+            structure[t] = float((1 - ssim_per_image(reference, images)).mean())
     finally:
         handle.remove()
         remove(pipe)
-    return out
+    return out, structure
 
 
 @dataclass
@@ -872,7 +884,7 @@ def profile(pipe, run: Callable[[Any], Any] | None = None, config: ProfileConfig
         costs = measure_costs(transformer, shape, ratios, captured["inputs"], repeats=timing_repeats,
                               progress=progress, timing_rows=cfg.timing_rows)
     costs = dist.broadcast(costs)
-    sensitivity = sensitivity_s = None
+    sensitivity = structure = sensitivity_s = None
     if me == 0 and cfg.sensitivity_steps:
         t1 = time.perf_counter()
         if run is None:
@@ -886,11 +898,11 @@ def profile(pipe, run: Callable[[Any], Any] | None = None, config: ProfileConfig
             from .sampling import as_images
 
             run_images = lambda: as_images(run(pipe))  # noqa: E731
-        sensitivity = measure_sensitivity(pipe, run_images, num_steps,
+        sensitivity, structure = measure_sensitivity(pipe, run_images, num_steps,
                                           sensitivity_steps(num_steps, cfg.sensitivity_steps), progress,
                                           shape.num_tokens)
         sensitivity_s = time.perf_counter() - t1
-    sensitivity, sensitivity_s = dist.broadcast((sensitivity, sensitivity_s))
+    sensitivity, structure, sensitivity_s = dist.broadcast((sensitivity, structure, sensitivity_s))
     import diffusers
 
     meta = {"modules": list(shape.modules), "intervals": list(intervals), "ratios": list(ratios),
@@ -912,4 +924,4 @@ def profile(pipe, run: Callable[[Any], Any] | None = None, config: ProfileConfig
             "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
                          "python": platform.python_version()}}
     return Profile(e_cache=e_c, e_cache_std=e_c_std, e_prune=e_p, e_forecast=e_f, meta=meta,
-                   step_sensitivity=sensitivity, **costs)
+                   step_sensitivity=sensitivity, step_structure=structure, **costs)

@@ -10,8 +10,9 @@ from .common import SEED, number
 
 HELP = "plan SODA (DP anchor schedule + sensitivity-aware pruning) from a profile"
 # calibration samples by default: the profile's predicted error alone ranks SODA's candidates
-# worse than measuring them (benchmarks/soda_defaults.py, benchmarks/soda_ranking.py)
-DEFAULT_CALIBRATION = 8
+# worse than measuring them (benchmarks/soda_defaults.py, benchmarks/soda_ranking.py), and 8
+# samples often cannot tell them apart
+DEFAULT_CALIBRATION = 16
 
 
 def add_arguments(p) -> None:
@@ -47,6 +48,9 @@ def add_arguments(p) -> None:
                         f"{DEFAULT_CALIBRATION} with a speedup budget and a profile made by `ditaccel profile`, "
                         "0 (the profile's prediction alone, seconds) otherwise")
     p.add_argument("--calibrate-seed", type=SEED, default=500_000)
+    p.add_argument("--criterion", default="mse+ssim", choices=["mse+ssim", "mse"],
+                   help="what 'closest to the full model' means when calibrating: log MSE plus log "
+                        "(1 - SSIM) per sample (default), or the mean MSE alone")
     p.add_argument("--out", required=True, help="plan JSON")
     p.add_argument("--plot", default=None, help="also write the schedule plot (PNG)")
 
@@ -83,7 +87,7 @@ def run(args) -> int:
         pipe = load_pipeline(model, prof.meta.get("dtype") or "auto", args.device)
         prof.check_for(fingerprint=model_fingerprint(pipe.transformer))
     if args.calibrate:
-        plan = _calibrated(pipe, prof, cfg, args.calibrate, args.calibrate_seed)
+        plan = _calibrated(pipe, prof, cfg, args.calibrate, args.calibrate_seed, args.criterion)
     else:
         plan = soda.plan(cfg, prof)
     plan.save(args.out)
@@ -96,7 +100,7 @@ def run(args) -> int:
     return 0
 
 
-def _calibrated(pipe, prof, cfg, n: int, seed: int):
+def _calibrated(pipe, prof, cfg, n: int, seed: int, criterion: str = "mse+ssim"):
     """SODA's candidates for ``cfg``'s budget measured on ``n`` class-conditional samples of the
     profile's sampler and guidance; prints the calibration table."""
     from ..methods import soda
@@ -118,18 +122,19 @@ def _calibrated(pipe, prof, cfg, n: int, seed: int):
                       guidance_scale=prof.meta["guidance_scale"], seed=seed, batch_size=n, progress=False)[0]
 
     # a wall-clock budget is measured on the calibration samples themselves
-    best = soda.calibrate_soda(pipe, run, prof, soda.CalibrationConfig(timed=run if cfg.latency_speedup else None),
-                               **asdict(cfg))
+    best = soda.calibrate_soda(pipe, run, prof, soda.CalibrationConfig(timed=run if cfg.latency_speedup else None,
+                                                                       criterion=criterion), **asdict(cfg))
     cal = best.meta["calibration"]
     print(f"{'candidate':>10} {'anchors':>8} {'schedule':>9} {'forecast':>9} {'pruned':>7} {'predicted err':>14} "
-          f"{'PSNR vs full':>13} {'z vs kept':>10}" + (f" {'measured speedup':>17}" if "timed" in cal else ""))
+          f"{'PSNR vs full':>13} {'SSIM':>7} {'z vs kept':>10}" + (f" {'measured speedup':>17}" if "timed" in cal else ""))
     for i, r in enumerate(cal["rows"]):
         mark = " <- kept" if i == cal["chosen"] else ""
         sched = r.get("schedule", "dp")
         sched = sched if sched != "dp" else "free" if r["spread"] is None else f"{r['spread']:g}"
+        sched += {"sensitivity": " w", "structure": " ws"}.get(r.get("weighting"), "")
         speed = (f" {r['speedup_measured']:>16.2f}x" if "speedup_measured" in r else f" {'-':>17}") if "timed" in cal else ""
         print(f"{i:>10} {r['anchors']:>8} {sched:>9} {r['forecast']:>9} {r['pruned_modules']:>7} "
-              f"{r['predicted_error']:>14.4g} {r['psnr']:>11.2f}dB {r['z_vs_chosen']:>10.1f}{speed}{mark}")
+              f"{r['predicted_error']:>14.4g} {r['psnr']:>11.2f}dB {r['ssim']:>7.4f} {r['z_vs_chosen']:>10.1f}{speed}{mark}")
     z = cal.get("margin_z")
     if z is not None and z < 0 and "timed" not in cal:
         print(f"kept the preferred plan (more even schedule, forecast, caching only) over one that measured "

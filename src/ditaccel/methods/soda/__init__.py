@@ -11,11 +11,11 @@ Example::
     plan = soda.calibrate_soda(pipe, run, profile, speedup=2.5)     # measured on run(pipe)
 """
 
-from .calibration import CalibrationConfig, calibrate, calibrate_soda
+from .calibration import CRITERIA, CalibrationConfig, calibrate, calibrate_soda, scores
 from .planner import (SPREADS, BudgetUnreachable, Config, ages_of, candidates, charged_flops, dp_schedule,
                       partial_pays, plan, plan_soda, predict, schedules, segment_costs, step_weights,
                       uniform_schedule)
 
-__all__ = ["SPREADS", "BudgetUnreachable", "CalibrationConfig", "Config", "ages_of", "calibrate", "calibrate_soda", "candidates",
-           "charged_flops", "dp_schedule", "partial_pays", "plan", "plan_soda", "predict", "schedules", "segment_costs",
-           "step_weights", "uniform_schedule"]
+__all__ = ["CRITERIA", "SPREADS", "BudgetUnreachable", "CalibrationConfig", "Config", "ages_of", "calibrate", "calibrate_soda", "candidates",
+           "charged_flops", "dp_schedule", "partial_pays", "plan", "plan_soda", "predict", "schedules", "scores",
+           "segment_costs", "step_weights", "uniform_schedule"]

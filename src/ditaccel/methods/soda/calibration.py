@@ -14,18 +14,45 @@ from ...plan import FORECAST_ORDERS, Plan
 from ...sampling import as_images
 from .planner import SPREADS, BudgetUnreachable, Config, candidates, plan, predict, schedules
 
+CRITERIA = ("mse+ssim", "mse")
+
+
+def scores(mse: torch.Tensor, dissimilarity: torch.Tensor, criterion: str = "mse+ssim") -> torch.Tensor:
+    """(N,) float64: each sample's calibration score from its MSE and its ``1 - SSIM`` to the full
+    model (lower is closer).  "mse+ssim": ``ln(mse) + ln(1 - ssim)`` (each floored at 1e-12), a
+    fraction off in either counting alike, so that a plan is kept for the structure it keeps as
+    well as its pixels (the late steps' errors change SSIM and perceptual features far more than
+    pixels); "mse": the MSE alone.
+
+    Example::
+
+        s = scores(mse_per_image, 1 - ssim_per_image(full, images))   # calibrate() keeps the least mean
+    """
+    if criterion not in CRITERIA:
+        raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
+    if criterion == "mse":
+        return mse.double()
+    return mse.double().clamp_min(1e-12).log() + dissimilarity.double().clamp_min(1e-12).log()
+
+
 def calibrate(pipe, run, plans: list[Plan], progress: bool = True,
-              reference: torch.Tensor | None = None, within: float = 0.0) -> tuple[Plan, list[dict]]:
+              reference: torch.Tensor | None = None, within: float = 0.0,
+              criterion: str = "mse+ssim") -> tuple[Plan, list[dict]]:
     """Run the full model and each plan through ``run(pipe)`` (same seeds every time; images in
     [0, 1]) and return the chosen plan, with one row per plan (anchors, how many modules prune,
-    predicted error, measured MSE and PSNR).  The chosen plan is the earliest of ``plans`` whose
-    MSE to the full model lies within ``within`` standard errors (paired over the samples) of the
-    smallest (:func:`prefer`; 0: the smallest MSE, ties to the earlier plan): list the plans most
-    preferred first.  The chosen plan's metadata records the calibration.  ``reference``: the full
-    model's images from an earlier call (skips that run)."""
+    predicted error, measured MSE, PSNR and SSIM, and the per-sample ``criterion`` scores,
+    :func:`scores`).  The chosen plan is the earliest of ``plans`` whose mean score lies within
+    ``within`` standard errors (paired over the samples) of the least (:func:`prefer`; 0: the
+    least, ties to the earlier plan): list the plans most preferred first.  The chosen plan's
+    metadata records the calibration.  ``reference``: the full model's images from an earlier
+    call (skips that run)."""
     from tqdm.auto import tqdm
 
+    from ...metrics import ssim_per_image
     from ...runtime import apply, remove
+
+    if criterion not in CRITERIA:
+        raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
 
     if not plans:
         raise ValueError("give at least one plan to calibrate")
@@ -42,6 +69,8 @@ def calibrate(pipe, run, plans: list[Plan], progress: bool = True,
                 raise ValueError("run(pipe) returned images of another shape under a plan; it must "
                                  "sample the same seeds every call")
             per = (images.double() - reference.double()).pow(2).flatten(1).mean(1)   # (N,)
+            dissimilarity = 1 - ssim_per_image(reference, images)
+            score = scores(per, dissimilarity, criterion)
             mse = float(per.mean())
             config = p.meta.get("config", {})
             rows.append({"anchors": int(p.anchors.sum()), "pruned_modules": p.pruned_modules(), "method": p.method,
@@ -52,25 +81,33 @@ def calibrate(pipe, run, plans: list[Plan], progress: bool = True,
                          "predicted_image_error": p.meta.get("predicted", {}).get("image_error"),
                          "speedup_flops": p.meta.get("predicted", {}).get("speedup_flops"),
                          "mse": mse, "psnr": 10 * math.log10(1 / mse) if mse > 0 else math.inf,
-                         "mse_samples": per.tolist()})
+                         "ssim": float(1 - dissimilarity.mean()), "mse_samples": per.tolist(),
+                         "ssim_samples": (1 - dissimilarity).tolist(), "criterion": criterion,
+                         "score": float(score.mean()), "score_samples": score.tolist()})
     best = prefer(rows, within)
     spread(rows, best)
-    calibration = {"rows": rows, "chosen": best, "samples": int(reference.shape[0]),
+    calibration = {"rows": rows, "chosen": best, "samples": int(reference.shape[0]), "criterion": criterion,
                    "margin_z": margin(rows, best)}
     return replace(plans[best], meta={**plans[best].meta, "calibration": calibration}), rows
 
 
+def _per_sample(row: dict) -> torch.Tensor:
+    """A calibration row's per-sample scores (``score_samples``; ``mse_samples`` where it has none)."""
+    return torch.tensor(row["score_samples"] if "score_samples" in row else row["mse_samples"], dtype=torch.float64)
+
+
 def prefer(rows: list[dict], within: float) -> int:
-    """Index of the earliest row whose MSE lies at most ``within`` standard errors of the paired
-    per-sample difference (``mse_samples``) above the row with the smallest MSE: among plans the
-    samples do not tell apart, the one listed first (the one-standard-error rule with ``within``
-    1).  ``within`` 0: the smallest MSE, ties to the earlier row."""
-    low = min(range(len(rows)), key=lambda i: (rows[i]["mse"], i))
+    """Index of the earliest row whose mean per-sample score (``score_samples``, or
+    ``mse_samples`` where a row has no score) lies at most ``within`` standard errors of the paired
+    per-sample difference above the row with the least: among plans the samples do not tell apart,
+    the one listed first (the one-standard-error rule with ``within`` 1).  ``within`` 0: the least
+    score, ties to the earlier row."""
+    per = [_per_sample(r) for r in rows]
+    low = min(range(len(rows)), key=lambda i: (float(per[i].mean()), i))
     if within <= 0:
         return low
-    best = torch.tensor(rows[low]["mse_samples"], dtype=torch.float64)
-    for i, row in enumerate(rows[:low]):
-        if _paired_z(torch.tensor(row["mse_samples"], dtype=torch.float64), best) <= within:
+    for i in range(low):
+        if _paired_z(per[i], per[low]) <= within:
             return i
     return low
 
@@ -89,17 +126,17 @@ def _paired_z(per: torch.Tensor, base: torch.Tensor) -> float:
 def spread(rows: list[dict], chosen: int) -> None:
     """Add to each calibration row (with its per-sample MSEs, ``mse_samples``) the standard error
     of its MSE (``mse_se``) and how many standard errors of the paired per-sample difference its
-    MSE lies above the chosen row's (``z_vs_chosen``; 0 for the chosen one, inf where every sample
-    differs by the same amount)."""
-    per_sample = [torch.tensor(r["mse_samples"], dtype=torch.float64) for r in rows]
-    n = len(per_sample[chosen])
-    for row, per in zip(rows, per_sample):
-        row["mse_se"] = float(per.std() / math.sqrt(n)) if n > 1 else math.nan
-        row["z_vs_chosen"] = _paired_z(per, per_sample[chosen])
+    mean score (:func:`prefer`) lies above the chosen row's (``z_vs_chosen``; 0 for the chosen
+    one, inf where every sample differs by the same amount)."""
+    scored = [_per_sample(r) for r in rows]
+    for row, per in zip(rows, scored):
+        mse = torch.tensor(row["mse_samples"], dtype=torch.float64)
+        row["mse_se"] = float(mse.std() / math.sqrt(len(mse))) if len(mse) > 1 else math.nan
+        row["z_vs_chosen"] = _paired_z(per, scored[chosen])
 
 
 def margin(rows: list[dict], chosen: int) -> float | None:
-    """How many standard errors (paired over the samples) the runner-up's MSE lies above the
+    """How many standard errors (paired over the samples) the runner-up's score lies above the
     chosen plan's: below about 2, the calibration samples do not tell the two apart (negative: a
     plan measured closer, within the noise, was passed over for the chosen, preferred one)."""
     others = [r["z_vs_chosen"] for i, r in enumerate(rows) if i != chosen and "z_vs_chosen" in r]
@@ -113,7 +150,8 @@ class CalibrationConfig:
     of the first round), ``within`` (how many standard errors a less preferred candidate must
     measure better by to be kept: :func:`prefer`), ``prune_within`` (the same for the second round,
     where a pruning plan must beat the kept caching-only one: it is one of several tried against
-    it, and its partial recomputes cost time that pricing only estimates), ``timed`` (a run to time, for a wall-clock
+    it, and its partial recomputes cost time that pricing only estimates), ``criterion`` (what
+    "closest to the full model" means: :func:`scores`), ``timed`` (a run to time, for a wall-clock
     budget), ``repeats``, ``tolerance`` and ``more`` (the timed search), ``progress``.
 
     Example::
@@ -130,6 +168,11 @@ class CalibrationConfig:
     more: int = 2
     within: float = 1.0
     prune_within: float = 2.0
+    criterion: str = "mse+ssim"
+
+    def __post_init__(self):
+        if self.criterion not in CRITERIA:
+            raise ValueError(f"criterion must be one of {CRITERIA}, got {self.criterion!r}")
 
 
 def calibrate_soda(pipe, run, profile, calibration: CalibrationConfig | None = None, **options) -> Plan:
@@ -175,7 +218,7 @@ def calibrate_soda(pipe, run, profile, calibration: CalibrationConfig | None = N
         raise BudgetUnreachable()
     with torch.no_grad():
         reference = as_images(run(pipe))
-    best, rows = calibrate(pipe, run, first, progress, reference, within)
+    best, rows = calibrate(pipe, run, first, progress, reference, within, cal.criterion)
     chosen = best.meta["calibration"]["chosen"]
     kept = replace(config, spread=best.meta["config"]["spread"], schedule=best.meta["config"]["schedule"],
                    forecast=best.meta["config"]["forecast"],  # (None: chosen per segment)
@@ -190,7 +233,7 @@ def calibrate_soda(pipe, run, profile, calibration: CalibrationConfig | None = N
             except ValueError:
                 continue
     if more_plans:
-        _, more_rows = calibrate(pipe, run, more_plans, progress, reference)
+        _, more_rows = calibrate(pipe, run, more_plans, progress, reference, criterion=cal.criterion)
         if timed is None:  # the kept plan first: another only where it measures better beyond the noise
             j = prefer([rows[chosen], *more_rows], cal.prune_within)
             if j:
@@ -203,7 +246,8 @@ def calibrate_soda(pipe, run, profile, calibration: CalibrationConfig | None = N
     from ...runtime import RUNTIME_REVISION  # what the timings were measured with
 
     spread(rows, chosen)
-    calibration = {"rows": rows, "chosen": chosen, "samples": int(reference.shape[0]), "margin_z": margin(rows, chosen),
+    calibration = {"rows": rows, "chosen": chosen, "samples": int(reference.shape[0]), "criterion": cal.criterion,
+                   "margin_z": margin(rows, chosen),
                    **({"timed": {"target": config.latency_speedup, "tolerance": tolerance, "repeats": repeats,
                                  "runtime": RUNTIME_REVISION}} if timed is not None else {})}
     return replace(best, meta={**best.meta, "calibration": calibration})
@@ -211,7 +255,7 @@ def calibrate_soda(pipe, run, profile, calibration: CalibrationConfig | None = N
 
 def _fastest_enough(pipe, timed, pool: list[tuple[int, Plan]], rows: list[dict], floor: float, repeats: int,
                     progress: bool) -> tuple[Plan, int]:
-    """From the lowest measured MSE up, the first plan of ``pool`` (row index, plan) whose measured
+    """From the least calibration score up, the first plan of ``pool`` (row index, plan) whose measured
     speedup reaches ``floor`` (recorded in its row as ``speedup_measured``); the fastest if none."""
     import statistics
 
@@ -228,7 +272,7 @@ def _fastest_enough(pipe, timed, pool: list[tuple[int, Plan]], rows: list[dict],
 
     with torch.no_grad():
         timed(pipe)  # warm-up
-        for i, p in tqdm(sorted(pool, key=lambda ip: (rows[ip[0]]["mse"], ip[0])), desc="timing", disable=not progress):
+        for i, p in tqdm(sorted(pool, key=lambda ip: (rows[ip[0]]["score"], ip[0])), desc="timing", disable=not progress):
             rows[i]["speedup_measured"] = statistics.median(speedup_pairs(pipe, timed, attach(p), repeats))
             if rows[i]["speedup_measured"] >= floor:
                 return p, i

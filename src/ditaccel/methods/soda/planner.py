@@ -27,7 +27,7 @@ import torch
 from ...plan import FORECAST_ORDERS, FULL, REUSE, TOKEN_SCORES, Plan, check_forecast
 
 
-WEIGHTINGS = ("none", "sensitivity")
+WEIGHTINGS = ("none", "sensitivity", "structure")
 
 
 class BudgetUnreachable(ValueError):
@@ -57,7 +57,8 @@ class Config:
                                           # lower (reuse where it has no forecast errors)
     weighting: str = "none"               # dp: "none", segment cost = summed module errors;
                                           # "sensitivity", the images' error they predict
-                                          # (step_weights; needs a profile with step_sensitivity)
+                                          # (step_weights; needs a profile with step_sensitivity);
+                                          # "structure", the same in 1 - SSIM (step_structure)
 
     def __post_init__(self):
         budgets = [b for b in (self.speedup, self.latency_speedup) if b is not None]
@@ -89,7 +90,7 @@ class Config:
                   if self.latency_speedup else f"a{self.anchors}")
         parts = ["soda" if self.prune else "soda-cache", self.schedule if self.schedule != "dp" else None,
                  f"s{self.spread:g}" if self.spread and self.schedule == "dp" else None,
-                 "w" if self.weighting == "sensitivity" and self.schedule == "dp" else None,
+                 {"sensitivity": "w", "structure": "ws"}.get(self.weighting) if self.schedule == "dp" else None,
                  f"f{self.forecast}" if self.forecast else None, target]
         return "-".join(p for p in parts if p)
 
@@ -154,15 +155,23 @@ def segment_costs(e_cache: torch.Tensor, max_len: int, e_forecast: torch.Tensor 
     return cost, use
 
 
-def step_weights(profile) -> torch.Tensor:
+def step_weights(profile, weighting: str = "sensitivity") -> torch.Tensor:
     """(T,) what a unit of summed module error at step t costs in the images: the profile's
-    measured sensitivity of the images to the step (``step_sensitivity``, interpolated log-linearly
-    between the measured steps, held beyond them) over the step's summed plain-reuse error at age
-    1, the same change measured module by module (held at a thousandth of its median at least).
-    Raises ValueError where the profile has no sensitivity."""
-    sens = profile.step_sensitivity
+    measured sensitivity of the images to the step (``weighting`` "sensitivity": in squared pixel
+    error, ``step_sensitivity``; "structure": in 1 - SSIM, ``step_structure``; interpolated
+    log-linearly between the measured steps, held beyond them) over the step's summed plain-reuse
+    error at age 1, the same change measured module by module (held at a thousandth of its median
+    at least).  Raises ValueError where the profile has no such sensitivity.
+
+    Example::
+
+        w = step_weights(profile, "structure")   # the DP's weights under Config(weighting="structure")
+    """
+    if weighting not in WEIGHTINGS[1:]:
+        raise ValueError(f"weighting must be one of {WEIGHTINGS[1:]}, got {weighting!r}")
+    sens = profile.step_sensitivity if weighting == "sensitivity" else profile.step_structure
     if sens is None or not bool(torch.isfinite(sens).any()):
-        raise ValueError("this profile has no step sensitivity: make it again with `ditaccel profile` "
+        raise ValueError(f"this profile has no step {weighting}: make it again with `ditaccel profile` "
                          "(sensitivity steps > 0) or plan with weighting='none'")
     t_steps = profile.num_steps
     known = torch.nonzero(torch.isfinite(sens) & (sens > 0)).flatten()
@@ -445,7 +454,7 @@ def plan(config: Config, profile) -> Plan:
                          f"with it or choose one of {profile.token_scores}")
     score = profile.token_scores.index(score_name)
     max_len = max(profile.intervals) + 1
-    weights = step_weights(profile) if cfg.weighting == "sensitivity" and cfg.schedule == "dp" else None
+    weights = step_weights(profile, cfg.weighting) if cfg.weighting != "none" and cfg.schedule == "dp" else None
     cost, use = segment_costs(profile.e_cache, max_len, profile.e_forecast, cfg.forecast, weights)
     tables: dict[int, Schedules] = {}
     full_flops, full_ms = t_steps * profile.step_flops, t_steps * profile.step_ms
@@ -592,8 +601,9 @@ def schedules(config: Config, profile, spreads=SPREADS, forecasts=FORECAST_ORDER
     """Caching-only plans for ``config``'s budget, one per anchor schedule and filler (duplicates
     dropped, the first kept), in the order calibration prefers them: the DP schedule for each of
     ``spreads`` in turn (held to gaps of at most ``spread`` x the even gap; None: free), with the
-    sensitivity-weighted DP (:func:`step_weights`, free) second where the profile has
-    ``step_sensitivity`` (``config.weighting`` "sensitivity": every DP schedule weighted), then
+    sensitivity-weighted DPs (:func:`step_weights`, free) second, in pixel error and then in
+    structure, where the profile measured them (``config.weighting`` other than "none": every DP
+    schedule weighted so), then
     (``uniform``) evenly spaced anchors (only those when ``config.schedule`` is "uniform"); each
     with the highest order in ``forecasts`` everywhere, then the filler chosen per segment and
     module (where the profile has forecast errors), then the lower orders (``config.forecast``
@@ -602,13 +612,14 @@ def schedules(config: Config, profile, spreads=SPREADS, forecasts=FORECAST_ORDER
     orders = sorted(forecasts, reverse=True) if config.forecast is None else [config.forecast]
     if config.forecast is None and profile.e_forecast is not None:
         orders = [*orders[:1], None, *orders[1:]]
-    weighted = profile.step_sensitivity is not None
-    if config.weighting == "sensitivity":
-        dps = [("dp", sp, "sensitivity") for sp in spreads]
-    else:  # the weighted DP (free) second, where the profile measured the images' sensitivity
+    if config.weighting != "none":
+        dps = [("dp", sp, config.weighting) for sp in spreads]
+    else:  # the weighted DPs (free) second, where the profile measured the images' sensitivity
         dps = [("dp", sp, "none") for sp in spreads]
-        if weighted:
-            dps.insert(1, ("dp", spreads[-1] if len(spreads) == 1 else None, "sensitivity"))
+        free = spreads[-1] if len(spreads) == 1 else None
+        measured = [w for w, x in (("sensitivity", profile.step_sensitivity), ("structure", profile.step_structure))
+                    if x is not None]
+        dps[1:1] = [("dp", free, w) for w in measured]
     kinds = (dps if config.schedule == "dp" else []) + (
         [("uniform", None, "none")] if uniform or config.schedule == "uniform" else [])
     for kind, sp, weighting in kinds:
