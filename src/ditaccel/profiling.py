@@ -645,9 +645,8 @@ def measure_sensitivity(pipe, run_images: Callable[[], torch.Tensor], num_steps:
 
         mse, structure = measure_sensitivity(pipe, lambda: sample(pipe, [0, 1], steps=50)[0], 50, [1, 25, 49])
     """
-    from .metrics import ssim_per_image
-
     from .methods import model_shape
+    from .metrics import ssim_per_image
     from .runtime import apply, remove, state_of
 
     out = torch.full((num_steps,), math.nan, dtype=torch.float64)

@@ -48,7 +48,8 @@ def add_arguments(p) -> None:
                         f"{DEFAULT_CALIBRATION} with a speedup budget and a profile made by `ditaccel profile`, "
                         "0 (the profile's prediction alone, seconds) otherwise")
     p.add_argument("--calibrate-seed", type=SEED, default=500_000)
-    p.add_argument("--criterion", default="mse+ssim", choices=["mse+ssim", "mse"],
+    cal = __import__("ditaccel.methods.soda", fromlist=["CalibrationConfig"])
+    p.add_argument("--criterion", default=cal.CalibrationConfig.criterion, choices=list(cal.CRITERIA),
                    help="what 'closest to the full model' means when calibrating: log MSE plus log "
                         "(1 - SSIM) per sample (default), or the mean MSE alone")
     p.add_argument("--out", required=True, help="plan JSON")
@@ -100,7 +101,7 @@ def run(args) -> int:
     return 0
 
 
-def _calibrated(pipe, prof, cfg, n: int, seed: int, criterion: str = "mse+ssim"):
+def _calibrated(pipe, prof, cfg, n: int, seed: int, criterion: str):
     """SODA's candidates for ``cfg``'s budget measured on ``n`` class-conditional samples of the
     profile's sampler and guidance; prints the calibration table."""
     from ..methods import soda

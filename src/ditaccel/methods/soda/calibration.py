@@ -17,6 +17,11 @@ from .planner import SPREADS, BudgetUnreachable, Config, candidates, plan, predi
 CRITERIA = ("mse+ssim", "mse")
 
 
+def _check_criterion(criterion: str) -> None:
+    if criterion not in CRITERIA:
+        raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
+
+
 def scores(mse: torch.Tensor, dissimilarity: torch.Tensor, criterion: str = "mse+ssim") -> torch.Tensor:
     """(N,) float64: each sample's calibration score from its MSE and its ``1 - SSIM`` to the full
     model (lower is closer).  "mse+ssim": ``ln(mse) + ln(1 - ssim)`` (each floored at 1e-12), a
@@ -28,8 +33,7 @@ def scores(mse: torch.Tensor, dissimilarity: torch.Tensor, criterion: str = "mse
 
         s = scores(mse_per_image, 1 - ssim_per_image(full, images))   # calibrate() keeps the least mean
     """
-    if criterion not in CRITERIA:
-        raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
+    _check_criterion(criterion)
     if criterion == "mse":
         return mse.double()
     return mse.double().clamp_min(1e-12).log() + dissimilarity.double().clamp_min(1e-12).log()
@@ -51,9 +55,7 @@ def calibrate(pipe, run, plans: list[Plan], progress: bool = True,
     from ...metrics import ssim_per_image
     from ...runtime import apply, remove
 
-    if criterion not in CRITERIA:
-        raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
-
+    _check_criterion(criterion)  # (before any sampling)
     if not plans:
         raise ValueError("give at least one plan to calibrate")
     with torch.no_grad():
@@ -171,8 +173,7 @@ class CalibrationConfig:
     criterion: str = "mse+ssim"
 
     def __post_init__(self):
-        if self.criterion not in CRITERIA:
-            raise ValueError(f"criterion must be one of {CRITERIA}, got {self.criterion!r}")
+        _check_criterion(self.criterion)
 
 
 def calibrate_soda(pipe, run, profile, calibration: CalibrationConfig | None = None, **options) -> Plan:
