@@ -414,14 +414,24 @@ def test_weighted_segment_costs_add_a_segments_steps_coherently():
     assert cost[0, 3, 1] == pytest.approx((math.sqrt(0.5 + 3.0) + math.sqrt(4 * (1.0 + 7.0))) ** 2)
 
 
-def test_step_weights_interpolate_the_measured_sensitivity_over_the_steps_reuse_error(tiny_profile):
+def test_step_weights_interpolate_the_measured_sensitivity_over_the_steps_filler_error(tiny_profile):
+    """The weight is the sensitivity over the age-1 error of the filler the plans run: the
+    forecast's, averaged over the gaps measured at that step; plain reuse's where no gap is."""
     _, prof = tiny_profile
     sens = torch.full((STEPS,), math.nan, dtype=torch.float64)
     sens[2], sens[6] = 1e-4, 1e-2
-    w = soda.step_weights(dataclasses.replace(prof, step_sensitivity=sens))
-    e1 = prof.e_cache[:, :, :, 0].double().sum((1, 2))
     expected = [1e-4, 1e-4, 1e-4, 10 ** -3.5, 1e-3, 10 ** -2.5, 1e-2, 1e-2]
-    assert (w[1:] * e1[1:]).tolist() == pytest.approx(expected[1:], rel=1e-9)
+    w = soda.step_weights(dataclasses.replace(prof, step_sensitivity=sens))
+    reuse = [float(prof.e_cache[t, :, :, 0].double().sum()) for t in range(STEPS)]
+    filler = []
+    for t in range(STEPS):
+        per_gap = [prof.e_forecast[t, :, :, 0, g].double() for g in range(len(prof.gaps))]
+        per_gap = [e for e in per_gap if bool(torch.isfinite(e).all())]
+        filler.append(float(sum(per_gap).sum()) / len(per_gap) if per_gap else reuse[t])
+    assert any(f != r for f, r in zip(filler, reuse)) and any(f == r for f, r in zip(filler[1:], reuse[1:]))
+    assert [float(w[t]) * filler[t] for t in range(1, STEPS)] == pytest.approx(expected[1:], rel=1e-9)
+    w_reuse = soda.step_weights(dataclasses.replace(prof, step_sensitivity=sens, e_forecast=None))
+    assert [float(w_reuse[t]) * reuse[t] for t in range(1, STEPS)] == pytest.approx(expected[1:], rel=1e-9)
     with pytest.raises(ValueError, match="no step sensitivity"):
         soda.step_weights(dataclasses.replace(prof, step_sensitivity=None))
 

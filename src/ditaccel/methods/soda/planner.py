@@ -159,9 +159,10 @@ def step_weights(profile, weighting: str = "sensitivity") -> torch.Tensor:
     """(T,) what a unit of summed module error at step t costs in the images: the profile's
     measured sensitivity of the images to the step (``weighting`` "sensitivity": in squared pixel
     error, ``step_sensitivity``; "structure": in 1 - SSIM, ``step_structure``; interpolated
-    log-linearly between the measured steps, held beyond them) over the step's summed plain-reuse
-    error at age 1, the same change measured module by module (held at a thousandth of its median
-    at least).  Raises ValueError where the profile has no such sensitivity.
+    log-linearly between the measured steps, held beyond them) over the step's summed module error
+    at age 1 under the filler the plans run: the first-order forecast averaged over the profiled
+    gaps where the profile has ``e_forecast``, plain reuse where not (held at a thousandth of its
+    median at least).  Raises ValueError where the profile has no such sensitivity.
 
     Example::
 
@@ -188,6 +189,11 @@ def step_weights(profile, weighting: str = "sensitivity") -> torch.Tensor:
         frac = ((x - x0) / (x1 - x0)).clamp(0, 1)
         interp = y0 + frac * (y1 - y0)
     e1 = profile.e_cache[:, :, :, 0].double().nan_to_num(nan=0.0).sum((1, 2))
+    if profile.e_forecast is not None:  # the filler the plans run: a forecast, averaged over its gaps
+        ef = profile.e_forecast[:, :, :, 0].double()
+        ef = ef.nan_to_num(nan=0.0).sum(-1) / torch.isfinite(ef).sum(-1).clamp_min(1)
+        ef = ef.sum((1, 2))
+        e1 = torch.where(ef > 0, ef, e1)
     floor = 1e-3 * float(e1[e1 > 0].median()) if bool((e1 > 0).any()) else 1.0
     return interp.exp() / e1.clamp_min(floor)
 
