@@ -9,12 +9,13 @@ full model's images, FD vs the Fashion-MNIST test set, FLOP speedups as counted 
 Writes results/soda_defaults.{json,md} and the ``soda-defaults`` block of docs/soda.md; each
 finished row goes to results/soda_defaults.partial.jsonl first, so a stopped run resumes with the
 same command (the profile resumes from its last batch, the full model's images are kept in
-results/soda_defaults.full-<sampler>); the rows of a finished run with the same settings are kept (delete
-results/soda_defaults.json to measure them again).
+results/soda_defaults.full-<sampler>); the rows of a finished run with the same settings are kept (``--redo``
+measures the asked samplers again).
 
     python benchmarks/soda_defaults.py                       # DDIM-50 and DDPM-250 (hours on 2 cores)
     python benchmarks/soda_defaults.py --samplers ddim       # DDIM-50 only
     python benchmarks/soda_defaults.py --methods fora        # some methods now, the rest later
+    python benchmarks/soda_defaults.py --samplers ddim --redo  # DDIM-50 again after a planner change
 """
 
 from __future__ import annotations
@@ -83,6 +84,9 @@ def main() -> None:
     ap.add_argument("--cfg", type=float, default=3.0)
     ap.add_argument("--dtype", default="auto", help="auto: bf16 where native, else fp32")
     ap.add_argument("--profile-samples", type=int, default=32)
+    ap.add_argument("--redo", action="store_true",
+                    help="measure the asked samplers again (after a change to the planner) instead of keeping "
+                         "a finished run's rows")
     args = ap.parse_args()
     samplers = args.samplers.split(",")
     if any(s not in ("ddim", "ddpm") for s in samplers):
@@ -104,7 +108,8 @@ def main() -> None:
     settings["runtime_revision"] = RUNTIME_REVISION
     partial = RESULTS / f"{STEM}.partial.jsonl"
     # rows of a finished run with these settings are kept: a later run adds samplers or budgets
-    _, rows = resume_partial(partial, settings, RESULTS / f"{STEM}.json")
+    _, rows = resume_partial(partial, settings, RESULTS / f"{STEM}.json",
+                             keep=lambda r: not args.redo or r["sampler"] not in samplers)
     done = {(r["sampler"], r["method"], r["budget"]) for r in rows}
     t0 = time.time()
     for sampler in samplers:

@@ -272,6 +272,17 @@ def test_soda_s_ablation_is_shown_but_not_a_method_soda_must_beat():
             _row("soda-reuse", 3.0, 30.0, 9.0), _row("fora", 1.5, 42.0, 2.0), _row("fora", 3.0, 36.0, 5.0)]
     assert bench.goal_check(rows) == []
     assert bench.curve_check(rows) == ["soda (k=1) at 2.00x vs fora's curve there: PSNR 38.00 < 40.00, FD 4.00 > 3.00"]
+    # the ablation is compared with SODA at the same budget (knob and value), not at a matched speed
+    rows[3]["value"] = 2
+    rows.append(_row("soda", 2.9, 31.0, 8.0))
+    rows[-1]["value"] = 2
+    assert bench.ablation_check(rows) == [
+        "soda-reuse (k=1): PSNR 39.00 vs soda's 38.00, FD 3.00 vs 4.00 (soda-reuse closer in both)",
+        "soda-reuse (k=2): PSNR 30.00 vs soda's 31.00, FD 9.00 vs 8.00 (soda closer in both)"]
+    rows[-1]["fd_vs_full"] = 10.0
+    assert bench.ablation_check(rows)[1].endswith("(soda closer in PSNR)")
+    full = [{**r, "speedup_flops": 1.0, "efficiency": 1.0, "ssim": 0.99} for r in rows]
+    assert "- soda-reuse (k=2): PSNR 30.00 vs soda's 31.00" in bench.report({"rows": full})
 
 
 def test_soda_reuse_is_planned_on_the_profile_without_its_forecast_errors(tiny_pipe, tmp_path):
