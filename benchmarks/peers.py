@@ -183,7 +183,7 @@ def main() -> None:
                     help="resuming (or on a finished sweep): time again on this machine the rows timed on another "
                          "CPU, and our methods' rows timed with an older runtime (images and FLOPs kept), so that "
                          "every speedup comes from one machine and the current runtime; 'all': every row, in one "
-                         "pass (a stopped pass resumes where it stopped)")
+                         "pass (a stopped pass resumes where it stopped), with --repeats pairs each")
     args = ap.parse_args()
     try:
         args.sampler = model_sampler(args.model, args.sampler)
@@ -261,7 +261,9 @@ def main() -> None:
         # a finished sweep timed again (on another CPU, or after the runtime got faster): its rows
         # resume as a stopped run's would, with the full model's images it kept
         done = json.loads(final.read_text())
-        if all(done.get(k) == v for k, v in settings.items() if k != "only"):
+        # 'all' times every row again, so it may take another number of timing pairs
+        loose = {"only", "repeats"} if args.retime == "all" else {"only"}
+        if all(done.get(k) == v for k, v in settings.items() if k not in loose):
             seeded = [r for r in done["rows"] if r["method"] != "full"]
             for why in done.get("skipped", []):  # "method: knob=value: reason" (a SODA budget out of reach)
                 method, rest = why.split(": ", 1)
