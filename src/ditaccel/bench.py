@@ -420,8 +420,14 @@ def curve_at(rows: list[dict], method: str, x: float, keys=("psnr", "fd_vs_full"
 
 def ablation_check(rows: list[dict]) -> list[str]:
     """Each ablation row against SODA's row of the same knob and value (the same budget): the
-    PSNR and FD vs the full model of both and which is closer, e.g. ``"soda-reuse (speedup=2.5):
-    PSNR 40.97 vs soda's 40.47, FD 1.71 vs 1.76 (soda-reuse closer in both)"``."""
+    PSNR and FD vs the full model of both and which is closer.  Ablation rows without a SODA row
+    of their budget are left out.
+
+    Example::
+
+        bench.ablation_check(out["rows"])
+        # ["soda-reuse (speedup=2): PSNR 30.00 vs soda's 31.00, FD 9.00 vs 8.00 (soda closer in both)"]
+    """
     lines = []
     for a in sorted((r for r in rows if r["method"] in ABLATIONS), key=lambda r: (r["method"], r["value"])):
         s = next((r for r in rows if r["method"] in SODA and r["knob"] == a["knob"] and r["value"] == a["value"]), None)
