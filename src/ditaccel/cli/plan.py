@@ -16,7 +16,8 @@ DEFAULT_CALIBRATION = 16
 
 
 def add_arguments(p) -> None:
-    d = __import__("ditaccel.methods.soda", fromlist=["Config"]).Config
+    from ..methods.soda import CRITERIA, CalibrationConfig
+    from ..methods.soda import Config as d
     p.add_argument("--profile", required=True, help="profile stem (from `ditaccel profile --out`)")
     budget = p.add_mutually_exclusive_group(required=True)
     budget.add_argument("--speedup", type=number(float, 1, lo_open=True), help="target FLOP speedup (> 1)")
@@ -48,8 +49,7 @@ def add_arguments(p) -> None:
                         f"{DEFAULT_CALIBRATION} with a speedup budget and a profile made by `ditaccel profile`, "
                         "0 (the profile's prediction alone, seconds) otherwise")
     p.add_argument("--calibrate-seed", type=SEED, default=500_000)
-    cal = __import__("ditaccel.methods.soda", fromlist=["CalibrationConfig"])
-    p.add_argument("--criterion", default=cal.CalibrationConfig.criterion, choices=list(cal.CRITERIA),
+    p.add_argument("--criterion", default=CalibrationConfig.criterion, choices=list(CRITERIA),
                    help="what 'closest to the full model' means when calibrating: log MSE plus log "
                         "(1 - SSIM) per sample (default), or the mean MSE alone")
     p.add_argument("--out", required=True, help="plan JSON")
