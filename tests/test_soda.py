@@ -396,6 +396,31 @@ def test_step_sensitivity_is_how_far_the_images_move_when_one_step_reuses_its_ou
             assert float(prof.step_structure[t]) > 0
 
 
+def test_step_sensitivity_replays_the_steps_before_the_swap_instead_of_computing_them(tiny_profile):
+    """A run for step t calls the model only after step t (once per step here: guidance is one
+    batched call); the reference run calls it at every step.  The calls before t are the
+    reference's, so the result is the profile's, measured with every call computed."""
+    from ditaccel.profiling import measure_sensitivity
+
+    pipe, prof = tiny_profile
+    calls = []
+    h = pipe.transformer.transformer_blocks[0].register_forward_hook(lambda *a: calls.append(1))
+
+    def run():
+        return sample(pipe, [0, 1, 2, 3], sampler="ddim", steps=STEPS, guidance_scale=2.0, seed=0,
+                      batch_size=4, progress=False, count_flops=False)[0]
+
+    try:
+        mse, structure = measure_sensitivity(pipe, run, STEPS, [1, 5, STEPS - 1], progress=False)
+    finally:
+        h.remove()
+    assert len(calls) == STEPS + (STEPS - 2) + (STEPS - 6) + 0
+    for t in (1, 5, STEPS - 1):
+        assert float(mse[t]) == pytest.approx(float(prof.step_sensitivity[t]), rel=1e-6)
+        assert float(structure[t]) == pytest.approx(float(prof.step_structure[t]), rel=1e-6)
+    assert math.isnan(mse[2]) and not pipe.transformer._diffusers_hook.hooks
+
+
 def test_weighted_segment_costs_add_a_segments_steps_coherently():
     e = torch.zeros(4, 1, 2, 2)
     e[1, 0, :, 0] = torch.tensor([1.0, 3.0])   # step 1 at age 1: 4 in all

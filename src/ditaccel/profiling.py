@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from diffusers.hooks import HookRegistry, ModelHook
 from tqdm import tqdm
 
 from . import io
@@ -629,17 +630,56 @@ def sensitivity_steps(num_steps: int, count: int) -> list[int]:
     return sorted(set(even) | {t for t in range(num_steps - 3, num_steps) if t >= 1})
 
 
+SENSITIVITY_HOOK = "ditaccel.sensitivity"
+
+
+def _with_tensor(output, tensor: torch.Tensor):
+    """A transformer output of ``output``'s form (tuple, tensor or a diffusers output class)
+    carrying ``tensor`` as its sample."""
+    if isinstance(output, tuple):
+        return (tensor, *output[1:])
+    if torch.is_tensor(output):
+        return tensor
+    return type(output)(**{**output, "sample": tensor})
+
+
+class _SwapHook(ModelHook):
+    """Beneath the runtime's step hook on the transformer: on the reference run (``target`` -1),
+    records every call's output per (step, branch); on a run with ``target`` t, returns the
+    recorded output for each call before step t and, at step t, the recorded output of step
+    t - 1 (without calling the model: up to step t the run is the reference's, the same samples
+    and seeds), and computes every later call."""
+
+    def __init__(self, state):
+        super().__init__()
+        self.state, self.target = state, -1
+        self.outputs: dict[tuple[int, int], Any] = {}
+
+    def new_forward(self, module, *args, **kwargs):
+        step, branch = self.state.step, self.state.branch
+        if self.target < 0:
+            out = self.fn_ref.original_forward(*args, **kwargs)
+            self.outputs[(step, branch)] = _with_tensor(out, _output_tensor(out).detach().clone())
+            return out
+        held = self.outputs.get((step if step < self.target else self.target - 1, branch))
+        if step > self.target or held is None:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        return _with_tensor(held, _output_tensor(held).clone())  # (the pipeline may change it in place)
+
+
 @torch.no_grad()
 def measure_sensitivity(pipe, run_images: Callable[[], torch.Tensor], num_steps: int, steps: list[int],
                         progress: bool = True, num_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(mse, structure)``, each (T,) float64: for each step ``t`` of ``steps``, how far
-    ``run_images()`` (the same samples every call; images in [0, 1]) from the full model move when
-    the model's output at step ``t`` is replaced by its output at step ``t - 1`` (per guidance
-    branch), every other call computed: the mean squared difference per pixel, and the mean
-    structural dissimilarity ``1 - SSIM`` (:func:`~ditaccel.metrics.ssim_per_image`); NaN at the
-    other steps.  What SODA's planner weights a step's module errors by
+    ``run_images()`` (the same samples and seeds every call; images in [0, 1]) from the full model
+    move when the model's output at step ``t`` is replaced by its output at step ``t - 1`` (per
+    guidance branch), every other call computed: the mean squared difference per pixel, and the
+    mean structural dissimilarity ``1 - SSIM`` (:func:`~ditaccel.metrics.ssim_per_image`); NaN at
+    the other steps.  What SODA's planner weights a step's module errors by
     (:func:`~ditaccel.methods.soda.planner.step_weights`): the cache errors of two steps can be
-    alike while the images depend on one far more.
+    alike while the images depend on one far more.  The calls before step ``t`` are the reference
+    run's, so they are replayed from it, not computed again: a run for step ``t`` calls the model
+    ``T - 1 - t`` times per branch.
 
     Example::
 
@@ -655,38 +695,23 @@ def measure_sensitivity(pipe, run_images: Callable[[], torch.Tensor], num_steps:
         return out, structure
     transformer = pipe.transformer
     shape = model_shape(transformer, num_steps, num_tokens)
-    apply(pipe, full_plan(num_steps, shape.num_layers, shape.num_tokens, shape.modules))  # tells the step
-    state = state_of(pipe)
-    target = [-1]  # the step whose output is swapped (-1 while the reference runs: none)
-    held: dict[int, torch.Tensor] = {}  # per guidance branch, its output at the step before the target
-
-    def swap(module, args, kwargs, output):
-        step, branch = state.step, state.branch
-        now = _output_tensor(output)
-        if step == target[0] - 1:
-            held[branch] = now.detach().clone()
-        before = held.get(branch)
-        if step != target[0] or before is None or before.shape != now.shape:
-            return output
-        if isinstance(output, tuple):
-            return (before, *output[1:])
-        if torch.is_tensor(output):
-            return before
-        output.sample = before
-        return output
-
-    handle = transformer.register_forward_hook(swap, with_kwargs=True)
+    plan = full_plan(num_steps, shape.num_layers, shape.num_tokens, shape.modules)
+    # the swap beneath the runtime's step hook (registered first), which tells it the step and branch
+    registry = HookRegistry.check_if_exists_or_initialize(transformer)
+    swap = _SwapHook(None)
+    registry.register_hook(swap, SENSITIVITY_HOOK)
     try:
+        apply(pipe, plan)
+        swap.state = state_of(pipe)
         reference = run_images().double()
         for t in tqdm(steps, desc="step sensitivity", disable=not progress):
-            target[0] = t
-            held.clear()
+            swap.target = t
             images = run_images().double()
             out[t] = float((images - reference).pow(2).mean())
             structure[t] = float((1 - ssim_per_image(reference, images)).mean())
     finally:
-        handle.remove()
         remove(pipe)
+        registry.remove_hook(SENSITIVITY_HOOK)
     return out, structure
 
 
@@ -705,7 +730,7 @@ class ProfileConfig:
     distance relative to the fresh output); ``sensitivity_steps`` and ``sensitivity_samples``: at
     how many steps (:func:`sensitivity_steps`; 0: none) and on how many samples (the first class
     labels; a run function's samples) the images' sensitivity to each step is measured
-    (:func:`measure_sensitivity`), one sampling run per step.
+    (:func:`measure_sensitivity`), one sampling run per step, computed from that step on.
 
     Example::
 
