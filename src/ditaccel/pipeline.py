@@ -108,11 +108,12 @@ class DiTPixelPipeline(DiffusionPipeline):
         labels_in = torch.cat([labels, torch.full_like(labels, n_cls)]) if use_cfg else labels
 
         self.scheduler.set_timesteps(num_inference_steps)
+        dtype = tf.dtype  # (diffusers' ModelMixin.dtype walks every submodule: once, not per step)
         for t in self.progress_bar(self.scheduler.timesteps):
             x = torch.cat([sample, sample]) if use_cfg else sample
             x = self.scheduler.scale_model_input(x, t)
             timesteps = t.expand(x.shape[0]).to(x.device)
-            out = tf(x.to(tf.dtype), timestep=timesteps, class_labels=labels_in).sample.float()
+            out = tf(x.to(dtype), timestep=timesteps, class_labels=labels_in).sample.float()
             if out.shape[1] == 2 * channels:  # learned variance (DiT-XL/2): keep epsilon only
                 out = out[:, :channels]
             if use_cfg:
@@ -243,14 +244,15 @@ class TextPixelPipeline(DiffusionPipeline):
         flow = is_flow_config(self.scheduler)
 
         self.scheduler.set_timesteps(num_inference_steps, device=self._execution_device)
+        dtype = tf.dtype  # (walks every submodule: once, not per step)
         for t in self.progress_bar(self.scheduler.timesteps):
             x = torch.cat([sample, sample]) if use_cfg else sample
             if hasattr(self.scheduler, "scale_model_input"):
                 x = self.scheduler.scale_model_input(x, t)
             timesteps = t.expand(x.shape[0]).to(x.device)
             if flow:
-                timesteps = timesteps.to(tf.dtype)
-            out = tf(x.to(tf.dtype), timestep=timesteps, **kwargs).sample.float()
+                timesteps = timesteps.to(dtype)
+            out = tf(x.to(dtype), timestep=timesteps, **kwargs).sample.float()
             if out.shape[1] == 2 * channels:  # learned variance: keep the prediction only
                 out = out[:, :channels]
             if use_cfg:
