@@ -29,7 +29,8 @@ def timed_like_flops(prof, share=0.9):
 
     f = prof.module_flops.double()[0]                       # (M, R + 1), one layer
     ms = f / f[:, -1].sum() * share * prof.step_ms / prof.num_layers
-    return dataclasses.replace(prof, module_ms=ms.float(), reuse_ms=(1 - share) * prof.step_ms, decollapse_ms=0.0)
+    return dataclasses.replace(prof, module_ms=ms.float(), reuse_ms=(1 - share) * prof.step_ms, decollapse_ms=0.0,
+                               forecast_ms=None)
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ditaccel.methods import soda
-from ditaccel.plan import FULL, REUSE
+from ditaccel.plan import FULL, REUSE, Plan
 from ditaccel.profiling import ERRORS, Profile, ProfileConfig, ProfileError, _Recorder, default_intervals, profile
 from ditaccel.runtime import RUNTIME_REVISION, apply, remove, state_of
 from ditaccel.sampling import sample
@@ -348,6 +348,7 @@ def test_profile_round_trips_and_refuses_other_settings(tiny_profile, tmp_path):
     assert torch.equal(back.step_sensitivity.nan_to_num(-1), prof.step_sensitivity.nan_to_num(-1))
     assert torch.equal(back.step_structure.nan_to_num(-1), prof.step_structure.nan_to_num(-1))
     assert back.decollapse_ms == prof.decollapse_ms >= 0 and back.reuse_ms == prof.reuse_ms
+    assert back.forecast_ms == prof.forecast_ms and prof.forecast_ms > 0
     assert dataclasses.replace(prof, step_sensitivity=prof.step_sensitivity[1:]).problem() \
         == "its step sensitivity's length differs from its step count"
     assert dataclasses.replace(prof, step_structure=prof.step_structure[1:]).problem() \
@@ -507,7 +508,7 @@ def test_soda_plans_meet_their_budget_and_predict_their_flops(tiny_profile, opts
     pipe, prof = tiny_profile
     if "latency_speedup" in opts:  # the tiny model's timings are noise: plan with fixed ones
 
-        prof = dataclasses.replace(prof, step_ms=10.0, reuse_ms=2.0, decollapse_ms=0.5,
+        prof = dataclasses.replace(prof, step_ms=10.0, reuse_ms=2.0, decollapse_ms=0.5, forecast_ms=2.5,
                                    module_ms=torch.tensor([[1.0, 1.5, 2.0], [0.5, 1.0, 2.0]]))
     plan = soda.plan(soda.Config(**opts), prof)
     pred = plan.meta["predicted"]
@@ -578,6 +579,29 @@ def test_partial_actions_only_where_they_save_time_and_priced_by_it(tiny_profile
     assert q["latency_ms"] == pytest.approx(base["latency_ms"] + steps * 0.25 * prof.step_ms)
     honest = soda.plan(cfg, apart).meta["predicted"]
     assert honest["charged_flops"] <= STEPS * prof.step_flops / 1.5 * (1 + 1e-9)
+
+
+def test_latency_charges_a_forecast_beyond_reuse_on_the_steps_that_forecast(tiny_profile):
+    """A forecasting step costs the profile's forecast_ms - reuse_ms more than a reusing one, at
+    the share of its modules that forecast, from the second anchor on (before it there is one
+    output to read, and the runtime reuses it); FLOPs and the FLOP budget's charge do not see it."""
+    _, prof = tiny_profile
+    prof = dataclasses.replace(timed_like_flops(prof), forecast_ms=None)
+    anchors = torch.tensor([True, False, False, True, False, True, False, False])
+    tokens = torch.full((STEPS, prof.num_layers, len(prof.modules)), REUSE)
+    tokens[anchors] = FULL
+    reuse = soda.predict(Plan(prof.num_tokens, prof.modules, anchors, tokens), prof)
+    fill = torch.ones_like(tokens, dtype=torch.int32)
+    fill[:, 0, 0] = 0                        # one (layer, module) reuses everywhere
+    planned = Plan(prof.num_tokens, prof.modules, anchors, tokens, forecast=1, fill=fill)
+    cost = lambda pred: {k: pred[k] for k in ("flops", "charged_flops", "latency_ms")}  # noqa: E731
+    assert cost(soda.predict(planned, prof)) == cost(reuse)  # (not measured: priced as reuse)
+    timed = dataclasses.replace(prof, forecast_ms=prof.reuse_ms + 2.0)
+    got = soda.predict(planned, timed)
+    share = 1 - 1 / (prof.num_layers * len(prof.modules))
+    assert got["latency_ms"] == pytest.approx(reuse["latency_ms"] + 3 * share * 2.0)  # steps 4, 6, 7
+    assert got["flops"] == reuse["flops"] and got["charged_flops"] == reuse["charged_flops"]
+    assert cost(soda.predict(Plan(prof.num_tokens, prof.modules, anchors, tokens), timed)) == cost(reuse)
 
 
 def test_candidates_spend_one_budget_in_different_ways(tiny_profile):

@@ -89,6 +89,10 @@ class Profile:
     # images): the late steps, which set fine detail, move it far more than their pixel error says;
     # None in profiles made before it was measured
     step_structure: torch.Tensor | None = None
+    # measured ms (timing batch) of a collapsed call that forecasts every module from two earlier
+    # full outputs (two cached outputs streamed per module, not one); None in profiles made before
+    # it was measured (priced as reuse_ms)
+    forecast_ms: float | None = None
 
     @property
     def gaps(self) -> tuple[int, ...]:
@@ -160,7 +164,8 @@ class Profile:
             if getattr(self, name) is not None:
                 tensors[name] = getattr(self, name)
         meta = {**self.meta, "step_flops": self.step_flops, "step_ms": self.step_ms,
-                "reuse_ms": self.reuse_ms, "decollapse_ms": self.decollapse_ms}
+                "reuse_ms": self.reuse_ms, "decollapse_ms": self.decollapse_ms,
+                **({} if self.forecast_ms is None else {"forecast_ms": self.forecast_ms})}
         io.save_artifact(stem, KIND, tensors, meta)
 
     @classmethod
@@ -176,6 +181,7 @@ class Profile:
                        module_ms=tensors["module_ms"], step_flops=float(meta.pop("step_flops")),
                        step_ms=float(meta.pop("step_ms")), reuse_ms=float(meta.pop("reuse_ms")),
                        decollapse_ms=float(meta.pop("decollapse_ms", 0.0)),
+                       forecast_ms=None if meta.get("forecast_ms") is None else float(meta.pop("forecast_ms")),
                        meta=meta, e_forecast=tensors.get("e_forecast"),
                        step_sensitivity=tensors.get("step_sensitivity"),
                        step_structure=tensors.get("step_structure"))
@@ -544,17 +550,21 @@ def measure_costs(transformer, shape, ratios, call_inputs: tuple[tuple, dict], r
             flops[layer, shape.modules.index(role), ki] = sum(per_module.get(key, {}).values()) / rows
 
     # latency: per role, the extra time over a step that reuses everything.  One trajectory per
-    # repeat: an anchor, then one step per job, all reading the anchor's caches.
-    jobs = [("reuse", None, None)] + [(role, ki, k) for role in shape.modules for ki, k in enumerate(ks)]
-    tokens = torch.full((len(jobs) + 1, shape.num_layers, len(shape.modules)), REUSE)
-    tokens[0] = FULL
-    for i, (role, _, k) in enumerate(jobs, start=1):
-        if role != "reuse":
+    # repeat: two anchors, then one step per job, all reading the second anchor's caches; the last
+    # job forecasts every module from both anchors' outputs instead of reusing them.
+    jobs = ([("reuse", None, None)] + [(role, ki, k) for role in shape.modules for ki, k in enumerate(ks)]
+            + [("forecast", None, None)])
+    tokens = torch.full((len(jobs) + 2, shape.num_layers, len(shape.modules)), REUSE)
+    tokens[:2] = FULL
+    for i, (role, _, k) in enumerate(jobs, start=2):
+        if role not in ("reuse", "forecast"):
             tokens[i, :, shape.modules.index(role)] = k
-    anchors = torch.zeros(len(jobs) + 1, dtype=torch.bool)
-    anchors[0] = True
+    anchors = torch.zeros(len(jobs) + 2, dtype=torch.bool)
+    anchors[:2] = True
+    fill = torch.zeros_like(tokens, dtype=torch.int32)
+    fill[-1] = 1
     timing_plan = Plan(num_tokens=shape.num_tokens, modules=shape.modules, anchors=anchors,
-                       tokens=tokens, token_score="feature_mean")
+                       tokens=tokens, token_score="feature_mean", fill=fill)
     times: dict[tuple, list[float]] = {(role, ki): [] for role, ki, _ in jobs}
     full_times = []
     t = kwargs.get("timestep")
@@ -573,10 +583,10 @@ def measure_costs(transformer, shape, ratios, call_inputs: tuple[tuple, dict], r
     # that step costs beyond the collapsed one is paid once per step on which any module computes
     apart = []
     for _ in tqdm(range(repeats), desc="module costs", disable=not progress):
-        recs = trajectory(len(jobs) + 1)
-        for (role, ki, _), rec in zip(jobs, recs[1:]):
+        recs = trajectory(len(jobs) + 2)
+        for (role, ki, _), rec in zip(jobs, recs[2:]):
             times[(role, ki)].append(rec.wall_s)
-        apart.append(trajectory(2, collapse=False)[1].wall_s)
+        apart.append(trajectory(3, collapse=False)[2].wall_s)
         synchronize(dev)
         t0 = time.perf_counter()
         transformer(*args, **kwargs)
@@ -591,6 +601,7 @@ def measure_costs(transformer, shape, ratios, call_inputs: tuple[tuple, dict], r
             ms[mi, ki] = max(0.0, 1e3 * extra / shape.num_layers)
     return {"module_flops": flops.float(), "module_ms": ms.float(), "step_flops": float(step_flops),
             "step_ms": 1e3 * statistics.median(full_times), "reuse_ms": 1e3 * reuse,
+            "forecast_ms": 1e3 * statistics.median(times[("forecast", None)]),
             "decollapse_ms": max(0.0, 1e3 * (uncollapsed - reuse)), "timing_rows": rows}
 
 

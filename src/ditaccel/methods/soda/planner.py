@@ -351,12 +351,31 @@ def charged_flops(profile) -> torch.Tensor:
     return torch.maximum(mf, mf[..., -1:] * scale[None])
 
 
+def _forecast_ms(plan: Plan, profile, reuse: torch.Tensor) -> float:
+    """What forecasting costs beyond reusing (ms at the profile's timing batch): on each filled
+    step after the second anchor (before it, a forecast has one output to read and reuses), the
+    profile's ``forecast_ms - reuse_ms`` at the share of the step's modules that forecast
+    (``reuse``: (non-anchor steps, L, M) which entries reuse); 0 where the profile did not
+    measure it."""
+    extra = getattr(profile, "forecast_ms", None)
+    if extra is None or not plan.forecast:
+        return 0.0
+    extra -= profile.reuse_ms
+    non = ~plan.anchors.bool()
+    history = plan.anchors.long().cumsum(0)[non] >= 2                                     # (n,)
+    forecasting = reuse & (plan.fill_grid()[non] > 0) & history[:, None, None]            # (n, L, M)
+    return float(forecasting.flatten(1).double().mean(1).sum()) * extra
+
+
 def predict(plan: Plan, profile, base: torch.Tensor | None = None) -> dict[str, float]:
     """FLOPs (per sample), latency (ms per call at the profile's timing batch) and summed error
     that the profile predicts for ``plan`` (``base``: its :func:`filler_errors`, if known).
     ``charged_flops`` is what a FLOP budget is charged (:func:`charged_flops`: partial actions at
     their measured time's share of the full module's FLOPs, if above their own; a reusing step on
-    which any module computes, the profile's ``decollapse_ms`` at its share of a full step)."""
+    which any module computes, the profile's ``decollapse_ms`` at its share of a full step).  The
+    latency counts a forecasting step's extra time over a reusing one (``Profile.forecast_ms``);
+    the FLOP budget does not, as FORA's forecasting plans' FLOPs do not: at a FLOP budget the two
+    compare like for like."""
     t_steps = plan.num_steps
     non = ~plan.anchors.bool()                            # (T,)
     n_non = int(non.sum())
@@ -382,7 +401,7 @@ def predict(plan: Plan, profile, base: torch.Tensor | None = None) -> dict[str, 
     charged = (n_anchor * profile.step_flops + n_non * rest_flops + float(cf[layer, mod, ridx][computed].sum())
                + apart * overhead_flops)
     latency = (n_anchor * profile.step_ms + n_non * profile.reuse_ms + float(ms[mod, ridx][computed].sum())
-               + apart * overhead_ms)
+               + apart * overhead_ms + _forecast_ms(plan, profile, reuse))
     per_step = torch.zeros(t_steps, dtype=torch.float64)                # summed error per step
     per_step[non] = torch.where(reuse, base[non].double(), torch.zeros((), dtype=torch.float64)).sum((1, 2))
     partial = computed & (tok != FULL)
