@@ -175,13 +175,14 @@ class Profile:
             raise ProfileError(f"no profile at {stem} (expected {stem}.json and {stem}.safetensors); "
                                "make one with `ditaccel profile --out STEM`")
         tensors, meta = io.load_artifact(stem, KIND)
+        forecast_ms = meta.pop("forecast_ms", None)
         try:
             prof = cls(e_cache=tensors["e_cache"], e_cache_std=tensors["e_cache_std"],
                        e_prune=tensors["e_prune"], module_flops=tensors["module_flops"],
                        module_ms=tensors["module_ms"], step_flops=float(meta.pop("step_flops")),
                        step_ms=float(meta.pop("step_ms")), reuse_ms=float(meta.pop("reuse_ms")),
                        decollapse_ms=float(meta.pop("decollapse_ms", 0.0)),
-                       forecast_ms=None if meta.get("forecast_ms") is None else float(meta.pop("forecast_ms")),
+                       forecast_ms=None if forecast_ms is None else float(forecast_ms),
                        meta=meta, e_forecast=tensors.get("e_forecast"),
                        step_sensitivity=tensors.get("step_sensitivity"),
                        step_structure=tensors.get("step_structure"))
