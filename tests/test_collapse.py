@@ -44,7 +44,7 @@ PLANS = {
 }
 
 
-@pytest.mark.parametrize("arch", ["dit_pixel", "dit_diffusers", "pixart"])
+@pytest.mark.parametrize("arch", ["dit_pixel", "dit_diffusers", "pixart", "sd3"])
 @pytest.mark.parametrize("name", list(PLANS))
 def test_collapsed_steps_give_the_block_by_block_images(arch, name):
     pipe, call = getattr(archs, arch)()
@@ -183,6 +183,62 @@ def test_collapse_follows_calls_the_gate_table_cannot_predict(tiny_pipe):
         finally:
             handle.remove()
         torch.testing.assert_close(got, ref, atol=2e-5, rtol=0)
+
+
+def _block_calls(pipe, call, plan, collapse: bool, pre=None):
+    """Images and the steps at which each block's own forward ran (beneath the collapse hook)."""
+    ran = {i: [] for i in range(len(pipe.transformer.transformer_blocks))}
+    apply(pipe, plan, collapse=collapse)
+    st = state_of(pipe)
+    handles = [b.attn.register_forward_pre_hook(lambda m, a, i=i: ran[i].append(st.step))
+               for i, b in enumerate(pipe.transformer.transformer_blocks)]
+    if pre is not None:
+        handles.append(pipe.transformer.register_forward_pre_hook(pre, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            return torch.as_tensor(call(pipe, 2, 0, T)), ran
+    finally:
+        for h in handles:
+            h.remove()
+        remove(pipe)
+
+
+def test_sd3_collapses_its_reusing_steps_without_the_text_stream():
+    """SD3's joint blocks: on a collapsed step no block runs its own forward (neither stream), and
+    the images are the block-by-block ones; where the step could not run the text stream is what
+    the transformer discards."""
+    pipe, call = archs.sd3()
+    pipe.set_progress_bar_config(disable=True)
+    plan = make_plan("fora", model_shape(pipe.transformer, T), interval=3, forecast=1)
+    ref, _ = _block_calls(pipe, call, plan, collapse=False)
+    got, ran = _block_calls(pipe, call, plan, collapse=True)
+    torch.testing.assert_close(got, ref, atol=2e-5, rtol=0)
+    # the attention's own pre-hook runs when the block runs (its cached output is returned
+    # beneath it): only at the anchors
+    assert ran[0] == ran[1] == [0, 3]
+    assert state_of(pipe) is None
+
+
+def test_sd3_calls_that_skip_blocks_run_them():
+    """A call with ``skip_layers`` (SD3's skip-layer guidance) leaves a block out of the stack:
+    the collapse, which sums every block's cached outputs, steps aside and the blocks run."""
+    pipe, call = archs.sd3()
+    pipe.set_progress_bar_config(disable=True)
+    plan = make_plan("fora", model_shape(pipe.transformer, T), interval=3)
+    counter = []
+
+    def skip_on_reusing_steps(m, args, kwargs):
+        counter.append(None)
+        step = (len(counter) - 1) % T
+        return args, ({**kwargs, "skip_layers": [1]} if step % 3 else kwargs)
+
+    ref, _ = _block_calls(pipe, call, plan, collapse=False, pre=skip_on_reusing_steps)
+    counter.clear()
+    got, _ = _block_calls(pipe, call, plan, collapse=True, pre=skip_on_reusing_steps)
+    torch.testing.assert_close(got, ref, atol=2e-5, rtol=0)
+    counter.clear()
+    plain, _ = _block_calls(pipe, call, plan, collapse=True)
+    assert (got - plain).abs().max() > 1e-3  # the skipped block did change the images
 
 
 def test_collapse_with_one_call_per_guidance_branch(tiny_pipe):

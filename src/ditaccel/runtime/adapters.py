@@ -23,7 +23,12 @@ class Residual:
     - ``source="table"``: chunk ``index[r]`` (rows, 1, D) of
       ``block.<table>[None] + <the block's table_arg>.reshape(rows, chunks, -1)``;
 
-    and a role without an index is added ungated.  With ``chain_index`` (``source="norm"``), role
+    and a role without an index is added ungated.  ``norm_kwargs`` renames a block argument for the
+    norm call (SD3: the block's ``temb`` is the norm's ``emb``); ``part[r]``: the element of role
+    ``r``'s output tuple that the residual adds (SD3's joint attention returns (image, text)).
+    ``unless``: transformer call arguments that, when given, add to the stream between blocks or
+    skip blocks (SD3's ControlNet residuals and ``skip_layers``): such a call runs the blocks.
+    With ``chain_index`` (``source="norm"``), role
     ``r``'s gate is also chunk ``chain_index[r]`` of the last output of the block's conditioning
     chain (``BlockSpec.conditioning_chain``) split in ``chunks``: the collapse then reads the gates
     of all collapsed steps from the chain's table (``runtime.embed``) instead of calling the norm."""
@@ -36,6 +41,9 @@ class Residual:
     table_arg: str | None = None
     chunks: int = 0
     chain_index: dict[str, int] | None = None
+    norm_kwargs: dict[str, str] = field(default_factory=dict)
+    part: dict[str, int] = field(default_factory=dict)
+    unless: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -126,9 +134,18 @@ BLOCKS: dict[str, BlockSpec] = {
                                               table_arg="timestep", chunks=6)}),
     # SD3 / SD3.5 MMDiT: joint attention over [image; text], then image MLP ``ff`` (the text MLP
     # ``ff_context`` is always computed: text tokens are few and never pruned).  Returns
-    # (text, image).
+    # (text, image).  Image stream: x + gate_msa * attn[0] + gate_mlp * ff, the gates from norm1
+    # (AdaLayerNormZero on the block's temb: outputs 1 and 4); SD3.5's dual-attention blocks add
+    # attn2 as well and are left to their own forward.  The text stream feeds only the next blocks'
+    # attention, so a step whose blocks all reuse needs none of it.
     "JointTransformerBlock": BlockSpec(modules={"attn": "attn", "mlp": "ff"}, partial_attn="joint",
-                                       text_arg="encoder_hidden_states", image_output=1),
+                                       text_arg="encoder_hidden_states", image_output=1,
+                                       variant_attr="use_dual_attention",
+                                       residual={False: Residual("norm", {"attn": 1, "mlp": 4}, norm="norm1",
+                                                                 norm_args=("temb",), norm_kwargs={"temb": "emb"},
+                                                                 part={"attn": 0},
+                                                                 unless=("block_controlnet_hidden_states",
+                                                                         "skip_layers"))}),
     # Flux double-stream block: joint attention over [text; image] with RoPE, image MLP ``ff``.
     "FluxTransformerBlock": BlockSpec(modules={"attn": "attn", "mlp": "ff"}, partial_attn="flux",
                                       text_arg="encoder_hidden_states", rope_arg="image_rotary_emb",

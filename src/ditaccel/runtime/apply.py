@@ -198,7 +198,8 @@ def apply(target, plan: Plan, router=None, check_fingerprint: bool = True, skip_
         if program is not None:
             state.collapse_steps = program.steps
             for layer, (_, block, spec) in enumerate(blocks):
-                register(block, CollapseHook(state, layer, program, block, spec.image_arg), COLLAPSE_HOOK)
+                register(block, CollapseHook(state, layer, program, block, spec.image_arg, spec.text_arg,
+                                             spec.image_output), COLLAPSE_HOOK)
     if scope == "steps":
         from .program import Programs
 

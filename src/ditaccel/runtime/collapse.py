@@ -50,6 +50,13 @@ def _beneath(module: torch.nn.Module, hook_name: str):
     return hook.fn_ref.original_forward if hook is not None else module
 
 
+def _part(value, index: int | None):
+    """Element ``index`` of a module's tuple output (the value itself where ``index`` is None)."""
+    if index is None or value is None:
+        return value
+    return value[index] if isinstance(value, tuple) and index < len(value) else None
+
+
 def _history(cache):
     """(b, a): the steps of a cache's two last full outputs, for a first-order forecast; None
     where it has only one."""
@@ -103,8 +110,14 @@ class Collapse:
         kwargs = named.get("cross_attention_kwargs") or {}
         if not torch.is_tensor(x) or x.ndim != 3 or "gligen" in kwargs:
             return None
+        if any(st.call_kwargs.get(k) is not None for k in self.residual.unless):
+            return None
         caches = [st.caches.get((st.branch, layer, role)) for layer, role in self.slots]
-        if any(c is None or isinstance(c.out, tuple) or not c.valid(x, st.generation) for c in caches):
+        if any(c is None or not c.valid(x, st.generation) for c in caches):
+            return None
+        part = [self.residual.part.get(role) for _, role in self.slots]
+        outs = [_part(c.out, p) for c, p in zip(caches, part)]
+        if any(not torch.is_tensor(o) for o in outs):
             return None
         gates = self._gates_now(named, x)
         if gates is None:
@@ -118,14 +131,15 @@ class Collapse:
                              dtype=torch.float32).to(device=x.device)
             g_new = g * w.to(x.dtype)[:, None, None, None]                      # weight of out_k
             g_old = g - g_new                                                    # weight of prev_k
-            terms = [(a, c.prev if h is not None else c.out) for a, c, h in zip(g_old.unbind(0), caches, history)]
-            terms += [(b, c.out) for b, c, h in zip(g_new.unbind(0), caches, history) if h is not None]
+            prevs = [_part(c.prev, p) if h is not None else o for c, p, h, o in zip(caches, part, history, outs)]
+            terms = list(zip(g_old.unbind(0), prevs))
+            terms += [(b, o) for b, o, h in zip(g_new.unbind(0), outs, history) if h is not None]
             # read only after a non-finite transformer output, to name the slot
             st.watch_lazily(self.slots, lambda: torch.stack([
-                torch.isfinite(finite_probe(c.prev + wk * (c.out - c.prev))) if h is not None else torch.isfinite(finite_probe(c.out))
-                for c, h, wk in zip(caches, history, w.tolist())]))
+                torch.isfinite(finite_probe(a + wk * (o - a))) if h is not None else torch.isfinite(finite_probe(o))
+                for a, o, h, wk in zip(prevs, outs, history, w.tolist())]))
         else:
-            terms = list(zip(g.unbind(0), (c.out for c in caches)))
+            terms = list(zip(g.unbind(0), outs))
         # into a contiguous buffer: the patch embedding's output is a transposed view, and in-place
         # updates of a buffer laid out like it (not like the caches) take a strided path several
         # times slower on a CPU
@@ -166,6 +180,10 @@ class Collapse:
         labels differ from the predicted ones computes its own."""
         st, res = self.state, self.residual
         args = {a: named.get(a) for a in res.norm_args}
+        if "timestep" not in res.norm_args:  # conditioned on an embedding (SD3's temb): step by step
+            if any(not torch.is_tensor(a) for a in args.values()):
+                return None
+            return self._norm_call(x[:, :1], args, x.dtype, 1)[0]
         t = args.get("timestep")
         if not torch.is_tensor(t) or t.ndim != 1:
             return None
@@ -255,6 +273,7 @@ class Collapse:
         """(steps, K, B, D): each block's norm on ``x1`` (one token per row) and ``args``."""
         res = self.residual
         extra = {res.dtype_kwarg: dtype} if res.dtype_kwarg else {}
+        args = {res.norm_kwargs.get(k, k): v for k, v in args.items()}
         per_layer = []
         for block in self.blocks:
             outs = _beneath(getattr(block, res.norm), self.norm_hook)(x1, **args, **extra)
@@ -268,24 +287,38 @@ class CollapseHook(ModelHook):
     """On each block: on a collapsed step, the first block returns the whole stack's output
     (:meth:`Collapse.run`) and the others pass it through; elsewhere the block runs as usual."""
 
-    def __init__(self, state: RunState, layer: int, collapse: Collapse, block: torch.nn.Module, image_arg: str):
+    def __init__(self, state: RunState, layer: int, collapse: Collapse, block: torch.nn.Module, image_arg: str,
+                 text_arg: str | None = None, image_output: int | None = None):
         super().__init__()
         self.state, self.layer, self.collapse, self.image_arg = state, layer, collapse, image_arg
+        self.text_arg, self.image_output = text_arg, image_output
         from .hooks import positional
 
         self.signature = positional(type(block))
+
+    def _returned(self, image: torch.Tensor, named: dict):
+        """What the block returns: the image tokens, or for a two-stream block the pair with its
+        text input passed through (the next blocks' attention is collapsed too, and the
+        transformer discards the last block's text stream)."""
+        if self.image_output is None:
+            return image
+        out = [named.get(self.text_arg)] * 2
+        out[self.image_output] = image
+        return tuple(out)
 
     def new_forward(self, block, *args, **kwargs):
         st = self.state
         original = self.fn_ref.original_forward
         if st.program is None and st.step >= 0 and st.routed_tokens is None and self.collapse.steps[st.step]:
-            if self.layer == 0:
-                from .hooks import _named
+            from .hooks import _named
 
-                out = self.collapse.run(_named(self.signature, args, kwargs), self.image_arg)
+            if self.layer == 0:
+                named = _named(self.signature, args, kwargs)
+                out = self.collapse.run(named, self.image_arg)
                 st.collapsed = out is not None
                 if out is not None:
-                    return out
+                    return self._returned(out, named)
             elif st.collapsed:
-                return args[0] if args else kwargs[self.image_arg]
+                named = _named(self.signature, args, kwargs)
+                return self._returned(named[self.image_arg], named)
         return original(*args, **kwargs)
