@@ -93,6 +93,10 @@ class Profile:
     # full outputs (two cached outputs streamed per module, not one); None in profiles made before
     # it was measured (priced as reuse_ms)
     forecast_ms: float | None = None
+    # FLOPs per sample row of a call that reuses every module (collapsed: SD3's text stream, for
+    # one, is not computed then); None in profiles made before it was counted (priced as a call
+    # that runs its blocks with every module reused, ``step_flops`` less the modules')
+    reuse_flops: float | None = None
 
     @property
     def gaps(self) -> tuple[int, ...]:
@@ -165,7 +169,8 @@ class Profile:
                 tensors[name] = getattr(self, name)
         meta = {**self.meta, "step_flops": self.step_flops, "step_ms": self.step_ms,
                 "reuse_ms": self.reuse_ms, "decollapse_ms": self.decollapse_ms,
-                **({} if self.forecast_ms is None else {"forecast_ms": self.forecast_ms})}
+                **({} if self.forecast_ms is None else {"forecast_ms": self.forecast_ms}),
+                **({} if self.reuse_flops is None else {"reuse_flops": self.reuse_flops})}
         io.save_artifact(stem, KIND, tensors, meta)
 
     @classmethod
@@ -176,6 +181,7 @@ class Profile:
                                "make one with `ditaccel profile --out STEM`")
         tensors, meta = io.load_artifact(stem, KIND)
         forecast_ms = meta.pop("forecast_ms", None)
+        reuse_flops = meta.pop("reuse_flops", None)
         try:
             prof = cls(e_cache=tensors["e_cache"], e_cache_std=tensors["e_cache_std"],
                        e_prune=tensors["e_prune"], module_flops=tensors["module_flops"],
@@ -183,6 +189,7 @@ class Profile:
                        step_ms=float(meta.pop("step_ms")), reuse_ms=float(meta.pop("reuse_ms")),
                        decollapse_ms=float(meta.pop("decollapse_ms", 0.0)),
                        forecast_ms=None if forecast_ms is None else float(forecast_ms),
+                       reuse_flops=None if reuse_flops is None else float(reuse_flops),
                        meta=meta, e_forecast=tensors.get("e_forecast"),
                        step_sensitivity=tensors.get("step_sensitivity"),
                        step_structure=tensors.get("step_structure"))
@@ -593,6 +600,16 @@ def measure_costs(transformer, shape, ratios, call_inputs: tuple[tuple, dict], r
         transformer(*args, **kwargs)
         synchronize(dev)
         full_times.append(time.perf_counter() - t0)
+    # the FLOPs of the (collapsed) reusing step, counted once
+    apply(transformer, timing_plan, check_fingerprint=False)
+    try:
+        state_of(transformer).count_flops = True
+        for i in range(3):
+            transformer(*args, **{**kwargs, "timestep": t - i})
+        rec = state_of(transformer).records[2]
+        reuse_flops = rec.flops / rec.rows
+    finally:
+        remove(transformer)
     reuse = statistics.median(times[("reuse", None)])
     uncollapsed = statistics.median(apart)
     ms = torch.zeros(len(shape.modules), len(ks), dtype=torch.float64)
@@ -603,7 +620,8 @@ def measure_costs(transformer, shape, ratios, call_inputs: tuple[tuple, dict], r
     return {"module_flops": flops.float(), "module_ms": ms.float(), "step_flops": float(step_flops),
             "step_ms": 1e3 * statistics.median(full_times), "reuse_ms": 1e3 * reuse,
             "forecast_ms": 1e3 * statistics.median(times[("forecast", None)]),
-            "decollapse_ms": max(0.0, 1e3 * (uncollapsed - reuse)), "timing_rows": rows}
+            "decollapse_ms": max(0.0, 1e3 * (uncollapsed - reuse)), "reuse_flops": float(reuse_flops),
+            "timing_rows": rows}
 
 
 def _flop_key(per_module: dict, fqn: str, root: str) -> str:

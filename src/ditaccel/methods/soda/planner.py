@@ -397,8 +397,13 @@ def predict(plan: Plan, profile, base: torch.Tensor | None = None) -> dict[str, 
     apart = int(computed.flatten(1).any(1).sum()) if computed.numel() else 0
     overhead_ms = profile.decollapse_ms
     overhead_flops = profile.step_flops * overhead_ms / profile.step_ms if profile.step_ms > 0 else 0.0
-    flops = n_anchor * profile.step_flops + n_non * rest_flops + float(mf[layer, mod, ridx][computed].sum())
-    charged = (n_anchor * profile.step_flops + n_non * rest_flops + float(cf[layer, mod, ridx][computed].sum())
+    # a collapsed reusing step may compute less than the blocks' own forwards would (SD3: no text
+    # stream): the profile counts it where it could
+    collapsed_flops = getattr(profile, "reuse_flops", None)
+    collapsed_flops = rest_flops if collapsed_flops is None else collapsed_flops
+    skipped = (n_non - apart) * collapsed_flops + apart * rest_flops
+    flops = n_anchor * profile.step_flops + skipped + float(mf[layer, mod, ridx][computed].sum())
+    charged = (n_anchor * profile.step_flops + skipped + float(cf[layer, mod, ridx][computed].sum())
                + apart * overhead_flops)
     latency = (n_anchor * profile.step_ms + n_non * profile.reuse_ms + float(ms[mod, ridx][computed].sum())
                + apart * overhead_ms + _forecast_ms(plan, profile, reuse))
