@@ -556,6 +556,8 @@ def measure_costs(transformer, shape, ratios, call_inputs: tuple[tuple, dict], r
         for (layer, role), module in names.items():
             key = _flop_key(per_module, fqn[module], type(transformer).__name__)
             flops[layer, shape.modules.index(role), ki] = sum(per_module.get(key, {}).values()) / rows
+    # a step reusing every module (collapsed where the blocks allow: SD3's skips its text stream)
+    reuse_flops = counted(_uniform_plan(shape, 2, {})).get_total_flops() / rows
 
     # latency: per role, the extra time over a step that reuses everything.  One trajectory per
     # repeat: two anchors, then one step per job, all reading the second anchor's caches; the last
@@ -600,16 +602,6 @@ def measure_costs(transformer, shape, ratios, call_inputs: tuple[tuple, dict], r
         transformer(*args, **kwargs)
         synchronize(dev)
         full_times.append(time.perf_counter() - t0)
-    # the FLOPs of the (collapsed) reusing step, counted once
-    apply(transformer, timing_plan, check_fingerprint=False)
-    try:
-        state_of(transformer).count_flops = True
-        for i in range(3):
-            transformer(*args, **{**kwargs, "timestep": t - i})
-        rec = state_of(transformer).records[2]
-        reuse_flops = rec.flops / rec.rows
-    finally:
-        remove(transformer)
     reuse = statistics.median(times[("reuse", None)])
     uncollapsed = statistics.median(apart)
     ms = torch.zeros(len(shape.modules), len(ks), dtype=torch.float64)

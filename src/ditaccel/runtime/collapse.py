@@ -76,6 +76,7 @@ class Collapse:
         self.steps = collapsible_steps(state.plan)
         self.slots = [(layer, role) for layer in range(len(blocks)) for role in roles]
         self.slot_index = [(layer, state.plan.module_index(role)) for layer, role in self.slots]
+        self.parts = [residual.part.get(role) for _, role in self.slots]  # of a tuple output, if any
         self._gates: dict[int, tuple] = {}
         self._chain: dict[int, tuple] = {}
 
@@ -115,8 +116,7 @@ class Collapse:
         caches = [st.caches.get((st.branch, layer, role)) for layer, role in self.slots]
         if any(c is None or not c.valid(x, st.generation) for c in caches):
             return None
-        part = [self.residual.part.get(role) for _, role in self.slots]
-        outs = [_part(c.out, p) for c, p in zip(caches, part)]
+        outs = [_part(c.out, p) for c, p in zip(caches, self.parts)]
         if any(not torch.is_tensor(o) for o in outs):
             return None
         gates = self._gates_now(named, x)
@@ -131,7 +131,7 @@ class Collapse:
                              dtype=torch.float32).to(device=x.device)
             g_new = g * w.to(x.dtype)[:, None, None, None]                      # weight of out_k
             g_old = g - g_new                                                    # weight of prev_k
-            prevs = [_part(c.prev, p) if h is not None else o for c, p, h, o in zip(caches, part, history, outs)]
+            prevs = [_part(c.prev, p) if h is not None else o for c, p, h, o in zip(caches, self.parts, history, outs)]
             terms = list(zip(g_old.unbind(0), prevs))
             terms += [(b, o) for b, o, h in zip(g_new.unbind(0), outs, history) if h is not None]
             # read only after a non-finite transformer output, to name the slot
@@ -319,6 +319,8 @@ class CollapseHook(ModelHook):
                 if out is not None:
                     return self._returned(out, named)
             elif st.collapsed:
+                if self.image_output is None:
+                    return args[0] if args else kwargs[self.image_arg]
                 named = _named(self.signature, args, kwargs)
                 return self._returned(named[self.image_arg], named)
         return original(*args, **kwargs)
