@@ -192,6 +192,15 @@ def _block_calls(pipe, call, plan, collapse: bool, pre=None):
     st = state_of(pipe)
     handles = [b.attn.register_forward_pre_hook(lambda m, a, i=i: ran[i].append(st.step))
                for i, b in enumerate(pipe.transformer.transformer_blocks)]
+    # (step, rows of the conditioning) of each conditioning-norm call, per block
+    ran["norm"] = {i: [] for i in ran}
+    handles += [b.norm1.register_forward_pre_hook(
+        lambda m, a, k, i=i: ran["norm"][i].append((st.step, k.get("emb", a[1] if len(a) > 1 else None).shape[0])),
+        with_kwargs=True) for i, b in enumerate(pipe.transformer.transformer_blocks) if hasattr(b, "norm1")]
+    ran["embed"] = []  # (step, rows) of each time SD3's time_text_embed computes (its submodule runs)
+    if hasattr(pipe.transformer, "time_text_embed"):
+        handles.append(pipe.transformer.time_text_embed.timestep_embedder.register_forward_pre_hook(
+            lambda m, a: ran["embed"].append((st.step, a[0].shape[0]))))
     if pre is not None:
         handles.append(pipe.transformer.register_forward_pre_hook(pre, with_kwargs=True))
     try:
@@ -216,7 +225,37 @@ def test_sd3_collapses_its_reusing_steps_without_the_text_stream():
     # the attention's own pre-hook runs when the block runs (its cached output is returned
     # beneath it): only at the anchors
     assert ran[0] == ran[1] == [0, 3]
+    # the gates of all collapsed steps (1, 2, 4, 5) come from one conditioning-norm call per block
+    # at the first of them, on the embeddings the transformer makes for their timesteps
+    rows = ran["norm"][0][0][1]
+    assert ran["norm"][0] == ran["norm"][1] == [(0, rows), (1, 4 * rows), (3, rows)]
+    # each step's embedding is made once: the transformer's own call where the table does not
+    # hold it, the later collapsed steps' (2, 4, 5) in one call at step 1
+    assert ran["embed"] == [(0, rows), (1, rows), (1, 3 * rows), (3, rows)]
     assert state_of(pipe) is None
+
+
+def test_sd3_gate_table_follows_the_calls_conditioning():
+    """A call whose pooled text embedding differs from the one the gate table was made with (here
+    on step 4 only) gets gates of its own: the images stay the block-by-block ones."""
+    pipe, call = archs.sd3()
+    pipe.set_progress_bar_config(disable=True)
+    plan = make_plan("fora", model_shape(pipe.transformer, T), interval=3)
+    counter = []
+
+    def other_pooled_on_step_4(m, args, kwargs):
+        counter.append(None)
+        step = len(counter) - 1
+        return args, ({**kwargs, "pooled_projections": kwargs["pooled_projections"] + 1.0} if step == 4 else kwargs)
+
+    ref, _ = _block_calls(pipe, call, plan, collapse=False, pre=other_pooled_on_step_4)
+    counter.clear()
+    got, ran = _block_calls(pipe, call, plan, collapse=True, pre=other_pooled_on_step_4)
+    torch.testing.assert_close(got, ref, atol=2e-5, rtol=0)
+    assert [s for s, _ in ran["norm"][0]] == [0, 1, 3, 4]
+    counter.clear()
+    plain, _ = _block_calls(pipe, call, plan, collapse=True)
+    assert (got - plain).abs().max() > 1e-3  # the other embedding did change the images
 
 
 def test_sd3_calls_that_skip_blocks_run_them():

@@ -31,7 +31,12 @@ class Residual:
     With ``chain_index`` (``source="norm"``), role
     ``r``'s gate is also chunk ``chain_index[r]`` of the last output of the block's conditioning
     chain (``BlockSpec.conditioning_chain``) split in ``chunks``: the collapse then reads the gates
-    of all collapsed steps from the chain's table (``runtime.embed``) instead of calling the norm."""
+    of all collapsed steps from the chain's table (``runtime.embed``) instead of calling the norm.
+    ``embed`` (``source="norm"`` on a conditioning argument, not a timestep): the transformer
+    submodule that makes the norm's first argument from the transformer call's ``embed_args``
+    (SD3: ``time_text_embed(timestep, pooled_projections)`` is every block's ``temb``): the
+    collapse then computes the gates of all collapsed steps at the first of them, in one norm
+    call per block on their embeddings."""
     source: str
     index: dict[str, int]
     norm: str | None = None
@@ -44,6 +49,8 @@ class Residual:
     norm_kwargs: dict[str, str] = field(default_factory=dict)
     part: dict[str, int] = field(default_factory=dict)
     unless: tuple[str, ...] = ()
+    embed: str | None = None
+    embed_args: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -145,7 +152,9 @@ BLOCKS: dict[str, BlockSpec] = {
                                                                  norm_args=("temb",), norm_kwargs={"temb": "emb"},
                                                                  part={"attn": 0},
                                                                  unless=("block_controlnet_hidden_states",
-                                                                         "skip_layers"))}),
+                                                                         "skip_layers"),
+                                                                 embed="time_text_embed",
+                                                                 embed_args=("timestep", "pooled_projections"))}),
     # Flux double-stream block: joint attention over [text; image] with RoPE, image MLP ``ff``.
     "FluxTransformerBlock": BlockSpec(modules={"attn": "attn", "mlp": "ff"}, partial_attn="flux",
                                       text_arg="encoder_hidden_states", rope_arg="image_rotary_emb",

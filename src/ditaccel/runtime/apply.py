@@ -192,14 +192,17 @@ def apply(target, plan: Plan, router=None, check_fingerprint: bool = True, skip_
                     register(norm, NormSkipHook(state, layer, role, m, norm, conditioning=norms[role] == conditioning),
                              NORM_HOOK)
     if collapse:
-        from .collapse import COLLAPSE_HOOK, Collapse, CollapseHook
+        from .collapse import COLLAPSE_HOOK, Collapse, CollapseHook, EmbedHook
 
-        program = Collapse.build(state, blocks, per_block, NORM_HOOK, batched=batch_conditioning)
+        program = Collapse.build(state, blocks, per_block, NORM_HOOK, batched=batch_conditioning,
+                                 transformer=transformer)
         if program is not None:
             state.collapse_steps = program.steps
             for layer, (_, block, spec) in enumerate(blocks):
                 register(block, CollapseHook(state, layer, program, block, spec.image_arg, spec.text_arg,
                                              spec.image_output), COLLAPSE_HOOK)
+            if program.residual.embed and batch_conditioning:
+                register(getattr(transformer, program.residual.embed), EmbedHook(program), COLLAPSE_HOOK)
     if scope == "steps":
         from .program import Programs
 

@@ -70,9 +70,9 @@ class Collapse:
     role) in summing order, and the gate tables per guidance branch."""
 
     def __init__(self, state: RunState, blocks: list[torch.nn.Module], residual: Residual,
-                 roles: tuple[str, ...], norm_hook: str, batched: bool = True):
+                 roles: tuple[str, ...], norm_hook: str, batched: bool = True, transformer=None):
         self.state, self.blocks, self.residual, self.roles = state, blocks, residual, roles
-        self.norm_hook, self.batched = norm_hook, batched
+        self.norm_hook, self.batched, self.transformer = norm_hook, batched, transformer
         self.steps = collapsible_steps(state.plan)
         self.slots = [(layer, role) for layer in range(len(blocks)) for role in roles]
         self.slot_index = [(layer, state.plan.module_index(role)) for layer, role in self.slots]
@@ -82,10 +82,11 @@ class Collapse:
 
     @classmethod
     def build(cls, state: RunState, blocks, per_block: list[dict], norm_hook: str,
-              batched: bool = True) -> "Collapse | None":
+              batched: bool = True, transformer=None) -> "Collapse | None":
         """The collapse for this plan on these blocks (``(name, block, spec)``), or None where no
         step collapses or the blocks do not say how their output is made.  ``batched``: compute
-        the gates of a trajectory's collapsed steps in one call per block (else step by step)."""
+        the gates of a trajectory's collapsed steps in one call per block (else step by step);
+        ``transformer``: the model the blocks are in (for a ``Residual.embed``)."""
         plan = state.plan
         if not any(collapsible_steps(plan)):
             return None
@@ -96,7 +97,7 @@ class Collapse:
         roles = tuple(r for r in plan.modules if r in per_block[0])
         if any(set(mods) != set(roles) for mods in per_block):
             return None
-        return cls(state, [b for _, b, _ in blocks], forms[0], roles, norm_hook, batched)
+        return cls(state, [b for _, b, _ in blocks], forms[0], roles, norm_hook, batched, transformer)
 
     # -- the step ---------------------------------------------------------------------------------
     def run(self, named: dict, image_arg: str) -> torch.Tensor | None:
@@ -180,10 +181,11 @@ class Collapse:
         labels differ from the predicted ones computes its own."""
         st, res = self.state, self.residual
         args = {a: named.get(a) for a in res.norm_args}
-        if "timestep" not in res.norm_args:  # conditioned on an embedding (SD3's temb): step by step
+        if "timestep" not in res.norm_args:  # conditioned on an embedding (SD3's temb)
             if any(not torch.is_tensor(a) for a in args.values()):
                 return None
-            return self._norm_call(x[:, :1], args, x.dtype, 1)[0]
+            gates = self._embed_gates(x, args) if self.batched and res.embed else None
+            return gates if gates is not None else self._norm_call(x[:, :1], args, x.dtype, 1)[0]
         t = args.get("timestep")
         if not torch.is_tensor(t) or t.ndim != 1:
             return None
@@ -207,6 +209,71 @@ class Collapse:
                     and (labels is None or torch.equal(labels, held_labels))):
                 return gates[i]
         return self._norm_call(x[:, :1], args, x.dtype, 1)[0]
+
+    def _embed_gates(self, x: torch.Tensor, args: dict) -> torch.Tensor | None:
+        """(K, B, D) gates of this step from a table of all this trajectory's collapsed steps,
+        made at the first of them (:meth:`_embed_table`); None where the block's conditioning is
+        not the table's row for this step (the transformer embedded this call itself: it is off
+        the scheduler's timesteps or its other embedding arguments differ from the table's)."""
+        st, res = self.state, self.residual
+        held = self._gates.get(st.branch)
+        if held is None or held[0] != st.generation:
+            table = self._embed_table(x, args) if self._embed_call() is not None else None
+            held = self._gates[st.branch] = (st.generation, table)
+        table = held[1]
+        if table is None:
+            return None
+        rows, _, gates = table
+        row = rows.get(st.step)
+        return gates[row[0]] if row is not None and args[res.norm_args[0]] is row[1] else None
+
+    def _embed_call(self) -> list | None:
+        """The transformer call's ``Residual.embed_args``, where it is on the scheduler's timesteps."""
+        st = self.state
+        call = [st.call_kwargs.get(a) for a in self.residual.embed_args]
+        if self.transformer is None or any(not torch.is_tensor(c) for c in call) or not st.on_schedule(call[0]):
+            return None
+        return call
+
+    def _embed_table(self, x: torch.Tensor, args: dict):
+        """(step -> (i, the embedding its blocks get), the call's other embedding arguments,
+        (steps, K, B, D) gates) for this and the later collapsed steps: the later steps' embeddings
+        made here in one call of the transformer's ``Residual.embed`` module, which then returns
+        them on those steps (:class:`EmbedHook`), so each step's conditioning is computed once, as
+        the model does."""
+        st, res = self.state, self.residual
+        call = self._embed_call()
+        t, others = call[0], call[1:]
+        steps = [s for s in range(st.step, st.plan.num_steps) if self.steps[s]]
+        given = args[res.norm_args[0]]
+        embs = [given]
+        if len(steps) > 1:
+            batched = [st.timesteps_at(steps[1:], t)] + [o.repeat(len(steps) - 1, *[1] * (o.ndim - 1)) for o in others]
+            later = getattr(self.transformer, res.embed)(*batched)
+            if not torch.is_tensor(later) or later.shape != ((len(steps) - 1) * t.shape[0], *given.shape[1:]):
+                return None
+            embs += list(later.split(t.shape[0]))
+        emb = torch.cat(embs)
+        gates = self._norm_call(x[:, :1].repeat(len(steps), 1, 1), {**args, res.norm_args[0]: emb}, x.dtype, len(steps))
+        return {s: (i, e) for i, (s, e) in enumerate(zip(steps, embs))}, list(others), gates
+
+    def served_embedding(self, args: tuple, kwargs: dict) -> torch.Tensor | None:
+        """The embedding the table holds for this call of the ``Residual.embed`` module (its
+        arguments the transformer call's own, this step in the table), else None."""
+        st = self.state
+        if st.step < 0 or not self.steps[st.step] or kwargs:
+            return None
+        held = self._gates.get(st.branch)
+        if held is None or held[0] != st.generation or held[1] is None:
+            return None
+        rows, others, _ = held[1]
+        row = rows.get(st.step)
+        call = self._embed_call()
+        if row is None or call is None or len(args) != len(call) or any(a is not c for a, c in zip(args, call)):
+            return None
+        if any(c is not h and not (c.shape == h.shape and torch.equal(c, h)) for c, h in zip(call[1:], others)):
+            return None
+        return row[1]
 
     def _chain_gates(self, t: torch.Tensor, labels) -> torch.Tensor | None:
         """(K, B, D) gates of this step read from the blocks' conditioning chain tables
@@ -281,6 +348,20 @@ class Collapse:
         rows = x1.shape[0] // steps
         gates = self._assemble(lambda role: torch.stack([o[res.index[role]] for o in per_layer]), x1[:, 0])
         return gates.unflatten(1, (steps, rows)).transpose(0, 1)                  # (steps, K, B, D)
+
+
+class EmbedHook(ModelHook):
+    """On the transformer's ``Residual.embed`` module (SD3's ``time_text_embed``): on a collapsed
+    step whose embedding the collapse's table holds, that row (made with the table at the
+    trajectory's first collapsed step), else the module's own output."""
+
+    def __init__(self, collapse: Collapse):
+        super().__init__()
+        self.collapse = collapse
+
+    def new_forward(self, module, *args, **kwargs):
+        served = self.collapse.served_embedding(args, kwargs)
+        return served if served is not None else self.fn_ref.original_forward(*args, **kwargs)
 
 
 class CollapseHook(ModelHook):
