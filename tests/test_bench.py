@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from ditaccel import bench
+from tests.conftest import timed_like_flops
 from ditaccel.cli.main import main
 from ditaccel.methods import make_plan, model_shape, soda
 from ditaccel.plan import Plan
@@ -129,10 +130,7 @@ def test_soda_latency_times_its_candidates_on_the_timed_run(tiny_pipe, tmp_path)
                    intervals=(1, 2, 3), ratios=(0.5,), timing_repeats=1, progress=False)
     # the latency model from costs proportional to FLOPs: the profiled times of a tiny model on a
     # loaded machine can price a reusing step above a full one, and no plan then affords 1.05x
-    f = prof.module_flops.double()[0]
-    ms = f / f[:, -1].sum() * 0.9 * prof.step_ms / prof.num_layers
-    prof = dataclasses.replace(prof, module_ms=ms.float(), reuse_ms=0.1 * prof.step_ms, decollapse_ms=0.0,
-                               forecast_ms=None)
+    prof = timed_like_flops(prof)
     cal_calls, timed_calls = [], []
 
     def cal(p):

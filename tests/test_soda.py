@@ -817,10 +817,7 @@ def test_timed_calibration_keeps_the_closest_plan_that_is_fast_enough(tiny_profi
     pipe, prof = tiny_profile
     # the latency model from costs proportional to FLOPs (the profiled times of a tiny model on a
     # shared machine are too noisy to decide whether 1.2x is affordable)
-    f = prof.module_flops.double()[0]                       # (M, R + 1), one layer
-    ms = f / f[:, -1].sum() * 0.9 * prof.step_ms / prof.num_layers   # the modules: 90% of a full call
-    prof = dataclasses.replace(prof, module_ms=ms.float(), reuse_ms=0.1 * prof.step_ms, decollapse_ms=0.0,
-                               forecast_ms=None)  # a measured forecast cost would make the budget load-dependent
+    prof = timed_like_flops(prof)
 
     def run(p):
         return sample(p, [0, 1], steps=STEPS, guidance_scale=2.0, seed=7, progress=False)[0]
