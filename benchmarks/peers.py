@@ -332,7 +332,8 @@ def main() -> None:
         # soda-latency calibrates by this machine's clock, and a SODA row whose plan was not kept
         # cannot be rebuilt as scored: those are measured again in full (and budgets another CPU
         # could not reach are tried again), the others timed again
-        again = [r for r in elsewhere if r["method"] == "soda-latency" or "skipped" in r
+        # (with 'all', a soda-latency row calibrated by this machine's clock and the current runtime keeps its plan)
+        again = [r for r in elsewhere if r["method"] == "soda-latency" and stale_timing(r, cpu, args.dtype) or "skipped" in r
                  or (r["method"] in (*SODA, *ABLATIONS) and not plan_path(plan_dir, r["method"], r["knob"], r["value"]).exists())]
         if again:
             print(f"--retime: measuring {len(again)} rows again in full: "
