@@ -235,49 +235,40 @@ def test_sd3_collapses_its_reusing_steps_without_the_text_stream():
     assert state_of(pipe) is None
 
 
-def test_sd3_gate_table_follows_the_calls_conditioning():
-    """A call whose pooled text embedding differs from the one the gate table was made with (here
-    on step 4 only) gets gates of its own: the images stay the block-by-block ones."""
+def _sd3_with_changed_calls(change):
+    """SD3 under FORA interval 3 with ``change(step, kwargs)`` applied to each transformer call's
+    keyword arguments: asserts that the collapsed run gives the block-by-block images and that the
+    change did change them; returns the collapsed run's block calls (:func:`_block_calls`)."""
     pipe, call = archs.sd3()
     pipe.set_progress_bar_config(disable=True)
     plan = make_plan("fora", model_shape(pipe.transformer, T), interval=3)
     counter = []
 
-    def other_pooled_on_step_4(m, args, kwargs):
+    def pre(m, args, kwargs):
         counter.append(None)
-        step = len(counter) - 1
-        return args, ({**kwargs, "pooled_projections": kwargs["pooled_projections"] + 1.0} if step == 4 else kwargs)
+        return args, change((len(counter) - 1) % T, kwargs)
 
-    ref, _ = _block_calls(pipe, call, plan, collapse=False, pre=other_pooled_on_step_4)
+    ref, _ = _block_calls(pipe, call, plan, collapse=False, pre=pre)
     counter.clear()
-    got, ran = _block_calls(pipe, call, plan, collapse=True, pre=other_pooled_on_step_4)
+    got, ran = _block_calls(pipe, call, plan, collapse=True, pre=pre)
     torch.testing.assert_close(got, ref, atol=2e-5, rtol=0)
-    assert [s for s, _ in ran["norm"][0]] == [0, 1, 3, 4]
-    counter.clear()
     plain, _ = _block_calls(pipe, call, plan, collapse=True)
-    assert (got - plain).abs().max() > 1e-3  # the other embedding did change the images
+    assert (got - plain).abs().max() > 1e-3  # the change did change the images
+    return ran
+
+
+def test_sd3_gate_table_follows_the_calls_conditioning():
+    """A call whose pooled text embedding differs from the one the gate table was made with (here
+    on step 4 only) gets gates of its own: the images stay the block-by-block ones."""
+    ran = _sd3_with_changed_calls(lambda step, kwargs: (
+        {**kwargs, "pooled_projections": kwargs["pooled_projections"] + 1.0} if step == 4 else kwargs))
+    assert [s for s, _ in ran["norm"][0]] == [0, 1, 3, 4]
 
 
 def test_sd3_calls_that_skip_blocks_run_them():
     """A call with ``skip_layers`` (SD3's skip-layer guidance) leaves a block out of the stack:
     the collapse, which sums every block's cached outputs, steps aside and the blocks run."""
-    pipe, call = archs.sd3()
-    pipe.set_progress_bar_config(disable=True)
-    plan = make_plan("fora", model_shape(pipe.transformer, T), interval=3)
-    counter = []
-
-    def skip_on_reusing_steps(m, args, kwargs):
-        counter.append(None)
-        step = (len(counter) - 1) % T
-        return args, ({**kwargs, "skip_layers": [1]} if step % 3 else kwargs)
-
-    ref, _ = _block_calls(pipe, call, plan, collapse=False, pre=skip_on_reusing_steps)
-    counter.clear()
-    got, _ = _block_calls(pipe, call, plan, collapse=True, pre=skip_on_reusing_steps)
-    torch.testing.assert_close(got, ref, atol=2e-5, rtol=0)
-    counter.clear()
-    plain, _ = _block_calls(pipe, call, plan, collapse=True)
-    assert (got - plain).abs().max() > 1e-3  # the skipped block did change the images
+    _sd3_with_changed_calls(lambda step, kwargs: {**kwargs, "skip_layers": [1]} if step % 3 else kwargs)
 
 
 def test_collapse_with_one_call_per_guidance_branch(tiny_pipe):

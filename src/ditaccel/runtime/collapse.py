@@ -78,6 +78,7 @@ class Collapse:
         self.slot_index = [(layer, state.plan.module_index(role)) for layer, role in self.slots]
         self.parts = [residual.part.get(role) for _, role in self.slots]  # of a tuple output, if any
         self._gates: dict[int, tuple] = {}
+        self._embeds: dict[int, tuple] = {}  # per branch: (generation, the embedding table or None)
         self._chain: dict[int, tuple] = {}
 
     @classmethod
@@ -216,10 +217,10 @@ class Collapse:
         not the table's row for this step (the transformer embedded this call itself: it is off
         the scheduler's timesteps or its other embedding arguments differ from the table's)."""
         st, res = self.state, self.residual
-        held = self._gates.get(st.branch)
+        held = self._embeds.get(st.branch)
         if held is None or held[0] != st.generation:
-            table = self._embed_table(x, args) if self._embed_call() is not None else None
-            held = self._gates[st.branch] = (st.generation, table)
+            call = self._embed_call()
+            held = self._embeds[st.branch] = (st.generation, None if call is None else self._embed_table(x, args, call))
         table = held[1]
         if table is None:
             return None
@@ -235,14 +236,13 @@ class Collapse:
             return None
         return call
 
-    def _embed_table(self, x: torch.Tensor, args: dict):
+    def _embed_table(self, x: torch.Tensor, args: dict, call: list):
         """(step -> (i, the embedding its blocks get), the call's other embedding arguments,
         (steps, K, B, D) gates) for this and the later collapsed steps: the later steps' embeddings
         made here in one call of the transformer's ``Residual.embed`` module, which then returns
         them on those steps (:class:`EmbedHook`), so each step's conditioning is computed once, as
         the model does."""
         st, res = self.state, self.residual
-        call = self._embed_call()
         t, others = call[0], call[1:]
         steps = [s for s in range(st.step, st.plan.num_steps) if self.steps[s]]
         given = args[res.norm_args[0]]
@@ -263,7 +263,7 @@ class Collapse:
         st = self.state
         if st.step < 0 or not self.steps[st.step] or kwargs:
             return None
-        held = self._gates.get(st.branch)
+        held = self._embeds.get(st.branch)
         if held is None or held[0] != st.generation or held[1] is None:
             return None
         rows, others, _ = held[1]
