@@ -13,6 +13,7 @@ from ditaccel.methods import make_plan, model_shape
 from ditaccel.metrics import OpCounter
 from ditaccel.plan import FULL, REUSE, Plan
 from ditaccel.runtime import apply, remove, state_of
+from ditaccel.runtime.state import PlanMismatch
 from ditaccel.runtime.collapse import collapsible_steps
 from tests import archs
 
@@ -57,6 +58,90 @@ def test_collapsed_steps_give_the_block_by_block_images(arch, name):
     full = _images(pipe, call, dataclasses.replace(plan, anchors=torch.ones(T, dtype=torch.bool),
                                                    tokens=torch.full_like(plan.tokens, FULL)), collapse=True)
     assert not torch.equal(got, full)  # the plan did reuse something
+
+
+def _whole_contribution_images(pipe, call, plan):
+    """Independent of the runtime: the plain model, whose last block's image output on each of the
+    plan's collapsed steps is replaced by ``x_0 + F(R)``, ``R`` = (the last block's image output) -
+    (the first block's image input) at the plan's anchors (the whole stack's gated contribution),
+    ``F`` reusing the last one or (``plan.forecast``) extrapolating the last two in the step index."""
+    from ditaccel.runtime.adapters import find_blocks
+    from ditaccel.runtime.hooks import _named, positional
+
+    blocks = find_blocks(pipe.transformer)
+    (_, first, spec), (_, last, _) = blocks[0], blocks[-1]
+    collapsed, seen, at = collapsible_steps(plan), [], {"step": -1}
+
+    def count(m, a, k):
+        at["step"] += 1
+
+    def keep_x0(m, a, k):
+        at["x0"] = _named(positional(type(first)), a, k)[spec.image_arg]
+
+    def replace_out(m, a, k, out):
+        image = out if spec.image_output is None else out[spec.image_output]
+        s = at["step"]
+        if plan.anchors[s]:
+            seen.append((s, image - at["x0"]))
+            return None
+        if not collapsed[s]:
+            return None
+        (b, rb), a_ = seen[-1], (seen[-2] if len(seen) > 1 and plan.forecast else None)
+        r = rb if a_ is None else rb + (s - b) / (b - a_[0]) * (rb - a_[1])
+        new = at["x0"] + r
+        if spec.image_output is None:
+            return new
+        out = list(out)
+        out[spec.image_output] = new
+        return tuple(out)
+
+    handles = [pipe.transformer.register_forward_pre_hook(count, with_kwargs=True),
+               first.register_forward_pre_hook(keep_x0, with_kwargs=True),
+               last.register_forward_hook(replace_out, with_kwargs=True)]
+    try:
+        with torch.no_grad():
+            images = torch.as_tensor(call(pipe, 2, 0, T))
+    finally:
+        for h in handles:
+            h.remove()
+    assert at["step"] == T - 1  # one call per step (guidance batched)
+    return images
+
+
+@pytest.mark.parametrize("arch", ["dit_pixel", "dit_diffusers", "pixart", "sd3"])
+@pytest.mark.parametrize("name", ["fora-2", "fora-3-forecast", "delta-dit"])
+def test_cached_gating_reuses_each_blocks_whole_gated_contribution(arch, name):
+    """``Plan.gating == "cached"``: a collapsed step adds the blocks' outputs with the gates they
+    were computed with: the images of replacing the stack's output by its input plus the reused
+    (or extrapolated) contribution of the whole stack at the anchors; not those of this step's
+    gates; and the gates of steps no cache holds any more are dropped."""
+    from ditaccel.runtime.collapse import COLLAPSE_HOOK
+
+    pipe, call = getattr(archs, arch)()
+    pipe.set_progress_bar_config(disable=True)
+    plan = dataclasses.replace(PLANS[name](model_shape(pipe.transformer, T)), gating="cached")
+    ref = _whole_contribution_images(pipe, call, plan)
+    apply(pipe, plan)
+    collapse = pipe.transformer.transformer_blocks[0]._diffusers_hook.get_hook(COLLAPSE_HOOK).collapse
+    try:
+        with torch.no_grad():
+            got = torch.as_tensor(call(pipe, 2, 0, T))
+    finally:
+        remove(pipe)
+    torch.testing.assert_close(got, ref, atol=2e-5, rtol=0)
+    now = _images(pipe, call, dataclasses.replace(plan, gating="now"), collapse=True)
+    assert (got - now).abs().max() > 1e-4  # the gates differ between steps: so do the images
+    assert collapse._seen and all(len(steps) <= 2 for _, steps in collapse._seen.values())
+
+
+def test_cached_gating_needs_the_collapsed_path(tiny_pipe):
+    plan = dataclasses.replace(make_plan("fora", model_shape(tiny_pipe.transformer, T), interval=2), gating="cached")
+    for options, hint in (({"collapse": False}, "collapse=True"), ({"compile": True}, "without compile")):
+        with pytest.raises(PlanMismatch, match=hint):
+            apply(tiny_pipe, plan, **options)
+        assert state_of(tiny_pipe) is None
+    apply(tiny_pipe, dataclasses.replace(plan, gating="now"), collapse=False)  # "now" runs either way
+    remove(tiny_pipe)
 
 
 def test_a_per_entry_fill_forecasts_exactly_where_it_says(tiny_pipe):
@@ -123,8 +208,9 @@ def _call_ops(pipe, plan, labels=(0, 1)):
     return per_call
 
 
+@pytest.mark.parametrize("gating", ["now", "cached"])
 @pytest.mark.parametrize("forecast", [0, 1])
-def test_a_collapsed_call_dispatches_the_same_ops_whatever_the_depth(forecast):
+def test_a_collapsed_call_dispatches_the_same_ops_whatever_the_depth(forecast, gating):
     """Counted exactly: a reusing call after the first costs what the patch embedding, the
     output head and the weighted sum cost, the same with 2 blocks or 6; an anchor call grows
     with depth."""
@@ -144,7 +230,7 @@ def test_a_collapsed_call_dispatches_the_same_ops_whatever_the_depth(forecast):
             tf = DiTTransformer2DModel(**{**dict(tf.config), "num_layers": layers}).eval()
         pipe = DiTPixelPipeline(transformer=tf, scheduler=DDIMScheduler(**NOISE_SCHEDULE))
         pipe.set_progress_bar_config(disable=True)
-        plan = make_plan("fora", model_shape(tf, T), interval=3, forecast=forecast)
+        plan = dataclasses.replace(make_plan("fora", model_shape(tf, T), interval=3, forecast=forecast), gating=gating)
         ops[layers] = _call_ops(pipe, plan)
     two, six = ops[2], ops[6]
     assert six[0] > two[0] + 4 * 40  # an anchor: dozens of ops per block

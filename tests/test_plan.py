@@ -31,6 +31,9 @@ def test_round_trip_through_json(tmp_path):
     old = p.to_dict()
     del old["forecast"]  # plans written before forecasting existed load as plain reuse
     assert Plan.from_dict(old) == p
+    g = _plan(gating="cached")
+    assert Plan.from_dict(json.loads(g.to_json())) == g and g != p and g.tag().endswith("-gc")
+    assert "gating" not in p.to_dict()  # plans written before gating was a choice load as "now"
 
 
 def test_computed_fraction():
@@ -51,6 +54,7 @@ def test_computed_fraction():
     (dict(route=torch.full((4, 2), FULL)), "route must have shape"),
     (dict(forecast=2), "forecast must be one of"),
     (dict(forecast=True), "forecast must be one of"),
+    (dict(gating="then"), "gating must be one of"),
     (dict(route=torch.full((4, 3), 0)), "routed token counts"),
     (dict(route=torch.tensor([[FULL] * 3, [FULL] * 3, [FULL] * 3, [4] * 3])), "both routes tokens"),
 ])

@@ -734,8 +734,11 @@ def test_calibration_prefers_even_schedules_forecasts_and_caching_only(tiny_prof
     rows, chosen = cal["rows"], cal["chosen"]
     n1 = len(scheds)
     first_pick = prefer(rows[:n1], 1.0)
-    assert chosen == first_pick or (chosen >= n1 and prefer([rows[first_pick], *rows[n1:]], 2.0) == chosen - n1 + 1)
-    assert prefer([rows[first_pick], *rows[n1:]], 2.0) == (0 if chosen < n1 else chosen - n1 + 1)  # pruning: 2 SE
+    # then the kept schedule with cached gating ("now" preferred within the noise)
+    assert rows[n1]["gating"] == "cached" and rows[n1]["anchors"] == rows[first_pick]["anchors"]
+    kept = (first_pick, n1)[prefer([rows[first_pick], rows[n1]], 1.0)]
+    j = prefer([rows[kept], *rows[n1 + 1:]], 2.0)  # pruning: 2 SE
+    assert chosen == (kept if j == 0 else n1 + j)
     assert cal["margin_z"] == min(r["z_vs_chosen"] for i, r in enumerate(rows) if i != chosen)
 
 
@@ -797,6 +800,13 @@ def test_schedules_and_two_round_calibration(tiny_profile):
     kept = {first_best["forecast"]} | ({0} if first_best["forecast"] == "segment" else set())
     assert all(r["spread"] == first_best["spread"] and r["forecast"] in kept for r in rows[len(scheds):])
     assert (best.forecast if best.fill is None else "segment") == rows[cal["chosen"]]["forecast"]
+    # between the rounds, the kept schedule with the gates its outputs were computed with
+    assert all(r["gating"] == "now" for r in rows[:len(scheds)])
+    gated = rows[len(scheds)]
+    assert gated["gating"] == "cached" and gated["anchors"] == first_best["anchors"]
+    assert gated["forecast"] == first_best["forecast"] and gated["score"] != first_best["score"]
+    kept_gating = min((first_best, gated), key=lambda r: r["score"])["gating"]
+    assert all(r["gating"] == kept_gating for r in rows[len(scheds) + 1:]) and best.gating == rows[cal["chosen"]]["gating"]
     apply(pipe, best)
     got = run(pipe)
     remove(pipe)

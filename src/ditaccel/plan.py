@@ -16,6 +16,12 @@ one; the runtime hooks only execute it.  For ``T`` steps, ``L`` transformer bloc
   ``b < a < t`` (as TaylorSeer does; plain reuse until a module has two).
 - ``fill[t, l, m]`` (optional): the same per (step, layer, module), for plans that choose the
   filler per segment (SODA); ``forecast`` is then the highest order it holds.
+- ``gating``: which gates a reused (or forecast) output is added to the residual stream with, on
+  the steps where every block reuses (collapsed steps, ``runtime.collapse``).  ``"now"``: this
+  step's adaLN gates (the block's own forward does this).  ``"cached"``: the gates of the step
+  each output was computed at, so that the block's whole gated contribution is what is reused or
+  extrapolated (on some models, e.g. SD3-style ones, this stays closer to the full model; SODA's
+  calibration measures both).
 
 Token counts are fixed per (step, layer, module), so every tensor shape is known ahead of time.
 """
@@ -34,6 +40,7 @@ from . import io
 MODULES = ("attn", "cross", "mlp")
 TOKEN_SCORES = ("delta", "feature_mean")
 FORECAST_ORDERS = (0, 1)
+GATINGS = ("now", "cached")
 FULL, REUSE = -1, 0
 KIND = "plan"
 
@@ -70,6 +77,7 @@ class Plan:
     meta: dict[str, Any] = field(default_factory=dict)
     forecast: int = 0                # 0: reuse the last output; 1: extrapolate the last two
     fill: torch.Tensor | None = None  # (T, L, M) int32 forecast order per entry; None: ``forecast``
+    gating: str = "now"              # collapsed steps: "now" (this step's gates) or "cached"
 
     def __post_init__(self):
         object.__setattr__(self, "modules", tuple(self.modules))
@@ -112,6 +120,8 @@ class Plan:
             check_forecast(self.forecast)
         except ValueError as e:
             raise PlanError(str(e)) from None
+        if self.gating not in GATINGS:
+            raise PlanError(f"gating must be one of {GATINGS}, got {self.gating!r}")
         if self.token_score not in TOKEN_SCORES:
             raise PlanError(f"unknown token_score {self.token_score!r}; choose one of {TOKEN_SCORES}")
         if self.anchors.ndim != 1 or self.anchors.numel() == 0:
@@ -170,7 +180,8 @@ class Plan:
 
     def tag(self) -> str:
         """Short name for files and logs, e.g. ``fora-T50-a17``."""
-        return f"{self.method}-T{self.num_steps}-a{int(self.anchors.sum())}" + ("-f1" if self.forecast else "")
+        return (f"{self.method}-T{self.num_steps}-a{int(self.anchors.sum())}" + ("-f1" if self.forecast else "")
+                + ("-gc" if self.gating == "cached" else ""))
 
     def __eq__(self, other) -> bool:
         if not isinstance(other, Plan):
@@ -180,7 +191,7 @@ class Plan:
         return (self.num_tokens == other.num_tokens and self.modules == other.modules
                 and torch.equal(self.anchors, other.anchors) and torch.equal(self.tokens, other.tokens)
                 and same_route and self.token_score == other.token_score and self.forecast == other.forecast
-                and torch.equal(self.fill_grid(), other.fill_grid())
+                and torch.equal(self.fill_grid(), other.fill_grid()) and self.gating == other.gating
                 and self.method == other.method and self.meta == other.meta)
 
     # -- JSON ----------------------------------------------------------------------------------
@@ -190,7 +201,8 @@ class Plan:
                 "token_score": self.token_score, "anchors": self.anchors.tolist(),
                 "tokens": self.tokens.tolist(),
                 "route": None if self.route is None else self.route.tolist(), "forecast": self.forecast,
-                **({} if self.fill is None else {"fill": self.fill.tolist()}), "meta": self.meta}
+                **({} if self.fill is None else {"fill": self.fill.tolist()}),
+                **({} if self.gating == "now" else {"gating": self.gating}), "meta": self.meta}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Plan":
@@ -217,7 +229,8 @@ class Plan:
             return cls(num_tokens=d["num_tokens"], modules=tuple(d["modules"]),
                        anchors=d["anchors"], tokens=d["tokens"], route=d.get("route"),
                        token_score=d.get("token_score", "delta"), method=d.get("method", "custom"),
-                       meta=dict(meta), forecast=d.get("forecast", 0), fill=d.get("fill"))
+                       meta=dict(meta), forecast=d.get("forecast", 0), fill=d.get("fill"),
+                       gating=d.get("gating", "now"))
         except PlanError:
             raise
         except KeyError as e:

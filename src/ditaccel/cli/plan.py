@@ -35,6 +35,10 @@ def add_arguments(p) -> None:
                         "first-order forecast from its last two full outputs (default: whichever the "
                         "profile measured lower, per segment and module; --calibrate also measures "
                         "both everywhere unless given)")
+    p.add_argument("--gating", default=None, choices=["now", "cached"],
+                   help="on steps where every block reuses: add the reused outputs with this step's gates "
+                        "(now) or with the gates they were computed with (cached); default: now, and "
+                        "--calibrate measures both")
     p.add_argument("--token-score", default=None, choices=["delta", "feature_mean"])
     p.add_argument("--lam", type=number(float, 0), default=d.lam,
                    help="slope of the pruned fraction in the step's relative cache error (>= 0; default %(default)s)")
@@ -65,7 +69,7 @@ def run(args) -> int:
         raise ValueError(f"--out must name a .json file, got {args.out}")
     cfg = soda.Config(speedup=args.speedup, latency_speedup=args.latency_speedup, anchors=args.anchors,
                       prune=not args.no_prune, schedule=args.schedule, spread=args.spread, token_score=args.token_score,
-                      lam=args.lam, rho_max=args.rho_max, forecast=args.forecast)
+                      lam=args.lam, rho_max=args.rho_max, forecast=args.forecast, gating=args.gating)
     if args.calibrate is not None and args.calibrate < 0:
         raise ValueError(f"--calibrate must be >= 0, got {args.calibrate}")
     if args.calibrate and args.anchors is not None:
@@ -126,7 +130,7 @@ def _calibrated(pipe, prof, cfg, n: int, seed: int, criterion: str):
     best = soda.calibrate_soda(pipe, run, prof, soda.CalibrationConfig(timed=run if cfg.latency_speedup else None,
                                                                        criterion=criterion), **asdict(cfg))
     cal = best.meta["calibration"]
-    print(f"{'candidate':>10} {'anchors':>8} {'schedule':>9} {'forecast':>9} {'pruned':>7} {'predicted err':>14} "
+    print(f"{'candidate':>10} {'anchors':>8} {'schedule':>9} {'forecast':>9} {'gating':>7} {'pruned':>7} {'predicted err':>14} "
           f"{'PSNR vs full':>13} {'SSIM':>7} {'z vs kept':>10}" + (f" {'measured speedup':>17}" if "timed" in cal else ""))
     for i, r in enumerate(cal["rows"]):
         mark = " <- kept" if i == cal["chosen"] else ""
@@ -134,7 +138,7 @@ def _calibrated(pipe, prof, cfg, n: int, seed: int, criterion: str):
         sched = sched if sched != "dp" else "free" if r["spread"] is None else f"{r['spread']:g}"
         sched += {"sensitivity": " w", "structure": " ws"}.get(r.get("weighting"), "")
         speed = (f" {r['speedup_measured']:>16.2f}x" if "speedup_measured" in r else f" {'-':>17}") if "timed" in cal else ""
-        print(f"{i:>10} {r['anchors']:>8} {sched:>9} {r['forecast']:>9} {r['pruned_modules']:>7} "
+        print(f"{i:>10} {r['anchors']:>8} {sched:>9} {r['forecast']:>9} {r.get('gating', 'now'):>7} {r['pruned_modules']:>7} "
               f"{r['predicted_error']:>14.4g} {r['psnr']:>11.2f}dB {r['ssim']:>7.4f} {r['z_vs_chosen']:>10.1f}{speed}{mark}")
     z = cal.get("margin_z")
     if z is not None and z < 0 and "timed" not in cal:

@@ -13,6 +13,7 @@ from .hooks import (MODULE_HOOK, NORM_HOOK, ROUTE_HOOK, STEP_HOOK, ModuleHook, N
                     StepHook, register, unregister)
 from .embed import EMBED_HOOK, ChainHook
 from .program import CompileConfig
+from .collapse import collapsible_steps
 from .state import PlanMismatch, RunState
 
 _STATE_ATTR = "_ditaccel_state"
@@ -191,8 +192,9 @@ def apply(target, plan: Plan, router=None, check_fingerprint: bool = True, skip_
                 if norm is not None and bool((plan.tokens[:, layer, m] == REUSE).any()):
                     register(norm, NormSkipHook(state, layer, role, m, norm, conditioning=norms[role] == conditioning),
                              NORM_HOOK)
+    program = None
     if collapse:
-        from .collapse import COLLAPSE_HOOK, Collapse, CollapseHook, EmbedHook
+        from .collapse import COLLAPSE_HOOK, Collapse, CollapseHook, EmbedHook, GateHook
 
         program = Collapse.build(state, blocks, per_block, NORM_HOOK, batched=batch_conditioning,
                                  transformer=transformer)
@@ -201,8 +203,18 @@ def apply(target, plan: Plan, router=None, check_fingerprint: bool = True, skip_
             for layer, (_, block, spec) in enumerate(blocks):
                 register(block, CollapseHook(state, layer, program, block, spec.image_arg, spec.text_arg,
                                              spec.image_output), COLLAPSE_HOOK)
-            if program.residual.embed and batch_conditioning:
+                if program.cached and program.residual.source == "norm":
+                    register(getattr(block, program.residual.norm), GateHook(program, layer), COLLAPSE_HOOK)
+            if program.residual.embed and batch_conditioning and not program.cached:
                 register(getattr(transformer, program.residual.embed), EmbedHook(program), COLLAPSE_HOOK)
+    if plan.gating == "cached" and program is None and any(collapsible_steps(plan)):
+        remove(transformer)
+        raise PlanMismatch("this plan reuses outputs with the gates they were computed with (plan.gating='cached'), "
+                           "which only the eager collapsed path runs"
+                           + (": apply it without compile" if scope == "steps" else
+                              ": apply it with collapse=True" if not collapse else
+                              f" and {type(transformer).__name__}'s blocks have no registry Residual form")
+                           + ", or use dataclasses.replace(plan, gating='now')")
     if scope == "steps":
         from .program import Programs
 

@@ -16,8 +16,14 @@ the other blocks pass their input through: one or two ops per cached output inst
 per block.  The values are the ones the block-by-block path computes, summed in another order
 (fp32: within rounding; bf16: the sum rounds once instead of after every block).
 
-Falls back to the blocks' own forwards (the per-module path) for a call it cannot serve: a cache
-that is missing or invalid, gates that cannot be computed ahead, GLIGEN inputs.
+With ``Plan.gating == "cached"`` the gates are instead the ones each cached output was computed
+with (read from the block's conditioning norm, or its table, as the block ran on that step), so
+that each block's whole gated contribution ``gate_{l, r}(a) * C_{l, r}(a)`` is what is reused (or
+extrapolated from the last two full computes); no gate of the collapsed step itself is needed.
+
+Falls back to the blocks' own forwards (the per-module path, this step's gates) for a call it
+cannot serve: a cache that is missing or invalid, gates that cannot be computed ahead (or, cached
+gating, were not seen when the output was computed), GLIGEN inputs.
 """
 
 from __future__ import annotations
@@ -80,6 +86,13 @@ class Collapse:
         self._gates: dict[int, tuple] = {}
         self._embeds: dict[int, tuple] = {}  # per branch: (generation, the embedding table or None)
         self._chain: dict[int, tuple] = {}
+        # Plan.gating "cached": per (branch, layer) (generation, {step: {role: (B, D) gates}}) of the
+        # steps the block ran on whose outputs a cache still holds, and the layer whose norm is
+        # being read (only during that block's own forward)
+        self.cached = state.plan.gating == "cached"
+        self._seen: dict[tuple[int, int], tuple[int, dict]] = {}
+        self._stacked: dict[tuple, torch.Tensor] = {}
+        self.capturing: int | None = None
 
     @classmethod
     def build(cls, state: RunState, blocks, per_block: list[dict], norm_hook: str,
@@ -121,18 +134,25 @@ class Collapse:
         outs = [_part(c.out, p) for c, p in zip(caches, self.parts)]
         if any(not torch.is_tensor(o) for o in outs):
             return None
-        gates = self._gates_now(named, x)
-        if gates is None:
-            return None
-        g = gates.to(x.dtype).unsqueeze(2)                                     # (K, B, 1, D)
         fill = st.fill_list[st.step]
         history = ([_history(c) if fill[layer][m] else None for c, (layer, m) in zip(caches, self.slot_index)]
                    if st.plan.forecast else [None] * len(caches))
+        if self.cached:
+            g = self._gates_then(caches, x, [c.out_step for c in caches])
+            g_then = g if not any(h is not None for h in history) else \
+                self._gates_then(caches, x, [c.out_step if h is None else h[0] for c, h in zip(caches, history)])
+            if g is None or g_then is None:
+                return None
+        else:
+            gates = self._gates_now(named, x)
+            if gates is None:
+                return None
+            g = g_then = gates.to(x.dtype).unsqueeze(2)                        # (K, B, 1, D)
         if any(h is not None for h in history):
             w = torch.tensor([0.0 if h is None else (st.step - h[0]) / (h[1] - h[0]) for h in history],
                              dtype=torch.float32).to(device=x.device)
             g_new = g * w.to(x.dtype)[:, None, None, None]                      # weight of out_k
-            g_old = g - g_new                                                    # weight of prev_k
+            g_old = g_then - g_then * w.to(x.dtype)[:, None, None, None] if self.cached else g - g_new  # of prev_k
             prevs = [_part(c.prev, p) if h is not None else o for c, p, h, o in zip(caches, self.parts, history, outs)]
             terms = list(zip(g_old.unbind(0), prevs))
             terms += [(b, o) for b, o, h in zip(g_new.unbind(0), outs, history) if h is not None]
@@ -154,6 +174,66 @@ class Collapse:
         return out
 
     # -- gates ------------------------------------------------------------------------------------
+    def _gates_then(self, caches, x: torch.Tensor, steps: list) -> torch.Tensor | None:
+        """(K, B, 1, D) gates of each slot at the step given for it (the ones its block ran with
+        then), or None where one was not seen."""
+        st = self.state
+        key = (st.branch, st.generation, tuple(steps), x.dtype)
+        held = self._stacked.get(key)
+        if held is None:
+            per_slot = []
+            for (layer, role), step in zip(self.slots, steps):
+                seen = self._seen.get((st.branch, layer))
+                gates = None if seen is None or seen[0] != st.generation else seen[1].get(step)
+                if gates is None or gates[role].shape[0] != x.shape[0]:
+                    return None
+                per_slot.append(gates[role])
+            held = torch.stack(per_slot).to(x.dtype).unsqueeze(2)
+            self._stacked = {k: v for k, v in self._stacked.items() if k[:2] == key[:2]}
+            self._stacked[key] = held
+        return held
+
+    def keep_gates(self, layer: int, gates: dict) -> None:
+        """Cached gating: the gates (role -> (B, D)) block ``layer`` ran with at this step."""
+        st = self.state
+        key = (st.branch, layer)
+        seen = self._seen.get(key)
+        if seen is None or seen[0] != st.generation:
+            seen = self._seen[key] = (st.generation, {})
+        seen[1][st.step] = gates
+
+    def seen_norm(self, layer: int, out) -> None:
+        """Cached gating: the outputs of block ``layer``'s conditioning norm in its own forward."""
+        res = self.residual
+        if self.capturing != layer or not isinstance(out, tuple):
+            return
+        self.keep_gates(layer, {r: out[res.index[r]].detach() if r in res.index else
+                                torch.ones_like(out[next(iter(res.index.values()))]) for r in self.roles})
+
+    def seen_table(self, layer: int, named: dict, x: torch.Tensor) -> None:
+        """Cached gating, ``Residual.source == "table"``: the block's gates from its table and argument."""
+        res = self.residual
+        emb = named.get(res.table_arg)
+        if not torch.is_tensor(emb):
+            return
+        chunks = getattr(self.blocks[layer], res.table)[None] + emb.reshape(x.shape[0], res.chunks, -1)
+        self.keep_gates(layer, {r: chunks[:, res.index[r]].detach() if r in res.index else
+                                x.new_ones(x.shape[0], x.shape[-1]) for r in self.roles})
+
+    def forget(self, layer: int) -> None:
+        """Cached gating: drop the gates of steps whose outputs no cache of block ``layer`` holds."""
+        st = self.state
+        seen = self._seen.get((st.branch, layer))
+        if seen is None:
+            return
+        held = set()
+        for role in self.roles:
+            c = st.caches.get((st.branch, layer, role))
+            if c is not None:
+                held |= {c.out_step, c.prev_step}
+        for step in [s for s in seen[1] if s not in held]:
+            del seen[1][step]
+
     def _gates_now(self, named: dict, x: torch.Tensor) -> torch.Tensor | None:
         """(K, B, D) gates of every slot at this step (ones for ungated roles)."""
         res = self.residual
@@ -364,6 +444,20 @@ class EmbedHook(ModelHook):
         return served if served is not None else self.fn_ref.original_forward(*args, **kwargs)
 
 
+class GateHook(ModelHook):
+    """Cached gating (``Plan.gating == "cached"``), on each block's conditioning norm: hands the
+    collapse the gates the block computes in its own forward."""
+
+    def __init__(self, collapse: Collapse, layer: int):
+        super().__init__()
+        self.collapse, self.layer = collapse, layer
+
+    def new_forward(self, module, *args, **kwargs):
+        out = self.fn_ref.original_forward(*args, **kwargs)
+        self.collapse.seen_norm(self.layer, out)
+        return out
+
+
 class CollapseHook(ModelHook):
     """On each block: on a collapsed step, the first block returns the whole stack's output
     (:meth:`Collapse.run`) and the others pass it through; elsewhere the block runs as usual."""
@@ -404,4 +498,21 @@ class CollapseHook(ModelHook):
                     return args[0] if args else kwargs[self.image_arg]
                 named = _named(self.signature, args, kwargs)
                 return self._returned(named[self.image_arg], named)
-        return original(*args, **kwargs)
+        collapse = self.collapse
+        if not collapse.cached or st.program is not None or st.step < 0 or st.routed_tokens is not None:
+            return original(*args, **kwargs)
+        # cached gating: the gates this block runs with now, for the collapsed steps reusing its outputs
+        if collapse.residual.source == "table":
+            from .hooks import _named
+
+            named = _named(self.signature, args, kwargs)
+            x = named.get(self.image_arg)
+            if torch.is_tensor(x):
+                collapse.seen_table(self.layer, named, x)
+        collapse.capturing = self.layer
+        try:
+            out = original(*args, **kwargs)
+        finally:
+            collapse.capturing = None
+        collapse.forget(self.layer)
+        return out

@@ -99,7 +99,8 @@ class ModuleCache:
         self.shape: tuple[int, ...] = ()
         self.copy_out = False
         self._versions = None
-        # forecasting: the full output before ``out`` and the steps both were computed at
+        # forecasting: the full output before ``out`` and the steps both were computed at (``out_step``
+        # is kept without history too: cached gating reads the gates of that step)
         self.prev = None
         self.prev_step: int | None = None
         self.out_step: int | None = None
@@ -119,6 +120,7 @@ class ModuleCache:
                     self.out = spare  # recycle the older buffer, never the one now in prev
             else:
                 self.prev, self.prev_step = None, None
+        if step is not None:
             self.out_step = step
         self.out = _into(self.out, out) if self.copy_out else _detached(out)
         self.ref = _into(self.ref, x) if keep_ref else None

@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 
-from ...plan import FORECAST_ORDERS, Plan
+from ...plan import FORECAST_ORDERS, GATINGS, Plan
 from ...sampling import as_images
 from .planner import SPREADS, BudgetUnreachable, Config, candidates, plan, predict, schedules
 
@@ -79,6 +79,7 @@ def calibrate(pipe, run, plans: list[Plan], progress: bool = True,
                          "schedule": config.get("schedule", "dp"), "spread": config.get("spread"),
                          "weighting": config.get("weighting", "none"),
                          "forecast": p.forecast if p.fill is None else "segment",  # (chosen per segment)
+                         "gating": p.gating,
                          "predicted_error": p.meta.get("predicted", {}).get("error"),
                          "predicted_image_error": p.meta.get("predicted", {}).get("image_error"),
                          "speedup_flops": p.meta.get("predicted", {}).get("speedup_flops"),
@@ -154,7 +155,8 @@ class CalibrationConfig:
     where a pruning plan must beat the kept caching-only one: it is one of several tried against
     it, and its partial recomputes cost time that pricing only estimates), ``criterion`` (what
     "closest to the full model" means: :func:`scores`), ``timed`` (a run to time, for a wall-clock
-    budget), ``repeats``, ``tolerance`` and ``more`` (the timed search), ``progress``.
+    budget), ``repeats``, ``tolerance`` and ``more`` (the timed search), ``progress``, ``gatings``
+    (the ``Plan.gating`` of collapsed steps tried on the first round's kept plan, the first preferred).
 
     Example::
 
@@ -169,6 +171,7 @@ class CalibrationConfig:
     tolerance: float = 0.03
     more: int = 2
     within: float = 1.0
+    gatings: tuple = GATINGS
     prune_within: float = 2.0
     criterion: str = "mse+ssim"
 
@@ -185,7 +188,9 @@ def calibrate_soda(pipe, run, profile, calibration: CalibrationConfig | None = N
 
     Two rounds: the anchor schedule and what the other steps get (caching-only plans with the DP's
     schedule held to a ``spread`` or free, or evenly spaced, each forecasting or reusing module
-    outputs; :func:`schedules`), then, on the kept schedule and forecast order, whether token
+    outputs; :func:`schedules`), the kept one then tried with each of ``gatings`` on its collapsed
+    steps (``Plan.gating``: this step's gates, or those each output was computed with), then, on the
+    kept schedule, forecast order and gating, whether token
     pruning (on as many anchors or fewer) beats it (:func:`candidates`).  Each round keeps the
     most preferred plan that the samples cannot tell from the closest to the full model (within
     ``within`` standard errors, :func:`prefer`; ``prune_within`` in the second): more even
@@ -223,9 +228,24 @@ def calibrate_soda(pipe, run, profile, calibration: CalibrationConfig | None = N
         reference = as_images(run(pipe))
     best, rows = calibrate(pipe, run, first, progress, reference, within, cal.criterion)
     chosen = best.meta["calibration"]["chosen"]
+    from ...runtime.collapse import collapsible_steps
+
+    gatings = (config.gating,) if config.gating is not None else tuple(cal.gatings) or (best.gating,)
+    if gatings != (best.gating,) and any(collapsible_steps(best)):
+        # the kept schedule with each gating of its collapsed steps (the first listed preferred)
+        tried = [replace(best, gating=g, meta={**best.meta, "config": {**best.meta["config"], "gating": g}})
+                 for g in gatings]
+        known = {best.gating: rows[chosen]}
+        fresh = [p for p in tried if p.gating not in known]
+        _, new_rows = calibrate(pipe, run, fresh, progress, reference, criterion=cal.criterion)
+        known.update({p.gating: r for p, r in zip(fresh, new_rows)})
+        j = prefer([known[p.gating] for p in tried], within)
+        at = {id(r): i for i, r in enumerate(rows + new_rows)}
+        best, chosen = tried[j], at[id(known[tried[j].gating])]
+        rows = rows + new_rows
     kept = replace(config, spread=best.meta["config"]["spread"], schedule=best.meta["config"]["schedule"],
                    forecast=best.meta["config"]["forecast"],  # (None: chosen per segment)
-                   weighting=best.meta["config"].get("weighting", "none"))
+                   weighting=best.meta["config"].get("weighting", "none"), gating=best.gating)
     more_plans = candidates(kept, profile, fewer)[1:] if config.prune else []
     if timed is not None:
         k0 = int(best.anchors.sum())

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from ...plan import FORECAST_ORDERS, FULL, REUSE, TOKEN_SCORES, Plan, check_forecast
+from ...plan import FORECAST_ORDERS, FULL, GATINGS, REUSE, TOKEN_SCORES, Plan, check_forecast
 
 
 WEIGHTINGS = ("none", "sensitivity", "structure")
@@ -59,6 +59,8 @@ class Config:
                                           # "sensitivity", the images' error they predict
                                           # (step_weights; needs a profile with step_sensitivity);
                                           # "structure", the same in 1 - SSIM (step_structure)
+    gating: str | None = None             # Plan.gating of collapsed steps: "now" or "cached"; None:
+                                          # "now" (calibrate_soda measures both)
 
     def __post_init__(self):
         budgets = [b for b in (self.speedup, self.latency_speedup) if b is not None]
@@ -81,6 +83,8 @@ class Config:
             raise ValueError(f"unknown token score {self.token_score!r}; choose one of {TOKEN_SCORES}")
         if self.forecast is not None:
             check_forecast(self.forecast)
+        if self.gating is not None and self.gating not in GATINGS:
+            raise ValueError(f"gating must be one of {GATINGS}, got {self.gating!r}")
         if not (0 < self.rho_max < 1 and 0 <= self.lam < math.inf and 0 <= self.margin < 1):
             raise ValueError(f"need 0 < rho_max < 1, 0 <= lam < inf and 0 <= margin < 1, got rho_max "
                              f"{self.rho_max}, lam {self.lam}, margin {self.margin}")
@@ -91,7 +95,7 @@ class Config:
         parts = ["soda" if self.prune else "soda-cache", self.schedule if self.schedule != "dp" else None,
                  f"s{self.spread:g}" if self.spread and self.schedule == "dp" else None,
                  {"sensitivity": "w", "structure": "ws"}.get(self.weighting) if self.schedule == "dp" else None,
-                 f"f{self.forecast}" if self.forecast else None, target]
+                 f"f{self.forecast}" if self.forecast else None, "gc" if self.gating == "cached" else None, target]
         return "-".join(p for p in parts if p)
 
 
@@ -525,7 +529,7 @@ def plan(config: Config, profile) -> Plan:
     def make(anchors, tokens, extra, fill=None) -> Plan:
         p = Plan(num_tokens=profile.num_tokens, modules=profile.modules, anchors=anchors, tokens=tokens,
                  token_score=score_name, method="soda" if cfg.prune else "soda-cache", forecast=cfg.forecast or 0,
-                 fill=fill)
+                 fill=fill, gating=cfg.gating or "now")
         meta = {"config": asdict(cfg), "predicted": predict(p, profile, base_of(anchors, fill)),
                 "fingerprint": profile.meta.get("fingerprint"), "sampler": profile.meta.get("sampler"), **extra}
         return replace(p, meta=meta)
