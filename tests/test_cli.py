@@ -179,6 +179,15 @@ def test_profile_plan_generate_round_trip(tiny_pipe_dir, tmp_path, capsys):
                  "--out", str(fixed)]) == 0
     doc = json.loads(fixed.read_text())
     assert doc["forecast"] == 1 and {r["forecast"] for r in doc["meta"]["calibration"]["rows"]} == {1}
+    # both gatings measured unless one is given; --gating fixes it, with or without calibration
+    assert {r["gating"] for r in cal["rows"]} == {"now", "cached"}
+    gated = tmp_path / "gc.json"
+    assert main(["plan", "--profile", str(stem), "--anchors", "3", "--gating", "cached", "--out", str(gated)]) == 0
+    assert json.loads(gated.read_text())["gating"] == "cached"
+    assert main(["plan", "--profile", str(stem), "--speedup", "1.5", "--calibrate", "2", "--gating", "now",
+                 "--out", str(gated)]) == 0
+    doc = json.loads(gated.read_text())
+    assert "gating" not in doc and {r["gating"] for r in doc["meta"]["calibration"]["rows"]} == {"now"}
     capsys.readouterr()
     # a wall-clock budget with --calibrate is measured: the kept candidate was timed.  (On a profile
     # whose module costs are proportional to their FLOPs: a tiny model's times measured on a loaded
