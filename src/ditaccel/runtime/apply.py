@@ -94,8 +94,11 @@ def apply(target, plan: Plan, router=None, check_fingerprint: bool = True, skip_
     ``collapse``: a step on which every module of every block reuses its cache computes the
     blocks as one weighted sum of the cached outputs with this step's gates, in the first block,
     the others passing it through (:mod:`ditaccel.runtime.collapse`; blocks whose registry entry
-    says how their output is made: DiT's and PixArt's).  The same values as the block-by-block
-    path, summed in another order.
+    says how their output is made: DiT's, PixArt's and SD3's).  The same values as the block-by-block
+    path, summed in another order.  A plan with ``gating="cached"`` (each reused output added with
+    the gates it was computed with, :class:`~ditaccel.plan.Plan`) runs only on this path: with
+    ``collapse=False``, compiled by steps, or on blocks without that registry entry, ``apply``
+    raises :class:`PlanMismatch`.
 
     ``plan`` may also be the path of a plan JSON (``ditaccel plan --out``, :meth:`Plan.save`) or its
     dict.  A plan that records its sampler (SODA's do) is refused on a pipeline whose scheduler is

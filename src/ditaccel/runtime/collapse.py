@@ -189,7 +189,7 @@ class Collapse:
                     return None
                 per_slot.append(gates[role])
             held = torch.stack(per_slot).to(x.dtype).unsqueeze(2)
-            self._stacked = {k: v for k, v in self._stacked.items() if k[:2] == key[:2]}
+            self._stacked = {k: v for k, v in self._stacked.items() if k[1] == st.generation}  # (this trajectory's)
             self._stacked[key] = held
         return held
 
