@@ -354,7 +354,8 @@ def test_sd3_gate_table_follows_the_calls_conditioning():
 def test_sd3_calls_that_skip_blocks_run_them():
     """A call with ``skip_layers`` (SD3's skip-layer guidance) leaves a block out of the stack:
     the collapse, which sums every block's cached outputs, steps aside and the blocks run."""
-    _sd3_with_changed_calls(lambda step, kwargs: {**kwargs, "skip_layers": [1]} if step % 3 else kwargs)
+    ran = _sd3_with_changed_calls(lambda step, kwargs: {**kwargs, "skip_layers": [1]} if step % 3 else kwargs)
+    assert ran[0] == list(range(T))  # block 0 ran on every step, the reusing ones too
 
 
 def test_collapse_with_one_call_per_guidance_branch(tiny_pipe):

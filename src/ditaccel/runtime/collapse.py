@@ -151,8 +151,9 @@ class Collapse:
         if any(h is not None for h in history):
             w = torch.tensor([0.0 if h is None else (st.step - h[0]) / (h[1] - h[0]) for h in history],
                              dtype=torch.float32).to(device=x.device)
-            g_new = g * w.to(x.dtype)[:, None, None, None]                      # weight of out_k
-            g_old = g_then - g_then * w.to(x.dtype)[:, None, None, None] if self.cached else g - g_new  # of prev_k
+            wk = w.to(x.dtype)[:, None, None, None]
+            g_new = g * wk                                                       # weight of out_k
+            g_old = g - g_new if g_then is g else g_then - g_then * wk            # weight of prev_k
             prevs = [_part(c.prev, p) if h is not None else o for c, p, h, o in zip(caches, self.parts, history, outs)]
             terms = list(zip(g_old.unbind(0), prevs))
             terms += [(b, o) for b, o, h in zip(g_new.unbind(0), outs, history) if h is not None]
@@ -202,23 +203,26 @@ class Collapse:
             seen = self._seen[key] = (st.generation, {})
         seen[1][st.step] = gates
 
+    def _keep_roles(self, layer: int, gate_at) -> None:
+        """Cached gating: :meth:`keep_gates` of role ``r``'s gate ``gate_at(Residual.index[r])``
+        (ones for a role the residual adds ungated)."""
+        index = self.residual.index
+        gates = {r: gate_at(i).detach() for r, i in index.items() if r in self.roles}
+        like = next(iter(gates.values()))
+        self.keep_gates(layer, {r: gates[r] if r in gates else torch.ones_like(like) for r in self.roles})
+
     def seen_norm(self, layer: int, out) -> None:
         """Cached gating: the outputs of block ``layer``'s conditioning norm in its own forward."""
-        res = self.residual
-        if self.capturing != layer or not isinstance(out, tuple):
-            return
-        self.keep_gates(layer, {r: out[res.index[r]].detach() if r in res.index else
-                                torch.ones_like(out[next(iter(res.index.values()))]) for r in self.roles})
+        if self.capturing == layer and isinstance(out, tuple):
+            self._keep_roles(layer, lambda i: out[i])
 
     def seen_table(self, layer: int, named: dict, x: torch.Tensor) -> None:
         """Cached gating, ``Residual.source == "table"``: the block's gates from its table and argument."""
         res = self.residual
         emb = named.get(res.table_arg)
-        if not torch.is_tensor(emb):
-            return
-        chunks = getattr(self.blocks[layer], res.table)[None] + emb.reshape(x.shape[0], res.chunks, -1)
-        self.keep_gates(layer, {r: chunks[:, res.index[r]].detach() if r in res.index else
-                                x.new_ones(x.shape[0], x.shape[-1]) for r in self.roles})
+        if torch.is_tensor(emb):
+            chunks = getattr(self.blocks[layer], res.table)[None] + emb.reshape(x.shape[0], res.chunks, -1)
+            self._keep_roles(layer, lambda i: chunks[:, i])
 
     def forget(self, layer: int) -> None:
         """Cached gating: drop the gates of steps whose outputs no cache of block ``layer`` holds."""

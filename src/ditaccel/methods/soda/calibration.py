@@ -230,19 +230,17 @@ def calibrate_soda(pipe, run, profile, calibration: CalibrationConfig | None = N
     chosen = best.meta["calibration"]["chosen"]
     from ...runtime.collapse import collapsible_steps
 
-    gatings = (config.gating,) if config.gating is not None else tuple(cal.gatings) or (best.gating,)
-    if gatings != (best.gating,) and any(collapsible_steps(best)):
+    gatings = tuple(cal.gatings)
+    if config.gating is None and gatings and gatings != (best.gating,) and any(collapsible_steps(best)):
         # the kept schedule with each gating of its collapsed steps (the first listed preferred)
-        tried = [replace(best, gating=g, meta={**best.meta, "config": {**best.meta["config"], "gating": g}})
-                 for g in gatings]
-        known = {best.gating: rows[chosen]}
-        fresh = [p for p in tried if p.gating not in known]
-        _, new_rows = calibrate(pipe, run, fresh, progress, reference, criterion=cal.criterion)
-        known.update({p.gating: r for p, r in zip(fresh, new_rows)})
-        j = prefer([known[p.gating] for p in tried], within)
-        at = {id(r): i for i, r in enumerate(rows + new_rows)}
-        best, chosen = tried[j], at[id(known[tried[j].gating])]
+        fresh = [g for g in gatings if g != best.gating]
+        tried = {best.gating: best, **{g: replace(best, gating=g, meta={**best.meta, "config": {
+            **best.meta["config"], "gating": g}}) for g in fresh}}
+        _, new_rows = calibrate(pipe, run, [tried[g] for g in fresh], progress, reference, criterion=cal.criterion)
+        index = {best.gating: chosen, **{g: len(rows) + i for i, g in enumerate(fresh)}}
         rows = rows + new_rows
+        kept_gating = gatings[prefer([rows[index[g]] for g in gatings], within)]
+        best, chosen = tried[kept_gating], index[kept_gating]
     kept = replace(config, spread=best.meta["config"]["spread"], schedule=best.meta["config"]["schedule"],
                    forecast=best.meta["config"]["forecast"],  # (None: chosen per segment)
                    weighting=best.meta["config"].get("weighting", "none"), gating=best.gating)
