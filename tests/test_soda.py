@@ -871,6 +871,45 @@ def test_timed_calibration_keeps_the_closest_plan_that_is_fast_enough(tiny_profi
     assert state_of(pipe) is None, "calibration must leave the pipeline unplanned"
 
 
+def test_timed_calibration_times_caching_only_first_within_the_noise(tiny_profile):
+    """A timed search tries a pruning plan before a caching-only one only where it measures closer
+    beyond ``prune_within`` standard errors: within the noise the caching-only plan is timed first
+    and kept when fast enough (the SD3 table's soda-latency 2.5 kept a pruning plan scored 1.1 SE
+    closer that ran slower)."""
+    import time
+
+    from ditaccel.methods.soda.calibration import _fastest_enough, timing_order
+
+    base = [-10.0, -10.2, -9.9, -10.1]
+
+    def row(shift, pruned):
+        samples = [b + d for b, d in zip(base, shift)]
+        return {"score": sum(samples) / len(samples), "score_samples": samples, "pruned_modules": pruned}
+
+    rows = [row([0, 0, 0, 0], 0),                      # caching only
+            row([-0.3, 0.2, -0.25, 0.15], 5),          # prunes, 0.05 closer: 0.4 SE
+            row([-0.5, -0.6, -0.55, -0.5], 9),         # prunes, 0.54 closer: far beyond the noise
+            row([1.0, 1.1, 0.9, 1.05], 0)]             # caching only, far worse
+    assert timing_order(rows, [0, 1, 2, 3], 2.0) == [2, 0, 1, 3]
+    assert timing_order(rows, [0, 1, 2, 3], 0.0) == [2, 1, 0, 3], "0: the plain score order"
+    assert timing_order(rows, [1, 3], 2.0) == [1, 3], "demoted only behind caching-only plans it ties"
+
+    pipe, prof = tiny_profile
+    cands = soda.candidates(soda.Config(speedup=1.6, lam=1.0), timed_like_flops(prof), fewer=1)
+    cache_only = cands[0]
+    pruning = next(c for c in cands[1:] if c.pruned_modules() > 0)
+
+    def timed(p):  # every plan fast enough
+        time.sleep(0.01 * (1 if state_of(p) is not None else STEPS))
+
+    for within, kept in ((2.0, cache_only), (0.0, pruning)):
+        two = [dict(rows[0]), dict(rows[1])]
+        p, i = _fastest_enough(pipe, timed, [(0, cache_only), (1, pruning)], two, 1.5, 0.03, 1, False, within)
+        assert p is kept and i == (0 if kept is cache_only else 1)
+        assert ["speedup_measured" in r for r in two] == [i == 0, i == 1], "only the kept plan was timed"
+    assert state_of(pipe) is None
+
+
 def test_bad_budgets_are_refused():
     with pytest.raises(ValueError, match="give a budget"):
         soda.Config()

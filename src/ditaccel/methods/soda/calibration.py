@@ -153,7 +153,9 @@ class CalibrationConfig:
     of the first round), ``within`` (how many standard errors a less preferred candidate must
     measure better by to be kept: :func:`prefer`), ``prune_within`` (the same for the second round,
     where a pruning plan must beat the kept caching-only one: it is one of several tried against
-    it, and its partial recomputes cost time that pricing only estimates), ``criterion`` (what
+    it, and its partial recomputes cost time that pricing only estimates; in a timed search, how
+    much closer a pruning plan must measure to be timed before a caching-only one,
+    :func:`timing_order`), ``criterion`` (what
     "closest to the full model" means: :func:`scores`), ``timed`` (a run to time, for a wall-clock
     budget), ``repeats``, ``tolerance`` and ``more`` (the timed search), ``progress``, ``gatings``
     (the ``Plan.gating`` of collapsed steps tried on the first round's kept plan, the first preferred).
@@ -201,10 +203,11 @@ def calibrate_soda(pipe, run, profile, calibration: CalibrationConfig | None = N
     latency model.  The second round also offers caching-only plans with up to ``more`` anchors
     more or fewer than the model's budget affords; from the closest to the full model on, each
     candidate's speedup is measured on ``timed(pipe)`` (median of ``repeats`` back-to-back pairs
-    with the full model) until one reaches ``latency_speedup`` within ``tolerance`` (one short by
-    less than another ``tolerance`` is timed again on more pairs, and kept over a later one that
-    overshoots the target further than it falls short: :func:`_fastest_enough`); if none does, the
-    fastest is kept."""
+    with the full model; a pruning plan only before the caching-only plans it measures closer than
+    by more than ``prune_within`` standard errors: :func:`timing_order`) until one reaches
+    ``latency_speedup`` within ``tolerance`` (one short by less than another ``tolerance`` is timed
+    again on more pairs, and kept over a later one that overshoots the target further than it
+    falls short: :func:`_fastest_enough`); if none does, the fastest is kept."""
     from ...options import resolve
 
     measure_names = {f.name for f in fields(CalibrationConfig)}
@@ -263,7 +266,7 @@ def calibrate_soda(pipe, run, profile, calibration: CalibrationConfig | None = N
     if timed is not None:
         pool = [(chosen, best)] + [(len(rows) - len(more_plans) + i, p) for i, p in enumerate(more_plans)]
         best, chosen = _fastest_enough(pipe, timed, pool, rows, config.latency_speedup, tolerance,
-                                       repeats, progress)
+                                       repeats, progress, cal.prune_within)
     from ...runtime import RUNTIME_REVISION  # what the timings were measured with
 
     spread(rows, chosen)
@@ -274,11 +277,34 @@ def calibrate_soda(pipe, run, profile, calibration: CalibrationConfig | None = N
     return replace(best, meta={**best.meta, "calibration": calibration})
 
 
+def timing_order(rows: list[dict], indices: list[int], prune_within: float) -> list[int]:
+    """``indices`` (rows of a calibration) in the order a timed calibration tries them: by mean score
+    (:func:`scores`), except that a plan that prunes tokens comes after every caching-only plan
+    whose per-sample scores it does not beat by more than ``prune_within`` standard errors (paired,
+    :func:`prefer`'s test), and after a caching-only plan of equal score.  Pruning's partial
+    recomputes cost time its pricing only estimates, so within the noise the caching-only plan is
+    timed (and kept, when fast enough) first, as the untimed second round keeps it.
+
+    Example::
+
+        timing_order(rows, [15, 16], 2.0)   # [15, 16] where row 16 prunes and scores within 2 SE of 15
+    """
+    per = {i: _per_sample(rows[i]) for i in indices}
+
+    def key(i: int) -> tuple:
+        score, prunes = rows[i]["score"], rows[i]["pruned_modules"] > 0
+        if prunes:
+            score = max([score, *(rows[j]["score"] for j in indices if rows[j]["pruned_modules"] == 0
+                                  and rows[j]["score"] > score and _paired_z(per[j], per[i]) <= prune_within)])
+        return score, prunes, i
+    return sorted(indices, key=key)
+
+
 def _fastest_enough(pipe, timed, pool: list[tuple[int, Plan]], rows: list[dict], target: float, tolerance: float,
-                    repeats: int, progress: bool) -> tuple[Plan, int]:
-    """From the least calibration score up, the first plan of ``pool`` (row index, plan) whose measured
-    speedup (recorded in its row as ``speedup_measured``, with ``timing_pairs``) reaches
-    ``target * (1 - tolerance)``; the fastest if none.
+                    repeats: int, progress: bool, prune_within: float = 0.0) -> tuple[Plan, int]:
+    """In :func:`timing_order` (``prune_within`` 0: the least calibration score first), the first plan
+    of ``pool`` (row index, plan) whose measured speedup (recorded in its row as ``speedup_measured``,
+    with ``timing_pairs``) reaches ``target * (1 - tolerance)``; the fastest if none.
 
     Timing is noisy by about the tolerance itself, so a plan measured just short (within another
     ``tolerance``) is timed again with twice as many pairs more and judged on the median of all;
@@ -303,7 +329,9 @@ def _fastest_enough(pipe, timed, pool: list[tuple[int, Plan]], rows: list[dict],
     near = None  # the best-scored near miss: (row, plan)
     with torch.no_grad():
         timed(pipe)  # warm-up
-        for i, p in tqdm(sorted(pool, key=lambda ip: (rows[ip[0]]["score"], ip[0])), desc="timing", disable=not progress):
+        plans = dict(pool)
+        for i in tqdm(timing_order(rows, list(plans), prune_within), desc="timing", disable=not progress):
+            p = plans[i]
             pairs = speedup_pairs(pipe, timed, attach(p), repeats)
             if floor * (1 - tolerance) <= statistics.median(pairs) < floor:
                 pairs += speedup_pairs(pipe, timed, attach(p), 2 * repeats)
