@@ -211,6 +211,43 @@ def test_prune_error_of_the_mixed_output_matches_a_direct_computation(error):
 
 
 @pytest.mark.parametrize("error", ERRORS)
+def test_prune_and_cache_errors_at_every_age_match_a_direct_computation(error):
+    """With several ages held at once (the recorder measures them together), each age's cache
+    error and each (ratio, score)'s prune error equal the error of the output they stand for: the
+    cached output of that age with the highest-scored tokens recomputed."""
+    class S:
+        step, branch = 0, 0
+
+    class Shape:
+        num_steps, num_layers, modules, num_tokens = 4, 1, ("mlp",), 12
+
+    ratios, scores, ages = (0.25, 0.5), ("delta", "feature_mean"), (1, 2, 3)
+    rec = _Recorder(S, Shape, ages, ratios, scores, keep_inputs=True, error=error)
+    g = torch.Generator().manual_seed(5)
+    ins = [torch.randn(3, 12, 4, generator=g) for _ in range(4)]
+    outs = [torch.randn(3, 12, 4, generator=g) for _ in range(4)]
+    ring = {}
+    for t in range(4):
+        _feed(rec, t, outs[t], ins[t], ring)
+    e_c, _, e_p, _ = rec.tables()
+    t = 3
+    for ai, n in enumerate(ages):
+        old = outs[t - n]
+        assert e_c[t, 0, 0, ai] == pytest.approx(_direct(outs[t], old, error), rel=1e-4, abs=1e-6), n
+        for si, score in enumerate(scores):
+            x = ins[t] - ins[t - n] if score == "delta" else ins[t] - ins[t].mean(dim=1, keepdim=True)
+            order = x.norm(dim=-1).argsort(dim=1, descending=True)
+            for ri, ratio in enumerate(ratios):
+                k = round(ratio * 12)
+                mix = old.clone()
+                for b in range(3):
+                    mix[b, order[b, :k]] = outs[t][b, order[b, :k]]
+                want = _direct(outs[t], mix, error)
+                assert e_p[t, 0, 0, ai, ri, si] == pytest.approx(want, rel=1e-4, abs=1e-6), (n, score, ratio)
+    assert torch.isnan(e_c[2, 0, 0, 2]), "age 3 has no output at step 2"
+
+
+@pytest.mark.parametrize("error", ERRORS)
 def test_an_unchanged_output_records_zero_error_not_a_rounding_negative(error):
     """fp32 rounding of 1 - cosine once left -3e-9 in a real profile, which then refused to load."""
     class S:

@@ -315,59 +315,56 @@ class _Recorder:
         tok_dots = {s: (fresh * entry[0].float()).sum(-1) for s, entry in ring.items() if s < t}
         dots = {s: d.sum(1).double() for s, d in tok_dots.items()}
         self._forecast_errors(t, layer, mi, f_tot.double(), dots, ring)
-        # the orders of a score that does not depend on the cached step: found once
-        orders = {}
-        for si, score in enumerate(self.scores):
-            if score != "delta":  # feature_mean
-                x = inp.float() if inp is not None else fresh
-                order = (x - x.mean(dim=1, keepdim=True)).norm(dim=-1).argsort(dim=1, descending=True)
-                orders[si] = (order, f.gather(1, order).cumsum(1))
+        # every profiled age whose output the ring holds, at once: (I, B, ...) stacks
+        ages = [(ii, t - n) for ii, n in enumerate(self.intervals) if t - n in ring]
+        if not ages:
+            return out, inp, f_tot.double(), dots, f
+        at = torch.tensor([ii for ii, _ in ages], device=f.device)
+        d = torch.stack([tok_dots[s] for _, s in ages])                  # (I, B, N) <fresh_i, cached_i>
+        c = torch.stack([ring[s][4] for _, s in ages])                   # (I, B, N) |cached_i|^2
+        d_tot, c_tot = torch.stack([dots[s] for _, s in ages]).float(), c.sum(2)   # (I, B)
+        # 1 - cosine is >= 0 (Cauchy-Schwarz); fp32 rounding can put an unchanged output a
+        # hair below 0, which the artifact check rightly refuses
+        e_c = self._err(f_tot, d_tot, c_tot)                             # (I, B)
+        self.sum_c[t, layer, mi, at] += e_c.sum(1).double()
+        self.sq_c[t, layer, mi, at] += e_c.pow(2).sum(1).double()
+        self.cnt[t, layer, mi, at] += e_c.shape[1]
         k = self.ks - 1
-        for ii, n in enumerate(self.intervals):
-            if t - n not in ring:
-                continue
-            old_in, c = ring[t - n][1], ring[t - n][4]
-            d = tok_dots[t - n]                          # (B, N) <fresh_i, cached_i>
-            d_tot, c_tot = dots[t - n].float(), c.sum(1)  # c: (B, N) |cached_i|^2
-            # 1 - cosine is >= 0 (Cauchy-Schwarz); fp32 rounding can put an unchanged output a
-            # hair below 0, which the artifact check rightly refuses
-            e_c = self._err(f_tot, d_tot, c_tot)                 # (B,)
-            self.sum_c[t, layer, mi, ii] += e_c.sum().double()
-            self.sq_c[t, layer, mi, ii] += e_c.pow(2).sum().double()
-            self.cnt[t, layer, mi, ii] += e_c.numel()
-            for si, score in enumerate(self.scores):
-                if si in orders:
-                    order, cf = orders[si]
-                else:  # delta: how far each token's input moved since the cached step
-                    order = (inp.float() - old_in.float()).norm(dim=-1).argsort(dim=1, descending=True)
-                    cf = f.gather(1, order).cumsum(1)    # fresh tokens' |.|^2, highest score first
-                cd = d.gather(1, order).cumsum(1)
-                cc = c.gather(1, order).cumsum(1)
-                dot = cf[:, k] + (d_tot[:, None] - cd[:, k])          # (B, R)
-                mix = cf[:, k] + (c_tot[:, None] - cc[:, k])
-                e_p = self._err(f_tot[:, None], dot, mix)
-                self.sum_p[t, layer, mi, ii, :, si] += e_p.sum(0).double()
+        for si, score in enumerate(self.scores):
+            if score == "delta":  # how far each token's input moved since the cached step
+                x = inp.float()
+                moved = torch.stack([torch.linalg.vector_norm(x - ring[s][1].float(), dim=-1) for _, s in ages])
+            else:  # feature_mean: does not depend on the cached step
+                x = inp.float() if inp is not None else fresh
+                moved = torch.linalg.vector_norm(x - x.mean(dim=1, keepdim=True), dim=-1).expand_as(d)
+            order = moved.argsort(dim=2, descending=True)                # (I, B, N) highest score first
+            cf = f.expand_as(d).gather(2, order).cumsum(2)               # fresh tokens' |.|^2
+            cd = d.gather(2, order).cumsum(2)
+            cc = c.gather(2, order).cumsum(2)
+            dot = cf[..., k] + (d_tot[..., None] - cd[..., k])           # (I, B, R)
+            mix = cf[..., k] + (c_tot[..., None] - cc[..., k])
+            e_p = self._err(f_tot[:, None], dot, mix)
+            self.sum_p[t, layer, mi, at, :, si] += e_p.sum(1).double()
         return out, inp, f_tot.double(), dots, f
 
     def _forecast_errors(self, t, layer, mi, f_tot, dots, ring) -> None:
         """``E_f`` for every (age n, gap g) whose two outputs the ring holds: the forecast
         ``(1 + w) y_a - w y_b`` with ``w = n / g``, its dot product with the fresh output and its
-        squared norm expanded in the kept dot products."""
-        for ii, n in enumerate(self.intervals):
-            a = t - n
-            if a not in ring:
-                continue
-            c_a, pairs_a = ring[a][2], ring[a][3]
-            for gi, g in enumerate(self.gaps):
-                b = a - g
-                if b not in pairs_a:
-                    continue
-                w = n / g
-                dot = (1 + w) * dots[a] - w * dots[b]
-                sq = ((1 + w) ** 2 * c_a - 2 * w * (1 + w) * pairs_a[b] + w ** 2 * ring[b][2]).clamp_min(0)
-                e_f = self._err(f_tot, dot, sq)
-                self.sum_f[t, layer, mi, ii, gi] += e_f.sum()
-                self.cnt_f[t, layer, mi, ii, gi] += e_f.numel()
+        squared norm expanded in the kept dot products (all pairs at once)."""
+        pairs = [(ii, gi, t - n, t - n - g, n / g) for ii, n in enumerate(self.intervals) if t - n in ring
+                 for gi, g in enumerate(self.gaps) if t - n - g in ring[t - n][3]]
+        if not pairs:
+            return
+        ii, gi = (torch.tensor(x, device=f_tot.device) for x in zip(*(p[:2] for p in pairs)))
+        w = torch.tensor([p[4] for p in pairs], dtype=f_tot.dtype, device=f_tot.device)[:, None]   # (P, 1)
+        dot_a, dot_b = (torch.stack([dots[p[i]] for p in pairs]) for i in (2, 3))                  # (P, B)
+        c_a, c_b = (torch.stack([ring[p[i]][2] for p in pairs]) for i in (2, 3))
+        ab = torch.stack([ring[p[2]][3][p[3]] for p in pairs])
+        dot = (1 + w) * dot_a - w * dot_b
+        sq = ((1 + w) ** 2 * c_a - 2 * w * (1 + w) * ab + w ** 2 * c_b).clamp_min(0)
+        e_f = self._err(f_tot, dot, sq)
+        self.sum_f[t, layer, mi, ii, gi] += e_f.sum(1)
+        self.cnt_f[t, layer, mi, ii, gi] += e_f.shape[1]
 
     def _err(self, f, d, a):
         """The error of an approximation from its squared norm ``a``, the fresh output's ``f`` and
