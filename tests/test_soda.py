@@ -911,8 +911,7 @@ def test_timed_calibration_keeps_the_closest_plan_that_is_fast_enough(tiny_profi
 def test_timed_calibration_times_caching_only_first_within_the_noise(tiny_profile):
     """A timed search tries a pruning plan before a caching-only one only where it measures closer
     beyond ``prune_within`` standard errors: within the noise the caching-only plan is timed first
-    and kept when fast enough (the SD3 table's soda-latency 2.5 kept a pruning plan scored 1.1 SE
-    closer that ran slower)."""
+    and kept when fast enough."""
     import time
 
     from ditaccel.methods.soda.calibration import _fastest_enough, timing_order
