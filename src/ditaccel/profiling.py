@@ -490,15 +490,19 @@ def _output_tensor(out) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else getattr(out, "sample", out)
 
 
+FLOP_ROWS = 2  # the rows measure_costs counts FLOPs on, where the call can be cut by rows
+
+
 @torch.no_grad()
 def measure_costs(transformer, shape, ratios, call_inputs: tuple[tuple, dict], repeats: int = 5,
                   progress: bool = True, timing_rows: int | None = 16) -> dict[str, Any]:
     """FLOPs (per module and layer, per sample row) and latency (per role, averaged over layers)
     of partial recompute at every ratio, measured through the runtime itself on a captured
     transformer call's inputs.  With ``timing_rows`` (default 16: eight images with guidance, the
-    batch ``ditaccel bench`` times) smaller than the call's batch, the FLOPs are counted and the
-    times taken on its first ``timing_rows`` rows, once the cut call is checked to give those rows'
-    output of the whole call (else on the whole call); ``None`` times the whole call.  Returns the
+    batch ``ditaccel bench`` times) smaller than the call's batch, the times are taken on its first
+    ``timing_rows`` rows and the FLOPs (per row, the same at any batch) counted on its first
+    ``FLOP_ROWS``, once the cut call is checked to give those rows' output of the whole call (else
+    both on the whole call); ``None`` times the whole call.  Returns the
     tables and ``timing_rows``, the rows the times are for."""
     from .metrics import flop_counter
     from .runtime import apply, remove, state_of
@@ -511,11 +515,11 @@ def measure_costs(transformer, shape, ratios, call_inputs: tuple[tuple, dict], r
     args = tuple(a.to(dev) if torch.is_tensor(a) else a for a in args)
     kwargs = {k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in kwargs.items()}
     rows = int((args[0] if args else kwargs["hidden_states"]).shape[0])
-    full = flop_counter()
-    with full:
-        whole = _output_tensor(transformer(*args, **kwargs))
-    step_flops = full.get_total_flops() / rows
+    # FLOPs per row are the same at any batch: where the call can be cut by rows (checked below),
+    # they are counted on FLOP_ROWS rows (counting runs every counted call in full)
+    flop_args, flop_kwargs, flop_rows = args, kwargs, rows
     if timing_rows is not None and 0 < timing_rows < rows:
+        whole = _output_tensor(transformer(*args, **kwargs))
         cut_args, cut_kwargs = _batch_rows(args, rows, timing_rows), _batch_rows(kwargs, rows, timing_rows)
         try:
             cut = _output_tensor(transformer(*cut_args, **cut_kwargs)).float()
@@ -523,9 +527,15 @@ def measure_costs(transformer, shape, ratios, call_inputs: tuple[tuple, dict], r
             same = cut.shape == ref.shape and bool((cut - ref).norm() <= 1e-2 * ref.norm() + 1e-12)
         except Exception:  # an input whose first dimension is not the batch: time the whole call
             same = False
+        del whole
         if same:
             args, kwargs, rows = cut_args, cut_kwargs, timing_rows
-    del whole
+            flop_rows = min(rows, FLOP_ROWS)
+            flop_args, flop_kwargs = _batch_rows(args, rows, flop_rows), _batch_rows(kwargs, rows, flop_rows)
+    full = flop_counter()
+    with full:
+        transformer(*flop_args, **flop_kwargs)
+    step_flops = full.get_total_flops() / flop_rows
     ks = [max(1, min(shape.num_tokens - 1, round(r * shape.num_tokens))) for r in ratios] + [FULL]
     names = {}
     for layer, (name, block, spec) in enumerate(find_blocks(transformer)):
@@ -537,11 +547,11 @@ def measure_costs(transformer, shape, ratios, call_inputs: tuple[tuple, dict], r
     def counted(plan):
         """FLOPs of the second call of ``plan`` (the first, an anchor, fills the caches)."""
         apply(transformer, plan, check_fingerprint=False)
-        t = kwargs.get("timestep")
+        t = flop_kwargs.get("timestep")
         try:
-            transformer(*args, **{**kwargs, "timestep": t})
+            transformer(*flop_args, **{**flop_kwargs, "timestep": t})
             with flop_counter() as counter:
-                transformer(*args, **{**kwargs, "timestep": t - 1})
+                transformer(*flop_args, **{**flop_kwargs, "timestep": t - 1})
             return counter
         finally:
             remove(transformer)
@@ -552,9 +562,9 @@ def measure_costs(transformer, shape, ratios, call_inputs: tuple[tuple, dict], r
         per_module = counter.get_flop_counts()
         for (layer, role), module in names.items():
             key = _flop_key(per_module, fqn[module], type(transformer).__name__)
-            flops[layer, shape.modules.index(role), ki] = sum(per_module.get(key, {}).values()) / rows
+            flops[layer, shape.modules.index(role), ki] = sum(per_module.get(key, {}).values()) / flop_rows
     # a step reusing every module (collapsed where the blocks allow: SD3's skips its text stream)
-    reuse_flops = counted(_uniform_plan(shape, 2, {})).get_total_flops() / rows
+    reuse_flops = counted(_uniform_plan(shape, 2, {})).get_total_flops() / flop_rows
 
     # latency: per role, the extra time over a step that reuses everything.  One trajectory per
     # repeat: two anchors, then one step per job, all reading the second anchor's caches; the last
