@@ -334,10 +334,11 @@ class _Recorder:
             if score == "delta":  # how far each token's input moved since the cached step
                 x = inp.float()
                 moved = torch.stack([torch.linalg.vector_norm(x - ring[s][1].float(), dim=-1) for _, s in ages])
-            else:  # feature_mean: does not depend on the cached step
+                order = moved.argsort(dim=2, descending=True)            # (I, B, N) highest score first
+            else:  # feature_mean: does not depend on the cached step (one order for every age)
                 x = inp.float() if inp is not None else fresh
-                moved = torch.linalg.vector_norm(x - x.mean(dim=1, keepdim=True), dim=-1).expand_as(d)
-            order = moved.argsort(dim=2, descending=True)                # (I, B, N) highest score first
+                moved = torch.linalg.vector_norm(x - x.mean(dim=1, keepdim=True), dim=-1)
+                order = moved.argsort(dim=1, descending=True).expand_as(d)
             cf = f.expand_as(d).gather(2, order).cumsum(2)               # fresh tokens' |.|^2
             cd = d.gather(2, order).cumsum(2)
             cc = c.gather(2, order).cumsum(2)

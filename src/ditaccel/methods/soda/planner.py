@@ -502,8 +502,9 @@ def plan(config: Config, profile) -> Plan:
         if cfg.schedule == "uniform":
             return uniform_schedule(t_steps, k)
         limit = max_len
-        if cfg.spread is not None:  # no gap longer than spread x the even one
-            limit = min(max_len, max(math.ceil(cfg.spread * t_steps / k), math.ceil(t_steps / k)))
+        bound = math.inf if cfg.spread is None else cfg.spread * t_steps / k
+        if bound < max_len:  # no gap longer than spread x the even one (a longer bound: no limit)
+            limit = min(max_len, max(math.ceil(bound), math.ceil(t_steps / k)))
         if limit not in tables:
             tables[limit] = Schedules(cost[:, :limit + 1])
         return tables[limit].anchors(k)[0]
