@@ -335,11 +335,13 @@ class _Recorder:
                 x = inp.float()
                 moved = torch.stack([torch.linalg.vector_norm(x - ring[s][1].float(), dim=-1) for _, s in ages])
                 order = moved.argsort(dim=2, descending=True)            # (I, B, N) highest score first
+                cf = f.expand_as(d).gather(2, order).cumsum(2)           # fresh tokens' |.|^2 in that order
             else:  # feature_mean: does not depend on the cached step (one order for every age)
                 x = inp.float() if inp is not None else fresh
                 moved = torch.linalg.vector_norm(x - x.mean(dim=1, keepdim=True), dim=-1)
-                order = moved.argsort(dim=1, descending=True).expand_as(d)
-            cf = f.expand_as(d).gather(2, order).cumsum(2)               # fresh tokens' |.|^2
+                order = moved.argsort(dim=1, descending=True)
+                cf = f.gather(1, order).cumsum(1).expand_as(d)
+                order = order.expand_as(d)
             cd = d.gather(2, order).cumsum(2)
             cc = c.gather(2, order).cumsum(2)
             dot = cf[..., k] + (d_tot[..., None] - cd[..., k])           # (I, B, R)

@@ -301,8 +301,8 @@ def timing_order(rows: list[dict], indices: list[int], prune_within: float) -> l
 
 
 def _fastest_enough(pipe, timed, pool: list[tuple[int, Plan]], rows: list[dict], target: float, tolerance: float,
-                    repeats: int, progress: bool, prune_within: float = 0.0) -> tuple[Plan, int]:
-    """In :func:`timing_order` (``prune_within`` 0: the least calibration score first), the first plan
+                    repeats: int, progress: bool, prune_within: float) -> tuple[Plan, int]:
+    """In :func:`timing_order` (``prune_within`` 0: by calibration score alone), the first plan
     of ``pool`` (row index, plan) whose measured speedup (recorded in its row as ``speedup_measured``,
     with ``timing_pairs``) reaches ``target * (1 - tolerance)``; the fastest if none.
 
