@@ -803,7 +803,7 @@ def test_spread_holds_the_dp_schedule_near_even_gaps():
     assert int(soda.ages_of(even.anchors).max()) + 1 <= 3
     assert int(soda.ages_of(wide.anchors).max()) + 1 <= math.ceil(1.5 * 3)
     assert even.meta["predicted"]["error"] >= free.meta["predicted"]["error"]
-    # a spread whose bound overflows to infinity is no bound (it once raised OverflowError)
+    # a spread whose bound overflows to infinity is no bound, not an OverflowError
     huge = soda.plan(soda.Config(anchors=4, prune=False, spread=3e307), prof)
     assert torch.equal(huge.anchors, free.anchors)
     with pytest.raises(ValueError, match="spread"):
