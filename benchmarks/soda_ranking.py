@@ -101,6 +101,36 @@ def calibrated(mse: list[torch.Tensor], dis: list[torch.Tensor], criterion: str)
     return prefer([{"score_samples": scores(m, d, criterion).tolist()} for m, d in zip(mse, dis)], 1.0)
 
 
+def calibrated_picks(per: list[torch.Tensor], dis: list[torch.Tensor]) -> dict[str, int]:
+    """Each criterion's calibration pick (:func:`calibrated`) on the first 8 and 16 samples, by name."""
+    return {f"calibrated_{n}_{on}": calibrated([x[:n] for x in per], [x[:n] for x in dis], on)
+            for n in CALIBRATIONS for on in CRITERIA}
+
+
+def preferred_order(plans: list[dict]) -> list[int]:
+    """Indices of a row's saved ``plans`` in the order calibration lists them today
+    (:func:`~ditaccel.methods.soda.schedules`: the unweighted DPs, the weighted ones, evenly spaced;
+    then the pruning candidates), each group in its saved order."""
+    return sorted(range(len(plans)), key=lambda i: (plans[i]["pruned"] > 0, plans[i]["schedule"] != "dp",
+                                                    plans[i]["weighting"] != "none"))
+
+
+def add_picks(out: dict) -> dict:
+    """``out`` with every calibration criterion's picks scored again from the per-sample
+    measurements it saved, the candidates in today's order (:func:`preferred_order`): a run made
+    before the order changed is brought up to date on --replot."""
+    held = max(CALIBRATIONS)
+    for r in out["rows"]:
+        order = preferred_order(r["plans"])
+        per, dis, feat = ([torch.tensor(r["plans"][i][k], dtype=torch.float64) for i in order]
+                          for k in ("mse_samples", "dssim_samples", "feature_samples"))
+        rest, rest_feat = [x[held:] for x in per], [x[held:] for x in feat]
+        for k, i in calibrated_picks(per, dis).items():
+            r["picks"][k] = {"index": order[i], "below_best_db": below_best(rest, i),
+                             "feature_over_best": over_best(rest_feat, i)}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"])
@@ -113,7 +143,7 @@ def main() -> None:
     ap.add_argument("--replot", action="store_true", help="rewrite the table from the saved JSON")
     args = ap.parse_args()
     if args.replot:
-        publish(STEM, "soda-ranking", json.loads((RESULTS / f"{STEM}.json").read_text()), report)
+        publish(STEM, "soda-ranking", add_picks(json.loads((RESULTS / f"{STEM}.json").read_text())), report)
         return
     if args.n < max(CALIBRATIONS) + 8:
         ap.error(f"--n must leave at least 8 samples beyond the {max(CALIBRATIONS)} that calibrate")
@@ -162,9 +192,7 @@ def main() -> None:
         feature = [float(x.mean()) for x in feat]
         picks = {"predicted": min(range(len(plans)), key=lambda i: (predicted[i], i)),
                  "predicted_image": min(range(len(plans)), key=lambda i: (image[i], i))}
-        for n_cal in CALIBRATIONS:
-            for on in CRITERIA:
-                picks[f"calibrated_{n_cal}_{on}"] = calibrated([x[:n_cal] for x in per], [x[:n_cal] for x in dis], on)
+        picks.update(calibrated_picks(per, dis))
         row = {"budget": s, "candidates": len(plans),
                "spearman": spearman(predicted, log_mse), "spearman_image": spearman(image, log_mse),
                "feature_spearman": {on: spearman([float(x.mean()) for x in v], feature) for on, v in (

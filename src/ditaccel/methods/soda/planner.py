@@ -635,8 +635,8 @@ def schedules(config: Config, profile, spreads=SPREADS, forecasts=FORECAST_ORDER
               uniform: bool = True) -> list[Plan]:
     """Caching-only plans for ``config``'s budget, one per anchor schedule and filler (duplicates
     dropped, the first kept), in the order calibration prefers them: the DP schedule for each of
-    ``spreads`` in turn (held to gaps of at most ``spread`` x the even gap; None: free), with the
-    sensitivity-weighted DPs (:func:`step_weights`, free) second, in pixel error and then in
+    ``spreads`` in turn (held to gaps of at most ``spread`` x the even gap; None: free), then the
+    sensitivity-weighted DPs (:func:`step_weights`, free), in pixel error and then in
     structure, where the profile measured them (``config.weighting`` other than "none": every DP
     schedule weighted so), then
     (``uniform``) evenly spaced anchors (only those when ``config.schedule`` is "uniform"); each
@@ -649,12 +649,12 @@ def schedules(config: Config, profile, spreads=SPREADS, forecasts=FORECAST_ORDER
         orders = [*orders[:1], None, *orders[1:]]
     if config.weighting != "none":
         dps = [("dp", sp, config.weighting) for sp in spreads]
-    else:  # the weighted DPs (free) second, where the profile measured the images' sensitivity
+    else:  # the weighted DPs (free) after the unweighted ones, where the profile measured the images' sensitivity
         dps = [("dp", sp, "none") for sp in spreads]
         free = spreads[-1] if len(spreads) == 1 else None
         measured = [w for w, x in (("sensitivity", profile.step_sensitivity), ("structure", profile.step_structure))
                     if x is not None]
-        dps[1:1] = [("dp", free, w) for w in measured]
+        dps += [("dp", free, w) for w in measured]
     kinds = (dps if config.schedule == "dp" else []) + (
         [("uniform", None, "none")] if uniform or config.schedule == "uniform" else [])
     for kind, sp, weighting in kinds:
