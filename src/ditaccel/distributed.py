@@ -37,7 +37,15 @@ def world():
     from .devices import default_spec
 
     cpu = _CPU["forced"] or default_spec() == "cpu" or not torch.cuda.is_available()
-    return PartialState(cpu=cpu)
+    state = PartialState(cpu=cpu)
+    if state.num_processes > 1:
+        import atexit
+
+        # leave the process group before the interpreter exits: a process that finished its share
+        # first and exited with its group alive could abort (SIGABRT), and the launcher then
+        # stopped the main process before it wrote the gathered rows
+        atexit.register(state.destroy_process_group)
+    return state
 
 
 def rank() -> int:
