@@ -37,6 +37,7 @@ from common import RESULTS, machine, publish, resume_partial
 from soda import get_profile
 from ditaccel.methods import soda
 from ditaccel.methods.soda.calibration import CRITERIA, prefer, scores
+from ditaccel.methods.soda.planner import preference
 from ditaccel.metrics import feature_extractor, ssim_per_image
 from ditaccel.pipeline import SAMPLERS
 from ditaccel.registry import load_pipeline, resolve_dtype
@@ -108,11 +109,11 @@ def calibrated_picks(per: list[torch.Tensor], dis: list[torch.Tensor]) -> dict[s
 
 
 def preferred_order(plans: list[dict]) -> list[int]:
-    """Indices of a row's saved ``plans`` in the order calibration lists them today
-    (:func:`~ditaccel.methods.soda.schedules`: the unweighted DPs, the weighted ones, evenly spaced;
-    then the pruning candidates), each group in its saved order."""
-    return sorted(range(len(plans)), key=lambda i: (plans[i]["pruned"] > 0, plans[i]["schedule"] != "dp",
-                                                    plans[i]["weighting"] != "none"))
+    """Indices of a row's saved ``plans`` in the order calibration lists them today (the caching-only
+    schedules by :func:`~ditaccel.methods.soda.planner.preference`, then the pruning candidates),
+    each group in its saved order."""
+    return sorted(range(len(plans)), key=lambda i: (plans[i]["pruned"] > 0,
+                                                    preference(plans[i]["schedule"], plans[i]["weighting"])))
 
 
 def add_picks(out: dict) -> dict:

@@ -631,6 +631,18 @@ def candidates(config: Config, profile, fewer: int = 3) -> list[Plan]:
 SPREADS = (1.0, 1.5, 2.0, None)  # the most even first: the order calibration prefers them in
 
 
+def preference(schedule: str, weighting: str) -> int:
+    """Where calibration lists a caching-only schedule of this kind (lower: earlier, so kept among
+    candidates the samples cannot tell apart): unweighted DPs 0, sensitivity-weighted DPs (free
+    schedules) 1, evenly spaced 2.  :func:`schedules` lists its plans in this order.
+
+    Example::
+
+        preference("dp", "structure")   # 1: after every unweighted DP, before "uniform"
+    """
+    return 2 if schedule != "dp" else int(weighting != "none")
+
+
 def schedules(config: Config, profile, spreads=SPREADS, forecasts=FORECAST_ORDERS,
               uniform: bool = True) -> list[Plan]:
     """Caching-only plans for ``config``'s budget, one per anchor schedule and filler (duplicates
@@ -649,7 +661,7 @@ def schedules(config: Config, profile, spreads=SPREADS, forecasts=FORECAST_ORDER
         orders = [*orders[:1], None, *orders[1:]]
     if config.weighting != "none":
         dps = [("dp", sp, config.weighting) for sp in spreads]
-    else:  # the weighted DPs (free) after the unweighted ones, where the profile measured the images' sensitivity
+    else:  # with the weighted DPs (free), where the profile measured the images' sensitivity
         dps = [("dp", sp, "none") for sp in spreads]
         free = spreads[-1] if len(spreads) == 1 else None
         measured = [w for w, x in (("sensitivity", profile.step_sensitivity), ("structure", profile.step_structure))
@@ -657,7 +669,7 @@ def schedules(config: Config, profile, spreads=SPREADS, forecasts=FORECAST_ORDER
         dps += [("dp", free, w) for w in measured]
     kinds = (dps if config.schedule == "dp" else []) + (
         [("uniform", None, "none")] if uniform or config.schedule == "uniform" else [])
-    for kind, sp, weighting in kinds:
+    for kind, sp, weighting in sorted(kinds, key=lambda k: preference(k[0], k[2])):  # (stable: spreads in turn)
         for f in orders:
             try:
                 p = plan(Config(**{**asdict(config), "prune": False, "anchors": None, "schedule": kind,
