@@ -27,15 +27,18 @@ SEED_CHECK = ["--seed", "10000", "--repeats", "0"]
 
 
 def sweeps(**points: str) -> list[str]:
-    """``--sweep method=v1,v2`` flags (a text model costs several times the DiT per image: two or
-    three points per method around 2x and 3x, where the goal check compares)."""
+    """``--sweep method=v1,v2`` flags (two or three points per method around 2x and 3x, where the goal
+    check compares)."""
     return [a for m, v in points.items() for a in ("--sweep", f"{m.replace('_', '-')}={v}")]
 
 
-# the text models: 32 images in fp32, timed on batches of 4 (9 pairs each), each method at the knob
-# values that land it between 1.5x and 3x on that model (PAB and FasterCache stay under 1.5x there:
-# one point each)
+# the DDIM-50 and Euler-28 tables: 32 images in fp32, timed on batches of 4 (9 pairs each), each
+# method at the knob values that land it between 1.5x and 3x on that model (PAB and FasterCache stay
+# under 1.5x there: one point each; the forecasting caches, SODA's nearest rivals, at three)
 TEXT = ["--n", "32", "--timed-batch", "4", "--dtype", "fp32", "--repeats", "9"]
+DIT = [*TEXT, *sweeps(fora="2,3", fora_forecast="2,3,4", toca="3,6", delta_dit="3,6", soda="2,2.5,3",
+                      soda_latency="2,2.5,3", fbc="0.04,0.08", pab="2", fastercache="2", taylorseer="2,3,4",
+                      magcache="0.02,0.04", dbcache="0.04,0.08", dbcache_taylorseer="0.04,0.08")]
 PIXART = ["--model", "fmnist-pixart", *TEXT,
           *sweeps(fora="2,3", fora_forecast="2,3", toca="3,6", delta_dit="3,6", soda="2,2.5,3", soda_latency="2,2.5,3",
                   fbc="0.04,0.08", pab="6", fastercache="2", taylorseer="2,3", magcache="0.02,0.04",
@@ -45,8 +48,8 @@ MMDIT = ["--model", "fmnist-mmdit", *TEXT,
                  soda_latency="2,2.5,3", fbc="0.08,0.16", pab="2", fastercache="2", taylorseer="2,3,4",
                  magcache="0.02,0.04", dbcache="0.08,0.16", dbcache_taylorseer="0.08,0.16")]
 STEPS = [
-    ("DDIM-50 table", ["peers.py"]),
-    ("DDIM-50 seed check", ["peers.py", *SEED_CHECK]),
+    ("DDIM-50 table", ["peers.py", *DIT]),
+    ("DDIM-50 seed check", ["peers.py", *DIT, *SEED_CHECK]),
     ("DDIM-50 ranking stability", ["peers_stability.py"]),
     ("DDPM-250 table", ["peers.py", *DDPM]),
     ("DDPM-250 seed check", ["peers.py", *DDPM, *SEED_CHECK]),
