@@ -35,15 +35,15 @@ def sweeps(**points: str) -> list[str]:
 # the DDIM-50 and Euler-28 tables: 32 images in fp32, timed on batches of 4 (9 pairs each), each
 # method at the knob values that land it between 1.5x and 3x on that model (PAB and FasterCache stay
 # under 1.5x there: one point each; the forecasting caches, SODA's nearest rivals, at three)
-TEXT = ["--n", "32", "--timed-batch", "4", "--dtype", "fp32", "--repeats", "9"]
-DIT = [*TEXT, *sweeps(fora="2,3", fora_forecast="2,3,4", toca="3,6", delta_dit="3,6", soda="2,2.5,3",
+TABLE = ["--n", "32", "--timed-batch", "4", "--dtype", "fp32", "--repeats", "9"]
+DIT = [*TABLE, *sweeps(fora="2,3", fora_forecast="2,3,4", toca="3,6", delta_dit="3,6", soda="2,2.5,3",
                       soda_latency="2,2.5,3", fbc="0.04,0.08", pab="2", fastercache="2", taylorseer="2,3,4",
                       magcache="0.02,0.04", dbcache="0.04,0.08", dbcache_taylorseer="0.04,0.08")]
-PIXART = ["--model", "fmnist-pixart", *TEXT,
+PIXART = ["--model", "fmnist-pixart", *TABLE,
           *sweeps(fora="2,3", fora_forecast="2,3", toca="3,6", delta_dit="3,6", soda="2,2.5,3", soda_latency="2,2.5,3",
                   fbc="0.04,0.08", pab="6", fastercache="2", taylorseer="2,3", magcache="0.02,0.04",
                   dbcache="0.04,0.08", dbcache_taylorseer="0.04,0.08")]
-MMDIT = ["--model", "fmnist-mmdit", *TEXT,
+MMDIT = ["--model", "fmnist-mmdit", *TABLE,
          *sweeps(fora="2,3", fora_forecast="2,3", toca="3,6", delta_dit="3,6", soda="2,2.5,3",
                  soda_latency="2,2.5,3", fbc="0.08,0.16", pab="2", fastercache="2", taylorseer="2,3,4",
                  magcache="0.02,0.04", dbcache="0.08,0.16", dbcache_taylorseer="0.08,0.16")]
