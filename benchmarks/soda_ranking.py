@@ -113,7 +113,8 @@ def preferred_order(plans: list[dict]) -> list[int]:
     schedules by :func:`~ditaccel.methods.soda.planner.preference`, then the pruning candidates),
     each group in its saved order."""
     return sorted(range(len(plans)), key=lambda i: (plans[i]["pruned"] > 0,
-                                                    preference(plans[i]["schedule"], plans[i]["weighting"])))
+                                                    preference(plans[i]["schedule"], plans[i]["weighting"],
+                                                               plans[i].get("pricing", "filler"))))
 
 
 def add_picks(out: dict) -> dict:
@@ -203,6 +204,7 @@ def main() -> None:
                "plans": [{"anchors": int(p.anchors.sum()), "pruned": p.pruned_modules(),
                           "schedule": p.meta["config"]["schedule"], "spread": p.meta["config"]["spread"],
                           "weighting": p.meta["config"].get("weighting", "none"),
+                          "pricing": p.meta["config"].get("pricing", "filler"),
                           "forecast": "segment" if p.fill is not None else p.forecast,
                           "predicted": predicted[i], "predicted_image": image[i],
                           "mse_samples": per[i].tolist(), "dssim_samples": dis[i].tolist(),

@@ -285,8 +285,13 @@ def test_soda_s_ablation_is_shown_but_not_a_method_soda_must_beat():
         "soda-reuse (k=2): PSNR 30.00 vs soda's 31.00, FD 9.00 vs 8.00 (soda closer in both)"]
     rows[-1]["fd_vs_full"] = 10.0
     assert bench.ablation_check(rows)[1].endswith("(soda closer in PSNR)")
+    # the same images (both kept the same plan): neither is closer
+    rows[-1].update(psnr=30.0, fd_vs_full=9.0)
+    assert bench.ablation_check(rows)[1].endswith("(equal in both)")
+    rows[-1]["fd_vs_full"] = 8.0
+    assert bench.ablation_check(rows)[1].endswith("(soda closer in FD, equal in the other)")
     full = [{**r, "speedup_flops": 1.0, "efficiency": 1.0, "ssim": 0.99} for r in rows]
-    assert "- soda-reuse (k=2): PSNR 30.00 vs soda's 31.00" in bench.report({"rows": full})
+    assert "- soda-reuse (k=2): PSNR 30.00 vs soda's 30.00" in bench.report({"rows": full})
 
 
 def test_soda_reuse_is_planned_on_the_profile_without_its_forecast_errors(tiny_pipe, tmp_path):

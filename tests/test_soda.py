@@ -526,7 +526,11 @@ def test_the_weighted_dp_minimises_the_images_predicted_error(tiny_profile):
     same = [i for i, q in enumerate(plans) if torch.equal(q.anchors, weighted.anchors) and q.fill is None
             and q.forecast == 1]
     plain_dps = [q for q in plans if q.meta["config"]["schedule"] == "dp" and q.meta["config"]["weighting"] == "none"]
-    assert same and same[0] == len(plain_dps)  # right after the unweighted DPs, forecasting everywhere
+    # right after the unweighted DPs, forecasting everywhere (unless one of them has its anchors:
+    # here the DP priced by plain reuse)
+    assert same and (same[0] == len(plain_dps) or plans[same[0]].meta["config"]["pricing"] == "reuse")
+    assert all(q.meta["config"]["weighting"] != "none" for q in plans[len(plain_dps):]
+               if q.meta["config"]["schedule"] == "dp")
     structure = soda.plan(soda.Config(speedup=2.0, prune=False, forecast=1, weighting="structure"), prof)
     # offered too (unless an earlier candidate has its schedule and filler)
     assert any(torch.equal(q.anchors, structure.anchors) and q.fill is None and q.forecast == 1 for q in plans)
@@ -541,6 +545,39 @@ def test_the_weighted_dp_minimises_the_images_predicted_error(tiny_profile):
         soda.plan(soda.Config(anchors=k, weighting="structure"), dataclasses.replace(prof, step_structure=None))
     with pytest.raises(ValueError, match="weighting must be one of"):
         soda.Config(speedup=2.0, weighting="sqrt")
+
+
+def test_calibration_offers_reuse_priced_schedules_run_forecasting(tiny_profile):
+    """Each spread's DP schedule priced by plain reuse, run forecasting everywhere, is a candidate
+    after the schedules priced by their filler and before the weighted ones; the plan keeps its
+    pricing, so the second round plans with it too."""
+    _, prof = tiny_profile
+    plans = soda.schedules(soda.Config(speedup=2.0), prof)
+    priced = [q for q in plans if q.meta["config"]["pricing"] == "reuse"]
+    assert priced  # (on the tiny model, at spread 1.5, reuse places the anchors elsewhere)
+    for q in priced:
+        spread = q.meta["config"]["spread"]
+        reuse = soda.plan(soda.Config(speedup=2.0, prune=False, forecast=0, spread=spread), prof)
+        fc = soda.plan(soda.Config(speedup=2.0, prune=False, forecast=1, spread=spread), prof)
+        assert torch.equal(q.anchors, reuse.anchors) and not torch.equal(q.anchors, fc.anchors)
+        assert q.fill is None and q.forecast == 1
+        # its predicted error is the forecast's on those anchors, not reuse's
+        assert q.meta["predicted"]["error"] != pytest.approx(reuse.meta["predicted"]["error"])
+    from ditaccel.methods.soda.planner import preference
+
+    ranks = [preference(q.meta["config"]["schedule"], q.meta["config"]["weighting"], q.meta["config"]["pricing"])
+             for q in plans]
+    assert ranks == sorted(ranks) and 1 in ranks
+    assert soda.Config(speedup=2.0, forecast=1, pricing="reuse", spread=1.5).tag() == "soda-s1.5-rp-f1-x2"
+    # the second round's plans: the same pricing, so the caching-only one is the kept schedule
+    kept = soda.Config(speedup=2.0, forecast=1, pricing="reuse", spread=priced[0].meta["config"]["spread"])
+    assert torch.equal(soda.candidates(kept, prof)[0].anchors, priced[0].anchors)
+    # none where nothing forecasts: a reuse-only profile or filler
+    assert all(q.meta["config"]["pricing"] == "filler" for q in soda.schedules(
+        soda.Config(speedup=2.0), dataclasses.replace(prof, e_forecast=None)))
+    assert all(q.meta["config"]["pricing"] == "filler" for q in soda.schedules(soda.Config(speedup=2.0, forecast=0), prof))
+    with pytest.raises(ValueError, match="pricing must be one of"):
+        soda.Config(speedup=2.0, pricing="flops")
 
 
 @pytest.mark.parametrize("opts", [{"speedup": 2.0}, {"speedup": 2.0, "prune": False},
@@ -753,7 +790,7 @@ def test_calibration_prefers_even_schedules_forecasts_and_caching_only(tiny_prof
     pipe, prof = tiny_profile
     scheds = soda.schedules(soda.Config(speedup=1.6), prof)
     dp = [p.meta["config"] for p in scheds if p.meta["config"]["schedule"] == "dp"]
-    order = [soda.SPREADS.index(c["spread"]) for c in dp if c["weighting"] == "none"]
+    order = [soda.SPREADS.index(c["spread"]) for c in dp if c["weighting"] == "none" and c["pricing"] == "filler"]
     assert order == sorted(order) and soda.SPREADS[0] == 1.0 and soda.SPREADS[-1] is None
     assert all(p.meta["config"]["schedule"] == "dp" for p in scheds[:len(dp)])  # uniform last
     # the sensitivity-weighted DPs after every unweighted one (a weighted DP's schedule is free:
@@ -843,7 +880,8 @@ def test_schedules_and_two_round_calibration(tiny_profile):
     first_best = min(rows[:len(scheds)], key=lambda r: r["score"])
     # (and the filler it kept: a per-segment choice may find nothing to forecast on fewer anchors)
     kept = {first_best["forecast"]} | ({0} if first_best["forecast"] == "segment" else set())
-    assert all(r["spread"] == first_best["spread"] and r["forecast"] in kept for r in rows[len(scheds):])
+    assert all(r["spread"] == first_best["spread"] and r["forecast"] in kept and r["pricing"] == first_best["pricing"]
+               for r in rows[len(scheds):])
     assert (best.forecast if best.fill is None else "segment") == rows[cal["chosen"]]["forecast"]
     # between the rounds, the kept schedule with the gates its outputs were computed with
     assert all(r["gating"] == "now" for r in rows[:len(scheds)])

@@ -433,9 +433,16 @@ def ablation_check(rows: list[dict]) -> list[str]:
         s = next((r for r in rows if r["method"] in SODA and r["knob"] == a["knob"] and r["value"] == a["value"]), None)
         if s is None:
             continue
-        wins = [s["psnr"] > a["psnr"], s["fd_vs_full"] < a["fd_vs_full"]]
-        verdict = (f"{s['method']} closer in both" if all(wins) else f"{a['method']} closer in both" if not any(wins)
-                   else f"{s['method']} closer in {'PSNR' if wins[0] else 'FD'}")
+        # per measure, the closer of the two (None: equal, as where both ran the same plan)
+        closer = [s["method"] if s["psnr"] > a["psnr"] else a["method"] if a["psnr"] > s["psnr"] else None,
+                  s["method"] if s["fd_vs_full"] < a["fd_vs_full"] else a["method"]
+                  if a["fd_vs_full"] < s["fd_vs_full"] else None]
+        if closer[0] == closer[1]:
+            verdict = f"{closer[0]} closer in both" if closer[0] else "equal in both"
+        elif None in closer:
+            verdict = f"{closer[0] or closer[1]} closer in {'PSNR' if closer[0] else 'FD'}, equal in the other"
+        else:
+            verdict = f"{s['method']} closer in {'PSNR' if closer[0] == s['method'] else 'FD'}"
         lines.append(f"{_name(a)}: PSNR {a['psnr']:.2f} vs {s['method']}'s {s['psnr']:.2f}, FD {a['fd_vs_full']:.2f} "
                      f"vs {s['fd_vs_full']:.2f} ({verdict})")
     return lines

@@ -137,6 +137,7 @@ def _calibrated(pipe, prof, cfg, n: int, seed: int, criterion: str):
         sched = r.get("schedule", "dp")
         sched = sched if sched != "dp" else "free" if r["spread"] is None else f"{r['spread']:g}"
         sched += {"sensitivity": " w", "structure": " ws"}.get(r.get("weighting"), "")
+        sched += " rp" if r.get("pricing") == "reuse" else ""  # (anchors priced by plain reuse)
         speed = (f" {r['speedup_measured']:>16.2f}x" if "speedup_measured" in r else f" {'-':>17}") if "timed" in cal else ""
         print(f"{i:>10} {r['anchors']:>8} {sched:>9} {r['forecast']:>9} {r.get('gating', 'now'):>7} {r['pruned_modules']:>7} "
               f"{r['predicted_error']:>14.4g} {r['psnr']:>11.2f}dB {r['ssim']:>7.4f} {r['z_vs_chosen']:>10.1f}{speed}{mark}")

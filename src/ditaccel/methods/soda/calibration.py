@@ -78,6 +78,7 @@ def calibrate(pipe, run, plans: list[Plan], progress: bool = True,
             rows.append({"anchors": int(p.anchors.sum()), "pruned_modules": p.pruned_modules(), "method": p.method,
                          "schedule": config.get("schedule", "dp"), "spread": config.get("spread"),
                          "weighting": config.get("weighting", "none"),
+                         "pricing": config.get("pricing", "filler"),
                          "forecast": p.forecast if p.fill is None else "segment",  # (chosen per segment)
                          "gating": p.gating,
                          "predicted_error": p.meta.get("predicted", {}).get("error"),
@@ -189,13 +190,15 @@ def calibrate_soda(pipe, run, profile, calibration: CalibrationConfig | None = N
     fields, ``calibrate_soda(..., timed=run)``, still works, with a DeprecationWarning).
 
     Two rounds: the anchor schedule and what the other steps get (caching-only plans with the DP's
-    schedule held to a ``spread`` or free, or evenly spaced, each forecasting or reusing module
-    outputs; :func:`schedules`), the kept one then tried with each of ``gatings`` on its collapsed
+    schedule held to a ``spread`` or free, priced by the filler it runs or by plain reuse, or evenly
+    spaced, each forecasting or reusing module outputs; :func:`schedules`), the kept one then tried
+    with each of ``gatings`` on its collapsed
     steps (``Plan.gating``: this step's gates, or those each output was computed with), then, on the
-    kept schedule, forecast order and gating, whether token
+    kept schedule, pricing, forecast order and gating, whether token
     pruning (on as many anchors or fewer) beats it (:func:`candidates`).  Each round keeps the
     most preferred plan that the samples cannot tell from the closest to the full model (within
-    ``within`` standard errors, :func:`prefer`; ``prune_within`` in the second): more even
+    ``within`` standard errors, :func:`prefer`; ``prune_within`` in the second): schedules priced
+    by their filler before those priced by reuse, more even
     schedules before less even ones, forecasts before reuse, and caching only before pruning,
     which costs more time than its FLOPs say.  The kept plan's metadata lists every measured candidate.
 
@@ -246,7 +249,8 @@ def calibrate_soda(pipe, run, profile, calibration: CalibrationConfig | None = N
         best, chosen = tried[kept_gating], index[kept_gating]
     kept = replace(config, spread=best.meta["config"]["spread"], schedule=best.meta["config"]["schedule"],
                    forecast=best.meta["config"]["forecast"],  # (None: chosen per segment)
-                   weighting=best.meta["config"].get("weighting", "none"), gating=best.gating)
+                   weighting=best.meta["config"].get("weighting", "none"), gating=best.gating,
+                   pricing=best.meta["config"].get("pricing", "filler"))
     more_plans = candidates(kept, profile, fewer)[1:] if config.prune else []
     if timed is not None:
         k0 = int(best.anchors.sum())

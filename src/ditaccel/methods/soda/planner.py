@@ -28,6 +28,7 @@ from ...plan import FORECAST_ORDERS, FULL, GATINGS, REUSE, TOKEN_SCORES, Plan, c
 
 
 WEIGHTINGS = ("none", "sensitivity", "structure")
+PRICINGS = ("filler", "reuse")
 
 
 class BudgetUnreachable(ValueError):
@@ -61,6 +62,9 @@ class Config:
                                           # "structure", the same in 1 - SSIM (step_structure)
     gating: str | None = None             # Plan.gating of collapsed steps: "now" or "cached"; None:
                                           # "now" (calibrate_soda measures both)
+    pricing: str = "filler"               # dp: what a segment costs, "filler", the error of the
+                                          # filler the plan runs there; "reuse", plain reuse's
+                                          # whatever the filler (calibrate_soda measures both)
 
     def __post_init__(self):
         budgets = [b for b in (self.speedup, self.latency_speedup) if b is not None]
@@ -75,6 +79,8 @@ class Config:
             raise ValueError(f"anchors must be an integer >= 1, got {self.anchors}")
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
+        if self.pricing not in PRICINGS:
+            raise ValueError(f"pricing must be one of {PRICINGS}, got {self.pricing!r}")
         if self.schedule not in ("dp", "uniform"):
             raise ValueError(f"schedule must be 'dp' or 'uniform', got {self.schedule!r}")
         if self.spread is not None and not 1.0 <= self.spread < math.inf:
@@ -95,6 +101,7 @@ class Config:
         parts = ["soda" if self.prune else "soda-cache", self.schedule if self.schedule != "dp" else None,
                  f"s{self.spread:g}" if self.spread and self.schedule == "dp" else None,
                  {"sensitivity": "w", "structure": "ws"}.get(self.weighting) if self.schedule == "dp" else None,
+                 "rp" if self.pricing == "reuse" and self.schedule == "dp" else None,
                  f"f{self.forecast}" if self.forecast else None, "gc" if self.gating == "cached" else None, target]
         return "-".join(p for p in parts if p)
 
@@ -490,6 +497,8 @@ def plan(config: Config, profile) -> Plan:
     max_len = max(profile.intervals) + 1
     weights = step_weights(profile, cfg.weighting) if cfg.weighting != "none" and cfg.schedule == "dp" else None
     cost, use = segment_costs(profile.e_cache, max_len, profile.e_forecast, cfg.forecast, weights)
+    if cfg.pricing == "reuse":  # the anchors priced by plain reuse; the filler (use) as above
+        cost = segment_costs(profile.e_cache, max_len, None, 0, weights)[0]
     tables: dict[int, Schedules] = {}
     full_flops, full_ms = t_steps * profile.step_flops, t_steps * profile.step_ms
     target = None
@@ -631,49 +640,65 @@ def candidates(config: Config, profile, fewer: int = 3) -> list[Plan]:
 SPREADS = (1.0, 1.5, 2.0, None)  # the most even first: the order calibration prefers them in
 
 
-def preference(schedule: str, weighting: str) -> int:
+def preference(schedule: str, weighting: str, pricing: str = "filler") -> int:
     """Where calibration lists a caching-only schedule of this kind (lower: earlier, so kept among
-    candidates the samples cannot tell apart): unweighted DPs 0, sensitivity-weighted DPs (free
-    schedules) 1, evenly spaced 2.  :func:`schedules` lists its plans in this order.
+    candidates the samples cannot tell apart): unweighted DPs priced by their filler 0, unweighted
+    DPs priced by plain reuse 1, sensitivity-weighted DPs (free schedules) 2, evenly spaced 3.
+    :func:`schedules` lists its plans in this order.
 
     Example::
 
-        preference("dp", "structure")   # 1: after every unweighted DP, before "uniform"
+        preference("dp", "structure")   # 2: after every unweighted DP, before "uniform"
     """
-    return 2 if schedule != "dp" else int(weighting != "none")
+    if schedule != "dp":
+        return 3
+    return 2 if weighting != "none" else int(pricing == "reuse")
 
 
 def schedules(config: Config, profile, spreads=SPREADS, forecasts=FORECAST_ORDERS,
               uniform: bool = True) -> list[Plan]:
     """Caching-only plans for ``config``'s budget, one per anchor schedule and filler (duplicates
-    dropped, the first kept), in the order calibration prefers them: the DP schedule for each of
-    ``spreads`` in turn (held to gaps of at most ``spread`` x the even gap; None: free), then the
-    sensitivity-weighted DPs (:func:`step_weights`, free), in pixel error and then in
+    dropped, the first kept), in the order calibration prefers them (:func:`preference`): the DP
+    schedule for each of ``spreads`` in turn (held to gaps of at most ``spread`` x the even gap;
+    None: free), then, where the profile measured forecast errors, the DP schedule for each spread
+    priced by plain reuse's errors and run forecasting everywhere (``pricing="reuse"``: the error
+    model adds module errors that interact, and on the bundled models the anchors it places for
+    reuse can run closer to the full model with the forecast than those it places for it), then
+    the sensitivity-weighted DPs (:func:`step_weights`, free), in pixel error and then in
     structure, where the profile measured them (``config.weighting`` other than "none": every DP
     schedule weighted so), then
     (``uniform``) evenly spaced anchors (only those when ``config.schedule`` is "uniform"); each
     with the highest order in ``forecasts`` everywhere, then the filler chosen per segment and
     module (where the profile has forecast errors), then the lower orders (``config.forecast``
-    alone when set)."""
+    alone when set; a reuse-priced schedule: the highest order alone).
+
+    Example::
+
+        plans = schedules(Config(speedup=2.0), profile)   # calibrate_soda's first round
+    """
     out = []
     orders = sorted(forecasts, reverse=True) if config.forecast is None else [config.forecast]
     if config.forecast is None and profile.e_forecast is not None:
         orders = [*orders[:1], None, *orders[1:]]
+    pricing = config.pricing
     if config.weighting != "none":
-        dps = [("dp", sp, config.weighting) for sp in spreads]
+        dps = [("dp", sp, config.weighting, pricing) for sp in spreads]
     else:  # with the weighted DPs (free), where the profile measured the images' sensitivity
-        dps = [("dp", sp, "none") for sp in spreads]
+        dps = [("dp", sp, "none", pricing) for sp in spreads]
+        if pricing == "filler" and profile.e_forecast is not None and orders[0]:
+            dps += [("dp", sp, "none", "reuse") for sp in spreads]
         free = spreads[-1] if len(spreads) == 1 else None
         measured = [w for w, x in (("sensitivity", profile.step_sensitivity), ("structure", profile.step_structure))
                     if x is not None]
-        dps += [("dp", free, w) for w in measured]
+        dps += [("dp", free, w, pricing) for w in measured]
     kinds = (dps if config.schedule == "dp" else []) + (
-        [("uniform", None, "none")] if uniform or config.schedule == "uniform" else [])
-    for kind, sp, weighting in sorted(kinds, key=lambda k: preference(k[0], k[2])):  # (stable: spreads in turn)
-        for f in orders:
+        [("uniform", None, "none", pricing)] if uniform or config.schedule == "uniform" else [])
+    for kind, sp, weighting, priced in sorted(kinds, key=lambda k: preference(k[0], k[2], k[3])):  # (stable)
+        fills = orders[:1] if priced != pricing else orders  # (a reuse-priced DP among filler-priced ones)
+        for f in fills:
             try:
                 p = plan(Config(**{**asdict(config), "prune": False, "anchors": None, "schedule": kind,
-                                   "spread": sp, "forecast": f, "weighting": weighting}), profile)
+                                   "spread": sp, "forecast": f, "weighting": weighting, "pricing": priced}), profile)
             except ValueError:
                 continue
             if not any(torch.equal(p.anchors, q.anchors) and torch.equal(p.fill_grid(), q.fill_grid()) for q in out):
