@@ -64,7 +64,8 @@ class Config:
                                           # "now" (calibrate_soda measures both)
     pricing: str = "filler"               # dp: what a segment costs, "filler", the error of the
                                           # filler the plan runs there; "reuse", plain reuse's
-                                          # whatever the filler (calibrate_soda measures both)
+                                          # whatever the filler (calibrate_soda measures both
+                                          # on its unweighted DPs, the reuse-priced ones forecasting)
 
     def __post_init__(self):
         budgets = [b for b in (self.speedup, self.latency_speedup) if b is not None]
