@@ -498,8 +498,8 @@ def plan(config: Config, profile) -> Plan:
     max_len = max(profile.intervals) + 1
     weights = step_weights(profile, cfg.weighting) if cfg.weighting != "none" and cfg.schedule == "dp" else None
     cost, use = segment_costs(profile.e_cache, max_len, profile.e_forecast, cfg.forecast, weights)
-    if cfg.pricing == "reuse":  # the anchors priced by plain reuse; the filler (use) as above
-        cost = segment_costs(profile.e_cache, max_len, None, 0, weights)[0]
+    if cfg.pricing == "reuse":  # the anchors priced by plain reuse (the cost with no anchor before
+        cost = cost[:, :, :1]     # the segment's, g = 0); the filler (use) as above
     tables: dict[int, Schedules] = {}
     full_flops, full_ms = t_steps * profile.step_flops, t_steps * profile.step_ms
     target = None
