@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-DDPM = ["--sampler", "ddpm", "--n", "32", "--timed-batch", "4", "--dtype", "fp32"]
 SEED_CHECK = ["--seed", "10000", "--repeats", "0"]
 
 
@@ -47,6 +46,13 @@ MMDIT = ["--model", "fmnist-mmdit", *TABLE,
          *sweeps(fora="2,3", fora_forecast="2,3", toca="3,6", delta_dit="3,6", soda="2,2.5,3",
                  soda_latency="2,2.5,3", fbc="0.08,0.16", pab="2", fastercache="2", taylorseer="2,3,4",
                  magcache="0.02,0.04", dbcache="0.08,0.16", dbcache_taylorseer="0.08,0.16")]
+# DDPM-250: the same, with 5 pairs each (a pair lasts five times as long as at 50 steps, so its
+# ratio is steadier) and the knob values that land each method between 1.5x and 3x at 250 steps;
+# SODA's FLOP budget also at 4 (its efficiency is lower there), its reuse-only ablation at 2 and 3
+DDPM = ["--sampler", "ddpm", "--n", "32", "--timed-batch", "4", "--dtype", "fp32", "--repeats", "5",
+        *sweeps(fora="2,3,4", fora_forecast="2,3,4", toca="4,6", delta_dit="6", soda="2,2.5,3,4",
+                soda_latency="2,2.5,3", soda_reuse="2,3", fbc="0.04,0.08", pab="6", fastercache="6",
+                taylorseer="2,3,4", magcache="0.01,0.02,0.04", dbcache="0.04,0.08", dbcache_taylorseer="0.04,0.08")]
 STEPS = [
     ("DDIM-50 table", ["peers.py", *DIT]),
     ("DDIM-50 seed check", ["peers.py", *DIT, *SEED_CHECK]),
