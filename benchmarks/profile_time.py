@@ -67,8 +67,7 @@ def main() -> None:
     except (OSError, ValueError):
         held = {}
     key = f"{dtype}, {one['cpu']}"
-    runs = {(k if ", " in k else f"{k}, {v.get('cpu')}"): v for k, v in held.items()}  # (keyed by dtype alone before)
-    runs = {k: v for k, v in runs.items() if k != key and "commit" in v and v.get("samples") == one["samples"]
+    runs = {k: v for k, v in held.items() if k != key and "commit" in v and v.get("samples") == one["samples"]
             and v.get("steps") == one["steps"]}
     publish("profile_time", "profile-time", {"runs": {key: one, **runs}}, report)
 
